@@ -1,0 +1,13 @@
+//! One request's life inside a model instance: sampling, stop strings, incremental detokenization,
+//! and the batching loop that runs the forward pass for all live sequences.
+
+pub mod backend;
+pub mod error;
+pub mod request;
+
+pub use backend::{Backend, EventStream};
+pub use error::EngineError;
+pub use request::{
+    ChatMessage, Completion, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
+    ModelState, PromptInput, SamplingParams, Source, Timings,
+};

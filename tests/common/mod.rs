@@ -1,0 +1,33 @@
+//! Helpers shared by integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of a fetched model file; fails with the command to run when it is absent.
+pub fn model_file(id: &str) -> PathBuf {
+    let file = match id {
+        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma3-270m" => "gemma-3-270m-q4_k_m.gguf",
+        other => panic!("no such test model {other}"),
+    };
+    let path = repo_root().join("models").join(id).join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run `python3 models/fetch.py all` first",
+        path.display()
+    );
+    path
+}
+
+/// Parsed reference file from llama.cpp (tests/data/reference/NAME.json).
+pub fn reference(name: &str) -> serde_json::Value {
+    let path = repo_root()
+        .join("tests/data/reference")
+        .join(format!("{name}.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
