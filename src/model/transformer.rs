@@ -1,0 +1,459 @@
+//! The forward pass of llama and gemma3 over a ragged batch: each sequence brings its own new
+//! tokens, its own position and its own KV cache.
+//!
+//! All new tokens of all sequences go through every linear layer as one `[T, hidden]` matrix (the
+//! weights are read once per step, whatever the batch); only RoPE positions, the cache write and
+//! attention are per sequence. A sequence's result does not depend on what else is in the batch.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::gguf::GgufFile;
+use super::hparams::{Arch, HParams};
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::quantize::{convert, Quant};
+use super::ModelError;
+
+/// One sequence's part of a step: new tokens, appended at `cache.len()`.
+pub struct SeqStep<'a> {
+    /// Tokens to feed (a prompt chunk, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// The sequence's own cache; advanced by `tokens.len()` after the step.
+    pub cache: &'a mut KvCache,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor>,
+    window: Option<usize>,
+    rope_base: f64,
+}
+
+/// Weights of a model, immutable after load and shared by `Arc` between instances.
+pub struct Transformer {
+    hp: HParams,
+    embed: Arc<QTensor>,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    output: Linear,
+    device: Device,
+}
+
+impl Transformer {
+    /// Load the weights of `file`, converting matrices to `quant` (in parallel over tensors).
+    pub fn load(
+        file: &GgufFile,
+        hp: &HParams,
+        quant: Quant,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut names: Vec<String> = vec!["token_embd.weight".into(), "output_norm.weight".into()];
+        let tied = !file.has_tensor("output.weight");
+        if !tied {
+            names.push("output.weight".into());
+        }
+        for i in 0..hp.n_layer {
+            for part in layer_tensor_names(hp.arch) {
+                names.push(format!("blk.{i}.{part}.weight"));
+            }
+        }
+        for name in &names {
+            if !file.has_tensor(name) {
+                return Err(ModelError::MissingTensor(name.clone()));
+            }
+        }
+        let loaded: Vec<Arc<QTensor>> = names
+            .par_iter()
+            .map(|name| {
+                let t = file.tensor(name, &Device::Cpu)?;
+                let t = convert(name, t, quant)?;
+                let t = if device.is_cpu() {
+                    t
+                } else {
+                    // Upload through the dequantized form is wasteful; QTensor::quantize_onto keeps
+                    // it quantized on the device.
+                    let f = t.dequantize(&Device::Cpu)?;
+                    QTensor::quantize_onto(&f, t.dtype(), device)?
+                };
+                Ok(Arc::new(t))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        let mut by_name: std::collections::HashMap<String, Arc<QTensor>> =
+            names.into_iter().zip(loaded).collect();
+        let mut take = |name: &str| {
+            by_name
+                .remove(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+        };
+        let norm = |t: Arc<QTensor>| -> Result<Tensor, ModelError> { Ok(t.dequantize(device)?) };
+
+        let embed = take("token_embd.weight")?;
+        check_shape("token_embd.weight", &embed, &[hp.vocab, hp.hidden])?;
+        let output = if tied {
+            Linear::new(embed.clone())?
+        } else {
+            Linear::new(take("output.weight")?)?
+        };
+        let final_norm = norm(take("output_norm.weight")?)?;
+        let mut blocks = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let p = |part: &str| format!("blk.{i}.{part}.weight");
+            let q_dim = hp.n_head * hp.head_dim;
+            let kv_dim = hp.n_kv_head * hp.head_dim;
+            let wq = take(&p("attn_q"))?;
+            check_shape(&p("attn_q"), &wq, &[q_dim, hp.hidden])?;
+            let wk = take(&p("attn_k"))?;
+            check_shape(&p("attn_k"), &wk, &[kv_dim, hp.hidden])?;
+            let wv = take(&p("attn_v"))?;
+            check_shape(&p("attn_v"), &wv, &[kv_dim, hp.hidden])?;
+            let wo = take(&p("attn_output"))?;
+            check_shape(&p("attn_output"), &wo, &[hp.hidden, q_dim])?;
+            let gate = take(&p("ffn_gate"))?;
+            check_shape(&p("ffn_gate"), &gate, &[hp.ffn, hp.hidden])?;
+            let up = take(&p("ffn_up"))?;
+            check_shape(&p("ffn_up"), &up, &[hp.ffn, hp.hidden])?;
+            let down = take(&p("ffn_down"))?;
+            check_shape(&p("ffn_down"), &down, &[hp.hidden, hp.ffn])?;
+            let gemma = hp.arch == Arch::Gemma3;
+            let mut extra_norms = Vec::new();
+            for part in [
+                "attn_q_norm",
+                "attn_k_norm",
+                "post_attention_norm",
+                "post_ffw_norm",
+            ] {
+                extra_norms.push(if gemma {
+                    Some(norm(take(&p(part))?)?)
+                } else {
+                    None
+                });
+            }
+            let [q_norm, k_norm, post_attn_norm, post_ffn_norm]: [Option<Tensor>; 4] =
+                extra_norms.try_into().expect("four norms");
+            let window = hp.window_of_layer(i);
+            blocks.push(Block {
+                attn_norm: norm(take(&p("attn_norm"))?)?,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                ffn_norm: norm(take(&p("ffn_norm"))?)?,
+                wq: Linear::new(wq)?,
+                wk: Linear::new(wk)?,
+                wv: Linear::new(wv)?,
+                wo: Linear::new(wo)?,
+                gate: Linear::new(gate)?,
+                up: Linear::new(up)?,
+                down: Linear::new(down)?,
+                window,
+                rope_base: if window.is_some() {
+                    hp.rope_base_local
+                } else {
+                    hp.rope_base
+                },
+            });
+        }
+        Ok(Self {
+            hp: hp.clone(),
+            embed,
+            blocks,
+            final_norm,
+            output,
+            device: device.clone(),
+        })
+    }
+
+    /// Hyper-parameters.
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh KV cache for one sequence of at most `max_len` positions.
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(
+            self.hp.n_layer,
+            self.hp.n_kv_head,
+            self.hp.head_dim,
+            max_len,
+            &self.device,
+        )
+    }
+
+    /// Run one step. Returns the logits `[steps.len(), vocab]` of each sequence's last new token,
+    /// and advances each cache by its number of tokens.
+    pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
+        let hp = &self.hp;
+        let mut all_tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(steps.len());
+        for s in steps.iter_mut() {
+            if s.tokens.is_empty() {
+                return Err(candle_core::Error::Msg("empty sequence step".into()).into());
+            }
+            s.cache.reserve(s.tokens.len())?;
+            let start = s.cache.len();
+            spans.push((all_tokens.len(), s.tokens.len(), start));
+            all_tokens.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+        }
+        let n_tok = all_tokens.len();
+        let ids = Tensor::from_vec(all_tokens, n_tok, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?;
+        if hp.arch == Arch::Gemma3 {
+            x = (x * (hp.hidden as f64).sqrt())?;
+        }
+        let mut rope_cache: Vec<(f64, Tensor, Tensor)> = Vec::new();
+        for (li, block) in self.blocks.iter().enumerate() {
+            let (cos, sin) = match rope_cache.iter().find(|(b, _, _)| *b == block.rope_base) {
+                Some((_, c, s)) => (c.clone(), s.clone()),
+                None => {
+                    let (c, s) =
+                        rope_tables(&positions, hp.head_dim, block.rope_base, &self.device)?;
+                    rope_cache.push((block.rope_base, c.clone(), s.clone()));
+                    (c, s)
+                }
+            };
+            let h = rms_norm(&x, &block.attn_norm, hp.rms_eps)?;
+            let attn = self.attention(li, block, &h, &cos, &sin, steps, &spans)?;
+            let attn = block.wo.forward(&attn)?;
+            let attn = match &block.post_attn_norm {
+                Some(w) => rms_norm(&attn, w, hp.rms_eps)?,
+                None => attn,
+            };
+            x = (x + attn)?;
+            let h = rms_norm(&x, &block.ffn_norm, hp.rms_eps)?;
+            let gate = block.gate.forward(&h)?;
+            let gate = match hp.arch {
+                Arch::Llama => gate.silu()?,
+                Arch::Gemma3 => gate.gelu()?,
+            };
+            let mlp = block.down.forward(&(gate * block.up.forward(&h)?)?)?;
+            let mlp = match &block.post_ffn_norm {
+                Some(w) => rms_norm(&mlp, w, hp.rms_eps)?,
+                None => mlp,
+            };
+            x = (x + mlp)?;
+        }
+        for (s, &(_, len, _)) in steps.iter_mut().zip(&spans) {
+            s.cache.advance(len);
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|&(off, len, _)| (off + len - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, spans.len(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = rms_norm(&x, &self.final_norm, hp.rms_eps)?;
+        Ok(self.output.forward(&x)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        steps: &mut [SeqStep<'_>],
+        spans: &[(usize, usize, usize)],
+    ) -> Result<Tensor, ModelError> {
+        let hp = &self.hp;
+        let (n_tok, _) = h.dims2()?;
+        let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
+        let group = nh / nkv;
+        let q = block.wq.forward(h)?.reshape((n_tok, nh, hd))?;
+        let k = block.wk.forward(h)?.reshape((n_tok, nkv, hd))?;
+        let v = block.wv.forward(h)?.reshape((n_tok, nkv, hd))?;
+        let q = match &block.q_norm {
+            Some(w) => rms_norm(&q, w, hp.rms_eps)?,
+            None => q,
+        };
+        let k = match &block.k_norm {
+            Some(w) => rms_norm(&k, w, hp.rms_eps)?,
+            None => k,
+        };
+        // [1, heads, T, hd] for candle's rope kernels; one call covers every sequence because the
+        // cos/sin rows were gathered at each token's own position.
+        let q = q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let (q, k) = match hp.arch {
+            Arch::Llama => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            Arch::Gemma3 => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+        };
+        let (q, k) = (q.squeeze(0)?, k.squeeze(0)?);
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut outs = Vec::with_capacity(spans.len());
+        for (s, &(off, len, start)) in steps.iter_mut().zip(spans) {
+            let k_new = k.narrow(1, off, len)?.contiguous()?;
+            let v_new = v.narrow(1, off, len)?.contiguous()?;
+            let (k_all, v_all) = s.cache.append(layer, &k_new, &v_new)?;
+            let total = start + len;
+            // Keys a sliding-window layer can still see from the first new token.
+            let first_visible = match block.window {
+                Some(w) => (start + 1).saturating_sub(w),
+                None => 0,
+            };
+            let (k_all, v_all) = if first_visible > 0 {
+                let n = total - first_visible;
+                (
+                    k_all.narrow(1, first_visible, n)?,
+                    v_all.narrow(1, first_visible, n)?,
+                )
+            } else {
+                (k_all, v_all)
+            };
+            let n_keys = total - first_visible;
+            // [nkv, group*len, hd]: the query heads sharing a kv head side by side, no repeat_kv.
+            let qs = q
+                .narrow(1, off, len)?
+                .contiguous()?
+                .reshape((nkv, group * len, hd))?;
+            let scores = (qs.matmul(&k_all.t()?)? * scale)?;
+            let scores = if len > 1 {
+                let mask = causal_mask(len, start, first_visible, block.window, &self.device)?;
+                scores
+                    .reshape((nkv, group, len, n_keys))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, group * len, n_keys))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&v_all.contiguous()?)?; // [nkv, group*len, hd]
+            let out = out
+                .reshape((nh, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, nh * hd))?;
+            outs.push(out);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// Tensors every block has, per architecture (suffix `.weight` omitted).
+fn layer_tensor_names(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Llama => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ],
+        Arch::Gemma3 => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "attn_q_norm",
+            "attn_k_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ],
+    }
+}
+
+fn check_shape(name: &str, t: &QTensor, want: &[usize]) -> Result<(), ModelError> {
+    if t.shape().dims() != want {
+        return Err(ModelError::BadMetadata {
+            key: name.to_string(),
+            reason: format!(
+                "tensor shape {:?} does not match the hyper-parameters {want:?}",
+                t.shape().dims()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+}
+
+/// cos/sin rows `[positions.len(), head_dim / 2]`, computed the way ggml does (f32 running product
+/// of the frequency scale), so greedy outputs track llama.cpp's.
+fn rope_tables(
+    positions: &[u32],
+    head_dim: usize,
+    base: f64,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let theta_scale = (base as f32).powf(-2.0 / head_dim as f32);
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        let mut theta = p as f32;
+        for _ in 0..half {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions.len(), half), device)?,
+        Tensor::from_vec(sin, (positions.len(), half), device)?,
+    ))
+}
+
+/// Additive mask `[len, n_keys]` for `len` new tokens starting at position `start`, over keys from
+/// position `first_visible`: causal, plus the sliding window when the layer has one.
+fn causal_mask(
+    len: usize,
+    start: usize,
+    first_visible: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let n_keys = start + len - first_visible;
+    let mut mask = vec![0f32; len * n_keys];
+    for i in 0..len {
+        let qpos = start + i;
+        for j in 0..n_keys {
+            let kpos = first_visible + j;
+            let hidden = kpos > qpos || window.is_some_and(|w| qpos - kpos >= w);
+            if hidden {
+                mask[i * n_keys + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (len, n_keys), device)?.to_dtype(DType::F32)
+}
