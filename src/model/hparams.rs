@@ -141,7 +141,7 @@ impl HParams {
 
     /// The sliding window of layer `i`, `None` for a global layer.
     pub fn window_of_layer(&self, i: usize) -> Option<usize> {
-        let global = (i + 1) % self.sliding_pattern == 0;
+        let global = (i + 1).is_multiple_of(self.sliding_pattern);
         if global {
             None
         } else {

@@ -77,7 +77,7 @@ pub fn convert(name: &str, t: QTensor, quant: Quant) -> Result<QTensor, ModelErr
         return Ok(t);
     }
     let k = *t.shape().dims().last().unwrap_or(&0);
-    if k % GgmlDType::Q8_0.block_size() != 0 {
+    if !k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
         return Err(ModelError::UnsupportedTensorType {
             name: name.to_string(),
             dtype: format!("{dtype:?} with row length {k} (Q8_0 needs a multiple of 32)"),
