@@ -1,0 +1,272 @@
+//! The step loop of one model instance, on its own OS thread with its own compute threads.
+//!
+//! Each step: take newcomers while batch slots are free, drop sequences whose caller left or whose
+//! deadline passed, run one packed forward over the new tokens of every live sequence (prompts in
+//! chunks, so decodes keep flowing), then sample and deliver. Nothing here blocks on a caller.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::sequence::{Admitted, Exit, Sequence};
+use super::EngineError;
+use crate::model::kv_cache::KvCache;
+use crate::model::loaded::LoadedModel;
+use crate::model::transformer::SeqStep;
+
+/// Where an instance gets its work: the pool's admission queue.
+pub trait WorkSource: Send + Sync + 'static {
+    /// A queued request for instance `instance`, which has `free` batch slots. With `wait`, block
+    /// up to that long for one. `None` when there is nothing (or another instance should take it).
+    fn take(&self, instance: usize, free: usize, wait: Option<Duration>) -> Option<Admitted>;
+    /// False once the pool is shutting down: the loop ends when its batch is empty.
+    fn running(&self) -> bool;
+}
+
+/// Observer of what an instance does (metrics).
+pub trait StepObserver: Send + Sync + 'static {
+    /// One forward step over `batch` sequences feeding `tokens` tokens took `busy`; `sampled`
+    /// tokens were generated.
+    fn on_step(&self, instance: usize, batch: usize, tokens: usize, sampled: usize, busy: Duration);
+}
+
+impl StepObserver for () {
+    fn on_step(&self, _: usize, _: usize, _: usize, _: usize, _: Duration) {}
+}
+
+/// Settings of one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSettings {
+    /// Index among the model's instances.
+    pub index: usize,
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Prompt tokens fed per step at most, over all newcomers.
+    pub prefill_chunk: usize,
+    /// Compute threads of this instance.
+    pub threads: usize,
+    /// Cores to pin the compute threads to (empty: no pinning).
+    pub cores: Vec<usize>,
+    /// KV cache positions per sequence.
+    pub max_seq_len: usize,
+}
+
+/// Start an instance thread. It runs until the source stops running and its batch is empty.
+pub fn spawn(
+    model: Arc<LoadedModel>,
+    source: Arc<dyn WorkSource>,
+    observer: Arc<dyn StepObserver>,
+    settings: InstanceSettings,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!("qnode-{}-{}", model.id, settings.index);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let cores = settings.cores.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.threads.max(1))
+            .thread_name(move |i| format!("qnode-compute-{i}"))
+            .start_handler(move |i| {
+                if let Some(&core) = cores.get(i) {
+                    core_affinity::set_for_current(core_affinity::CoreId { id: core });
+                }
+            })
+            .build();
+        let pool = match pool {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start compute threads");
+                return;
+            }
+        };
+        Instance::new(model, source, observer, settings).run(&pool);
+    })
+}
+
+struct Instance {
+    model: Arc<LoadedModel>,
+    source: Arc<dyn WorkSource>,
+    observer: Arc<dyn StepObserver>,
+    settings: InstanceSettings,
+    live: Vec<Sequence>,
+    spare_caches: Vec<KvCache>,
+}
+
+impl Instance {
+    fn new(
+        model: Arc<LoadedModel>,
+        source: Arc<dyn WorkSource>,
+        observer: Arc<dyn StepObserver>,
+        settings: InstanceSettings,
+    ) -> Self {
+        Self {
+            model,
+            source,
+            observer,
+            live: Vec::with_capacity(settings.max_batch),
+            spare_caches: Vec::new(),
+            settings,
+        }
+    }
+
+    fn run(mut self, pool: &rayon::ThreadPool) {
+        loop {
+            self.admit();
+            if self.live.is_empty() {
+                if !self.source.running() {
+                    return;
+                }
+                let free = self.settings.max_batch;
+                if let Some(a) =
+                    self.source
+                        .take(self.settings.index, free, Some(Duration::from_millis(100)))
+                {
+                    self.start(a);
+                }
+                continue;
+            }
+            self.reap();
+            if self.live.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step())));
+            match result {
+                Ok(Ok((batch, tokens, sampled))) => {
+                    self.observer.on_step(
+                        self.settings.index,
+                        batch,
+                        tokens,
+                        sampled,
+                        started.elapsed(),
+                    );
+                }
+                Ok(Err(e)) => self.fail_all(format!("forward pass failed: {e}")),
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(instance = self.settings.index, %what, "step panicked; batch failed, instance reset");
+                    self.fail_all(format!("instance step panicked: {what}"));
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.live.len() < self.settings.max_batch {
+            let free = self.settings.max_batch - self.live.len();
+            match self.source.take(self.settings.index, free, None) {
+                Some(a) => self.start(a),
+                None => break,
+            }
+        }
+    }
+
+    fn start(&mut self, a: Admitted) {
+        if a.tx.is_closed() {
+            return;
+        }
+        let cache = self
+            .spare_caches
+            .pop()
+            .unwrap_or_else(|| self.model.transformer.new_cache(self.settings.max_seq_len));
+        let mut seq = Sequence::new(a, cache);
+        if seq.is_expired(Instant::now()) {
+            let waited = seq.req.arrived.elapsed();
+            seq.fail(EngineError::DeadlineExceeded(waited));
+            self.recycle(seq);
+            return;
+        }
+        self.live.push(seq);
+    }
+
+    /// Drop sequences whose caller left; fail those past their deadline.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.live.len() {
+            let seq = &mut self.live[i];
+            let exit = if seq.is_cancelled() {
+                Some(Exit::Gone)
+            } else if seq.is_expired(now) {
+                let waited = seq.req.arrived.elapsed();
+                Some(seq.fail(EngineError::DeadlineExceeded(waited)))
+            } else {
+                None
+            };
+            if exit.is_some() {
+                let seq = self.live.swap_remove(i);
+                self.recycle(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// One forward over the live batch; returns (sequences, tokens fed, tokens sampled).
+    fn step(&mut self) -> Result<(usize, usize, usize), crate::model::ModelError> {
+        let mut budget = self.settings.prefill_chunk.max(1);
+        let mut chosen = Vec::with_capacity(self.live.len());
+        for (i, seq) in self.live.iter().enumerate() {
+            if seq.in_prefill() {
+                if budget == 0 {
+                    continue;
+                }
+                let n = seq.next_input(budget).len();
+                budget -= n;
+                chosen.push((i, n));
+            } else {
+                chosen.push((i, 1));
+            }
+        }
+        let logits = {
+            let mut steps = Vec::with_capacity(chosen.len());
+            let mut rest: &mut [Sequence] = &mut self.live;
+            let mut base = 0;
+            for &(i, n) in &chosen {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                let (seq, tail) = tail.split_first_mut().expect("index in range");
+                rest = tail;
+                base = i + 1;
+                let (tokens, cache) = seq.step_parts(n);
+                steps.push(SeqStep { tokens, cache });
+            }
+            self.model.transformer.forward(&mut steps)?
+        };
+        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let fed: usize = chosen.iter().map(|&(_, n)| n).sum();
+        let mut sampled = 0;
+        let mut exits = Vec::new();
+        for (row, &(i, n)) in rows.iter_mut().zip(&chosen) {
+            let seq = &mut self.live[i];
+            if seq.fed(n) {
+                sampled += 1;
+                if let Some(exit) = seq.on_logits(row, &self.model.tokenizer) {
+                    exits.push((i, exit));
+                }
+            }
+        }
+        let batch = chosen.len();
+        exits.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, _) in exits {
+            let seq = self.live.swap_remove(i);
+            self.recycle(seq);
+        }
+        Ok((batch, fed, sampled))
+    }
+
+    fn fail_all(&mut self, why: String) {
+        for mut seq in std::mem::take(&mut self.live) {
+            seq.fail(EngineError::Internal(why.clone()));
+            // A cache that was mid-write in a failed step is dropped, not reused.
+            drop(seq);
+        }
+    }
+
+    fn recycle(&mut self, seq: Sequence) {
+        if self.spare_caches.len() < self.settings.max_batch {
+            self.spare_caches.push(seq.cache);
+        }
+    }
+}

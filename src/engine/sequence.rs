@@ -1,0 +1,254 @@
+//! One live generation inside an instance: prompt progress, sampling, detokenization, stop
+//! strings, and delivery of text to the caller without ever blocking the batch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+use super::detokenizer::IncrementalDecoder;
+use super::sampler::Sampler;
+use super::stop::StopMatcher;
+use super::{Completion, EngineError, FinishReason, GenerationEvent, Source, Timings};
+use crate::model::kv_cache::KvCache;
+use crate::model::tokenizer::GgufTokenizer;
+
+/// Sender half of a request's event channel.
+pub type EventSender = Sender<Result<GenerationEvent, EngineError>>;
+
+/// A request admitted to the queue: tokenized, checked, waiting for a batch slot.
+pub struct Admitted {
+    /// Caller's id, for logs.
+    pub request_id: String,
+    /// Rendered prompt tokens.
+    pub prompt: Vec<u32>,
+    /// New tokens allowed.
+    pub max_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// The request's own sampler (seeded).
+    pub sampler: Sampler,
+    /// Where events go.
+    pub tx: EventSender,
+    /// When the request arrived at the node.
+    pub arrived: Instant,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a sequence left the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Finished normally; `Finished` was sent.
+    Done,
+    /// The caller went away; nothing more to send.
+    Gone,
+    /// Ended with an error sent to the caller (deadline, internal failure).
+    Failed,
+}
+
+/// A live sequence in an instance's batch.
+pub struct Sequence {
+    /// Queue entry it came from.
+    pub req: Admitted,
+    /// Its KV cache.
+    pub cache: KvCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Prompt then generated tokens (the repetition penalty's history).
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    /// Text produced but not yet accepted by the caller's channel.
+    pending: String,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    /// Start a sequence with a (cleared) cache.
+    pub fn new(mut req: Admitted, mut cache: KvCache) -> Self {
+        cache.clear();
+        let stop = StopMatcher::new(req.stop.clone());
+        let tokens = std::mem::take(&mut req.prompt);
+        Self {
+            prompt_len: tokens.len(),
+            tokens,
+            req,
+            cache,
+            prefilled: 0,
+            decoder: IncrementalDecoder::new(),
+            stop,
+            pending: String::new(),
+            admitted: Instant::now(),
+            first_token: None,
+        }
+    }
+
+    /// True while prompt tokens remain to be fed.
+    pub fn in_prefill(&self) -> bool {
+        self.prefilled < self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens to feed this step; a prompt is fed in chunks of at most `chunk` tokens.
+    pub fn next_input(&self, chunk: usize) -> &[u32] {
+        if self.in_prefill() {
+            let end = (self.prefilled + chunk.max(1)).min(self.prompt_len);
+            &self.tokens[self.prefilled..end]
+        } else {
+            &self.tokens[self.tokens.len() - 1..]
+        }
+    }
+
+    /// The tokens to feed (see [`Self::next_input`]) and the cache they go into.
+    pub fn step_parts(&mut self, n: usize) -> (&[u32], &mut KvCache) {
+        let start = if self.in_prefill() {
+            self.prefilled
+        } else {
+            self.tokens.len() - 1
+        };
+        (&self.tokens[start..start + n], &mut self.cache)
+    }
+
+    /// Record that `n` tokens were fed. Returns true when the logits of this step are to be
+    /// sampled (the prompt is complete).
+    pub fn fed(&mut self, n: usize) -> bool {
+        if self.in_prefill() {
+            self.prefilled += n;
+        }
+        !self.in_prefill()
+    }
+
+    /// The caller dropped its receiver.
+    pub fn is_cancelled(&self) -> bool {
+        self.req.tx.is_closed()
+    }
+
+    /// The deadline passed.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.req.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// Sample from this sequence's logits row and deliver the result. Returns `Some(exit)` when
+    /// the sequence is over.
+    pub fn on_logits(&mut self, logits: &mut [f32], tok: &Arc<GgufTokenizer>) -> Option<Exit> {
+        let token = self.req.sampler.sample(logits, &self.tokens);
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+        self.tokens.push(token);
+        if tok.stop_ids.contains(&token) {
+            let rest = self.stop.flush();
+            self.pending.push_str(&rest);
+            return Some(self.finish(FinishReason::Stop));
+        }
+        let piece = match self.decoder.push(tok, token) {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => return Some(self.fail(EngineError::Internal(e.to_string()))),
+        };
+        let step = self.stop.push(&piece);
+        self.pending.push_str(&step.emit);
+        if step.matched {
+            return Some(self.finish(FinishReason::Stop));
+        }
+        if self.generated() >= self.req.max_tokens
+            || self.cache.len() + 1 >= self.cache.max_len()
+        {
+            let rest = self.stop.flush();
+            self.pending.push_str(&rest);
+            return Some(self.finish(FinishReason::Length));
+        }
+        self.deliver()
+    }
+
+    /// Try to hand pending text to the caller without blocking.
+    fn deliver(&mut self) -> Option<Exit> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let text = std::mem::take(&mut self.pending);
+        match self.req.tx.try_send(Ok(GenerationEvent::Delta(text))) {
+            Ok(()) => None,
+            Err(TrySendError::Full(Ok(GenerationEvent::Delta(text)))) => {
+                // The caller is slow: keep the text and try again after the next step.
+                self.pending = text;
+                None
+            }
+            Err(TrySendError::Full(_)) => None,
+            Err(TrySendError::Closed(_)) => Some(Exit::Gone),
+        }
+    }
+
+    fn timings(&self) -> Timings {
+        let now = Instant::now();
+        Timings {
+            queue: self.admitted.duration_since(self.req.arrived),
+            time_to_first_token: self
+                .first_token
+                .unwrap_or(now)
+                .duration_since(self.req.arrived),
+            total: now.duration_since(self.req.arrived),
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Exit {
+        let done = Completion {
+            finish_reason: reason,
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.generated() as u32,
+            timings: self.timings(),
+            source: Source::Model,
+        };
+        let tx = self.req.tx.clone();
+        let pending = std::mem::take(&mut self.pending);
+        // The last events must arrive even when the channel is momentarily full: hand them to a
+        // detached sender so the batch never waits for a slow reader.
+        send_tail(tx, pending, Ok(GenerationEvent::Finished(done)));
+        Exit::Done
+    }
+
+    /// End with an error sent to the caller.
+    pub fn fail(&mut self, err: EngineError) -> Exit {
+        let pending = std::mem::take(&mut self.pending);
+        send_tail(self.req.tx.clone(), pending, Err(err));
+        Exit::Failed
+    }
+}
+
+/// Deliver the final text and event; falls back to a thread only when the channel is full.
+fn send_tail(
+    tx: EventSender,
+    pending: String,
+    last: Result<GenerationEvent, EngineError>,
+) {
+    let mut events = Vec::with_capacity(2);
+    if !pending.is_empty() {
+        events.push(Ok(GenerationEvent::Delta(pending)));
+    }
+    events.push(last);
+    let mut iter = events.into_iter();
+    while let Some(ev) = iter.next() {
+        match tx.try_send(ev) {
+            Ok(()) => continue,
+            Err(TrySendError::Closed(_)) => return,
+            Err(TrySendError::Full(ev)) => {
+                let rest: Vec<_> = std::iter::once(ev).chain(iter).collect();
+                std::thread::spawn(move || {
+                    for ev in rest {
+                        if tx.blocking_send(ev).is_err() {
+                            return;
+                        }
+                    }
+                });
+                return;
+            }
+        }
+    }
+}

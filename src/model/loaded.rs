@@ -1,0 +1,89 @@
+//! A model ready to serve: weights, tokenizer, chat template and identity, loaded from one GGUF.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+
+use super::chat_template::{render_without_template, ChatTemplate};
+use super::gguf::GgufFile;
+use super::hparams::HParams;
+use super::quantize::Quant;
+use super::tokenizer::GgufTokenizer;
+use super::transformer::Transformer;
+use super::ModelError;
+use crate::engine::{ChatMessage, PromptInput};
+
+/// Everything needed to run one model; shared by `Arc` between its instances.
+pub struct LoadedModel {
+    /// Id requests use.
+    pub id: String,
+    /// Hex sha256 of the GGUF file (identity for caches).
+    pub file_digest: String,
+    /// Format the weights run in.
+    pub quant: Quant,
+    /// Weights and forward pass.
+    pub transformer: Arc<Transformer>,
+    /// Tokenizer built from the file's metadata.
+    pub tokenizer: Arc<GgufTokenizer>,
+    /// The file's chat template, if it has one.
+    pub template: Option<ChatTemplate>,
+    /// How long loading took.
+    pub load_time: Duration,
+}
+
+impl LoadedModel {
+    /// Load `path` as model `id`, converting matrices to `quant`.
+    pub fn load(id: &str, path: &Path, quant: Quant, device: &Device) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        let file = GgufFile::open(path)?;
+        let hp = HParams::from_meta(file.meta())?;
+        let (weights, (tokenizer, digest)) = rayon::join(
+            || Transformer::load(&file, &hp, quant, device),
+            || {
+                let digest = hex::encode(Sha256::digest(file.bytes()));
+                (GgufTokenizer::from_gguf(file.content()), digest)
+            },
+        );
+        let tokenizer = tokenizer?;
+        let template = ChatTemplate::from_gguf(file.content(), &tokenizer)?;
+        Ok(Self {
+            id: id.to_string(),
+            file_digest: digest,
+            quant,
+            transformer: Arc::new(weights?),
+            tokenizer: Arc::new(tokenizer),
+            template,
+            load_time: started.elapsed(),
+        })
+    }
+
+    /// Hyper-parameters of the weights.
+    pub fn hparams(&self) -> &HParams {
+        self.transformer.hparams()
+    }
+
+    /// Render the prompt as the model expects it and tokenize it. Raw text gets BOS per the file's
+    /// `add_bos`; a chat template writes BOS itself when the model wants it, so none is added.
+    pub fn prompt_tokens(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
+        match (input, &self.template) {
+            (PromptInput::Text(text), _) => self.tokenizer.encode(text, true),
+            (PromptInput::Chat(messages), Some(t)) => {
+                self.tokenizer.encode(&t.render(messages, true)?, false)
+            }
+            (PromptInput::Chat(messages), None) => {
+                self.tokenizer.encode(&render_without_template(messages), true)
+            }
+        }
+    }
+
+    /// The chat rendered to text (template, or the documented plain fallback).
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
+        match &self.template {
+            Some(t) => t.render(messages, true),
+            None => Ok(render_without_template(messages)),
+        }
+    }
+}
