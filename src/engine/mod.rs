@@ -2,8 +2,11 @@
 //! and the batching loop that runs the forward pass for all live sequences.
 
 pub mod backend;
+pub mod detokenizer;
 pub mod error;
 pub mod request;
+pub mod sampler;
+pub mod stop;
 
 pub use backend::{Backend, EventStream};
 pub use error::EngineError;
