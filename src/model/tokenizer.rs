@@ -384,11 +384,11 @@ fn int_value(v: &Value) -> Option<i64> {
     })
 }
 
-/// Token → id, keeping the first id of a piece that appears twice (as llama.cpp's lookup does).
+/// Token → id. A piece listed twice maps to its last id, as in llama.cpp's `token_to_id`.
 fn vocab_of(tokens: &[&str]) -> Vocab {
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
-        vocab.entry((*token).to_string()).or_insert(id as u32);
+        vocab.insert((*token).to_string(), id as u32);
     }
     vocab
 }
@@ -521,23 +521,23 @@ fn build_sentencepiece(
 /// `SentencePieceExtractor` does: for every normal piece, each split `a + b` whose halves are both
 /// pieces, ordered by the piece's score (descending), then piece id, then the halves' ids.
 ///
-/// Splits are looked up as borrowed `&str` slices so that only the kept merges allocate; for
-/// Gemma 3's 262,144 pieces this is a few hundred milliseconds in release.
+/// Splits are looked up as borrowed `&str` slices in the (ahash) vocabulary so that only the kept
+/// merges allocate. Gemma 3: 262,144 pieces → 513,511 merges; building its whole tokenizer takes
+/// about 0.6 s of CPU with optimizations, half of it in `tokenizers`' own BPE construction.
 fn sentencepiece_merges(
     tokens: &[&str],
     scores: &[f32],
     types: &[i64],
     vocab: &Vocab,
 ) -> Vec<(String, String)> {
-    let lookup: HashMap<&str, u32> = vocab.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     let mut found: Vec<(f32, u32, u32, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if types[id] != TYPE_NORMAL || lookup.get(piece) != Some(&(id as u32)) {
+        if types[id] != TYPE_NORMAL || vocab.get(*piece) != Some(&(id as u32)) {
             continue;
         }
         for (split, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(split);
-            if let (Some(&l), Some(&r)) = (lookup.get(left), lookup.get(right)) {
+            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
                 found.push((scores[id], id as u32, l, r, split as u32));
             }
         }
