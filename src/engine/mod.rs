@@ -2,8 +2,13 @@
 //! and the batching loop that runs the forward pass for all live sequences.
 
 pub mod backend;
+pub mod detokenizer;
 pub mod error;
+pub mod instance;
 pub mod request;
+pub mod sampler;
+pub mod sequence;
+pub mod stop;
 
 pub use backend::{Backend, EventStream};
 pub use error::EngineError;

@@ -1,7 +1,6 @@
 //! One live generation inside an instance: prompt progress, sampling, detokenization, stop
 //! strings, and delivery of text to the caller without ever blocking the batch.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -71,7 +70,7 @@ impl Sequence {
     /// Start a sequence with a (cleared) cache.
     pub fn new(mut req: Admitted, mut cache: KvCache) -> Self {
         cache.clear();
-        let stop = StopMatcher::new(req.stop.clone());
+        let stop = StopMatcher::new(&req.stop);
         let tokens = std::mem::take(&mut req.prompt);
         Self {
             prompt_len: tokens.len(),
@@ -138,34 +137,43 @@ impl Sequence {
 
     /// Sample from this sequence's logits row and deliver the result. Returns `Some(exit)` when
     /// the sequence is over.
-    pub fn on_logits(&mut self, logits: &mut [f32], tok: &Arc<GgufTokenizer>) -> Option<Exit> {
+    pub fn on_logits(&mut self, logits: &mut [f32], tok: &GgufTokenizer) -> Option<Exit> {
         let token = self.req.sampler.sample(logits, &self.tokens);
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
         }
         self.tokens.push(token);
-        if tok.stop_ids.contains(&token) {
-            let rest = self.stop.flush();
-            self.pending.push_str(&rest);
-            return Some(self.finish(FinishReason::Stop));
+        if tok.is_stop(token) {
+            return Some(self.finish_with_tail(tok, FinishReason::Stop));
         }
         let piece = match self.decoder.push(tok, token) {
             Ok(p) => p.unwrap_or_default(),
             Err(e) => return Some(self.fail(EngineError::Internal(e.to_string()))),
         };
         let step = self.stop.push(&piece);
-        self.pending.push_str(&step.emit);
-        if step.matched {
+        self.pending.push_str(&step.text);
+        if step.stopped {
             return Some(self.finish(FinishReason::Stop));
         }
-        if self.generated() >= self.req.max_tokens
-            || self.cache.len() + 1 >= self.cache.max_len()
+        if self.generated() >= self.req.max_tokens || self.cache.len() + 1 >= self.cache.max_len()
         {
-            let rest = self.stop.flush();
-            self.pending.push_str(&rest);
-            return Some(self.finish(FinishReason::Length));
+            return Some(self.finish_with_tail(tok, FinishReason::Length));
         }
         self.deliver()
+    }
+
+    /// Finish after releasing text still held back by the decoder and the stop matcher (a stop
+    /// string can still match in it).
+    fn finish_with_tail(&mut self, tok: &GgufTokenizer, reason: FinishReason) -> Exit {
+        let held = self.decoder.flush(tok).unwrap_or_default();
+        let step = self.stop.push(&held);
+        self.pending.push_str(&step.text);
+        if step.stopped {
+            return self.finish(FinishReason::Stop);
+        }
+        let stop = std::mem::replace(&mut self.stop, StopMatcher::new::<&str>(&[]));
+        self.pending.push_str(&stop.flush());
+        self.finish(reason)
     }
 
     /// Try to hand pending text to the caller without blocking.

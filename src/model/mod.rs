@@ -1,11 +1,15 @@
 //! Model files and the forward pass: GGUF in, logits out.
 
+pub mod chat_template;
 pub mod error;
 pub mod gguf;
 pub mod hparams;
 pub mod kv_cache;
 pub mod linear;
+pub mod loaded;
 pub mod quantize;
+pub mod registry;
+pub mod tokenizer;
 pub mod transformer;
 
 pub use error::ModelError;
