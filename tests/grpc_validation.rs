@@ -8,7 +8,10 @@ use qnode::server::proto;
 use tonic::Code;
 
 fn msg(role: &str, content: &str) -> proto::ChatMessage {
-    proto::ChatMessage { role: role.into(), content: content.into() }
+    proto::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
 }
 
 #[tokio::test]
@@ -17,23 +20,40 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
     let mut client = server.client().await;
     let cases: Vec<(proto::GenerateRequest, Code, &str)> = vec![
         (
-            proto::GenerateRequest { model: "gpt-9".into(), ..request("hi") },
+            proto::GenerateRequest {
+                model: "gpt-9".into(),
+                ..request("hi")
+            },
             Code::NotFound,
             "model `gpt-9` is not served by this node",
         ),
-        (request(""), Code::InvalidArgument, "`prompt` must not be empty"),
         (
-            proto::GenerateRequest { prompt: None, ..request("") },
+            request(""),
+            Code::InvalidArgument,
+            "`prompt` must not be empty",
+        ),
+        (
+            proto::GenerateRequest {
+                prompt: None,
+                ..request("")
+            },
             Code::InvalidArgument,
             "one of `prompt` or `messages` is required",
         ),
         (
-            proto::GenerateRequest { messages: vec![msg("user", "hi")], ..request("hi") },
+            proto::GenerateRequest {
+                messages: vec![msg("user", "hi")],
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "give exactly one of `prompt` or `messages`, not both",
         ),
         (
-            proto::GenerateRequest { prompt: None, messages: vec![msg("user", "")], ..request("") },
+            proto::GenerateRequest {
+                prompt: None,
+                messages: vec![msg("user", "")],
+                ..request("")
+            },
             Code::InvalidArgument,
             "`messages[0].content` must not be empty",
         ),
@@ -47,67 +67,106 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
             "`messages[1].role` must be one of system, user, assistant. Given: \"wizard\"",
         ),
         (
-            proto::GenerateRequest { temperature: Some(f32::NAN), ..request("hi") },
+            proto::GenerateRequest {
+                temperature: Some(f32::NAN),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`temperature` must be in [0, 2]. Given: NaN",
         ),
         (
-            proto::GenerateRequest { temperature: Some(2.5), ..request("hi") },
+            proto::GenerateRequest {
+                temperature: Some(2.5),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`temperature` must be in [0, 2]. Given: 2.5",
         ),
         (
-            proto::GenerateRequest { top_p: Some(0.0), ..request("hi") },
+            proto::GenerateRequest {
+                top_p: Some(0.0),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`top_p` must be in (0, 1]. Given: 0",
         ),
         (
-            proto::GenerateRequest { top_p: Some(1.01), ..request("hi") },
+            proto::GenerateRequest {
+                top_p: Some(1.01),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`top_p` must be in (0, 1]. Given: 1.01",
         ),
         (
-            proto::GenerateRequest { min_p: Some(-0.1), ..request("hi") },
+            proto::GenerateRequest {
+                min_p: Some(-0.1),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`min_p` must be in [0, 1]. Given: -0.1",
         ),
         (
-            proto::GenerateRequest { repetition_penalty: Some(0.0), ..request("hi") },
+            proto::GenerateRequest {
+                repetition_penalty: Some(0.0),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`repetition_penalty` must be in (0, 2]. Given: 0",
         ),
         (
-            proto::GenerateRequest { repetition_penalty: Some(f32::INFINITY), ..request("hi") },
+            proto::GenerateRequest {
+                repetition_penalty: Some(f32::INFINITY),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`repetition_penalty` must be in (0, 2]. Given: inf",
         ),
         (
-            proto::GenerateRequest { top_k: Some(1001), ..request("hi") },
+            proto::GenerateRequest {
+                top_k: Some(1001),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`top_k` must be <= 1000. Given: 1001",
         ),
         (
-            proto::GenerateRequest { max_tokens: Some(0), ..request("hi") },
+            proto::GenerateRequest {
+                max_tokens: Some(0),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`max_tokens` must be >= 1. Given: 0",
         ),
         (
-            proto::GenerateRequest { max_tokens: Some(5000), ..request("hi") },
+            proto::GenerateRequest {
+                max_tokens: Some(5000),
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`max_tokens` must be <= 2048. Given: 5000",
         ),
         (
-            proto::GenerateRequest { stop: vec!["s".into(); 9], ..request("hi") },
+            proto::GenerateRequest {
+                stop: vec!["s".into(); 9],
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`stop` must be <= 8 strings. Given: 9 strings",
         ),
         (
-            proto::GenerateRequest { stop: vec!["ok".into(), "x".repeat(200)], ..request("hi") },
+            proto::GenerateRequest {
+                stop: vec!["ok".into(), "x".repeat(200)],
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`stop[1]` must be <= 128 bytes. Given: 200 bytes",
         ),
         (
-            proto::GenerateRequest { stop: vec![String::new()], ..request("hi") },
+            proto::GenerateRequest {
+                stop: vec![String::new()],
+                ..request("hi")
+            },
             Code::InvalidArgument,
             "`stop[0]` must not be empty",
         ),
@@ -119,7 +178,11 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
     ];
     for (bad, code, message) in cases {
         let status = client.generate(bad.clone()).await.unwrap_err();
-        assert_eq!((status.code(), status.message()), (code, message), "unary {bad:?}");
+        assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "unary {bad:?}"
+        );
         // The streaming method refuses the same way, before any chunk.
         let status = client.generate_stream(bad).await.unwrap_err();
         assert_eq!((status.code(), status.message()), (code, message), "stream");
@@ -148,7 +211,10 @@ async fn backend_refusals_map_to_their_codes() {
     let status = client.generate(request("queue_full")).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(status.metadata().get("retry-after").unwrap(), "3");
-    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "2500");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "2500"
+    );
 
     let status = client.generate(request("not_ready")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -159,7 +225,15 @@ async fn backend_refusals_map_to_their_codes() {
     let status = client.generate(request("fail_midway")).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
 
-    assert_eq!(client.generate(request("hi")).await.unwrap().into_inner().text, "Hello!");
+    assert_eq!(
+        client
+            .generate(request("hi"))
+            .await
+            .unwrap()
+            .into_inner()
+            .text,
+        "Hello!"
+    );
 }
 
 #[tokio::test]
@@ -168,10 +242,24 @@ async fn oversize_message_gets_a_clean_status_and_the_connection_survives() {
     config.max_message_bytes = 64 * 1024;
     let server = TestServer::start_with(grpc_support::ScriptedBackend::new(true), config).await;
     let mut client = server.client().await;
-    let status = client.generate(request(&"x".repeat(100 * 1024))).await.unwrap_err();
+    let status = client
+        .generate(request(&"x".repeat(100 * 1024)))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert!(status.message().contains("message length too large"), "{status:?}");
-    assert_eq!(client.generate(request("hi")).await.unwrap().into_inner().text, "Hello!");
+    assert!(
+        status.message().contains("message length too large"),
+        "{status:?}"
+    );
+    assert_eq!(
+        client
+            .generate(request("hi"))
+            .await
+            .unwrap()
+            .into_inner()
+            .text,
+        "Hello!"
+    );
 }
 
 #[tokio::test]

@@ -20,12 +20,14 @@ pub(crate) async fn set(reporter: &mut HealthReporter, status: ServingStatus) {
 }
 
 /// Follows the backend's model states forever; `run` aborts it when draining starts.
+/// Starts from NOT_SERVING, which `run` sets before spawning it.
 pub(crate) async fn follow_backend(
     mut reporter: HealthReporter,
     backend: Arc<dyn Backend>,
     every: Duration,
 ) {
-    let mut last = None;
+    // `run` has set NOT_SERVING already; tonic-health notifies watchers even of an unchanged value.
+    let mut last = Some(ServingStatus::NotServing);
     loop {
         let models = backend.models();
         let ready = !models.is_empty() && models.iter().all(|m| m.state == ModelState::Ready);

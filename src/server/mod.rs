@@ -101,8 +101,9 @@ pub enum ServerError {
 
 /// Serves on `listener` until `shutdown` resolves, then drains.
 ///
-/// Draining: health turns NOT_SERVING, new Inference calls get UNAVAILABLE, the listener closes,
-/// in-flight calls (streams included) finish, then `run` returns `Ok`. Whatever still runs after
+/// Draining: health turns NOT_SERVING and new Inference calls get UNAVAILABLE (the listener stays
+/// open meanwhile), in-flight calls (streams included) finish, then the listener closes,
+/// connections are shut with GOAWAY and `run` returns `Ok`. Whatever still runs after
 /// `drain_timeout` is cut (UNAVAILABLE to the client, generation cancelled) and `run` returns
 /// [`ServerError::DrainTimedOut`].
 pub async fn run(
@@ -140,6 +141,10 @@ pub async fn run(
     let inference =
         InterceptedService::new(inference, auth::ApiKeyCheck::new(config.api_key.as_deref()));
 
+    // Draining keeps the listener open on purpose: load balancers polling health see NOT_SERVING
+    // (not "connection refused"), and calls arriving on any connection get a retryable
+    // UNAVAILABLE from `Lifecycle::admit`. Only when the last Inference call is done does tonic's
+    // own graceful shutdown run (close the listener, GOAWAY, wait for connections to close).
     let (drain_started, drain_started_rx) = oneshot::channel::<()>();
     let signal = {
         let lifecycle = Arc::clone(&lifecycle);
@@ -151,15 +156,14 @@ pub async fn run(
             let _ = follower.await;
             health::set(&mut reporter, ServingStatus::NotServing).await;
             let _ = drain_started.send(());
+            lifecycle.wait_idle().await;
             // Health `Watch` streams never end on their own and would hold their connections
-            // open: once the last Inference call is done, drop the statuses, which ends them.
-            tokio::spawn(async move {
-                lifecycle.wait_idle().await;
-                reporter.clear_service_status("").await;
-                reporter
-                    .clear_service_status(proto::inference_server::SERVICE_NAME)
-                    .await;
-            });
+            // open: dropping the statuses ends them.
+            reporter.clear_service_status("").await;
+            reporter
+                .clear_service_status(proto::inference_server::SERVICE_NAME)
+                .await;
+            tracing::info!("in-flight calls done: closing connections");
         }
     };
 
@@ -184,28 +188,25 @@ pub async fn run(
     };
     tokio::pin!(hard_deadline);
 
-    let cut = |lifecycle: &lifecycle::Lifecycle| {
-        let in_flight = lifecycle.in_flight();
-        tracing::warn!(
-            in_flight,
-            ?drain_timeout,
-            "drain timeout: cutting calls still running"
-        );
-        lifecycle.hard_stop();
-        ServerError::DrainTimedOut {
-            in_flight,
-            drain_timeout,
+    tokio::select! {
+        served = &mut serve => {
+            served?;
+            tracing::info!("drained");
+            Ok(())
         }
-    };
-    tokio::select! {
-        served = &mut serve => served?,
-        () = &mut hard_deadline => return Err(cut(&lifecycle)),
+        () = &mut hard_deadline => {
+            let in_flight = lifecycle.in_flight();
+            tracing::warn!(in_flight, ?drain_timeout, "drain timeout: cutting calls still running");
+            lifecycle.hard_stop();
+            // Give the cut calls a moment to send their UNAVAILABLE and the connections to close.
+            let _ = tokio::time::timeout(HARD_STOP_GRACE, &mut serve).await;
+            Err(ServerError::DrainTimedOut {
+                in_flight,
+                drain_timeout,
+            })
+        }
     }
-    // Connections are closed; forwarding tasks of streams whose clients left may still be ending.
-    tokio::select! {
-        () = lifecycle.wait_idle() => {}
-        () = &mut hard_deadline => return Err(cut(&lifecycle)),
-    }
-    tracing::info!("drained");
-    Ok(())
 }
+
+/// After the drain timeout, how long cut calls get to report UNAVAILABLE before `run` returns.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(1);

@@ -88,7 +88,12 @@ impl ScriptedBackend {
     }
 
     pub fn last_submitted(&self) -> GenerationRequest {
-        self.submitted.lock().unwrap().last().cloned().expect("a submission")
+        self.submitted
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a submission")
     }
 }
 
@@ -115,7 +120,11 @@ impl Backend for ScriptedBackend {
             quant: "q8_0".into(),
             context_length: 8192,
             instances: 1,
-            state: if ready { ModelState::Ready } else { ModelState::Loading },
+            state: if ready {
+                ModelState::Ready
+            } else {
+                ModelState::Loading
+            },
         }]
     }
 
@@ -152,31 +161,53 @@ impl Backend for ScriptedBackend {
             let ended = async {
                 match script.as_str() {
                     "hang" => {
-                        tx.send(Ok(GenerationEvent::Delta("tick".into()))).await.map_err(drop)?;
+                        tx.send(Ok(GenerationEvent::Delta("tick".into())))
+                            .await
+                            .map_err(drop)?;
                         tx.closed().await;
                         return Err(());
                     }
                     "gated" => {
-                        tx.send(Ok(GenerationEvent::Delta("before ".into()))).await.map_err(drop)?;
+                        tx.send(Ok(GenerationEvent::Delta("before ".into())))
+                            .await
+                            .map_err(drop)?;
                         tokio::select! {
                             _ = gate.wait_for(|open| *open) => {}
                             () = tx.closed() => return Err(()),
                         }
-                        tx.send(Ok(GenerationEvent::Delta("after".into()))).await.map_err(drop)?;
-                        tx.send(Ok(GenerationEvent::Finished(completion(FinishReason::Stop, 2))))
-                            .await.map_err(drop)?;
+                        tx.send(Ok(GenerationEvent::Delta("after".into())))
+                            .await
+                            .map_err(drop)?;
+                        tx.send(Ok(GenerationEvent::Finished(completion(
+                            FinishReason::Stop,
+                            2,
+                        ))))
+                        .await
+                        .map_err(drop)?;
                     }
                     "fail_midway" => {
-                        tx.send(Ok(GenerationEvent::Delta("par".into()))).await.map_err(drop)?;
-                        tx.send(Err(EngineError::Internal("scripted failure".into()))).await.map_err(drop)?;
+                        tx.send(Ok(GenerationEvent::Delta("par".into())))
+                            .await
+                            .map_err(drop)?;
+                        tx.send(Err(EngineError::Internal("scripted failure".into())))
+                            .await
+                            .map_err(drop)?;
                     }
                     _ => {
                         let n = request.max_tokens.min(3);
                         for piece in ["Hel", "lo", "!"].iter().take(n as usize) {
-                            tx.send(Ok(GenerationEvent::Delta((*piece).into()))).await.map_err(drop)?;
+                            tx.send(Ok(GenerationEvent::Delta((*piece).into())))
+                                .await
+                                .map_err(drop)?;
                         }
-                        let reason = if n < 3 { FinishReason::Length } else { FinishReason::Stop };
-                        tx.send(Ok(GenerationEvent::Finished(completion(reason, n)))).await.map_err(drop)?;
+                        let reason = if n < 3 {
+                            FinishReason::Length
+                        } else {
+                            FinishReason::Stop
+                        };
+                        tx.send(Ok(GenerationEvent::Finished(completion(reason, n))))
+                            .await
+                            .map_err(drop)?;
                     }
                 }
                 Ok::<(), ()>(())
@@ -226,7 +257,13 @@ impl TestServer {
                 let _ = rx.await;
             },
         ));
-        Self { addr, backend, metrics, shutdown: Some(tx), handle: Some(handle) }
+        Self {
+            addr,
+            backend,
+            metrics,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -241,7 +278,9 @@ impl TestServer {
             .expect("connect to test server")
     }
 
-    pub async fn client(&self) -> proto::inference_client::InferenceClient<tonic::transport::Channel> {
+    pub async fn client(
+        &self,
+    ) -> proto::inference_client::InferenceClient<tonic::transport::Channel> {
         proto::inference_client::InferenceClient::new(self.channel().await)
     }
 
