@@ -16,6 +16,9 @@ use crate::config::Limits;
 use crate::engine::{Backend, Completion, EventStream, GenerationEvent, GenerationRequest};
 use crate::metrics::Metrics;
 
+/// How long a failed stream waits for buffer room to deliver its final status.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Chunks buffered between the forwarding task and the HTTP/2 stream of one call.
 const STREAM_BUFFER: usize = 16;
 
@@ -295,13 +298,10 @@ async fn forward(
         End::Finished(completion) => call.record(Code::Ok, Some(&completion)),
         End::Failed(status) => {
             call.record(status.code(), None);
-            // The generation is gone already; this only waits for room in the client's buffer,
-            // and gives up if the client leaves or the node stops.
-            tokio::select! {
-                _ = tx.send(Err(status)) => {}
-                () = tx.closed() => {}
-                () = lifecycle.stopped() => {}
-            }
+            // The generation is gone already; this only waits for room in the client's buffer
+            // (a send to a client that left fails at once), and for a client that stopped
+            // reading, not for long.
+            let _ = tokio::time::timeout(FINAL_STATUS_WAIT, tx.send(Err(status))).await;
         }
         End::ClientGone => call.record(Code::Cancelled, None),
     }
