@@ -14,5 +14,8 @@
 //! (prefill, decode with the other live sequences, sample, detokenize) → tokens back over a bounded
 //! channel per request.
 
+pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
+pub mod server;

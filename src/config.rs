@@ -1,0 +1,724 @@
+//! The one node configuration: built-in defaults < TOML file (`--config`) < `QNODE_*` env < flags.
+//!
+//! clap reads the environment and the command line into [`ServeArgs`] (each flag has an env twin,
+//! so env and flags are one layer with flags winning); [`Config::from_args`] lays that over the file
+//! and the defaults, then validates the whole once at start. Nothing else reads the environment.
+//!
+//! Flags carry no clap `default_value`: a default there would be indistinguishable from a value the
+//! operator typed and would silently override the file. The defaults live in the `Default` impls
+//! below and are named in each flag's doc.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Model served when neither the file nor the flags name one.
+pub const DEFAULT_MODEL: &str = "smollm2";
+
+/// Why the configuration could not be built; each variant names the setting and the value given.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// File named by `--config`.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The `--config` file is not valid TOML for [`Config`].
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// File named by `--config`.
+        path: PathBuf,
+        /// Parser error, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A duration setting could not be parsed.
+    #[error("`{field}` must be a duration like `30s`, `500ms` or `2m`. Given: {value}")]
+    Duration {
+        /// Setting name.
+        field: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// A setting is out of its range.
+    #[error("`{field}` must be {constraint}. Given: {value}")]
+    OutOfRange {
+        /// Setting name.
+        field: String,
+        /// The rule, e.g. `>= 1`.
+        constraint: String,
+        /// What was given.
+        value: String,
+    },
+    /// A model's instances would need more threads than this machine has cores.
+    #[error(
+        "model `{model}`: instances ({instances}) x threads_per_instance ({threads}) = {} must be <= available cores ({cores})",
+        instances * threads
+    )]
+    Oversubscribed {
+        /// Model id.
+        model: String,
+        /// Configured instances.
+        instances: usize,
+        /// Configured threads per instance.
+        threads: usize,
+        /// Cores this process may use.
+        cores: usize,
+    },
+    /// The same model id is listed twice.
+    #[error("model `{0}` is listed more than once")]
+    DuplicateModel(String),
+    /// No model to serve.
+    #[error("at least one model must be configured")]
+    NoModels,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Quantization the weights run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Quant {
+    /// Requantize to 8-bit Q8_0 at load (the node's reason to exist).
+    #[default]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Run the file's own quantization as is.
+    #[serde(rename = "original")]
+    Original,
+}
+
+/// The `[server]` section: network, auth and shutdown.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// When set, Inference calls need `authorization: Bearer <key>`. Never logged.
+    pub api_key: Option<String>,
+    /// How long in-flight calls may run after shutdown begins before they are cut.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
+            api_key: None,
+            drain_timeout: Duration::from_secs(30),
+            max_message_bytes: 4 * 1024 * 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Manifest id (e.g. `smollm2`) or a path to a GGUF file.
+    pub id: String,
+    /// Engine instances (each its own thread, batch and KV caches; weights shared).
+    #[serde(default = "one")]
+    pub instances: usize,
+    /// Rayon threads per instance. Absent in a file means all cores / instances;
+    /// [`Config::from_args`] fills it in, so it is always `Some` after loading.
+    #[serde(default)]
+    pub threads_per_instance: Option<usize>,
+    /// Most sequences decoded together by one instance.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
+    /// Caps the model's context window (prompt + completion tokens) below its native length.
+    #[serde(default)]
+    pub context_length: Option<u32>,
+    /// Quantization the weights run in.
+    #[serde(default)]
+    pub quant: Quant,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_max_batch() -> usize {
+    8
+}
+fn default_max_queued() -> usize {
+    64
+}
+
+impl ModelConfig {
+    /// A model with every setting at its default.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            instances: one(),
+            threads_per_instance: None,
+            max_batch: default_max_batch(),
+            max_queued: default_max_queued(),
+            context_length: None,
+            quant: Quant::default(),
+        }
+    }
+}
+
+/// The `[limits]` section: what one request may ask for.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// `max_tokens` used when a request leaves it out (capped by `max_tokens_limit`).
+    pub default_max_tokens: u32,
+    /// Most stop strings per request.
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes.
+    pub max_stop_string_bytes: usize,
+    /// Longest prompt (or sum of message contents), in bytes.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_tokens_limit: 2048,
+            default_max_tokens: 256,
+            max_stop_strings: 8,
+            max_stop_string_bytes: 128,
+            max_prompt_bytes: 128 * 1024,
+        }
+    }
+}
+
+/// Everything the node needs to start, validated.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network, auth, shutdown.
+    pub server: ServerSection,
+    /// Models to serve; `[smollm2]` when none is configured anywhere.
+    pub models: Vec<ModelConfig>,
+    /// Per-request limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerSection::default(),
+            models: vec![ModelConfig::new(DEFAULT_MODEL)],
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Flags of `qnode serve`. Each has a `QNODE_*` env twin; flags win over env, both over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see qnode.toml). [default: none, built-in defaults]
+    #[arg(long, env = "QNODE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address. [default: 127.0.0.1:50051]
+    #[arg(long, env = "QNODE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Model to serve, manifest id or GGUF path; repeat for several (env: comma-separated).
+    /// Replaces the file's model list; a file entry with the same id keeps its settings.
+    /// [default: smollm2]
+    #[arg(
+        long = "model",
+        env = "QNODE_MODEL",
+        value_name = "ID",
+        value_delimiter = ','
+    )]
+    pub models: Vec<String>,
+    /// Prometheus /metrics listen address. [default: none, metrics off]
+    #[arg(long, env = "QNODE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Require `authorization: Bearer <KEY>` on Inference calls. [default: none, auth off]
+    #[arg(
+        long,
+        env = "QNODE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Engine instances per model. [default: 1]
+    #[arg(long, env = "QNODE_INSTANCES", value_name = "N")]
+    pub instances: Option<usize>,
+    /// Threads per instance. [default: available cores / instances]
+    #[arg(long, env = "QNODE_THREADS_PER_INSTANCE", value_name = "N")]
+    pub threads_per_instance: Option<usize>,
+    /// Most sequences decoded together by one instance. [default: 8]
+    #[arg(long, env = "QNODE_MAX_BATCH", value_name = "N")]
+    pub max_batch: Option<usize>,
+    /// Most requests waiting per model before RESOURCE_EXHAUSTED. [default: 64]
+    #[arg(long, env = "QNODE_MAX_QUEUED", value_name = "N")]
+    pub max_queued: Option<usize>,
+    /// Time in-flight calls get to finish after shutdown starts, e.g. 30s, 500ms. [default: 30s]
+    #[arg(long, env = "QNODE_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+    /// Log line format. [default: text]
+    #[arg(long, env = "QNODE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Builds and validates the configuration for `qnode serve` on this machine's cores.
+    pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::from_args_with_cores(args, cores)
+    }
+
+    /// [`Config::from_args`] with the core count given, so tests do not depend on the machine.
+    pub fn from_args_with_cores(args: &ServeArgs, cores: usize) -> Result<Config, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply(args)?;
+        config.resolve_and_validate(cores)?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file over the defaults, without validating.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML over the defaults; a file with an empty or absent `models` serves `smollm2`.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        let mut config: Config = toml::from_str(text)?;
+        if config.models.is_empty() {
+            config.models = Config::default().models;
+        }
+        Ok(config)
+    }
+
+    /// Lays the flags (and their env twins) over what the file gave.
+    fn apply(&mut self, args: &ServeArgs) -> Result<(), ConfigError> {
+        let server = &mut self.server;
+        if let Some(listen) = args.listen {
+            server.listen = listen;
+        }
+        if let Some(addr) = args.metrics_listen {
+            server.metrics_listen = Some(addr);
+        }
+        if let Some(key) = &args.api_key {
+            server.api_key = Some(key.clone());
+        }
+        if let Some(text) = &args.drain_timeout {
+            server.drain_timeout = parse_duration(text).ok_or_else(|| ConfigError::Duration {
+                field: "drain_timeout",
+                value: text.clone(),
+            })?;
+        }
+        if let Some(format) = args.log_format {
+            server.log_format = format;
+        }
+        if !args.models.is_empty() {
+            let from_file = std::mem::take(&mut self.models);
+            self.models = args
+                .models
+                .iter()
+                .map(|id| {
+                    from_file
+                        .iter()
+                        .find(|m| &m.id == id)
+                        .cloned()
+                        .unwrap_or_else(|| ModelConfig::new(id.clone()))
+                })
+                .collect();
+        }
+        for model in &mut self.models {
+            if let Some(n) = args.instances {
+                model.instances = n;
+            }
+            if let Some(n) = args.threads_per_instance {
+                model.threads_per_instance = Some(n);
+            }
+            if let Some(n) = args.max_batch {
+                model.max_batch = n;
+            }
+            if let Some(n) = args.max_queued {
+                model.max_queued = n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills in per-model thread counts and checks every setting once.
+    fn resolve_and_validate(&mut self, cores: usize) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(ConfigError::NoModels);
+        }
+        if self.server.api_key.as_deref() == Some("") {
+            return Err(out_of_range("server.api_key", "non-empty when set", "\"\""));
+        }
+        at_least(
+            "server.max_message_bytes",
+            self.server.max_message_bytes,
+            1024,
+        )?;
+        at_least(
+            "limits.max_tokens_limit",
+            self.limits.max_tokens_limit as usize,
+            1,
+        )?;
+        at_least("limits.max_prompt_bytes", self.limits.max_prompt_bytes, 1)?;
+        at_least(
+            "limits.max_stop_string_bytes",
+            self.limits.max_stop_string_bytes,
+            1,
+        )?;
+        let limit = self.limits.max_tokens_limit;
+        if self.limits.default_max_tokens == 0 || self.limits.default_max_tokens > limit {
+            return Err(out_of_range(
+                "limits.default_max_tokens",
+                &format!("in 1..={limit} (limits.max_tokens_limit)"),
+                &self.limits.default_max_tokens.to_string(),
+            ));
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            if self.models[..i].iter().any(|m| m.id == model.id) {
+                return Err(ConfigError::DuplicateModel(model.id.clone()));
+            }
+        }
+        for model in &mut self.models {
+            let field = |name: &str| format!("models[{}].{name}", model.id);
+            if model.id.is_empty() {
+                return Err(out_of_range("models[].id", "non-empty", "\"\""));
+            }
+            at_least(&field("instances"), model.instances, 1)?;
+            at_least(&field("max_batch"), model.max_batch, 1)?;
+            at_least(&field("max_queued"), model.max_queued, 1)?;
+            if let Some(n) = model.context_length {
+                at_least(&field("context_length"), n as usize, 1)?;
+            }
+            let threads = match model.threads_per_instance {
+                Some(n) => n,
+                None => (cores / model.instances).max(1),
+            };
+            at_least(&field("threads_per_instance"), threads, 1)?;
+            if model.instances * threads > cores {
+                return Err(ConfigError::Oversubscribed {
+                    model: model.id.clone(),
+                    instances: model.instances,
+                    threads,
+                    cores,
+                });
+            }
+            model.threads_per_instance = Some(threads);
+        }
+        Ok(())
+    }
+}
+
+fn out_of_range(field: &str, constraint: &str, value: &str) -> ConfigError {
+    ConfigError::OutOfRange {
+        field: field.to_owned(),
+        constraint: constraint.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+fn at_least(field: &str, value: usize, min: usize) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(out_of_range(
+            field,
+            &format!(">= {min}"),
+            &value.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `500ms`, `30s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(number)),
+        "" | "s" => Some(Duration::from_secs(number)),
+        "m" => number.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// TOML durations: a string such as `"30s"` or an integer number of seconds.
+fn de_duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(de)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(text) => parse_duration(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`drain_timeout` must be a duration like `30s`, `500ms` or `2m`. Given: {text}"
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::io::Write;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("qnode").chain(argv.iter().copied()))
+            .expect("valid flags")
+            .serve
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const FILE: &str = r#"
+        [server]
+        listen = "0.0.0.0:6000"
+        metrics_listen = "0.0.0.0:6001"
+        drain_timeout = "5s"
+        [[models]]
+        id = "gemma3-270m"
+        instances = 2
+        max_batch = 4
+        [[models]]
+        id = "smollm2"
+        max_queued = 3
+        context_length = 1024
+        [limits]
+        max_tokens_limit = 100
+        default_max_tokens = 50
+    "#;
+
+    #[test]
+    fn no_flags_serve_smollm2_on_default_address() {
+        let config = Config::from_args_with_cores(&ServeArgs::default(), 4).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.server.metrics_listen, None);
+        assert_eq!(config.models.len(), 1);
+        assert_eq!(config.models[0].id, "smollm2");
+        assert_eq!(config.models[0].instances, 1);
+        assert_eq!(config.models[0].threads_per_instance, Some(4));
+        assert_eq!(config.models[0].max_batch, 8);
+        assert_eq!(config.models[0].quant, Quant::Q8_0);
+        assert_eq!(config.limits.max_tokens_limit, 2048);
+        assert_eq!(config.server.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let f = file(FILE);
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        let config = Config::from_args_with_cores(&args, 4).unwrap();
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:6000");
+        assert_eq!(config.server.drain_timeout, Duration::from_secs(5));
+        assert_eq!(config.models.len(), 2);
+        assert_eq!(config.models[0].id, "gemma3-270m");
+        assert_eq!(config.models[0].threads_per_instance, Some(2));
+        assert_eq!(config.models[1].max_queued, 3);
+        assert_eq!(config.models[1].context_length, Some(1024));
+        assert_eq!(config.limits.max_tokens_limit, 100);
+        // Unset fields of a section keep their defaults.
+        assert_eq!(config.limits.max_stop_strings, 8);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f = file(FILE);
+        let path = f.path().to_str().unwrap();
+        let args = parse(&[
+            "--config",
+            path,
+            "--listen",
+            "127.0.0.1:50051",
+            "--model",
+            "smollm2",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+            "--drain-timeout",
+            "750ms",
+        ]);
+        let config = Config::from_args_with_cores(&args, 4).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            config
+                .server
+                .metrics_listen
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some("127.0.0.1:9464")
+        );
+        assert_eq!(config.server.drain_timeout, Duration::from_millis(750));
+        // The flag replaced the model list but kept the file's settings for `smollm2`.
+        assert_eq!(config.models.len(), 1);
+        assert_eq!(config.models[0].id, "smollm2");
+        assert_eq!(config.models[0].max_queued, 3);
+        assert_eq!(config.models[0].context_length, Some(1024));
+        // The file's limits are untouched by flags that do not name them.
+        assert_eq!(config.limits.max_tokens_limit, 100);
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        // Only this test sets QNODE_MAX_BATCH; no other test reads max_batch from flags or env.
+        std::env::set_var("QNODE_MAX_BATCH", "3");
+        let f = file(FILE);
+        let path = f.path().to_str().unwrap();
+        let from_env = Config::from_args_with_cores(&parse(&["--config", path]), 4).unwrap();
+        let from_flag =
+            Config::from_args_with_cores(&parse(&["--config", path, "--max-batch", "2"]), 4)
+                .unwrap();
+        std::env::remove_var("QNODE_MAX_BATCH");
+        assert!(from_env.models.iter().all(|m| m.max_batch == 3));
+        assert!(from_flag.models.iter().all(|m| m.max_batch == 2));
+    }
+
+    #[test]
+    fn repeated_model_flag_lists_several() {
+        let args = parse(&["--model", "smollm2", "--model", "gemma3-270m"]);
+        let config = Config::from_args_with_cores(&args, 2).unwrap();
+        let ids: Vec<_> = config.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["smollm2", "gemma3-270m"]);
+    }
+
+    #[test]
+    fn oversubscription_names_both_numbers() {
+        let args = parse(&["--instances", "3", "--threads-per-instance", "2"]);
+        let err = Config::from_args_with_cores(&args, 4).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Oversubscribed {
+                instances: 3,
+                threads: 2,
+                cores: 4,
+                ..
+            }
+        ));
+        let message = err.to_string();
+        assert!(message.contains("instances (3)"), "{message}");
+        assert!(message.contains("threads_per_instance (2)"), "{message}");
+        assert!(message.contains("cores (4)"), "{message}");
+    }
+
+    #[test]
+    fn more_instances_than_cores_is_refused_even_with_auto_threads() {
+        let args = parse(&["--instances", "5"]);
+        let err = Config::from_args_with_cores(&args, 4).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Oversubscribed {
+                    instances: 5,
+                    threads: 1,
+                    cores: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_values_are_refused_with_field_name() {
+        let err = Config::from_args_with_cores(&parse(&["--max-queued", "0"]), 4).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`models[smollm2].max_queued` must be >= 1. Given: 0"
+        );
+        let err = Config::from_args_with_cores(&parse(&["--instances", "0"]), 4).unwrap_err();
+        assert!(err.to_string().contains("instances"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_refused() {
+        let err =
+            Config::from_args_with_cores(&parse(&["--drain-timeout", "soon"]), 4).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Duration { field: "drain_timeout", value } if value == "soon")
+        );
+    }
+
+    #[test]
+    fn unknown_toml_keys_and_bad_files_are_refused() {
+        let f = file("[server]\nlisten_addr = \"0.0.0.0:1\"\n");
+        let err = Config::from_file(f.path()).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = Config::from_file(Path::new("/nonexistent/qnode.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn duplicate_models_are_refused() {
+        let args = parse(&["--model", "smollm2,smollm2"]);
+        let err = Config::from_args_with_cores(&args, 4).unwrap_err();
+        assert!(matches!(err, ConfigError::DuplicateModel(id) if id == "smollm2"));
+    }
+
+    #[test]
+    fn example_file_at_repo_root_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("qnode.toml");
+        let config = Config::from_file(&path).unwrap();
+        assert!(!config.models.is_empty());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2h"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+}

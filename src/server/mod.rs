@@ -1,0 +1,218 @@
+//! The gRPC front door: `qnode.v1.Inference`, `grpc.health.v1.Health` and server reflection
+//! (v1 and v1alpha) on one listener, with the optional API key, message size limits, deadlines
+//! and graceful shutdown.
+//!
+//! # Layout
+//! - [`proto`]: generated wire types and the descriptor set for reflection.
+//! - [`validate`]: wire request → `GenerationRequest`, the only place inputs are checked.
+//! - `status`: every error → `tonic::Status`, the only place codes are chosen.
+//! - `inference`: the service; unary collects, streaming forwards on a bounded channel.
+//! - `lifecycle`: in-flight calls, draining, hard stop. `health`: follows the backend's models.
+//! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing.
+
+mod auth;
+mod convert;
+mod deadline;
+mod health;
+mod inference;
+mod lifecycle;
+pub mod proto;
+mod status;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, Limits};
+use crate::engine::Backend;
+use crate::metrics::Metrics;
+
+pub use validate::ValidationError;
+
+/// What `run` needs, taken from [`Config`] plus the node's metrics.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Bearer key for Inference calls; `None` leaves them open. Never logged.
+    pub api_key: Option<String>,
+    /// How long in-flight calls may run after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Largest message decoded or encoded by the Inference service, in bytes.
+    pub max_message_bytes: usize,
+    /// Per-request limits checked by [`validate::validate`].
+    pub limits: Limits,
+    /// Where the server's counters and histograms go.
+    pub metrics: Metrics,
+    /// How often health re-reads the backend's model states.
+    pub health_poll: Duration,
+}
+
+impl ServerConfig {
+    /// The server's part of the node configuration.
+    pub fn new(config: &Config, metrics: Metrics) -> Self {
+        Self {
+            api_key: config.server.api_key.clone(),
+            drain_timeout: config.server.drain_timeout,
+            max_message_bytes: config.server.max_message_bytes,
+            limits: config.limits.clone(),
+            metrics,
+            health_poll: Duration::from_millis(250),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("drain_timeout", &self.drain_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("limits", &self.limits)
+            .field("health_poll", &self.health_poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the server stopped other than by a clean drain.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listener or a connection failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Calls were still running when the drain timeout ran out; they were cut.
+    #[error("{in_flight} call(s) still running after the drain timeout of {drain_timeout:?}; cut")]
+    DrainTimedOut {
+        /// Calls cut.
+        in_flight: usize,
+        /// The configured drain timeout.
+        drain_timeout: Duration,
+    },
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains.
+///
+/// Draining: health turns NOT_SERVING and new Inference calls get UNAVAILABLE (the listener stays
+/// open meanwhile), in-flight calls (streams included) finish, then the listener closes,
+/// connections are shut with GOAWAY and `run` returns `Ok`. Whatever still runs after
+/// `drain_timeout` is cut (UNAVAILABLE to the client, generation cancelled) and `run` returns
+/// [`ServerError::DrainTimedOut`].
+pub async fn run(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let lifecycle = lifecycle::Lifecycle::new(config.metrics.in_flight.clone());
+
+    let (mut reporter, health_service) = tonic_health::server::health_reporter();
+    health::set(&mut reporter, ServingStatus::NotServing).await;
+    let follower = tokio::spawn(health::follow_backend(
+        reporter.clone(),
+        Arc::clone(&backend),
+        config.health_poll,
+    ));
+
+    // Both reflection versions list every service, both reflection services included, whichever
+    // version a client speaks (grpcurl 1.8 speaks v1alpha only).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let inference = proto::inference_server::InferenceServer::new(inference::InferenceService {
+        backend,
+        limits: config.limits.clone(),
+        lifecycle: Arc::clone(&lifecycle),
+        metrics: config.metrics.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    let inference =
+        InterceptedService::new(inference, auth::ApiKeyCheck::new(config.api_key.as_deref()));
+
+    // Draining keeps the listener open on purpose: load balancers polling health see NOT_SERVING
+    // (not "connection refused"), and calls arriving on any connection get a retryable
+    // UNAVAILABLE from `Lifecycle::admit`. Only when the last Inference call is done does tonic's
+    // own graceful shutdown run (close the listener, GOAWAY, wait for connections to close).
+    let (drain_started, drain_started_rx) = oneshot::channel::<()>();
+    let signal = {
+        let lifecycle = Arc::clone(&lifecycle);
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            lifecycle.start_drain();
+            follower.abort();
+            let _ = follower.await;
+            health::set(&mut reporter, ServingStatus::NotServing).await;
+            let _ = drain_started.send(());
+            lifecycle.wait_idle().await;
+            // Health `Watch` streams never end on their own and would hold their connections
+            // open: dropping the statuses ends them.
+            reporter.clear_service_status("").await;
+            reporter
+                .clear_service_status(proto::inference_server::SERVICE_NAME)
+                .await;
+            tracing::info!("in-flight calls done: closing connections");
+        }
+    };
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "gRPC listening");
+    }
+    let serve = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(serve);
+
+    let drain_timeout = config.drain_timeout;
+    let hard_deadline = async {
+        if drain_started_rx.await.is_err() {
+            // The server stopped without a shutdown request: no drain to time.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::pin!(hard_deadline);
+
+    tokio::select! {
+        served = &mut serve => {
+            served?;
+            tracing::info!("drained");
+            Ok(())
+        }
+        () = &mut hard_deadline => {
+            let in_flight = lifecycle.in_flight();
+            tracing::warn!(in_flight, ?drain_timeout, "drain timeout: cutting calls still running");
+            lifecycle.hard_stop();
+            // Give the cut calls a moment to send their UNAVAILABLE and the connections to close.
+            let _ = tokio::time::timeout(HARD_STOP_GRACE, &mut serve).await;
+            Err(ServerError::DrainTimedOut {
+                in_flight,
+                drain_timeout,
+            })
+        }
+    }
+}
+
+/// After the drain timeout, how long cut calls get to report UNAVAILABLE before `run` returns.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(1);

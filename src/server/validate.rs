@@ -1,0 +1,489 @@
+//! Wire request → [`GenerationRequest`], checked in one place so the engine never sees raw input.
+//!
+//! Messages follow TGI: they name the field, the limit and the value given
+//! ("`max_tokens` must be <= 2048. Given: 5000"). Context overflow needs the tokenizer, so the
+//! backend detects it at submit ([`crate::engine::EngineError::ContextOverflow`]).
+
+use std::time::Instant;
+
+use super::proto;
+use crate::config::Limits;
+use crate::engine::{ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
+
+/// Roles the chat templates of the served models understand.
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
+/// Largest `top_k`; beyond it the filter changes nothing a caller could want.
+pub const MAX_TOP_K: u32 = 1000;
+/// Longest caller-given `request_id`, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Why a request was refused before reaching the backend.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// No model with this id is served (NOT_FOUND).
+    #[error("model `{0}` is not served by this node")]
+    UnknownModel(String),
+    /// A value outside its range; names the field, the rule and the value given.
+    #[error("`{field}` must be {constraint}. Given: {given}")]
+    OutOfRange {
+        /// Field path, e.g. `messages[1].role`.
+        field: String,
+        /// The rule, e.g. `<= 2048`.
+        constraint: String,
+        /// The value given, as the caller would recognise it.
+        given: String,
+    },
+    /// A text field that must not be empty is.
+    #[error("`{field}` must not be empty")]
+    Empty {
+        /// Field path.
+        field: String,
+    },
+    /// Both `prompt` and `messages` were given.
+    #[error("give exactly one of `prompt` or `messages`, not both")]
+    PromptAndMessages,
+    /// Neither `prompt` nor `messages` was given.
+    #[error("one of `prompt` or `messages` is required")]
+    NoPrompt,
+}
+
+fn out_of_range(
+    field: impl Into<String>,
+    constraint: impl Into<String>,
+    given: impl ToString,
+) -> ValidationError {
+    ValidationError::OutOfRange {
+        field: field.into(),
+        constraint: constraint.into(),
+        given: given.to_string(),
+    }
+}
+
+/// Checks `wire` against the served `models` and the node's `limits`.
+///
+/// `request_id` is the id the caller gave (checked here) or one the server generated;
+/// `deadline` comes from `grpc-timeout`.
+pub fn validate(
+    wire: proto::GenerateRequest,
+    models: &[ModelInfo],
+    limits: &Limits,
+    request_id: String,
+    deadline: Option<Instant>,
+) -> Result<GenerationRequest, ValidationError> {
+    if !models.iter().any(|m| m.id == wire.model) {
+        return Err(ValidationError::UnknownModel(wire.model));
+    }
+    check_request_id(&request_id)?;
+    let sampling = sampling(&wire)?;
+    let input = prompt_input(wire.prompt, wire.messages, limits)?;
+    let max_tokens = match wire.max_tokens {
+        None => limits.default_max_tokens.min(limits.max_tokens_limit),
+        Some(0) => return Err(out_of_range("max_tokens", ">= 1", 0)),
+        Some(n) if n > limits.max_tokens_limit => {
+            return Err(out_of_range(
+                "max_tokens",
+                format!("<= {}", limits.max_tokens_limit),
+                n,
+            ))
+        }
+        Some(n) => n,
+    };
+    check_stop(&wire.stop, limits)?;
+    if proto::CachePolicy::try_from(wire.cache_policy).is_err() {
+        return Err(out_of_range(
+            "cache_policy",
+            "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
+            wire.cache_policy,
+        ));
+    }
+    Ok(GenerationRequest {
+        request_id,
+        model: wire.model,
+        input,
+        sampling,
+        max_tokens,
+        stop: wire.stop,
+        deadline,
+    })
+}
+
+fn check_request_id(id: &str) -> Result<(), ValidationError> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(out_of_range(
+            "request_id",
+            format!("<= {MAX_REQUEST_ID_BYTES} bytes"),
+            format!("{} bytes", id.len()),
+        ));
+    }
+    // It goes into every log line: printable ASCII only, so it cannot forge lines.
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(out_of_range(
+            "request_id",
+            "printable ASCII without spaces",
+            format!("{id:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn prompt_input(
+    prompt: Option<String>,
+    messages: Vec<proto::ChatMessage>,
+    limits: &Limits,
+) -> Result<PromptInput, ValidationError> {
+    let too_long = |field: &str, bytes: usize| {
+        out_of_range(
+            field,
+            format!("<= {} bytes", limits.max_prompt_bytes),
+            format!("{bytes} bytes"),
+        )
+    };
+    match (prompt, messages.is_empty()) {
+        (Some(_), false) => Err(ValidationError::PromptAndMessages),
+        (None, true) => Err(ValidationError::NoPrompt),
+        (Some(prompt), true) => {
+            if prompt.is_empty() {
+                return Err(ValidationError::Empty {
+                    field: "prompt".into(),
+                });
+            }
+            if prompt.len() > limits.max_prompt_bytes {
+                return Err(too_long("prompt", prompt.len()));
+            }
+            Ok(PromptInput::Text(prompt))
+        }
+        (None, false) => {
+            let mut total = 0usize;
+            for (i, message) in messages.iter().enumerate() {
+                if !ROLES.contains(&message.role.as_str()) {
+                    return Err(out_of_range(
+                        format!("messages[{i}].role"),
+                        format!("one of {}", ROLES.join(", ")),
+                        format!("{:?}", message.role),
+                    ));
+                }
+                if message.content.is_empty() {
+                    return Err(ValidationError::Empty {
+                        field: format!("messages[{i}].content"),
+                    });
+                }
+                total += message.content.len();
+            }
+            if total > limits.max_prompt_bytes {
+                return Err(too_long("messages[].content (total)", total));
+            }
+            Ok(PromptInput::Chat(
+                messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// Checks `value` with `ok`; `NaN` fails every range.
+fn float_in(
+    field: &str,
+    value: Option<f32>,
+    default: f32,
+    range: &str,
+    ok: impl Fn(f32) -> bool,
+) -> Result<f32, ValidationError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && ok(v) => Ok(v),
+        Some(v) => Err(out_of_range(field, format!("in {range}"), v)),
+    }
+}
+
+fn sampling(wire: &proto::GenerateRequest) -> Result<SamplingParams, ValidationError> {
+    let defaults = SamplingParams::default();
+    let top_k = wire.top_k.unwrap_or(defaults.top_k);
+    if top_k > MAX_TOP_K {
+        return Err(out_of_range("top_k", format!("<= {MAX_TOP_K}"), top_k));
+    }
+    Ok(SamplingParams {
+        temperature: float_in(
+            "temperature",
+            wire.temperature,
+            defaults.temperature,
+            "[0, 2]",
+            |v| (0.0..=2.0).contains(&v),
+        )?,
+        top_p: float_in("top_p", wire.top_p, defaults.top_p, "(0, 1]", |v| {
+            v > 0.0 && v <= 1.0
+        })?,
+        top_k,
+        min_p: float_in("min_p", wire.min_p, defaults.min_p, "[0, 1]", |v| {
+            (0.0..=1.0).contains(&v)
+        })?,
+        repetition_penalty: float_in(
+            "repetition_penalty",
+            wire.repetition_penalty,
+            defaults.repetition_penalty,
+            "(0, 2]",
+            |v| v > 0.0 && v <= 2.0,
+        )?,
+        seed: wire.seed,
+    })
+}
+
+fn check_stop(stop: &[String], limits: &Limits) -> Result<(), ValidationError> {
+    if stop.len() > limits.max_stop_strings {
+        return Err(out_of_range(
+            "stop",
+            format!("<= {} strings", limits.max_stop_strings),
+            format!("{} strings", stop.len()),
+        ));
+    }
+    for (i, s) in stop.iter().enumerate() {
+        if s.is_empty() {
+            return Err(ValidationError::Empty {
+                field: format!("stop[{i}]"),
+            });
+        }
+        if s.len() > limits.max_stop_string_bytes {
+            return Err(out_of_range(
+                format!("stop[{i}]"),
+                format!("<= {} bytes", limits.max_stop_string_bytes),
+                format!("{} bytes", s.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ModelState;
+
+    fn models() -> Vec<ModelInfo> {
+        vec![ModelInfo {
+            id: "smollm2".into(),
+            architecture: "llama".into(),
+            quant: "q8_0".into(),
+            context_length: 8192,
+            instances: 1,
+            state: ModelState::Ready,
+        }]
+    }
+
+    fn good() -> proto::GenerateRequest {
+        proto::GenerateRequest {
+            model: "smollm2".into(),
+            prompt: Some("Hello".into()),
+            ..Default::default()
+        }
+    }
+
+    fn check(wire: proto::GenerateRequest) -> Result<GenerationRequest, ValidationError> {
+        validate(wire, &models(), &Limits::default(), "id-1".into(), None)
+    }
+
+    fn message(wire: proto::GenerateRequest) -> String {
+        check(wire).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_request_gets_defaults() {
+        let request = check(good()).unwrap();
+        assert_eq!(request.max_tokens, 256);
+        assert_eq!(request.sampling, SamplingParams::default());
+        assert_eq!(request.input, PromptInput::Text("Hello".into()));
+        assert_eq!(request.request_id, "id-1");
+    }
+
+    #[test]
+    fn zero_is_distinguished_from_absent() {
+        let request = check(proto::GenerateRequest {
+            temperature: Some(0.0),
+            top_k: Some(0),
+            min_p: Some(0.0),
+            seed: Some(0),
+            ..good()
+        })
+        .unwrap();
+        assert_eq!(request.sampling.seed, Some(0));
+        assert_eq!(request.sampling.temperature, 0.0);
+    }
+
+    #[test]
+    fn tgi_style_messages() {
+        assert_eq!(
+            message(proto::GenerateRequest {
+                max_tokens: Some(5000),
+                ..good()
+            }),
+            "`max_tokens` must be <= 2048. Given: 5000"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                max_tokens: Some(0),
+                ..good()
+            }),
+            "`max_tokens` must be >= 1. Given: 0"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                temperature: Some(f32::NAN),
+                ..good()
+            }),
+            "`temperature` must be in [0, 2]. Given: NaN"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                top_p: Some(0.0),
+                ..good()
+            }),
+            "`top_p` must be in (0, 1]. Given: 0"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                min_p: Some(1.5),
+                ..good()
+            }),
+            "`min_p` must be in [0, 1]. Given: 1.5"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                repetition_penalty: Some(0.0),
+                ..good()
+            }),
+            "`repetition_penalty` must be in (0, 2]. Given: 0"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                top_k: Some(5000),
+                ..good()
+            }),
+            "`top_k` must be <= 1000. Given: 5000"
+        );
+    }
+
+    #[test]
+    fn prompt_shape() {
+        assert_eq!(
+            check(proto::GenerateRequest {
+                prompt: None,
+                ..good()
+            })
+            .unwrap_err(),
+            ValidationError::NoPrompt
+        );
+        let both = proto::GenerateRequest {
+            messages: vec![proto::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            ..good()
+        };
+        assert_eq!(check(both).unwrap_err(), ValidationError::PromptAndMessages);
+        assert_eq!(
+            message(proto::GenerateRequest {
+                prompt: Some(String::new()),
+                ..good()
+            }),
+            "`prompt` must not be empty"
+        );
+        let bad_role = proto::GenerateRequest {
+            prompt: None,
+            messages: vec![
+                proto::ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                },
+                proto::ChatMessage {
+                    role: "bot".into(),
+                    content: "hi".into(),
+                },
+            ],
+            ..good()
+        };
+        assert_eq!(
+            message(bad_role),
+            "`messages[1].role` must be one of system, user, assistant. Given: \"bot\""
+        );
+        let empty = proto::GenerateRequest {
+            prompt: None,
+            messages: vec![proto::ChatMessage {
+                role: "user".into(),
+                content: String::new(),
+            }],
+            ..good()
+        };
+        assert_eq!(message(empty), "`messages[0].content` must not be empty");
+    }
+
+    #[test]
+    fn limits_on_sizes() {
+        let limits = Limits {
+            max_prompt_bytes: 4,
+            max_stop_strings: 1,
+            ..Limits::default()
+        };
+        let err = validate(good(), &models(), &limits, "x".into(), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`prompt` must be <= 4 bytes. Given: 5 bytes"
+        );
+        let err = validate(
+            proto::GenerateRequest {
+                prompt: Some("hi".into()),
+                stop: vec!["a".into(), "b".into()],
+                ..good()
+            },
+            &models(),
+            &limits,
+            "x".into(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`stop` must be <= 1 strings. Given: 2 strings"
+        );
+        assert_eq!(
+            message(proto::GenerateRequest {
+                stop: vec!["x".repeat(129)],
+                ..good()
+            }),
+            "`stop[0]` must be <= 128 bytes. Given: 129 bytes"
+        );
+    }
+
+    #[test]
+    fn unknown_model_and_bad_request_id() {
+        assert_eq!(
+            check(proto::GenerateRequest {
+                model: "gpt-9".into(),
+                ..good()
+            })
+            .unwrap_err(),
+            ValidationError::UnknownModel("gpt-9".into())
+        );
+        let err = validate(good(), &models(), &Limits::default(), "a\nb".into(), None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("`request_id` must be printable ASCII"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_cache_policy_is_refused() {
+        let err = check(proto::GenerateRequest {
+            cache_policy: 9,
+            ..good()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("`cache_policy` must be one of"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! `grpc-timeout` becomes the request's deadline: handed to the backend and enforced by the
+//! server → DEADLINE_EXCEEDED, generation cancelled. Uses `ScriptedBackend` (tests/grpc_support).
+
+mod grpc_support;
+
+use std::time::{Duration, Instant};
+
+use grpc_support::{request, TestServer};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn with_timeout(
+    prompt: &str,
+    timeout: Duration,
+) -> tonic::Request<qnode::server::proto::GenerateRequest> {
+    let mut req = tonic::Request::new(request(prompt));
+    req.set_timeout(timeout);
+    req
+}
+
+#[tokio::test]
+async fn unary_call_past_its_deadline_gets_deadline_exceeded() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let status = client
+        .generate(with_timeout("hang", Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    server.backend.wait_cancelled(1).await;
+}
+
+#[tokio::test]
+async fn stream_past_its_deadline_ends_with_deadline_exceeded() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .generate_stream(with_timeout("hang", Duration::from_millis(200)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.next().await.unwrap().unwrap().text, "tick");
+    let status = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    server.backend.wait_cancelled(1).await;
+}
+
+#[tokio::test]
+async fn the_deadline_reaches_the_backend() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let before = Instant::now();
+    client
+        .generate(with_timeout("hi", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let deadline = server
+        .backend
+        .last_submitted()
+        .deadline
+        .expect("a deadline");
+    assert!(deadline > before + Duration::from_secs(29), "{deadline:?}");
+    assert!(deadline <= Instant::now() + Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_call_within_its_deadline_succeeds() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .generate(with_timeout("hi", Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(response.into_inner().text, "Hello!");
+}
