@@ -88,17 +88,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Quantization the weights run in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum Quant {
-    /// Requantize to 8-bit Q8_0 at load (the node's reason to exist).
-    #[default]
-    #[serde(rename = "q8_0")]
-    Q8_0,
-    /// Run the file's own quantization as is.
-    #[serde(rename = "original")]
-    Original,
-}
+pub use crate::model::quantize::Quant;
 
 /// The `[server]` section: network, auth and shutdown.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -18,4 +18,5 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod pool;
 pub mod server;

@@ -128,7 +128,8 @@ impl Instance {
                 continue;
             }
             let started = Instant::now();
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step())));
+            let result =
+                std::panic::catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step())));
             match result {
                 Ok(Ok((batch, tokens, sampled))) => {
                     self.observer.on_step(

@@ -155,8 +155,7 @@ impl Sequence {
         if step.stopped {
             return Some(self.finish(FinishReason::Stop));
         }
-        if self.generated() >= self.req.max_tokens || self.cache.len() + 1 >= self.cache.max_len()
-        {
+        if self.generated() >= self.req.max_tokens || self.cache.len() + 1 >= self.cache.max_len() {
             return Some(self.finish_with_tail(tok, FinishReason::Length));
         }
         self.deliver()
@@ -231,11 +230,7 @@ impl Sequence {
 }
 
 /// Deliver the final text and event; falls back to a thread only when the channel is full.
-fn send_tail(
-    tx: EventSender,
-    pending: String,
-    last: Result<GenerationEvent, EngineError>,
-) {
+fn send_tail(tx: EventSender, pending: String, last: Result<GenerationEvent, EngineError>) {
     let mut events = Vec::with_capacity(2);
     if !pending.is_empty() {
         events.push(Ok(GenerationEvent::Delta(pending)));

@@ -73,9 +73,9 @@ impl LoadedModel {
             (PromptInput::Chat(messages), Some(t)) => {
                 self.tokenizer.encode(&t.render(messages, true)?, false)
             }
-            (PromptInput::Chat(messages), None) => {
-                self.tokenizer.encode(&render_without_template(messages), true)
-            }
+            (PromptInput::Chat(messages), None) => self
+                .tokenizer
+                .encode(&render_without_template(messages), true),
         }
     }
 
