@@ -9,6 +9,7 @@ pub mod linear;
 pub mod loaded;
 pub mod quantize;
 pub mod registry;
+pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
 

@@ -12,6 +12,10 @@ use std::time::Duration;
 use crate::engine::instance::WorkSource;
 use crate::engine::sequence::Admitted;
 
+/// The queue was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
 /// Admission queue and free-slot board of one model.
 pub struct Admission {
     queue: Mutex<VecDeque<Admitted>>,
@@ -35,15 +39,16 @@ impl Admission {
         }
     }
 
-    /// Queue a request, or give it back when the queue is full. Requests whose caller has left
-    /// are purged first, so they never hold a place.
-    pub fn push(&self, request: Admitted) -> Result<usize, Admitted> {
+    /// Queue a request and return the queue depth, or `Err(QueueFull)` when it is full (the
+    /// request is dropped). Requests whose caller has left are purged first, so they never hold a
+    /// place.
+    pub fn push(&self, request: Admitted) -> Result<usize, QueueFull> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if queue.len() >= self.max_queued {
             queue.retain(|a| !a.tx.is_closed());
         }
         if queue.len() >= self.max_queued {
-            return Err(request);
+            return Err(QueueFull);
         }
         queue.push_back(request);
         let depth = queue.len();

@@ -1,0 +1,221 @@
+//! Continuous batching and admission on a tiny generated model: many requests complete, outputs do
+//! not depend on the batch, a full queue refuses at once, a cancelled request frees its slot.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use qnode::config::ModelConfig;
+use qnode::engine::{
+    Backend, Completion, EngineError, EventStream, FinishReason, GenerationEvent,
+    GenerationRequest, PromptInput, SamplingParams,
+};
+use qnode::pool::metrics::PoolMetrics;
+use qnode::pool::ModelPool;
+
+fn tiny_pool(dir: &Path, instances: usize, max_batch: usize, max_queued: usize) -> Arc<ModelPool> {
+    let path = dir.join("tiny.gguf");
+    if !path.exists() {
+        qnode::model::tiny::write_tiny_llama(&path, 7).unwrap();
+    }
+    let mut cfg = ModelConfig::new(path.to_str().unwrap());
+    cfg.instances = instances;
+    cfg.threads_per_instance = Some(1);
+    cfg.max_batch = max_batch;
+    cfg.max_queued = max_queued;
+    let pool = ModelPool::new(&[cfg], PoolMetrics::unregistered(), Device::Cpu).unwrap();
+    pool.load_all().unwrap();
+    Arc::new(pool)
+}
+
+fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> GenerationRequest {
+    GenerationRequest {
+        request_id: prompt.into(),
+        model: "tiny".into(),
+        input: PromptInput::Text(prompt.into()),
+        sampling,
+        max_tokens,
+        stop: vec![],
+        deadline: None,
+    }
+}
+
+/// Read a stream to its end: the text and the summary.
+fn collect(mut rx: EventStream) -> Result<(String, Completion), EngineError> {
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv().expect("stream ended without Finished")? {
+            GenerationEvent::Delta(t) => text.push_str(&t),
+            GenerationEvent::Finished(done) => return Ok((text, done)),
+        }
+    }
+}
+
+fn seeded(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn many_concurrent_requests_complete_with_their_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tiny_pool(dir.path(), 2, 4, 64);
+    let streams: Vec<_> = (0..24)
+        .map(|i| {
+            let max = 4 + (i % 5) as u32 * 7;
+            let rx = pool
+                .submit(request(&format!("the request {i}"), max, seeded(i)))
+                .unwrap();
+            (max, rx)
+        })
+        .collect();
+    for (max, rx) in streams {
+        let (_, done) = collect(rx).unwrap();
+        assert!(done.completion_tokens >= 1 && done.completion_tokens <= max);
+        if done.finish_reason == FinishReason::Length {
+            assert_eq!(done.completion_tokens, max);
+        }
+    }
+    pool.shutdown();
+}
+
+#[test]
+fn output_does_not_depend_on_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tiny_pool(dir.path(), 1, 8, 64);
+    let cases = [
+        ("the greedy one", SamplingParams::default()),
+        ("the seeded one", seeded(42)),
+    ];
+    for (prompt, sampling) in cases {
+        let alone = collect(pool.submit(request(prompt, 40, sampling.clone())).unwrap()).unwrap();
+        // The same request again, this time among 7 others at different positions, some joining
+        // while it decodes.
+        let others: Vec<_> = (0..4)
+            .map(|i| {
+                pool.submit(request(
+                    &format!("other prompt number {i} with more text"),
+                    30,
+                    seeded(i),
+                ))
+                .unwrap()
+            })
+            .collect();
+        let target = pool.submit(request(prompt, 40, sampling.clone())).unwrap();
+        let late: Vec<_> = (0..3)
+            .map(|i| {
+                pool.submit(request(&format!("late {i}"), 25, SamplingParams::default()))
+                    .unwrap()
+            })
+            .collect();
+        let batched = collect(target).unwrap();
+        assert_eq!(alone.0, batched.0, "{prompt}: text changed inside a batch");
+        assert_eq!(alone.1.completion_tokens, batched.1.completion_tokens);
+        for rx in others.into_iter().chain(late) {
+            collect(rx).unwrap();
+        }
+    }
+    pool.shutdown();
+}
+
+#[test]
+fn full_queue_refuses_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (max_batch, max_queued) = (1, 2);
+    let pool = tiny_pool(dir.path(), 1, max_batch, max_queued);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    // At most max_batch requests can be running and max_queued waiting: one more must be refused.
+    for i in 0..(max_batch + max_queued + 1) {
+        match pool.submit(request(
+            &format!("long {i}"),
+            400,
+            SamplingParams::default(),
+        )) {
+            Ok(rx) => accepted.push(rx),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    match refused {
+        Some(EngineError::QueueFull {
+            max_queued: m,
+            retry_after,
+            ..
+        }) => {
+            assert_eq!(m, max_queued);
+            assert!(retry_after > Duration::ZERO);
+        }
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert!(accepted.len() >= max_queued);
+    drop(accepted);
+    pool.shutdown();
+}
+
+#[test]
+fn cancelled_request_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    // One slot, no queue room beyond one: the second request can only run once the first left.
+    let pool = tiny_pool(dir.path(), 1, 1, 1);
+    let mut first = pool
+        .submit(request("the long one", 500, SamplingParams::default()))
+        .unwrap();
+    // Wait until it is generating, then walk away.
+    let mut got_text = false;
+    while !got_text {
+        match first.blocking_recv() {
+            Some(Ok(GenerationEvent::Delta(_))) => got_text = true,
+            Some(Ok(GenerationEvent::Finished(_))) => panic!("finished before cancel"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(first);
+    let (_, done) = collect(
+        pool.submit(request("the next", 5, SamplingParams::default()))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(done.completion_tokens >= 1);
+    pool.shutdown();
+}
+
+#[test]
+fn prompt_over_the_context_is_refused_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tiny_pool(dir.path(), 1, 1, 4);
+    let long = "a".repeat(qnode::model::tiny::CONTEXT);
+    match pool.submit(request(&long, 10, SamplingParams::default())) {
+        Err(EngineError::ContextOverflow {
+            prompt_tokens,
+            max_tokens,
+            context_length,
+        }) => {
+            assert_eq!(max_tokens, 10);
+            assert_eq!(context_length, qnode::model::tiny::CONTEXT);
+            assert!(prompt_tokens >= 256);
+        }
+        other => panic!("expected ContextOverflow, got {:?}", other.map(|_| ())),
+    }
+    pool.shutdown();
+}
+
+#[test]
+fn unknown_model_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tiny_pool(dir.path(), 1, 1, 4);
+    let mut r = request("x", 1, SamplingParams::default());
+    r.model = "nope".into();
+    assert_eq!(
+        pool.submit(r).map(|_| ()),
+        Err(EngineError::UnknownModel("nope".into()))
+    );
+    pool.shutdown();
+}
