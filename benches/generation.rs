@@ -15,7 +15,9 @@ const MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const DECODE_STEPS: usize = 64;
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| 200 + (i * 37 + salt * 11) % 40_000).collect()
+    (0..len as u32)
+        .map(|i| 200 + (i * 37 + salt * 11) % 40_000)
+        .collect()
 }
 
 /// Time `DECODE_STEPS` decode steps of `batch` sequences after a 16-token prompt each.
@@ -61,18 +63,21 @@ fn bench_model(c: &mut Criterion) {
 
         let p128 = prompt(128, 0);
         g.throughput(Throughput::Elements(128));
-        g.bench_function(BenchmarkId::new("prefill_128", format!("{threads}thread")), |b| {
-            b.iter(|| {
-                pool.install(|| {
-                    let mut cache = t.new_cache(256);
-                    t.forward(&mut [SeqStep {
-                        tokens: &p128,
-                        cache: &mut cache,
-                    }])
-                    .unwrap()
+        g.bench_function(
+            BenchmarkId::new("prefill_128", format!("{threads}thread")),
+            |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        let mut cache = t.new_cache(256);
+                        t.forward(&mut [SeqStep {
+                            tokens: &p128,
+                            cache: &mut cache,
+                        }])
+                        .unwrap()
+                    })
                 })
-            })
-        });
+            },
+        );
         for batch in [1usize, 8] {
             g.throughput(Throughput::Elements((batch * DECODE_STEPS) as u64));
             g.bench_function(

@@ -164,7 +164,12 @@ impl Sequence {
     /// Finish after releasing text still held back by the decoder and the stop matcher (a stop
     /// string can still match in it).
     fn finish_with_tail(&mut self, tok: &GgufTokenizer, reason: FinishReason) -> Exit {
-        let held = self.decoder.flush(tok).unwrap_or_default();
+        // Bytes of a character the generation stopped in the middle of are dropped, not sent as
+        // U+FFFD.
+        let mut held = self.decoder.flush(tok).unwrap_or_default();
+        while held.ends_with('\u{FFFD}') {
+            held.pop();
+        }
         let step = self.stop.push(&held);
         self.pending.push_str(&step.text);
         if step.stopped {
