@@ -32,26 +32,29 @@ macro_rules! panels_fn {
         /// may write the columns of these panels during the call.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $name(w: &Packed, a: &ActQ<'_>, p0: usize, p1: usize, out: OutPtr) {
-            let mut m0 = 0;
-            while m0 < a.m {
-                let mr = (a.m - m0).min(MR_MAX);
-                for p in p0..p1 {
-                    for h in 0..2 {
-                        if p * PANEL + h * HALF >= w.n {
-                            continue;
-                        }
-                        // SAFETY: forwarded from the caller; m0 + mr <= a.m, p < n_panels.
-                        unsafe {
-                            match mr {
-                                1 => $tile::<1>(w, a, m0, p, h, out),
-                                2 => $tile::<2>(w, a, m0, p, h, out),
-                                3 => $tile::<3>(w, a, m0, p, h, out),
-                                _ => $tile::<4>(w, a, m0, p, h, out),
+            for c0 in (p0..p1).step_by(w.panels_per_block()) {
+                let c1 = (c0 + w.panels_per_block()).min(p1);
+                let mut m0 = 0;
+                while m0 < a.m {
+                    let mr = (a.m - m0).min(MR_MAX);
+                    for p in c0..c1 {
+                        for h in 0..2 {
+                            if p * PANEL + h * HALF >= w.n {
+                                continue;
+                            }
+                            // SAFETY: forwarded from the caller; m0 + mr <= a.m, p < n_panels.
+                            unsafe {
+                                match mr {
+                                    1 => $tile::<1>(w, a, m0, p, h, out),
+                                    2 => $tile::<2>(w, a, m0, p, h, out),
+                                    3 => $tile::<3>(w, a, m0, p, h, out),
+                                    _ => $tile::<4>(w, a, m0, p, h, out),
+                                }
                             }
                         }
                     }
+                    m0 += mr;
                 }
-                m0 += mr;
             }
         }
     };

@@ -3,9 +3,9 @@
 //! Per Q8_0 block, each of the 8 weight lines is loaded once into a register and applied to the
 //! `MR` rows with `vpdpbusd` (the 4-byte activation broadcast folds into the instruction), so
 //! one 64-byte load serves `MR` × 64 MACs. The i32 block sums start at the offset correction and
-//! are converted to f32 once per block with the product of the two scales. Tiles walk rows in
-//! the outer loop and panels in the inner one: a tile's `MR` activation rows (`MR × k` bytes)
-//! stay in L1 while the weights of the caller's panel range stream from L2.
+//! are converted to f32 once per block with the product of the two scales. The caller's panel
+//! range is cut into L1-sized blocks ([`Packed::panels_per_block`]); each block runs every row
+//! tile before the next, so its weights are reused from L1 across all `m` rows.
 //!
 //! Overflow: a block sum is at most 32 × 255 × 127 + 128 × 32 × 127 < 2^21 in magnitude.
 
@@ -26,25 +26,28 @@ const MR_MAX: usize = 8;
 /// columns of these panels during the call.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn panels(w: &Packed, a: &ActQ<'_>, p0: usize, p1: usize, out: OutPtr) {
-    let mut m0 = 0;
-    while m0 < a.m {
-        let mr = (a.m - m0).min(MR_MAX);
-        for p in p0..p1 {
-            // SAFETY: forwarded from the caller; m0 + mr <= a.m, p < n_panels.
-            unsafe {
-                match mr {
-                    1 => tile::<1>(w, a, m0, p, out),
-                    2 => tile::<2>(w, a, m0, p, out),
-                    3 => tile::<3>(w, a, m0, p, out),
-                    4 => tile::<4>(w, a, m0, p, out),
-                    5 => tile::<5>(w, a, m0, p, out),
-                    6 => tile::<6>(w, a, m0, p, out),
-                    7 => tile::<7>(w, a, m0, p, out),
-                    _ => tile::<8>(w, a, m0, p, out),
+    for c0 in (p0..p1).step_by(w.panels_per_block()) {
+        let c1 = (c0 + w.panels_per_block()).min(p1);
+        let mut m0 = 0;
+        while m0 < a.m {
+            let mr = (a.m - m0).min(MR_MAX);
+            for p in c0..c1 {
+                // SAFETY: forwarded from the caller; m0 + mr <= a.m, p < n_panels.
+                unsafe {
+                    match mr {
+                        1 => tile::<1>(w, a, m0, p, out),
+                        2 => tile::<2>(w, a, m0, p, out),
+                        3 => tile::<3>(w, a, m0, p, out),
+                        4 => tile::<4>(w, a, m0, p, out),
+                        5 => tile::<5>(w, a, m0, p, out),
+                        6 => tile::<6>(w, a, m0, p, out),
+                        7 => tile::<7>(w, a, m0, p, out),
+                        _ => tile::<8>(w, a, m0, p, out),
+                    }
                 }
             }
+            m0 += mr;
         }
-        m0 += mr;
     }
 }
 

@@ -25,6 +25,9 @@ pub(crate) const BLOCK_BYTES: usize = 2 + QK;
 #[repr(C, align(64))]
 pub(crate) struct Line(pub(crate) [u8; 64]);
 
+/// Weight bytes a kernel keeps hot in L1 (about half of a 48 KiB L1d).
+const L1_WEIGHT_BYTES: usize = 24 * 1024;
+
 /// Lines per (panel, block).
 pub(crate) const LINES_PER_BLOCK: usize = QK / 4;
 
@@ -77,8 +80,8 @@ impl Packed {
         }
     }
 
-    /// The quant of output row `row` at input `col`, undoing the packing (tests, scalar path).
-    #[inline]
+    /// The quant of output row `row` at input `col`, undoing the packing.
+    #[cfg(test)]
     pub(crate) fn quant(&self, row: usize, col: usize) -> i8 {
         let (p, r) = (row / PANEL, row % PANEL);
         let (b, g, j) = (col / QK, (col % QK) / 4, col % 4);
@@ -87,10 +90,19 @@ impl Packed {
     }
 
     /// The scale of output row `row`, block `b`.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn scale(&self, row: usize, b: usize) -> f32 {
         let (p, r) = (row / PANEL, row % PANEL);
         self.d[(p * self.kb + b) * PANEL + r].to_f32()
+    }
+
+    /// Panels per cache block: as many as fit in [`L1_WEIGHT_BYTES`] (at least one). Kernels run
+    /// every row tile over one such block before the next, so for large `m` the block's weights
+    /// are reused from L1 while the activations stream from L2 (half the L2 traffic of streaming
+    /// the weights past L1-resident activation rows, and no L2 eviction by the output).
+    pub(crate) fn panels_per_block(&self) -> usize {
+        let panel_bytes = self.kb * (LINES_PER_BLOCK * 64 + PANEL * 2);
+        (L1_WEIGHT_BYTES / panel_bytes.max(1)).max(1)
     }
 
     /// Bytes held (quants and scales, padding included).
