@@ -17,6 +17,8 @@ use super::OutPtr;
 
 /// Largest row tile: `MR` i32 + `MR` f32 accumulators, one weight and spare registers of 32.
 const MR_MAX: usize = 8;
+/// Row tiles up to this size split each block's dot product over two accumulators.
+const SPLIT_MAX_MR: usize = 2;
 
 /// Output columns of panels `p0..p1` for every activation row.
 ///
@@ -68,11 +70,24 @@ unsafe fn tile<const MR: usize>(w: &Packed, a: &ActQ<'_>, m0: usize, p: usize, o
         for b in 0..kb {
             let mut isum: [__m512i; MR] =
                 core::array::from_fn(|i| _mm512_set1_epi32(*ac[i].add(b)));
+            // With few rows the 8-deep dependent `vpdpbusd` chain per block (5-cycle latency)
+            // limits throughput: split it over two accumulators.
+            let mut isum2 = [_mm512_setzero_si512(); MR];
             for g in 0..LINES_PER_BLOCK {
                 let wv = _mm512_load_si512(wq.add(b * LINES_PER_BLOCK + g));
                 for i in 0..MR {
                     let av = (aq[i].add(b * QK + g * 4) as *const i32).read_unaligned();
-                    isum[i] = _mm512_dpbusd_epi32(isum[i], wv, _mm512_set1_epi32(av));
+                    let av = _mm512_set1_epi32(av);
+                    if MR <= SPLIT_MAX_MR && g % 2 == 1 {
+                        isum2[i] = _mm512_dpbusd_epi32(isum2[i], wv, av);
+                    } else {
+                        isum[i] = _mm512_dpbusd_epi32(isum[i], wv, av);
+                    }
+                }
+            }
+            if MR <= SPLIT_MAX_MR {
+                for i in 0..MR {
+                    isum[i] = _mm512_add_epi32(isum[i], isum2[i]);
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(wd.add(b * PANEL) as *const __m256i));
