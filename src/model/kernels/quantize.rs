@@ -122,8 +122,16 @@ fn quantize_block(xs: &[f32; QK], qs: &mut [i8; QK]) -> (f32, i32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(xs) {
-        // `as` saturates and maps NaN to 0: non-finite input cannot make an out-of-range quant.
-        *q = (v * id).round() as i8;
+        // Non-finite input cannot make an out-of-range quant: NaN → 0, the rest clamped (a no-op
+        // for finite input, where |v · id| ≤ 127). Written so the conversion vectorizes.
+        let r = (v * id).round();
+        let r = if r.is_nan() {
+            0.0
+        } else {
+            r.clamp(-127.0, 127.0)
+        };
+        // SAFETY: `r` is finite and within [-127, 127].
+        *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
         sum += *q as i32;
     }
     (f16::from_f32(d).to_f32(), sum)
