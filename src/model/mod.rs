@@ -4,6 +4,7 @@ pub mod chat_template;
 pub mod error;
 pub mod gguf;
 pub mod hparams;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod loaded;
