@@ -14,5 +14,6 @@
 //! (prefill, decode with the other live sequences, sample, detokenize) → tokens back over a bounded
 //! channel per request.
 
+pub mod cache;
 pub mod engine;
 pub mod model;
