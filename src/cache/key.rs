@@ -182,7 +182,8 @@ mod tests {
     #[test]
     fn every_output_changing_field_changes_the_key() {
         let base = key(&request());
-        let variants: Vec<(&str, Box<dyn Fn(&mut GenerationRequest)>)> = vec![
+        type Change = Box<dyn Fn(&mut GenerationRequest)>;
+        let variants: Vec<(&str, Change)> = vec![
             ("temperature", Box::new(|r| r.sampling.temperature = 0.5)),
             ("top_p", Box::new(|r| r.sampling.top_p = 0.9)),
             ("top_k", Box::new(|r| r.sampling.top_k = 40)),

@@ -23,7 +23,7 @@ enum Target {
 /// A live connection of either kind; both multiplex, so clones are cheap and concurrent.
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(Box<ConnectionManager>),
     Cluster(ClusterConnection),
 }
 
@@ -312,7 +312,9 @@ impl L2 {
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(0)
                     .set_connection_timeout(self.timeout);
-                Conn::Single(ConnectionManager::new_with_config(client.clone(), config).await?)
+                Conn::Single(Box::new(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                ))
             }
             Target::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
         };
