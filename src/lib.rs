@@ -14,6 +14,7 @@
 //! (prefill, decode with the other live sequences, sample, detokenize) → tokens back over a bounded
 //! channel per request.
 
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod metrics;

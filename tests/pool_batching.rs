@@ -38,6 +38,8 @@ fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> Generatio
         max_tokens,
         stop: vec![],
         deadline: None,
+        cache_policy: Default::default(),
+        tenant: None,
     }
 }
 

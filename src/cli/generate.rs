@@ -106,6 +106,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         max_tokens: args.max_tokens,
         stop: args.stop,
         deadline: None,
+        cache_policy: Default::default(),
+        tenant: None,
     };
     let mut events = pool.submit(request)?;
     let mut stdout = std::io::stdout().lock();

@@ -45,6 +45,11 @@ pub enum EngineError {
     /// The request's deadline passed.
     #[error("deadline exceeded after {0:?}")]
     DeadlineExceeded(Duration),
+    /// The request asked for `CachePolicy::OnlyIfCached` and no cached answer exists (or the
+    /// request is not cacheable). Fronts map it to FAILED_PRECONDITION, not NOT_FOUND, so a gateway
+    /// never mistakes it for an unknown model.
+    #[error("no cached answer for this request (cache policy only-if-cached)")]
+    NotCached,
     /// A bug or a failed forward pass; the request is lost, others keep running.
     #[error("internal error: {0}")]
     Internal(String),

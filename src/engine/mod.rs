@@ -13,6 +13,6 @@ pub mod stop;
 pub use backend::{Backend, EventStream};
 pub use error::EngineError;
 pub use request::{
-    ChatMessage, Completion, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
-    ModelState, PromptInput, SamplingParams, Source, Timings,
+    CachePolicy, ChatMessage, Completion, FinishReason, GenerationEvent, GenerationRequest,
+    ModelInfo, ModelState, PromptInput, SamplingParams, Source, Timings,
 };

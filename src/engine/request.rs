@@ -79,6 +79,25 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// When the caller stops waiting; queue time counts against it.
     pub deadline: Option<Instant>,
+    /// How the answer cache may serve and store this request.
+    pub cache_policy: CachePolicy,
+    /// Who asks. Part of the cache key, so one tenant never sees an answer cached for another.
+    pub tenant: Option<String>,
+}
+
+/// How the answer cache treats one request. Only deterministic requests are cached at all (unless
+/// the node opts in), whatever the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum CachePolicy {
+    /// Serve from the cache when present, else generate and store.
+    #[default]
+    Default,
+    /// Neither read nor write the cache: always generate, store nothing.
+    Bypass,
+    /// Do not read the cache but store the new answer (replacing a stale or bad one).
+    Refresh,
+    /// Serve only from the cache; never generate. A miss fails with `EngineError::NotCached`.
+    OnlyIfCached,
 }
 
 /// Why a generation ended.

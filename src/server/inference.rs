@@ -93,6 +93,9 @@ fn hard_stop_status() -> Status {
     Status::unavailable("node shut down before the request finished")
 }
 
+/// Metadata key naming the caller's tenant; answers are never shared across tenants.
+pub const TENANT_HEADER: &str = "x-qnode-tenant";
+
 fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -107,6 +110,12 @@ impl InferenceService {
         let guard = self.lifecycle.admit()?;
         let arrival = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), arrival);
+        let tenant = request
+            .metadata()
+            .get(TENANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
         let mut wire = request.into_inner();
         let request_id = match std::mem::take(&mut wire.request_id) {
             id if id.is_empty() => new_request_id(),
@@ -138,7 +147,7 @@ impl InferenceService {
             metrics: self.metrics.clone(),
             first_token_seen: false,
         };
-        let validated = validate::validate(wire, &models, &self.limits, request_id, deadline)
+        let validated = validate::validate(wire, &models, &self.limits, request_id, deadline, tenant)
             .map_err(Status::from);
         Ok((call, span, validated))
     }

@@ -23,6 +23,7 @@ impl From<EngineError> for Status {
             EngineError::NotReady(_) | EngineError::Unavailable(_) => Status::unavailable(message),
             EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             EngineError::Internal(_) => Status::internal(message),
+            EngineError::NotCached => Status::failed_precondition(message),
         }
     }
 }

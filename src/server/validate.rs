@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use super::proto;
 use crate::config::Limits;
-use crate::engine::{ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
+use crate::engine::{
+    CachePolicy, ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams,
+};
 
 /// Roles the chat templates of the served models understand.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -62,13 +64,15 @@ fn out_of_range(
 /// Checks `wire` against the served `models` and the node's `limits`.
 ///
 /// `request_id` is the id the caller gave (checked here) or one the server generated;
-/// `deadline` comes from `grpc-timeout`.
+/// `deadline` comes from `grpc-timeout`; `tenant` from the `x-qnode-tenant` metadata (it scopes
+/// the answer cache).
 pub fn validate(
     wire: proto::GenerateRequest,
     models: &[ModelInfo],
     limits: &Limits,
     request_id: String,
     deadline: Option<Instant>,
+    tenant: Option<String>,
 ) -> Result<GenerationRequest, ValidationError> {
     if !models.iter().any(|m| m.id == wire.model) {
         return Err(ValidationError::UnknownModel(wire.model));
@@ -89,13 +93,19 @@ pub fn validate(
         Some(n) => n,
     };
     check_stop(&wire.stop, limits)?;
-    if proto::CachePolicy::try_from(wire.cache_policy).is_err() {
-        return Err(out_of_range(
-            "cache_policy",
-            "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
-            wire.cache_policy,
-        ));
-    }
+    let cache_policy = match proto::CachePolicy::try_from(wire.cache_policy) {
+        Ok(proto::CachePolicy::Default) => CachePolicy::Default,
+        Ok(proto::CachePolicy::Bypass) => CachePolicy::Bypass,
+        Ok(proto::CachePolicy::Refresh) => CachePolicy::Refresh,
+        Ok(proto::CachePolicy::OnlyIfCached) => CachePolicy::OnlyIfCached,
+        Err(_) => {
+            return Err(out_of_range(
+                "cache_policy",
+                "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
+                wire.cache_policy,
+            ))
+        }
+    };
     Ok(GenerationRequest {
         request_id,
         model: wire.model,
@@ -104,6 +114,8 @@ pub fn validate(
         max_tokens,
         stop: wire.stop,
         deadline,
+        cache_policy,
+        tenant,
     })
 }
 
@@ -282,7 +294,7 @@ mod tests {
     }
 
     fn check(wire: proto::GenerateRequest) -> Result<GenerationRequest, ValidationError> {
-        validate(wire, &models(), &Limits::default(), "id-1".into(), None)
+        validate(wire, &models(), &Limits::default(), "id-1".into(), None, None)
     }
 
     fn message(wire: proto::GenerateRequest) -> String {
@@ -426,7 +438,7 @@ mod tests {
             max_stop_strings: 1,
             ..Limits::default()
         };
-        let err = validate(good(), &models(), &limits, "x".into(), None).unwrap_err();
+        let err = validate(good(), &models(), &limits, "x".into(), None, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "`prompt` must be <= 4 bytes. Given: 5 bytes"
@@ -440,6 +452,7 @@ mod tests {
             &models(),
             &limits,
             "x".into(),
+            None,
             None,
         )
         .unwrap_err();
@@ -466,7 +479,7 @@ mod tests {
             .unwrap_err(),
             ValidationError::UnknownModel("gpt-9".into())
         );
-        let err = validate(good(), &models(), &Limits::default(), "a\nb".into(), None).unwrap_err();
+        let err = validate(good(), &models(), &Limits::default(), "a\nb".into(), None, None).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("`request_id` must be printable ASCII"),

@@ -1,0 +1,452 @@
+//! `CachedBackend`: the answer cache as a decorator over any [`Backend`].
+//!
+//! `submit` stays synchronous and non-blocking. An L1 hit is answered inside `submit` from a
+//! pre-filled channel (no task, no Redis). Anything else runs in spawned tasks: the Redis lookup,
+//! the generation (single flight), the fill of both levels.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::entry::{self, Expect};
+use super::flight::{Flight, Flights, Joined};
+use super::key::cache_key;
+use super::l1::L1;
+use super::redis_store::L2;
+use super::replay;
+use super::{
+    CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity,
+    SystemClock,
+};
+use crate::engine::{
+    Backend, CachePolicy, EngineError, EventStream, FinishReason, GenerationEvent,
+    GenerationRequest, ModelInfo, Source,
+};
+
+/// A [`Backend`] that answers repeated deterministic requests from L1 (process memory) or L2
+/// (Redis), runs one generation for identical concurrent requests, and stores what the inner
+/// backend finishes. Redis faults never fail a request.
+///
+/// Behaviour worth knowing at the call site:
+/// - Requests for a model without a [`ModelIdentity`] pass straight through, uncached.
+/// - When L2 is configured and L1 misses, the Redis lookup runs before the inner `submit`, so a
+///   refusal by the inner backend (queue full, prompt too long) arrives as the stream's first
+///   item instead of as `submit`'s `Err`. Without L2 it comes from `submit` as usual.
+/// - Joiners of a single flight get `Source::Model` (the answer was generated now, once).
+pub struct CachedBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Arc<dyn Backend>,
+    identities: HashMap<String, ModelIdentity>,
+    config: CacheConfig,
+    l1: L1,
+    l2: Option<Arc<L2>>,
+    flights: Flights,
+    clock: Arc<dyn Clock>,
+    metrics: CacheMetrics,
+}
+
+impl CachedBackend {
+    /// Wraps `inner`. `identities` maps each served model id to what identifies its weights;
+    /// no connection is made here (Redis is reached lazily, so a node boots with Redis down).
+    pub fn new(
+        inner: Arc<dyn Backend>,
+        identities: HashMap<String, ModelIdentity>,
+        config: CacheConfig,
+    ) -> Result<Self, CacheError> {
+        Self::with_clock(inner, identities, config, Arc::new(SystemClock))
+    }
+
+    /// As [`CachedBackend::new`], with the clock that the hard max age is checked against.
+    pub fn with_clock(
+        inner: Arc<dyn Backend>,
+        identities: HashMap<String, ModelIdentity>,
+        config: CacheConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, CacheError> {
+        config.validate()?;
+        let metrics = CacheMetrics::new();
+        let l2 = match &config.redis_url {
+            Some(url) => Some(Arc::new(L2::new(url, &config, metrics.clone())?)),
+            None => None,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                inner,
+                identities,
+                l1: L1::new(&config, clock.clone()),
+                l2,
+                flights: Flights::default(),
+                clock,
+                metrics,
+                config,
+            }),
+        })
+    }
+
+    /// This cache's metrics; register them with `CacheMetrics::register`.
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.shared.metrics
+    }
+
+    /// Keys whose generation, or the Redis write after it, is still running. Zero means every
+    /// answer streamed so far has been stored wherever it will be.
+    pub fn in_flight(&self) -> usize {
+        self.shared.flights.in_flight()
+    }
+
+    /// Drops every answer held in process (L1); Redis is untouched. For an admin purge after a
+    /// model swap that kept its digest, and for benchmarks of the L2 path.
+    pub fn clear_l1(&self) {
+        self.shared.l1.clear();
+        self.shared.publish_l1_bytes();
+    }
+
+    /// Loads the `top_k` most-asked answers from Redis into L1 (at start, or when a standby node
+    /// joins). Values failing a check are deleted. Returns how many were loaded.
+    pub async fn prewarm_from_redis(&self, top_k: usize) -> usize {
+        let s = &self.shared;
+        let Some(l2) = &s.l2 else { return 0 };
+        let digests: Vec<&str> = s
+            .identities
+            .values()
+            .map(|i| i.file_digest.as_str())
+            .collect();
+        let mut loaded = 0;
+        for key in l2.hot_keys(top_k).await {
+            if s.l1.get(&key).is_some() {
+                continue;
+            }
+            let Some(bytes) = l2.get(&key).await else {
+                continue;
+            };
+            match entry::decode(&bytes, &s.expect(&key, &digests)) {
+                Ok(answer) => {
+                    s.l1.insert(key, Arc::new(answer));
+                    loaded += 1;
+                }
+                Err(e) => s.reject(&key, e),
+            }
+        }
+        s.publish_l1_bytes();
+        loaded
+    }
+}
+
+impl Backend for CachedBackend {
+    fn models(&self) -> Vec<ModelInfo> {
+        self.shared.inner.models()
+    }
+
+    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+        let s = &self.shared;
+        let policy = request.cache_policy;
+        let Some(identity) = s.identities.get(&request.model) else {
+            return match policy {
+                CachePolicy::OnlyIfCached => Err(EngineError::NotCached),
+                _ => s.inner.submit(request),
+            };
+        };
+        let cacheable = request.sampling.is_deterministic() || s.config.cache_nondeterministic;
+        match (policy, cacheable) {
+            (CachePolicy::Bypass, _) => return s.inner.submit(request),
+            (CachePolicy::OnlyIfCached, false) => return Err(EngineError::NotCached),
+            (_, false) => return s.inner.submit(request),
+            _ => {}
+        }
+        let started = Instant::now();
+        let key = cache_key(identity, &request, s.config.normalize);
+        let read = policy != CachePolicy::Refresh;
+        if read {
+            if let Some(answer) = s.l1.get(&key) {
+                s.metrics.hit("l1");
+                return Ok(prefilled(
+                    &answer,
+                    s.config.chunk_chars,
+                    Source::CacheL1,
+                    started,
+                ));
+            }
+            s.metrics.miss("l1");
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(EngineError::Internal(
+                "CachedBackend::submit must run inside a tokio runtime".into(),
+            ));
+        }
+        let digest = identity.file_digest.clone();
+        if policy == CachePolicy::OnlyIfCached {
+            let Some(l2) = s.l2.clone() else {
+                return Err(EngineError::NotCached);
+            };
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(only_if_cached(s.clone(), l2, key, digest, tx, started));
+            return Ok(rx);
+        }
+        let (flight, stream) = match s.flights.join_or_lead(key) {
+            Joined::Follow(stream) => {
+                s.metrics.singleflight_joins.inc();
+                return Ok(stream);
+            }
+            Joined::Lead(flight, stream) => (flight, stream),
+        };
+        match s.l2.clone() {
+            Some(l2) => {
+                tokio::spawn(lookup_then_generate(
+                    s.clone(),
+                    l2,
+                    key,
+                    digest,
+                    flight,
+                    request,
+                    started,
+                ));
+            }
+            None => {
+                // No L2: submit now, so refusals come back from `submit` itself.
+                s.metrics.generations.inc();
+                match s.inner.submit(request) {
+                    Ok(inner) => {
+                        tokio::spawn(drive(s.clone(), key, digest, flight, inner, None));
+                    }
+                    Err(e) => {
+                        flight.push([Err(e.clone())], true);
+                        s.flights.finish(&key, &flight);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(stream)
+    }
+}
+
+/// A stream already holding every event of the replay: no task, nothing to await.
+fn prefilled(
+    answer: &CachedAnswer,
+    chunk_chars: usize,
+    source: Source,
+    started: Instant,
+) -> EventStream {
+    let events = replay::events(answer, chunk_chars, source, started.elapsed());
+    let (tx, rx) = mpsc::channel(events.len().max(1));
+    for event in events {
+        // Capacity equals the number of events and the receiver is alive: cannot fail.
+        let _ = tx.try_send(Ok(event));
+    }
+    rx
+}
+
+impl Shared {
+    fn expect<'a>(&self, key: &'a CacheKey, digests: &'a [&'a str]) -> Expect<'a> {
+        Expect {
+            key,
+            digests,
+            max_bytes: self.config.max_value_bytes,
+            now_ms: self.clock.now_ms(),
+            max_age_ms: self.config.max_age.as_millis() as u64,
+        }
+    }
+
+    /// Reads and checks the L2 value; a bad one is deleted (in the background) and is a miss.
+    fn check_l2(
+        &self,
+        key: &CacheKey,
+        digest: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> Option<CachedAnswer> {
+        let Some(bytes) = bytes else {
+            self.metrics.miss("l2");
+            return None;
+        };
+        match entry::decode(&bytes, &self.expect(key, &[digest])) {
+            Ok(answer) => {
+                self.metrics.hit("l2");
+                Some(answer)
+            }
+            Err(e) => {
+                self.metrics.miss("l2");
+                self.reject(key, e);
+                None
+            }
+        }
+    }
+
+    fn reject(&self, key: &CacheKey, why: entry::EnvelopeError) {
+        tracing::warn!(key = %key, error = %why, "refusing cached value; deleting it");
+        self.metrics.rejected_values.inc();
+        if let Some(l2) = self.l2.clone() {
+            let key = *key;
+            tokio::spawn(async move { l2.delete(&key).await });
+        }
+    }
+
+    fn publish_l1_bytes(&self) {
+        self.metrics
+            .l1_bytes
+            .set(i64::try_from(self.l1.weighted_bytes()).unwrap_or(i64::MAX));
+    }
+}
+
+async fn only_if_cached(
+    s: Arc<Shared>,
+    l2: Arc<L2>,
+    key: CacheKey,
+    digest: String,
+    tx: mpsc::Sender<Result<GenerationEvent, EngineError>>,
+    started: Instant,
+) {
+    let found = l2.lookup(&key, true, false).await;
+    match s.check_l2(&key, &digest, found.value) {
+        Some(answer) => {
+            let answer = Arc::new(answer);
+            s.l1.insert(key, answer.clone());
+            let events = replay::events(
+                &answer,
+                s.config.chunk_chars,
+                Source::CacheL2,
+                started.elapsed(),
+            );
+            for event in events {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        None => {
+            let _ = tx.send(Err(EngineError::NotCached)).await;
+        }
+    }
+}
+
+async fn lookup_then_generate(
+    s: Arc<Shared>,
+    l2: Arc<L2>,
+    key: CacheKey,
+    digest: String,
+    flight: Arc<Flight>,
+    request: GenerationRequest,
+    started: Instant,
+) {
+    let read = request.cache_policy != CachePolicy::Refresh;
+    let found = l2.lookup(&key, read, true).await;
+    if read {
+        if let Some(answer) = s.check_l2(&key, &digest, found.value) {
+            let answer = Arc::new(answer);
+            s.l1.insert(key, answer.clone());
+            s.publish_l1_bytes();
+            let events = replay::events(
+                &answer,
+                s.config.chunk_chars,
+                Source::CacheL2,
+                started.elapsed(),
+            );
+            flight.push(events.into_iter().map(Ok), true);
+            s.flights.finish(&key, &flight);
+            return;
+        }
+    }
+    if s.flights.abandon_if_unwatched(&key, &flight) {
+        return; // everyone left during the lookup
+    }
+    s.metrics.generations.inc();
+    match s.inner.submit(request) {
+        Ok(inner) => drive(s, key, digest, flight, inner, found.count).await,
+        Err(e) => {
+            flight.push([Err(e)], true);
+            s.flights.finish(&key, &flight);
+        }
+    }
+}
+
+/// Pumps the inner stream into the flight; on a successful finish stores the answer in L1, and
+/// in L2 when the key is hot (`count >= hot_threshold`).
+async fn drive(
+    s: Arc<Shared>,
+    key: CacheKey,
+    digest: String,
+    flight: Arc<Flight>,
+    mut inner: EventStream,
+    count: Option<u64>,
+) {
+    let mut text = String::new();
+    let completion = loop {
+        let event = tokio::select! {
+            event = inner.recv() => event,
+            _ = flight.unwatched() => {
+                if s.flights.abandon_if_unwatched(&key, &flight) {
+                    return; // dropping `inner` cancels the generation
+                }
+                continue;
+            }
+        };
+        match event {
+            Some(Ok(GenerationEvent::Delta(d))) => {
+                text.push_str(&d);
+                flight.push([Ok(GenerationEvent::Delta(d))], false);
+            }
+            Some(Ok(GenerationEvent::Finished(c))) => break c,
+            Some(Err(e)) => {
+                flight.push([Err(e)], true);
+                s.flights.finish(&key, &flight);
+                return;
+            }
+            None => {
+                let lost = EngineError::Internal("backend stream closed before Finished".into());
+                flight.push([Err(lost)], true);
+                s.flights.finish(&key, &flight);
+                return;
+            }
+        }
+    };
+    if completion.finish_reason == FinishReason::Cancelled {
+        flight.push([Ok(GenerationEvent::Finished(completion))], true);
+        s.flights.finish(&key, &flight);
+        return;
+    }
+    let answer = Arc::new(CachedAnswer {
+        text,
+        finish_reason: completion.finish_reason,
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+        created_at_ms: s.clock.now_ms(),
+    });
+    // L1 before the caller sees `Finished` and before leaving the table: whoever asks next
+    // either joins or hits.
+    s.l1.insert(key, answer.clone());
+    flight.push([Ok(GenerationEvent::Finished(completion))], true);
+    s.publish_l1_bytes();
+    // The flight stays in the table until the Redis write is done (joiners replay its log), so
+    // `in_flight() == 0` means every fill has landed.
+    store_if_hot(&s, &key, &digest, &answer, count).await;
+    s.flights.finish(&key, &flight);
+}
+
+async fn store_if_hot(
+    s: &Shared,
+    key: &CacheKey,
+    digest: &str,
+    answer: &CachedAnswer,
+    count: Option<u64>,
+) {
+    let (Some(l2), Some(count)) = (&s.l2, count) else {
+        return;
+    };
+    if count < s.config.hot_threshold {
+        return;
+    }
+    let bytes = entry::encode(key, digest, answer);
+    if bytes.len() > s.config.max_value_bytes {
+        return;
+    }
+    let ttl = s.config.max_age.saturating_sub(Duration::from_millis(
+        s.clock.now_ms().saturating_sub(answer.created_at_ms),
+    ));
+    if l2.store(key, bytes, ttl, count).await {
+        s.metrics.hot_promotions.inc();
+    }
+}

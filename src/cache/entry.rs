@@ -1,0 +1,279 @@
+//! A cached answer, and the envelope it travels in through Redis, where anything may have
+//! written the bytes: every field is checked before an answer is served.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::CacheKey;
+use crate::engine::FinishReason;
+
+/// Per-entry cost added to the text length when weighing L1 entries (key, Arc, moka node).
+pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+/// Envelope format version; bump on any change of `Envelope`.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// One finished answer: the whole text and the usage that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedAnswer {
+    /// Concatenation of every `Delta`.
+    pub text: String,
+    /// `Stop` or `Length`; cancelled answers are never cached.
+    pub finish_reason: FinishReason,
+    /// Prompt tokens the model counted.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// When the model produced it (ms since the epoch); the hard max age counts from here on
+    /// every level, so a copy refilled from Redis is not younger than the original.
+    pub created_at_ms: u64,
+}
+
+impl CachedAnswer {
+    /// Bytes this entry counts for against `l1_max_bytes`.
+    pub fn weight(&self) -> u32 {
+        u32::try_from(self.text.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+    }
+
+    /// True when older than `max_age_ms` at `now_ms` (or created in the future by more than it,
+    /// which only a broken clock or a forged value produces).
+    pub fn is_expired(&self, now_ms: u64, max_age_ms: u64) -> bool {
+        now_ms.saturating_sub(self.created_at_ms) > max_age_ms
+            || self.created_at_ms.saturating_sub(now_ms) > max_age_ms
+    }
+
+    fn checksum(&self) -> String {
+        let mut h = Sha256::new();
+        h.update((self.text.len() as u64).to_le_bytes());
+        h.update(self.text.as_bytes());
+        h.update([match self.finish_reason {
+            FinishReason::Stop => 0u8,
+            FinishReason::Length => 1,
+            FinishReason::Cancelled => 2,
+        }]);
+        h.update(self.prompt_tokens.to_le_bytes());
+        h.update(self.completion_tokens.to_le_bytes());
+        h.update(self.created_at_ms.to_le_bytes());
+        hex::encode(h.finalize())
+    }
+}
+
+/// What Redis holds under an answer key (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    version: u32,
+    key: String,
+    model_digest: String,
+    checksum: String,
+    created_at_ms: u64,
+    text: String,
+    finish_reason: FinishReason,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+/// Why a Redis value was refused (it is then deleted and the request goes on as a miss).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Larger than `max_value_bytes`.
+    #[error("value of {size} bytes exceeds the limit of {limit}")]
+    TooBig {
+        /// Bytes of the value.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// Not JSON of the envelope's shape.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// Written by another format version.
+    #[error("envelope version {found}, expected {ENVELOPE_VERSION}")]
+    Version {
+        /// Version in the value.
+        found: u32,
+    },
+    /// Stored under another key than the one read.
+    #[error("envelope is for another key")]
+    WrongKey,
+    /// Produced by other weights.
+    #[error("model digest `{found}` is not `{expected}`")]
+    Digest {
+        /// Digest in the value.
+        found: String,
+        /// Digest of the model served now.
+        expected: String,
+    },
+    /// Text or usage altered.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// Older than the hard max age.
+    #[error("answer is {age_ms} ms old, max age is {max_age_ms} ms")]
+    TooOld {
+        /// Age of the answer.
+        age_ms: u64,
+        /// Configured max age.
+        max_age_ms: u64,
+    },
+    /// A cancelled answer; never written by us.
+    #[error("cancelled answers are never cached")]
+    Cancelled,
+}
+
+/// Serializes `answer` for Redis.
+pub fn encode(key: &CacheKey, model_digest: &str, answer: &CachedAnswer) -> Vec<u8> {
+    let env = Envelope {
+        version: ENVELOPE_VERSION,
+        key: key.to_hex(),
+        model_digest: model_digest.to_string(),
+        checksum: answer.checksum(),
+        created_at_ms: answer.created_at_ms,
+        text: answer.text.clone(),
+        finish_reason: answer.finish_reason,
+        prompt_tokens: answer.prompt_tokens,
+        completion_tokens: answer.completion_tokens,
+    };
+    // Serializing plain strings and integers cannot fail.
+    serde_json::to_vec(&env).unwrap_or_default()
+}
+
+/// The checks a value read from Redis must pass.
+pub struct Expect<'a> {
+    /// Key the value was read under.
+    pub key: &'a CacheKey,
+    /// Digests accepted (the one model's, or every served model's when prewarming).
+    pub digests: &'a [&'a str],
+    /// Size limit.
+    pub max_bytes: usize,
+    /// Now, ms since the epoch.
+    pub now_ms: u64,
+    /// Hard max age.
+    pub max_age_ms: u64,
+}
+
+/// Parses and checks a Redis value.
+pub fn decode(bytes: &[u8], expect: &Expect<'_>) -> Result<CachedAnswer, EnvelopeError> {
+    if bytes.len() > expect.max_bytes {
+        return Err(EnvelopeError::TooBig {
+            size: bytes.len(),
+            limit: expect.max_bytes,
+        });
+    }
+    let env: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    if env.version != ENVELOPE_VERSION {
+        return Err(EnvelopeError::Version { found: env.version });
+    }
+    if env.key != expect.key.to_hex() {
+        return Err(EnvelopeError::WrongKey);
+    }
+    if !expect.digests.contains(&env.model_digest.as_str()) {
+        return Err(EnvelopeError::Digest {
+            found: env.model_digest,
+            expected: expect.digests.join("|"),
+        });
+    }
+    if env.finish_reason == FinishReason::Cancelled {
+        return Err(EnvelopeError::Cancelled);
+    }
+    let answer = CachedAnswer {
+        text: env.text,
+        finish_reason: env.finish_reason,
+        prompt_tokens: env.prompt_tokens,
+        completion_tokens: env.completion_tokens,
+        created_at_ms: env.created_at_ms,
+    };
+    if answer.checksum() != env.checksum {
+        return Err(EnvelopeError::Checksum);
+    }
+    if answer.is_expired(expect.now_ms, expect.max_age_ms) {
+        return Err(EnvelopeError::TooOld {
+            age_ms: expect.now_ms.saturating_sub(answer.created_at_ms),
+            max_age_ms: expect.max_age_ms,
+        });
+    }
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer() -> CachedAnswer {
+        CachedAnswer {
+            text: "héllo".into(),
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            created_at_ms: 1_000_000,
+        }
+    }
+
+    fn expect<'a>(key: &'a CacheKey, digests: &'a [&'a str]) -> Expect<'a> {
+        Expect {
+            key,
+            digests,
+            max_bytes: 1 << 20,
+            now_ms: 1_000_500,
+            max_age_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = CacheKey([7; 32]);
+        let bytes = encode(&k, "d", &answer());
+        assert_eq!(decode(&bytes, &expect(&k, &["d"])).unwrap(), answer());
+    }
+
+    #[test]
+    fn every_check_refuses() {
+        let k = CacheKey([7; 32]);
+        let good = encode(&k, "d", &answer());
+        let e = expect(&k, &["d"]);
+        assert!(matches!(
+            decode(b"not json", &e),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&good, &expect(&CacheKey([8; 32]), &["d"])),
+            Err(EnvelopeError::WrongKey)
+        ));
+        assert!(matches!(
+            decode(&good, &expect(&k, &["other"])),
+            Err(EnvelopeError::Digest { .. })
+        ));
+        assert_eq!(
+            decode(
+                &good,
+                &Expect {
+                    max_bytes: 10,
+                    ..expect(&k, &["d"])
+                }
+            ),
+            Err(EnvelopeError::TooBig {
+                size: good.len(),
+                limit: 10
+            })
+        );
+        assert!(matches!(
+            decode(
+                &good,
+                &Expect {
+                    now_ms: 1_002_000,
+                    ..expect(&k, &["d"])
+                }
+            ),
+            Err(EnvelopeError::TooOld { .. })
+        ));
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["text"] = "hellO".into();
+        let tampered = serde_json::to_vec(&v).unwrap();
+        assert_eq!(decode(&tampered, &e), Err(EnvelopeError::Checksum));
+        v["version"] = 99.into();
+        let versioned = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            decode(&versioned, &e),
+            Err(EnvelopeError::Version { found: 99 })
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! The canonical cache key: SHA-256 over tagged, length-prefixed fields, so no two different
+//! requests can produce the same byte stream (`("ab","c")` and `("a","bc")` differ).
+
+use sha2::{Digest, Sha256};
+use unicode_normalization::UnicodeNormalization;
+
+use crate::engine::{GenerationRequest, PromptInput};
+
+/// What identifies the weights and template that produced an answer. The backend's owner gives
+/// one per model id; a new file (different digest) never serves answers of the old one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelIdentity {
+    /// Model id as requests name it.
+    pub model_id: String,
+    /// Hex SHA-256 (or any stable digest) of the model file.
+    pub file_digest: String,
+    /// Quantization the weights run in, e.g. `q8_0`.
+    pub quant: String,
+    /// Digest or name of the chat template rendering `Chat` prompts.
+    pub template_id: String,
+}
+
+/// A 32-byte cache key; `Display` gives lower-case hex, the form used in Redis keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl CacheKey {
+    /// Lower-case hex of the key.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses the hex form; `None` when it is not 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Field tags. Never reuse or renumber one: old keys would alias new ones.
+mod tag {
+    pub const MODEL_ID: u8 = 1;
+    pub const FILE_DIGEST: u8 = 2;
+    pub const QUANT: u8 = 3;
+    pub const TEMPLATE: u8 = 4;
+    pub const PROMPT_TEXT: u8 = 10;
+    pub const CHAT_TURNS: u8 = 11;
+    pub const ROLE: u8 = 12;
+    pub const CONTENT: u8 = 13;
+    pub const TEMPERATURE: u8 = 20;
+    pub const TOP_P: u8 = 21;
+    pub const TOP_K: u8 = 22;
+    pub const MIN_P: u8 = 23;
+    pub const REPETITION_PENALTY: u8 = 24;
+    pub const SEED: u8 = 25;
+    pub const NO_SEED: u8 = 26;
+    pub const MAX_TOKENS: u8 = 27;
+    pub const STOPS: u8 = 28;
+    pub const STOP: u8 = 29;
+    pub const TENANT: u8 = 30;
+    pub const NO_TENANT: u8 = 31;
+}
+
+/// Version of the key layout, hashed first.
+const DOMAIN: &[u8] = b"qnode-answer-cache-key/v1";
+
+struct KeyHasher(Sha256);
+
+impl KeyHasher {
+    fn field(&mut self, tag: u8, bytes: &[u8]) {
+        self.0.update([tag]);
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn f32(&mut self, tag: u8, v: f32) {
+        // -0.0 and 0.0 sample alike; NaN never reaches here (requests are validated).
+        let v = if v == 0.0 { 0.0 } else { v };
+        self.field(tag, &v.to_bits().to_le_bytes());
+    }
+}
+
+/// Key of `req` as served by the model `identity`. `normalize` applies [`normalize_text`] to the
+/// prompt text and chat contents (not roles, not stop strings).
+pub fn cache_key(identity: &ModelIdentity, req: &GenerationRequest, normalize: bool) -> CacheKey {
+    let mut h = KeyHasher(Sha256::new());
+    h.0.update(DOMAIN);
+    h.field(tag::MODEL_ID, identity.model_id.as_bytes());
+    h.field(tag::FILE_DIGEST, identity.file_digest.as_bytes());
+    h.field(tag::QUANT, identity.quant.as_bytes());
+    h.field(tag::TEMPLATE, identity.template_id.as_bytes());
+    fn text(s: &str, normalize: bool) -> std::borrow::Cow<'_, str> {
+        if normalize {
+            std::borrow::Cow::Owned(normalize_text(s))
+        } else {
+            std::borrow::Cow::Borrowed(s)
+        }
+    }
+    match &req.input {
+        PromptInput::Text(t) => h.field(tag::PROMPT_TEXT, text(t, normalize).as_bytes()),
+        PromptInput::Chat(turns) => {
+            h.field(tag::CHAT_TURNS, &(turns.len() as u64).to_le_bytes());
+            for m in turns {
+                h.field(tag::ROLE, m.role.as_bytes());
+                h.field(tag::CONTENT, text(&m.content, normalize).as_bytes());
+            }
+        }
+    }
+    let s = &req.sampling;
+    h.f32(tag::TEMPERATURE, s.temperature);
+    h.f32(tag::TOP_P, s.top_p);
+    h.field(tag::TOP_K, &s.top_k.to_le_bytes());
+    h.f32(tag::MIN_P, s.min_p);
+    h.f32(tag::REPETITION_PENALTY, s.repetition_penalty);
+    match s.seed {
+        Some(seed) => h.field(tag::SEED, &seed.to_le_bytes()),
+        None => h.field(tag::NO_SEED, &[]),
+    }
+    h.field(tag::MAX_TOKENS, &req.max_tokens.to_le_bytes());
+    h.field(tag::STOPS, &(req.stop.len() as u64).to_le_bytes());
+    for stop in &req.stop {
+        h.field(tag::STOP, stop.as_bytes());
+    }
+    match &req.tenant {
+        Some(t) => h.field(tag::TENANT, t.as_bytes()),
+        None => h.field(tag::NO_TENANT, &[]),
+    }
+    CacheKey(h.0.finalize().into())
+}
+
+/// NFKC, then trim, then every run of whitespace becomes one space.
+pub fn normalize_text(s: &str) -> String {
+    let nfkc: String = s.nfkc().collect();
+    let mut out = String::with_capacity(nfkc.len());
+    for word in nfkc.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CachePolicy, ChatMessage, SamplingParams};
+
+    fn identity() -> ModelIdentity {
+        ModelIdentity {
+            model_id: "m".into(),
+            file_digest: "d1".into(),
+            quant: "q8_0".into(),
+            template_id: "t".into(),
+        }
+    }
+
+    fn request() -> GenerationRequest {
+        GenerationRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            input: PromptInput::Text("hello".into()),
+            sampling: SamplingParams::default(),
+            max_tokens: 16,
+            stop: vec![],
+            deadline: None,
+            cache_policy: CachePolicy::Default,
+            tenant: None,
+        }
+    }
+
+    fn key(r: &GenerationRequest) -> CacheKey {
+        cache_key(&identity(), r, false)
+    }
+
+    #[test]
+    fn every_output_changing_field_changes_the_key() {
+        let base = key(&request());
+        type Change = Box<dyn Fn(&mut GenerationRequest)>;
+        let variants: Vec<(&str, Change)> = vec![
+            ("temperature", Box::new(|r| r.sampling.temperature = 0.5)),
+            ("top_p", Box::new(|r| r.sampling.top_p = 0.9)),
+            ("top_k", Box::new(|r| r.sampling.top_k = 40)),
+            ("min_p", Box::new(|r| r.sampling.min_p = 0.05)),
+            ("rep", Box::new(|r| r.sampling.repetition_penalty = 1.1)),
+            ("seed", Box::new(|r| r.sampling.seed = Some(0))),
+            ("max_tokens", Box::new(|r| r.max_tokens = 17)),
+            ("stop", Box::new(|r| r.stop = vec!["x".into()])),
+            ("tenant", Box::new(|r| r.tenant = Some("a".into()))),
+            ("empty tenant", Box::new(|r| r.tenant = Some(String::new()))),
+            (
+                "prompt",
+                Box::new(|r| r.input = PromptInput::Text("hello!".into())),
+            ),
+            ("model", Box::new(|r| r.model = "other".into())),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (name, change) in variants {
+            let mut r = request();
+            change(&mut r);
+            let k = key(&r);
+            // The model field is routed by identity, not hashed: same identity, same key.
+            if name == "model" {
+                assert_eq!(k, base, "{name}");
+                continue;
+            }
+            assert_ne!(k, base, "{name} must change the key");
+            assert!(seen.insert(k), "{name} collides with another variant");
+        }
+    }
+
+    #[test]
+    fn request_id_and_deadline_do_not_change_the_key() {
+        let mut r = request();
+        r.request_id = "other".into();
+        r.deadline = Some(std::time::Instant::now());
+        r.cache_policy = CachePolicy::Refresh;
+        assert_eq!(key(&r), key(&request()));
+    }
+
+    #[test]
+    fn identity_fields_change_the_key() {
+        let r = request();
+        let base = key(&r);
+        for change in [
+            |i: &mut ModelIdentity| i.file_digest = "d2".into(),
+            |i: &mut ModelIdentity| i.quant = "q4_1".into(),
+            |i: &mut ModelIdentity| i.template_id = "t2".into(),
+            |i: &mut ModelIdentity| i.model_id = "m2".into(),
+        ] {
+            let mut id = identity();
+            change(&mut id);
+            assert_ne!(cache_key(&id, &r, false), base);
+        }
+    }
+
+    #[test]
+    fn fields_are_length_prefixed() {
+        let mut a = request();
+        a.stop = vec!["ab".into(), "c".into()];
+        let mut b = request();
+        b.stop = vec!["a".into(), "bc".into()];
+        assert_ne!(key(&a), key(&b));
+
+        let chat = |turns: &[(&str, &str)]| {
+            let mut r = request();
+            r.input = PromptInput::Chat(
+                turns
+                    .iter()
+                    .map(|(role, content)| ChatMessage {
+                        role: role.to_string(),
+                        content: content.to_string(),
+                    })
+                    .collect(),
+            );
+            key(&r)
+        };
+        assert_ne!(
+            chat(&[("user", "ab"), ("user", "c")]),
+            chat(&[("user", "a"), ("user", "bc")])
+        );
+        assert_ne!(chat(&[("user", "hi")]), chat(&[("use", "rhi")]));
+        // A text prompt never equals a chat with the same bytes.
+        let mut t = request();
+        t.input = PromptInput::Text("userhi".into());
+        assert_ne!(key(&t), chat(&[("user", "hi")]));
+    }
+
+    #[test]
+    fn normalization_is_off_by_default_and_merges_spacing_when_on() {
+        let mut a = request();
+        a.input = PromptInput::Text("  Hello   world\n".into());
+        let mut b = request();
+        b.input = PromptInput::Text("Hello world".into());
+        assert_ne!(
+            cache_key(&identity(), &a, false),
+            cache_key(&identity(), &b, false)
+        );
+        assert_eq!(
+            cache_key(&identity(), &a, true),
+            cache_key(&identity(), &b, true)
+        );
+        // NFKC folds the full-width form and the ligature.
+        assert_eq!(normalize_text("ＡＢ ﬁ"), "AB fi");
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let k = key(&request());
+        assert_eq!(CacheKey::from_hex(&k.to_hex()), Some(k));
+        assert_eq!(CacheKey::from_hex("zz"), None);
+        assert_eq!(CacheKey::from_hex("abcd"), None);
+    }
+}

@@ -1,0 +1,37 @@
+//! Two-level answer cache in front of the engine.
+//!
+//! [`CachedBackend`] wraps any [`crate::engine::Backend`] and implements it again, so the server
+//! does not know whether a cache is there. A request flows:
+//!
+//! 1. Key ([`cache_key`]): SHA-256 over tagged, length-prefixed fields — model identity (id, file
+//!    digest, quant, template), prompt, every sampling parameter, `max_tokens`, stops, tenant.
+//! 2. Policy: only deterministic requests are cached (unless `cache_nondeterministic`);
+//!    `CachePolicy` on the request can bypass, refresh, or ask for cached answers only.
+//! 3. L1 ([`l1`]): moka, bounded by bytes, TTL, and a hard max age counted from generation.
+//! 4. L2 ([`redis_store`]): Redis or Redis Cluster, only for hot questions (asked
+//!    `hot_threshold` times within `hot_window` across the fleet). Values are checked envelopes.
+//! 5. Single flight ([`flight`]): identical concurrent misses share one generation.
+//! 6. Fail-open: every Redis call is bounded by `redis_timeout` and guarded by a circuit breaker;
+//!    Redis trouble makes misses, never errors.
+
+pub mod backend;
+pub mod breaker;
+pub mod clock;
+pub mod config;
+pub mod entry;
+pub mod error;
+pub mod flight;
+pub mod key;
+pub mod l1;
+pub mod metrics;
+pub mod redis_store;
+pub mod replay;
+
+pub use backend::CachedBackend;
+pub use breaker::BreakerState;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::CacheConfig;
+pub use entry::CachedAnswer;
+pub use error::CacheError;
+pub use key::{cache_key, normalize_text, CacheKey, ModelIdentity};
+pub use metrics::CacheMetrics;

@@ -1,0 +1,155 @@
+//! Fail-open: Redis down at boot, killed or frozen (SIGSTOP) under load never fails a request,
+//! and the cache uses Redis again once it is back.
+
+mod cache_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_support::*;
+use qnode::cache::{CacheConfig, CachedBackend};
+use qnode::engine::{Backend, CachePolicy, Source};
+
+fn fail_open_config(redis_url: String) -> CacheConfig {
+    CacheConfig {
+        redis_url: Some(redis_url),
+        redis_timeout: Duration::from_millis(50),
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_millis(200),
+        ..config(None)
+    }
+}
+
+/// Runs `n` requests, 8 at a time, each with its own prompt (so each misses L1 and goes to
+/// Redis), every 10th with Bypass, and returns how many failed.
+async fn load(cache: Arc<CachedBackend>, n: usize, tag: &str) -> usize {
+    let mut failed = 0;
+    for batch in (0..n).collect::<Vec<_>>().chunks(8) {
+        let runs = batch.iter().map(|i| {
+            let cache = cache.clone();
+            let mut req = request(&format!("{tag}-{i}"));
+            if i % 10 == 0 {
+                req.cache_policy = CachePolicy::Bypass;
+            }
+            async move {
+                match cache.submit(req) {
+                    Ok(s) => {
+                        let c = collect(s).await;
+                        c.error.is_some() || c.finished.is_none()
+                    }
+                    Err(_) => true,
+                }
+            }
+        });
+        failed += futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .filter(|f| *f)
+            .count();
+    }
+    failed
+}
+
+/// Waits until the cache writes to Redis again (a new answer key appears).
+async fn wait_until_redis_used(cache: &CachedBackend, redis: &RedisServer, tag: &str) {
+    let before = redis.keys("qnode:v1:ans:*").len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0.. {
+        let c = ask(cache, request(&format!("{tag}-probe-{i}"))).await;
+        assert_eq!(c.error, None);
+        if redis.keys("qnode:v1:ans:*").len() > before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "Redis was not used again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_boot_then_up() {
+    let port = RedisServer::start().port; // started and dropped: a port nobody listens on
+    let model = CountingBackend::new(Duration::ZERO);
+    let cache = Arc::new(
+        CachedBackend::new(
+            model.clone(),
+            identities(),
+            fail_open_config(format!("redis://127.0.0.1:{port}/")),
+        )
+        .unwrap(),
+    );
+    assert_eq!(load(cache.clone(), 40, "boot").await, 0);
+    assert_eq!(
+        source(&ask(&cache, request("boot-1")).await),
+        Source::CacheL1
+    );
+    let errors: u64 = ["connect", "error", "timeout"]
+        .iter()
+        .map(|k| cache.metrics().redis_errors.with_label_values(&[k]).get())
+        .sum();
+    assert!(errors >= 3, "failures counted: {errors}");
+    assert!(cache.metrics().redis_skipped.get() > 0, "breaker opened");
+
+    let redis = RedisServer::start_on(port);
+    wait_until_redis_used(&cache, &redis, "boot").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_then_restarted() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let model = CountingBackend::new(Duration::from_millis(1));
+    let cache = Arc::new(
+        CachedBackend::new(model.clone(), identities(), fail_open_config(redis.url())).unwrap(),
+    );
+    let runner = tokio::spawn(load(cache.clone(), 400, "kill"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    redis.kill();
+    let failed = runner.await.unwrap();
+    assert_eq!(failed, 0, "no request may fail because Redis died");
+    let errors: u64 = ["connect", "error", "timeout"]
+        .iter()
+        .map(|k| cache.metrics().redis_errors.with_label_values(&[k]).get())
+        .sum();
+    assert!(errors > 0, "Redis died while the load was using it");
+
+    let redis = RedisServer::start_on(port);
+    wait_until_redis_used(&cache, &redis, "kill").await;
+    assert_eq!(load(cache.clone(), 40, "kill-again").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_mid_load_then_thawed() {
+    let redis = RedisServer::start();
+    let model = CountingBackend::new(Duration::from_millis(1));
+    let cache = Arc::new(
+        CachedBackend::new(model.clone(), identities(), fail_open_config(redis.url())).unwrap(),
+    );
+    let runner = tokio::spawn(load(cache.clone(), 400, "stop"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    redis.pause();
+    let failed = runner.await.unwrap();
+    assert_eq!(failed, 0, "no request may fail because Redis hangs");
+    assert!(
+        cache
+            .metrics()
+            .redis_errors
+            .with_label_values(&["timeout"])
+            .get()
+            > 0
+    );
+    assert!(
+        cache.metrics().redis_skipped.get() > 0,
+        "breaker opened while frozen"
+    );
+    // While frozen, a fresh miss still completes (bounded so a hang fails instead of stalling).
+    let c = tokio::time::timeout(
+        Duration::from_secs(30),
+        ask(&cache, request("while-frozen")),
+    )
+    .await
+    .expect("a request hung on a frozen Redis");
+    assert_eq!(c.error, None);
+
+    redis.resume();
+    wait_until_redis_used(&cache, &redis, "stop").await;
+}

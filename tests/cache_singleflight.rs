@@ -1,0 +1,115 @@
+//! Single flight: identical concurrent requests share one generation, and the generation's
+//! life follows its listeners, not its first caller.
+
+mod cache_support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cache_support::*;
+use qnode::cache::CachedBackend;
+use qnode::engine::{Backend, GenerationEvent, Source};
+
+async fn hundred_identical(cache: &CachedBackend, model: &CountingBackend) {
+    let streams: Vec<_> = (0..100)
+        .map(|_| cache.submit(request("same question")).expect("submit"))
+        .collect();
+    let results = futures::future::join_all(streams.into_iter().map(collect)).await;
+    assert_eq!(model.count(), 1, "exactly one generation");
+    let first = &results[0];
+    assert!(first.text.starts_with("answer #1 "));
+    for r in &results {
+        assert_eq!(r.error, None);
+        assert_eq!(r.text, first.text);
+        assert_eq!(r.finished.as_ref().unwrap().source, Source::Model);
+    }
+    assert_eq!(cache.metrics().singleflight_joins.get(), 99);
+    settle(cache).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_identical_requests_one_generation_without_redis() {
+    let model = CountingBackend::new(Duration::from_millis(5));
+    let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
+    hundred_identical(&cache, &model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_identical_requests_one_generation_with_redis() {
+    let redis = RedisServer::start();
+    let model = CountingBackend::new(Duration::from_millis(5));
+    let cache = CachedBackend::new(model.clone(), identities(), config(Some(&redis))).unwrap();
+    hundred_identical(&cache, &model).await;
+    assert_eq!(redis.keys("qnode:v1:ans:*").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_the_whole_answer() {
+    let model = CountingBackend::new(Duration::from_millis(20));
+    let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
+    let mut leader = cache.submit(request("long")).unwrap();
+    let mut seen = String::new();
+    for _ in 0..3 {
+        match leader.recv().await {
+            Some(Ok(GenerationEvent::Delta(d))) => seen.push_str(&d),
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+    let joiner = collect(cache.submit(request("long")).unwrap()).await;
+    let rest = collect(leader).await;
+    assert_eq!(joiner.text, format!("{seen}{}", rest.text));
+    assert_eq!(model.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generation_survives_its_leader_while_followers_listen() {
+    let model = CountingBackend::new(Duration::from_millis(20));
+    let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
+    let mut leader = cache.submit(request("leader leaves")).unwrap();
+    let follower = cache.submit(request("leader leaves")).unwrap();
+    assert!(matches!(
+        leader.recv().await,
+        Some(Ok(GenerationEvent::Delta(_)))
+    ));
+    drop(leader);
+    let got = collect(follower).await;
+    assert_eq!(got.error, None);
+    assert!(got.text.ends_with("日本語"), "{}", got.text);
+    assert_eq!(model.count(), 1);
+    assert_eq!(model.cancelled.load(Ordering::SeqCst), 0);
+    // Completed, so cached.
+    assert_eq!(
+        collect(cache.submit(request("leader leaves")).unwrap())
+            .await
+            .finished
+            .unwrap()
+            .source,
+        Source::CacheL1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generation_stops_when_everyone_leaves() {
+    let model = CountingBackend::new(Duration::from_millis(20));
+    let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
+    let mut a = cache.submit(request("nobody waits")).unwrap();
+    let b = cache.submit(request("nobody waits")).unwrap();
+    assert!(matches!(
+        a.recv().await,
+        Some(Ok(GenerationEvent::Delta(_)))
+    ));
+    drop(a);
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while model.cancelled.load(Ordering::SeqCst) == 0 || cache.in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Nothing was cached: the next ask generates.
+    let next = collect(cache.submit(request("nobody waits")).unwrap()).await;
+    assert_eq!(next.finished.unwrap().source, Source::Model);
+    assert_eq!(model.count(), 2);
+}
