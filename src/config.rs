@@ -212,6 +212,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Per-request limits.
     pub limits: Limits,
+    /// The answer cache (L1 in process always; L2 Redis when `redis_url` is set).
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for Config {
@@ -220,6 +222,7 @@ impl Default for Config {
             server: ServerSection::default(),
             models: vec![ModelConfig::new(DEFAULT_MODEL)],
             limits: Limits::default(),
+            cache: crate::cache::CacheConfig::default(),
         }
     }
 }
@@ -272,6 +275,10 @@ pub struct ServeArgs {
     /// Log line format. [default: text]
     #[arg(long, env = "QNODE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Redis (or Redis Cluster) URL of the fleet's shared answer cache, e.g. redis://host:6379.
+    /// [default: none, in-process cache only]
+    #[arg(long, env = "QNODE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
 }
 
 impl Config {
@@ -333,6 +340,9 @@ impl Config {
         }
         if let Some(format) = args.log_format {
             server.log_format = format;
+        }
+        if let Some(url) = &args.redis_url {
+            self.cache.redis_url = Some(url.clone());
         }
         if !args.models.is_empty() {
             let from_file = std::mem::take(&mut self.models);

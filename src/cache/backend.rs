@@ -5,7 +5,7 @@
 //! the generation (single flight), the fill of both levels.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -41,7 +41,7 @@ pub struct CachedBackend {
 
 struct Shared {
     inner: Arc<dyn Backend>,
-    identities: HashMap<String, ModelIdentity>,
+    identities: RwLock<HashMap<String, ModelIdentity>>,
     config: CacheConfig,
     l1: L1,
     l2: Option<Arc<L2>>,
@@ -77,7 +77,7 @@ impl CachedBackend {
         Ok(Self {
             shared: Arc::new(Shared {
                 inner,
-                identities,
+                identities: RwLock::new(identities),
                 l1: L1::new(&config, clock.clone()),
                 l2,
                 flights: Flights::default(),
@@ -86,6 +86,16 @@ impl CachedBackend {
                 config,
             }),
         })
+    }
+
+    /// Start caching answers of `identity.model_id` (called once its model is loaded; requests
+    /// before that pass through uncached).
+    pub fn set_identity(&self, identity: ModelIdentity) {
+        self.shared
+            .identities
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(identity.model_id.clone(), identity);
     }
 
     /// This cache's metrics; register them with `CacheMetrics::register`.
@@ -111,11 +121,14 @@ impl CachedBackend {
     pub async fn prewarm_from_redis(&self, top_k: usize) -> usize {
         let s = &self.shared;
         let Some(l2) = &s.l2 else { return 0 };
-        let digests: Vec<&str> = s
+        let digests: Vec<String> = s
             .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .values()
-            .map(|i| i.file_digest.as_str())
+            .map(|i| i.file_digest.clone())
             .collect();
+        let digests: Vec<&str> = digests.iter().map(String::as_str).collect();
         let mut loaded = 0;
         for key in l2.hot_keys(top_k).await {
             if s.l1.get(&key).is_some() {
@@ -145,7 +158,13 @@ impl Backend for CachedBackend {
     fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         let s = &self.shared;
         let policy = request.cache_policy;
-        let Some(identity) = s.identities.get(&request.model) else {
+        let identity = s
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&request.model)
+            .cloned();
+        let Some(identity) = identity else {
             return match policy {
                 CachePolicy::OnlyIfCached => Err(EngineError::NotCached),
                 _ => s.inner.submit(request),
@@ -159,7 +178,7 @@ impl Backend for CachedBackend {
             _ => {}
         }
         let started = Instant::now();
-        let key = cache_key(identity, &request, s.config.normalize);
+        let key = cache_key(&identity, &request, s.config.normalize);
         let read = policy != CachePolicy::Refresh;
         if read {
             if let Some(answer) = s.l1.get(&key) {

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use candle_core::Device;
+use qnode::cache::{CachedBackend, ModelIdentity};
 use qnode::config::{Config, LogFormat, ServeArgs};
+use qnode::engine::Backend;
 use qnode::metrics::Metrics;
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
@@ -37,15 +39,44 @@ async fn serve(config: Config, metrics: Metrics, pool: Arc<ModelPool>) -> anyhow
             std::future::pending(),
         ));
     }
-    let loader = Arc::clone(&pool);
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = loader.load_all() {
-            tracing::error!(error = %e, "loading failed");
-        }
-    });
+    let cache = Arc::new(CachedBackend::new(
+        Arc::clone(&pool) as Arc<dyn Backend>,
+        Default::default(),
+        config.cache.clone(),
+    )?);
+    cache.metrics().register(metrics.registry())?;
+    tokio::spawn(load_models(Arc::clone(&pool), Arc::clone(&cache)));
     let server_config = ServerConfig::new(&config, metrics);
-    server::run(listener, pool, server_config, shutdown_signal()).await?;
+    server::run(listener, cache, server_config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Hot questions of the fleet loaded into L1 at start.
+const PREWARM_TOP_K: usize = 256;
+
+/// Load every model off the runtime, then let the cache key answers by each model's identity and
+/// preload the fleet's hot questions.
+async fn load_models(pool: Arc<ModelPool>, cache: Arc<CachedBackend>) {
+    let loader = Arc::clone(&pool);
+    match tokio::task::spawn_blocking(move || loader.load_all()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "loading failed"),
+        Err(e) => tracing::error!(error = %e, "loader panicked"),
+    }
+    for info in pool.models() {
+        if let Some(model) = pool.loaded(&info.id) {
+            cache.set_identity(ModelIdentity {
+                model_id: info.id.clone(),
+                file_digest: model.file_digest.clone(),
+                quant: model.quant.as_str().to_string(),
+                template_id: model.template_digest.clone(),
+            });
+        }
+    }
+    let loaded = cache.prewarm_from_redis(PREWARM_TOP_K).await;
+    if loaded > 0 {
+        tracing::info!(loaded, "hot answers preloaded from Redis");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

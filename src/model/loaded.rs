@@ -30,6 +30,8 @@ pub struct LoadedModel {
     pub tokenizer: Arc<GgufTokenizer>,
     /// The file's chat template, if it has one.
     pub template: Option<ChatTemplate>,
+    /// Hex sha256 of the chat template source, `none` without one (identity for caches).
+    pub template_digest: String,
     /// How long loading took.
     pub load_time: Duration,
 }
@@ -49,6 +51,10 @@ impl LoadedModel {
         );
         let tokenizer = tokenizer?;
         let template = ChatTemplate::from_gguf(file.content(), &tokenizer)?;
+        let template_digest = match file.meta().opt_str("tokenizer.chat_template")? {
+            Some(source) => hex::encode(Sha256::digest(source.as_bytes())),
+            None => "none".to_string(),
+        };
         Ok(Self {
             id: id.to_string(),
             file_digest: digest,
@@ -56,6 +62,7 @@ impl LoadedModel {
             transformer: Arc::new(weights?),
             tokenizer: Arc::new(tokenizer),
             template,
+            template_digest,
             load_time: started.elapsed(),
         })
     }

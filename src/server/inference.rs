@@ -147,8 +147,9 @@ impl InferenceService {
             metrics: self.metrics.clone(),
             first_token_seen: false,
         };
-        let validated = validate::validate(wire, &models, &self.limits, request_id, deadline, tenant)
-            .map_err(Status::from);
+        let validated =
+            validate::validate(wire, &models, &self.limits, request_id, deadline, tenant)
+                .map_err(Status::from);
         Ok((call, span, validated))
     }
 

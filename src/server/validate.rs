@@ -294,7 +294,14 @@ mod tests {
     }
 
     fn check(wire: proto::GenerateRequest) -> Result<GenerationRequest, ValidationError> {
-        validate(wire, &models(), &Limits::default(), "id-1".into(), None, None)
+        validate(
+            wire,
+            &models(),
+            &Limits::default(),
+            "id-1".into(),
+            None,
+            None,
+        )
     }
 
     fn message(wire: proto::GenerateRequest) -> String {
@@ -479,7 +486,15 @@ mod tests {
             .unwrap_err(),
             ValidationError::UnknownModel("gpt-9".into())
         );
-        let err = validate(good(), &models(), &Limits::default(), "a\nb".into(), None, None).unwrap_err();
+        let err = validate(
+            good(),
+            &models(),
+            &Limits::default(),
+            "a\nb".into(),
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("`request_id` must be printable ASCII"),
