@@ -1,0 +1,132 @@
+//! What the gRPC front costs: the same generation through the engine alone (pool `submit`) and
+//! through the server on loopback (unary `Generate` and streamed `GenerateStream`), on the real
+//! SmolLM2 file. A 1-token generation shows the fixed per-call overhead; a 64-token one the
+//! decode tok/s end to end. The answer cache is bypassed so every call generates.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qnode::config::{Config, ModelConfig};
+use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
+use qnode::metrics::Metrics;
+use qnode::pool::metrics::PoolMetrics;
+use qnode::pool::ModelPool;
+use qnode::server::proto::inference_client::InferenceClient;
+use qnode::server::proto::{self, CachePolicy};
+use qnode::server::{self, ServerConfig};
+use tokio_stream::StreamExt;
+
+const PROMPT: &str = "The history of the printing press";
+
+fn engine_request(max_tokens: u32) -> GenerationRequest {
+    GenerationRequest {
+        request_id: "bench".into(),
+        model: "smollm2".into(),
+        input: PromptInput::Text(PROMPT.into()),
+        sampling: SamplingParams::default(),
+        max_tokens,
+        stop: vec![],
+        deadline: None,
+        cache_policy: Default::default(),
+        tenant: None,
+    }
+}
+
+fn wire_request(max_tokens: u32) -> proto::GenerateRequest {
+    proto::GenerateRequest {
+        model: "smollm2".into(),
+        prompt: Some(PROMPT.into()),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        cache_policy: CachePolicy::Bypass as i32,
+        ..Default::default()
+    }
+}
+
+async fn engine_only(pool: &ModelPool, max_tokens: u32) {
+    let mut rx = pool.submit(engine_request(max_tokens)).unwrap();
+    while let Some(ev) = rx.recv().await {
+        if let GenerationEvent::Finished(_) = ev.unwrap() {
+            return;
+        }
+    }
+}
+
+fn bench_server(c: &mut Criterion) {
+    if !Path::new("models/smollm2").exists() {
+        eprintln!("models/smollm2 missing: run `python3 models/fetch.py` first");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut model = ModelConfig::new("smollm2");
+    model.max_batch = 1;
+    let metrics = Metrics::new().unwrap();
+    let pool = Arc::new(
+        ModelPool::new(
+            &[model],
+            PoolMetrics::register(metrics.registry()).unwrap(),
+            Device::Cpu,
+        )
+        .unwrap(),
+    );
+    pool.load_all().unwrap();
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServerConfig::new(&Config::default(), metrics);
+        tokio::spawn(server::run(
+            listener,
+            Arc::clone(&pool) as Arc<dyn Backend>,
+            config,
+            std::future::pending(),
+        ));
+        addr
+    });
+    let mut client = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        InferenceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    });
+
+    let mut g = c.benchmark_group("grpc_overhead");
+    g.sample_size(10);
+    for max_tokens in [1u32, 64] {
+        g.throughput(Throughput::Elements(max_tokens as u64));
+        g.bench_function(BenchmarkId::new("engine_only", max_tokens), |b| {
+            b.iter(|| rt.block_on(engine_only(&pool, max_tokens)))
+        });
+        g.bench_function(BenchmarkId::new("grpc_unary", max_tokens), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    client.generate(wire_request(max_tokens)).await.unwrap();
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("grpc_stream", max_tokens), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut s = client
+                        .generate_stream(wire_request(max_tokens))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    while let Some(chunk) = s.next().await {
+                        chunk.unwrap();
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_server);
+criterion_main!(benches);
