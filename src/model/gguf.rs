@@ -160,6 +160,77 @@ impl<'a> Meta<'a> {
         self.get(key).map(|_| self.str(key)).transpose()
     }
 
+    /// An optional `u32` (a token id, say).
+    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>, ModelError> {
+        match self.opt_usize(key)? {
+            None => Ok(None),
+            Some(n) => u32::try_from(n)
+                .map(Some)
+                .map_err(|_| Self::bad(key, format!("{n} does not fit in 32 bits"))),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<&'a Vec<Value>, ModelError> {
+        match self.required(key)? {
+            Value::Array(a) => Ok(a),
+            v => Err(Self::bad(
+                key,
+                format!("expected an array, found {:?}", v.value_type()),
+            )),
+        }
+    }
+
+    /// A required array of strings.
+    pub fn string_array(&self, key: &str) -> Result<Vec<&'a str>, ModelError> {
+        self.array(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.as_str()),
+                v => Err(Self::bad(
+                    key,
+                    format!("entry {i} is {:?}, not a string", v.value_type()),
+                )),
+            })
+            .collect()
+    }
+
+    /// An optional array of integers.
+    pub fn int_array(&self, key: &str) -> Result<Option<Vec<i64>>, ModelError> {
+        if self.get(key).is_none() {
+            return Ok(None);
+        }
+        self.array(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                value_to_i64(v).ok_or_else(|| {
+                    Self::bad(
+                        key,
+                        format!("entry {i} is {:?}, not an integer", v.value_type()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// A required array of floats.
+    pub fn f32_array(&self, key: &str) -> Result<Vec<f32>, ModelError> {
+        self.array(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::F32(x) => Ok(*x),
+                Value::F64(x) => Ok(*x as f32),
+                v => Err(Self::bad(
+                    key,
+                    format!("entry {i} is {:?}, not a float", v.value_type()),
+                )),
+            })
+            .collect()
+    }
+
     /// An optional boolean.
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
         match self.get(key) {
@@ -167,6 +238,19 @@ impl<'a> Meta<'a> {
             Some(Value::Bool(b)) => Ok(Some(*b)),
             Some(_) => Err(Self::bad(key, "expected a boolean")),
         }
+    }
+}
+
+fn value_to_i64(v: &Value) -> Option<i64> {
+    match *v {
+        Value::U64(x) => i64::try_from(x).ok(),
+        Value::I64(x) => Some(x),
+        ref other => value_to_u64(other).map(|x| x as i64).or(match *other {
+            Value::I8(x) => Some(x.into()),
+            Value::I16(x) => Some(x.into()),
+            Value::I32(x) => Some(x.into()),
+            _ => None,
+        }),
     }
 }
 

@@ -12,9 +12,7 @@
 //! recognised when written in a prompt and skipped by [`GgufTokenizer::decode`], and user-defined
 //! tokens are non-special added tokens matched on the raw text.
 
-use std::collections::HashMap;
-
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
@@ -31,6 +29,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use super::gguf::Meta;
 use super::ModelError;
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
@@ -86,8 +85,8 @@ impl GgufTokenizer {
     /// Builds the tokenizer from a GGUF file's metadata. Fails with a typed error (never panics) on
     /// an unsupported `tokenizer.ggml.model`/`pre`, missing keys or values of the wrong type.
     pub fn from_gguf(content: &Content) -> Result<Self, ModelError> {
-        let meta = Meta(&content.metadata);
-        let model = meta.required_str("tokenizer.ggml.model")?;
+        let meta = Meta(content);
+        let model = meta.str("tokenizer.ggml.model")?;
         let tokens = meta.string_array("tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
             return Err(bad("tokenizer.ggml.tokens", "the vocabulary is empty"));
@@ -123,7 +122,7 @@ impl GgufTokenizer {
 
         let vocab_size = tokens.len();
         let id = |key: &str| -> Result<Option<u32>, ModelError> {
-            match meta.u32(key)? {
+            match meta.opt_u32(key)? {
                 Some(id) if id as usize >= vocab_size => Err(bad(
                     key,
                     format!("token id {id} is outside the vocabulary of {vocab_size}"),
@@ -136,7 +135,7 @@ impl GgufTokenizer {
             .ok_or_else(|| ModelError::MissingMetadata("tokenizer.ggml.eos_token_id".into()))?;
         let eot_id = id("tokenizer.ggml.eot_token_id")?;
         let add_bos = meta
-            .bool("tokenizer.ggml.add_bos_token")?
+            .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(default_add_bos)
             && bos_id.is_some();
 
@@ -259,131 +258,6 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
 }
 
-/// Typed, panic-free reads of GGUF metadata.
-struct Meta<'a>(&'a HashMap<String, Value>);
-
-impl<'a> Meta<'a> {
-    fn str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(v) => Err(bad(
-                key,
-                format!("expected a string, found {:?}", v.value_type()),
-            )),
-        }
-    }
-
-    fn required_str(&self, key: &str) -> Result<&'a str, ModelError> {
-        self.str(key)?
-            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(bad(
-                key,
-                format!("expected a bool, found {:?}", v.value_type()),
-            )),
-        }
-    }
-
-    fn u32(&self, key: &str) -> Result<Option<u32>, ModelError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let n = int_value(v).ok_or_else(|| {
-                    bad(
-                        key,
-                        format!("expected an integer, found {:?}", v.value_type()),
-                    )
-                })?;
-                u32::try_from(n)
-                    .map(Some)
-                    .map_err(|_| bad(key, format!("{n} is not a valid token id")))
-            }
-        }
-    }
-
-    fn array(&self, key: &str) -> Result<Option<&'a Vec<Value>>, ModelError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => Ok(Some(a)),
-            Some(v) => Err(bad(
-                key,
-                format!("expected an array, found {:?}", v.value_type()),
-            )),
-        }
-    }
-
-    fn string_array(&self, key: &str) -> Result<Vec<&'a str>, ModelError> {
-        let arr = self
-            .array(key)?
-            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?;
-        arr.iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.as_str()),
-                v => Err(bad(
-                    key,
-                    format!("entry {i} is {:?}, not a string", v.value_type()),
-                )),
-            })
-            .collect()
-    }
-
-    fn int_array(&self, key: &str) -> Result<Option<Vec<i64>>, ModelError> {
-        let Some(arr) = self.array(key)? else {
-            return Ok(None);
-        };
-        arr.iter()
-            .enumerate()
-            .map(|(i, v)| {
-                int_value(v).ok_or_else(|| {
-                    bad(
-                        key,
-                        format!("entry {i} is {:?}, not an integer", v.value_type()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    }
-
-    fn f32_array(&self, key: &str) -> Result<Vec<f32>, ModelError> {
-        let arr = self
-            .array(key)?
-            .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?;
-        arr.iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::F32(x) => Ok(*x),
-                Value::F64(x) => Ok(*x as f32),
-                v => Err(bad(
-                    key,
-                    format!("entry {i} is {:?}, not a float", v.value_type()),
-                )),
-            })
-            .collect()
-    }
-}
-
-fn int_value(v: &Value) -> Option<i64> {
-    Some(match v {
-        Value::U8(x) => i64::from(*x),
-        Value::I8(x) => i64::from(*x),
-        Value::U16(x) => i64::from(*x),
-        Value::I16(x) => i64::from(*x),
-        Value::U32(x) => i64::from(*x),
-        Value::I32(x) => i64::from(*x),
-        Value::U64(x) => i64::try_from(*x).ok()?,
-        Value::I64(x) => *x,
-        _ => return None,
-    })
-}
-
 /// Token → id. A piece listed twice maps to its last id, as in llama.cpp's `token_to_id`.
 fn vocab_of(tokens: &[&str]) -> Vocab {
     let mut vocab = Vocab::with_capacity(tokens.len());
@@ -415,7 +289,7 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError>
         .build()
         .map_err(|e| ModelError::Tokenizer(format!("byte-level BPE: {e}")))?;
 
-    let pre = meta.str("tokenizer.ggml.pre")?.unwrap_or("gpt2");
+    let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("gpt2");
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         // GPT-2's own regex, applied by ByteLevel itself.
         "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
@@ -474,7 +348,7 @@ fn build_sentencepiece(
         .vocab_and_merges(vocab, merges)
         .byte_fallback(true)
         .fuse_unk(true);
-    if let Some(unk) = meta.u32("tokenizer.ggml.unknown_token_id")? {
+    if let Some(unk) = meta.opt_u32("tokenizer.ggml.unknown_token_id")? {
         let piece = tokens.get(unk as usize).ok_or_else(|| {
             bad(
                 "tokenizer.ggml.unknown_token_id",
@@ -488,7 +362,7 @@ fn build_sentencepiece(
         .map_err(|e| ModelError::Tokenizer(format!("SentencePiece BPE: {e}")))?;
 
     let add_space_prefix = meta
-        .bool("tokenizer.ggml.add_space_prefix")?
+        .opt_bool("tokenizer.ggml.add_space_prefix")?
         .unwrap_or(false);
     let replace = Replace::new(" ", SPM_SPACE).map_err(tok_err)?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
@@ -583,6 +457,8 @@ fn add_typed_tokens(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::gguf_file::Value;
+    use std::collections::HashMap;
 
     fn content(entries: Vec<(&str, Value)>) -> Content {
         Content {
