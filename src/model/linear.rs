@@ -63,7 +63,7 @@ impl Linear {
         match &self.inner {
             Kind::Q8(w) => q8_forward_f32(w, x, m),
             Kind::Candle(w) => {
-                if m == 0 || x.len() % m != 0 {
+                if m == 0 || !x.len().is_multiple_of(m) {
                     candle_core::bail!("linear input of {} values is not {m} rows", x.len());
                 }
                 let xt = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;

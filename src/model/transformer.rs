@@ -338,7 +338,7 @@ impl Transformer {
             let mut qkv = block.qkv.forward_f32(&h, n_tok)?;
             let width = block.qkv.width();
             let neox = hp.arch == Arch::Gemma3;
-            for_rows(&mut qkv, width, |row, r| {
+            par_rows(&mut qkv, width, |row, r| {
                 let (q, kv) = r.split_at_mut(q_dim);
                 let k = &mut kv[..kv_dim];
                 if let Some(w) = &block.q_norm {
@@ -633,11 +633,6 @@ fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     } else {
         buf.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
     }
-}
-
-/// [`par_rows`] under the name the attention prologue reads best with.
-fn for_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    par_rows(buf, width, f)
 }
 
 /// RMS norm of each row of width `w.len()` in place, as candle's `rms_norm` computes it (f32
