@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use super::kernels::Q8Matrix;
 
@@ -25,11 +25,15 @@ pub struct Linear {
     out_features: usize,
 }
 
+fn runs_on_kernels(w: &QTensor) -> bool {
+    w.dtype() == GgmlDType::Q8_0 && w.device().is_cpu()
+}
+
 impl Linear {
     /// Wrap quantized weights of shape `[out, in]`.
     pub fn new(weight: Arc<QTensor>) -> candle_core::Result<Self> {
         let (out_features, _) = weight.shape().dims2()?;
-        let inner = if weight.dtype() == GgmlDType::Q8_0 && weight.device().is_cpu() {
+        let inner = if runs_on_kernels(&weight) {
             Kind::Q8(Q8Matrix::from_qtensor(&weight)?)
         } else {
             Kind::Candle(QMatMul::from_arc(weight)?)
@@ -50,6 +54,120 @@ impl Linear {
         match &self.inner {
             Kind::Q8(m) => m.forward(x),
             Kind::Candle(m) => m.forward(x),
+        }
+    }
+
+    /// Apply to `m` host rows `x` (`[m, in]` row-major); returns `[m, out]`. The CPU forward
+    /// pass's entry: Q8_0 weights go straight to the kernels with no tensor in between.
+    pub fn forward_f32(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match &self.inner {
+            Kind::Q8(w) => q8_forward_f32(w, x, m),
+            Kind::Candle(w) => {
+                if m == 0 || !x.len().is_multiple_of(m) {
+                    candle_core::bail!("linear input of {} values is not {m} rows", x.len());
+                }
+                let xt = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                w.forward(&xt)?.flatten_all()?.to_vec1()
+            }
+        }
+    }
+}
+
+fn q8_forward_f32(w: &Q8Matrix, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+    if x.len() != m * w.k() {
+        candle_core::bail!(
+            "linear input holds {} values, expected {m} × {}",
+            x.len(),
+            w.k()
+        );
+    }
+    let mut out = vec![0f32; m * w.n_out()];
+    w.matmul_f32(x, m, &mut out);
+    Ok(out)
+}
+
+/// Several linear layers applied to the same input (Q/K/V, or gate/up), with outputs side by
+/// side: `[m, Σ out]`. Q8_0 weights on CPU are stacked at load into one matrix, so the step runs
+/// one kernel call (one activation quantization, one split over threads) for all of them.
+#[derive(Clone)]
+pub struct MultiLinear {
+    inner: MultiKind,
+    sizes: Vec<usize>,
+}
+
+#[derive(Clone)]
+enum MultiKind {
+    Stacked(Q8Matrix),
+    Each(Vec<Linear>),
+}
+
+impl MultiLinear {
+    /// Wrap weights `[out_i, in]` sharing `in`.
+    pub fn new(weights: &[Arc<QTensor>]) -> candle_core::Result<Self> {
+        let sizes = weights
+            .iter()
+            .map(|w| Ok(w.shape().dims2()?.0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inner = if !weights.is_empty() && weights.iter().all(|w| runs_on_kernels(w)) {
+            let parts: Vec<&QTensor> = weights.iter().map(|w| &**w).collect();
+            MultiKind::Stacked(Q8Matrix::from_qtensors(&parts).map_err(candle_core::Error::wrap)?)
+        } else {
+            MultiKind::Each(
+                weights
+                    .iter()
+                    .map(|w| Linear::new(w.clone()))
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        };
+        Ok(Self { inner, sizes })
+    }
+
+    /// Outputs of each layer, in order.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// Sum of the outputs: the width of a row of [`Self::forward_f32`]'s result.
+    pub fn width(&self) -> usize {
+        self.sizes.iter().sum()
+    }
+
+    /// Each layer applied to `x` (`[.., in]`), as separate tensors.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match &self.inner {
+            MultiKind::Stacked(w) => {
+                let y = w.forward(x)?;
+                let last = y.rank() - 1;
+                let mut off = 0;
+                let mut outs = Vec::with_capacity(self.sizes.len());
+                for &n in &self.sizes {
+                    outs.push(y.narrow(last, off, n)?);
+                    off += n;
+                }
+                Ok(outs)
+            }
+            MultiKind::Each(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Every layer applied to `m` host rows `x` (`[m, in]`); returns `[m, width]` with the layers'
+    /// outputs side by side in each row.
+    pub fn forward_f32(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match &self.inner {
+            MultiKind::Stacked(w) => q8_forward_f32(w, x, m),
+            MultiKind::Each(ls) => {
+                let width = self.width();
+                let mut out = vec![0f32; m * width];
+                let mut col = 0;
+                for (l, &n) in ls.iter().zip(&self.sizes) {
+                    let y = l.forward_f32(x, m)?;
+                    for (r, yr) in y.chunks_exact(n).enumerate() {
+                        out[r * width + col..r * width + col + n].copy_from_slice(yr);
+                    }
+                    col += n;
+                }
+                Ok(out)
+            }
         }
     }
 }

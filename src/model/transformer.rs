@@ -4,6 +4,12 @@
 //! All new tokens of all sequences go through every linear layer as one `[T, hidden]` matrix (the
 //! weights are read once per step, whatever the batch); only RoPE positions, the cache write and
 //! attention are per sequence. A sequence's result does not depend on what else is in the batch.
+//!
+//! On CPU the step runs on plain `f32` rows: norms, RoPE and activations in place in Rust, Q/K/V
+//! and gate/up as one kernel call each ([`MultiLinear`]), keys and values written straight into
+//! the caches' host buffers and attended there ([`super::attention`]) — a handful of calls per
+//! layer instead of dozens of small tensor ops per sequence. Other devices run the same maths
+//! as candle ops.
 
 use std::sync::Arc;
 
@@ -11,10 +17,11 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::attention::{self, AttnShape, SeqAttn};
 use super::gguf::GgufFile;
 use super::hparams::{Arch, HParams};
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{Linear, MultiLinear};
 use super::quantize::{convert, Quant};
 use super::ModelError;
 
@@ -26,20 +33,33 @@ pub struct SeqStep<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// An RMS-norm weight, as a tensor (candle path) and as host values (CPU path).
+#[derive(Debug)]
+struct Norm {
+    t: Tensor,
+    h: Vec<f32>,
+}
+
+impl Norm {
+    fn new(t: Tensor) -> Result<Self, ModelError> {
+        let h = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { t, h })
+    }
+}
+
 struct Block {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    attn_norm: Norm,
+    /// Q, K, V stacked: outputs `[q_dim | kv_dim | kv_dim]`.
+    qkv: MultiLinear,
     wo: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
+    /// Gate and up stacked: outputs `[ffn | ffn]`.
+    gate_up: MultiLinear,
     down: Linear,
-    post_ffn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Norm>,
     window: Option<usize>,
     rope_base: f64,
 }
@@ -49,7 +69,7 @@ pub struct Transformer {
     hp: HParams,
     embed: Arc<QTensor>,
     blocks: Vec<Block>,
-    final_norm: Tensor,
+    final_norm: Norm,
     output: Linear,
     device: Device,
 }
@@ -100,7 +120,8 @@ impl Transformer {
                 .remove(name)
                 .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
         };
-        let norm = |t: Arc<QTensor>| -> Result<Tensor, ModelError> { Ok(t.dequantize(device)?) };
+        let norm =
+            |t: Arc<QTensor>| -> Result<Norm, ModelError> { Norm::new(t.dequantize(device)?) };
 
         let embed = take("token_embd.weight")?;
         check_shape("token_embd.weight", &embed, &[hp.vocab, hp.hidden])?;
@@ -143,7 +164,7 @@ impl Transformer {
                     None
                 });
             }
-            let [q_norm, k_norm, post_attn_norm, post_ffn_norm]: [Option<Tensor>; 4] =
+            let [q_norm, k_norm, post_attn_norm, post_ffn_norm]: [Option<Norm>; 4] =
                 extra_norms.try_into().expect("four norms");
             let window = hp.window_of_layer(i);
             blocks.push(Block {
@@ -153,12 +174,9 @@ impl Transformer {
                 post_attn_norm,
                 post_ffn_norm,
                 ffn_norm: norm(take(&p("ffn_norm"))?)?,
-                wq: Linear::new(wq)?,
-                wk: Linear::new(wk)?,
-                wv: Linear::new(wv)?,
+                qkv: MultiLinear::new(&[wq, wk, wv])?,
                 wo: Linear::new(wo)?,
-                gate: Linear::new(gate)?,
-                up: Linear::new(up)?,
+                gate_up: MultiLinear::new(&[gate, up])?,
                 down: Linear::new(down)?,
                 window,
                 rope_base: if window.is_some() {
@@ -216,6 +234,9 @@ impl Transformer {
             all_tokens.extend_from_slice(s.tokens);
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
         }
+        if self.device.is_cpu() && steps.iter().all(|s| s.cache.is_host()) {
+            return self.forward_host(steps, &spans, all_tokens, &positions);
+        }
         let n_tok = all_tokens.len();
         let ids = Tensor::from_vec(all_tokens, n_tok, &self.device)?;
         let mut x = self.embed.embedding(&ids)?;
@@ -233,23 +254,27 @@ impl Transformer {
                     (c, s)
                 }
             };
-            let h = rms_norm(&x, &block.attn_norm, hp.rms_eps)?;
+            let h = rms_norm(&x, &block.attn_norm.t, hp.rms_eps)?;
             let attn = self.attention(li, block, &h, &cos, &sin, steps, &spans)?;
             let attn = block.wo.forward(&attn)?;
             let attn = match &block.post_attn_norm {
-                Some(w) => rms_norm(&attn, w, hp.rms_eps)?,
+                Some(w) => rms_norm(&attn, &w.t, hp.rms_eps)?,
                 None => attn,
             };
             x = (x + attn)?;
-            let h = rms_norm(&x, &block.ffn_norm, hp.rms_eps)?;
-            let gate = block.gate.forward(&h)?;
+            let h = rms_norm(&x, &block.ffn_norm.t, hp.rms_eps)?;
+            let [gate, up]: [Tensor; 2] = block
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up outputs".into()))?;
             let gate = match hp.arch {
                 Arch::Llama => gate.silu()?,
                 Arch::Gemma3 => gate.gelu()?,
             };
-            let mlp = block.down.forward(&(gate * block.up.forward(&h)?)?)?;
+            let mlp = block.down.forward(&(gate * up)?)?;
             let mlp = match &block.post_ffn_norm {
-                Some(w) => rms_norm(&mlp, w, hp.rms_eps)?,
+                Some(w) => rms_norm(&mlp, &w.t, hp.rms_eps)?,
                 None => mlp,
             };
             x = (x + mlp)?;
@@ -263,8 +288,141 @@ impl Transformer {
             .collect();
         let last = Tensor::from_vec(last, spans.len(), &self.device)?;
         let x = x.index_select(&last, 0)?;
-        let x = rms_norm(&x, &self.final_norm, hp.rms_eps)?;
+        let x = rms_norm(&x, &self.final_norm.t, hp.rms_eps)?;
         Ok(self.output.forward(&x)?)
+    }
+
+    /// The CPU step on host rows; see the module docs. `spans` are `(row offset, new tokens,
+    /// start position)` per sequence, `positions` the position of every row.
+    fn forward_host(
+        &self,
+        steps: &mut [SeqStep<'_>],
+        spans: &[(usize, usize, usize)],
+        all_tokens: Vec<u32>,
+        positions: &[u32],
+    ) -> Result<Tensor, ModelError> {
+        let hp = &self.hp;
+        let (nh, nkv, hd, dim) = (hp.n_head, hp.n_kv_head, hp.head_dim, hp.hidden);
+        let eps = hp.rms_eps as f32;
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let n_tok = all_tokens.len();
+        let ids = Tensor::from_vec(all_tokens, n_tok, &Device::Cpu)?;
+        let mut x = self
+            .embed
+            .embedding(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if hp.arch == Arch::Gemma3 {
+            // As the candle path: the scale rounded to f32, applied in f32.
+            let s = (hp.hidden as f64).sqrt() as f32;
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        let mut ropes: Vec<(f64, HostRope)> = Vec::new();
+        let mut attn_out = vec![0f32; n_tok * q_dim];
+        for (li, block) in self.blocks.iter().enumerate() {
+            if !ropes.iter().any(|(b, _)| *b == block.rope_base) {
+                ropes.push((
+                    block.rope_base,
+                    HostRope::new(positions, hd, block.rope_base),
+                ));
+            }
+            let rope = &ropes
+                .iter()
+                .find(|(b, _)| *b == block.rope_base)
+                .expect("added")
+                .1;
+
+            // Attention.
+            let mut h = x.clone();
+            rms_norm_rows(&mut h, dim, &block.attn_norm.h, eps);
+            let mut qkv = block.qkv.forward_f32(&h, n_tok)?;
+            let width = block.qkv.width();
+            let neox = hp.arch == Arch::Gemma3;
+            par_rows(&mut qkv, width, |row, r| {
+                let (q, kv) = r.split_at_mut(q_dim);
+                let k = &mut kv[..kv_dim];
+                if let Some(w) = &block.q_norm {
+                    rms_norm_rows(q, hd, &w.h, eps);
+                }
+                if let Some(w) = &block.k_norm {
+                    rms_norm_rows(k, hd, &w.h, eps);
+                }
+                rope.apply(q, row, neox);
+                rope.apply(k, row, neox);
+            });
+            for (s, &(off, len, _)) in steps.iter_mut().zip(spans) {
+                let qkv = &qkv;
+                s.cache.write_host(
+                    li,
+                    len,
+                    |i| &qkv[(off + i) * width + q_dim..][..kv_dim],
+                    |i| &qkv[(off + i) * width + q_dim + kv_dim..][..kv_dim],
+                )?;
+            }
+            let seqs = steps
+                .iter()
+                .zip(spans)
+                .map(|(s, &(off, len, start))| {
+                    Ok(SeqAttn {
+                        off,
+                        len,
+                        start,
+                        kv: s.cache.host_layer(li)?,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let shape = AttnShape {
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                window: block.window,
+                scale: (1.0 / (hd as f64).sqrt()) as f32,
+            };
+            attention::attend(&shape, &qkv, width, &seqs, &mut attn_out);
+            let mut o = block.wo.forward_f32(&attn_out, n_tok)?;
+            if let Some(w) = &block.post_attn_norm {
+                rms_norm_rows(&mut o, dim, &w.h, eps);
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            // Feed-forward.
+            let mut h = x.clone();
+            rms_norm_rows(&mut h, dim, &block.ffn_norm.h, eps);
+            let gu = block.gate_up.forward_f32(&h, n_tok)?;
+            let ffn = hp.ffn;
+            let mut act = vec![0f32; n_tok * ffn];
+            let arch = hp.arch;
+            par_rows(&mut act, ffn, |row, a| {
+                let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    let g = match arch {
+                        Arch::Llama => g / (1.0 + (-g).exp()),
+                        Arch::Gemma3 => gelu_tanh(g),
+                    };
+                    *a = g * u;
+                }
+            });
+            let mut mlp = block.down.forward_f32(&act, n_tok)?;
+            if let Some(w) = &block.post_ffn_norm {
+                rms_norm_rows(&mut mlp, dim, &w.h, eps);
+            }
+            x.iter_mut().zip(&mlp).for_each(|(a, b)| *a += b);
+        }
+        for (s, &(_, len, _)) in steps.iter_mut().zip(spans) {
+            s.cache.advance(len);
+        }
+        let mut last = Vec::with_capacity(spans.len() * dim);
+        for &(off, len, _) in spans {
+            last.extend_from_slice(&x[(off + len - 1) * dim..(off + len) * dim]);
+        }
+        rms_norm_rows(&mut last, dim, &self.final_norm.h, eps);
+        let logits = self.output.forward_f32(&last, spans.len())?;
+        let vocab = logits.len() / spans.len();
+        Ok(Tensor::from_vec(
+            logits,
+            (spans.len(), vocab),
+            &Device::Cpu,
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -282,15 +440,20 @@ impl Transformer {
         let (n_tok, _) = h.dims2()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_kv_head, hp.head_dim);
         let group = nh / nkv;
-        let q = block.wq.forward(h)?.reshape((n_tok, nh, hd))?;
-        let k = block.wk.forward(h)?.reshape((n_tok, nkv, hd))?;
-        let v = block.wv.forward(h)?.reshape((n_tok, nkv, hd))?;
+        let [q, k, v]: [Tensor; 3] = block
+            .qkv
+            .forward(h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v outputs".into()))?;
+        let q = q.reshape((n_tok, nh, hd))?;
+        let k = k.reshape((n_tok, nkv, hd))?;
+        let v = v.reshape((n_tok, nkv, hd))?;
         let q = match &block.q_norm {
-            Some(w) => rms_norm(&q, w, hp.rms_eps)?,
+            Some(w) => rms_norm(&q, &w.t, hp.rms_eps)?,
             None => q,
         };
         let k = match &block.k_norm {
-            Some(w) => rms_norm(&k, w, hp.rms_eps)?,
+            Some(w) => rms_norm(&k, &w.t, hp.rms_eps)?,
             None => k,
         };
         // [1, heads, T, hd] for candle's rope kernels; one call covers every sequence because the
@@ -456,4 +619,95 @@ fn causal_mask(
         }
     }
     Tensor::from_vec(mask, (len, n_keys), device)?.to_dtype(DType::F32)
+}
+
+/// Elements at and above which per-row host work is split over the current rayon pool.
+const PAR_MIN_ELEMS: usize = 64 * 1024;
+
+/// `f(row index, row)` over the rows of width `width` of `buf`, in parallel for large buffers.
+fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if buf.len() >= PAR_MIN_ELEMS && rayon::current_num_threads() > 1 {
+        buf.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        buf.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// RMS norm of each row of width `w.len()` in place, as candle's `rms_norm` computes it (f32
+/// mean of squares, `x / sqrt(mean + eps) * w`).
+fn rms_norm_rows(buf: &mut [f32], width: usize, w: &[f32], eps: f32) {
+    debug_assert_eq!(w.len(), width);
+    par_rows(buf, width, |_, r| {
+        let mut acc = [0f32; 8];
+        let chunks = r.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for l in 0..8 {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        let sum2 = acc.iter().sum::<f32>() + tail;
+        let m = (sum2 / width as f32 + eps).sqrt();
+        for (v, &g) in r.iter_mut().zip(w) {
+            *v = *v / m * g;
+        }
+    });
+}
+
+/// candle's `gelu` (tanh approximation) on one value.
+fn gelu_tanh(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)).tanh())
+}
+
+/// cos/sin of every row's position (`[rows][head_dim / 2]`), for RoPE in place on host rows.
+struct HostRope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl HostRope {
+    /// The tables ggml computes (f32 running product of the frequency scale): see [`rope_tables`].
+    fn new(positions: &[u32], head_dim: usize, base: f64) -> Self {
+        let half = head_dim / 2;
+        let theta_scale = (base as f32).powf(-2.0 / head_dim as f32);
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let mut theta = p as f32;
+            for _ in 0..half {
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+                theta *= theta_scale;
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    /// Rotates every head of `x` (heads of `2 * half` values) at row `row`'s position: pairs
+    /// `(2i, 2i + 1)` (llama, `rope_i`) or `(i, i + half)` (NeoX, gemma3), as candle's kernels.
+    fn apply(&self, x: &mut [f32], row: usize, neox: bool) {
+        let half = self.half;
+        let cos = &self.cos[row * half..(row + 1) * half];
+        let sin = &self.sin[row * half..(row + 1) * half];
+        for head in x.chunks_exact_mut(2 * half) {
+            if neox {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x1 * sin[i] + x2 * cos[i];
+                }
+            } else {
+                for i in 0..half {
+                    let (x1, x2) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = x1 * cos[i] - x2 * sin[i];
+                    head[2 * i + 1] = x1 * sin[i] + x2 * cos[i];
+                }
+            }
+        }
+    }
 }

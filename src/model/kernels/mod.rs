@@ -132,6 +132,38 @@ impl Q8Matrix {
         Self::try_from(t).map_err(candle_core::Error::wrap)
     }
 
+    /// Stacks the rows of several Q8_0 weights sharing `k` into one matrix (`[Σ n_out, k]`), so
+    /// layers reading the same activation (Q/K/V, gate/up) run as one call: one activation
+    /// quantization, one parallel split and one pass of the thread pool instead of several.
+    pub fn from_qtensors(parts: &[&QTensor]) -> Result<Self, KernelError> {
+        let mut data = Vec::new();
+        let (mut n, mut k) = (0, None);
+        for t in parts {
+            let (pn, pk) = check_weight(t.dtype(), t.shape().dims(), None)?;
+            if let Some(k) = k {
+                if k != pk {
+                    return Err(KernelError::InnerDim {
+                        expected: k,
+                        got: pk,
+                    });
+                }
+            }
+            k = Some(pk);
+            let bytes = t
+                .data()
+                .map_err(|e| KernelError::WeightData(e.to_string()))?;
+            check_weight(t.dtype(), t.shape().dims(), bytes.len())?;
+            data.extend_from_slice(&bytes);
+            n += pn;
+        }
+        let Some(k) = k else {
+            return Err(KernelError::WeightRank(vec![]));
+        };
+        Ok(Self {
+            packed: Arc::new(Packed::from_q8_0_bytes(&data, n, k)),
+        })
+    }
+
     /// Output features (rows of the weight).
     pub fn n_out(&self) -> usize {
         self.packed.n
