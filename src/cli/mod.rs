@@ -1,5 +1,6 @@
 //! Subcommands of the `qnode` binary. Each file is one command; none holds engine logic.
 
+mod bench;
 mod generate;
 mod health;
 mod models;
@@ -28,6 +29,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Ask a node for its grpc.health.v1 status (exit 0 when SERVING).
     Health(health::HealthArgs),
+    /// Load a running node with concurrent streaming requests and print a markdown table.
+    Bench(bench::BenchArgs),
 }
 
 /// Parse the command line and run the command.
@@ -39,6 +42,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Quantize(args) => quantize::run(args),
         Command::Models(args) => models::run(args),
         Command::Health(args) => health::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
