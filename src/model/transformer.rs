@@ -579,21 +579,11 @@ fn rope_tables(
     base: f64,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let theta_scale = (base as f32).powf(-2.0 / head_dim as f32);
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    for &p in positions {
-        let mut theta = p as f32;
-        for _ in 0..half {
-            cos.push(theta.cos());
-            sin.push(theta.sin());
-            theta *= theta_scale;
-        }
-    }
+    let rope = HostRope::new(positions, head_dim, base);
+    let shape = (positions.len(), rope.half);
     Ok((
-        Tensor::from_vec(cos, (positions.len(), half), device)?,
-        Tensor::from_vec(sin, (positions.len(), half), device)?,
+        Tensor::from_vec(rope.cos, shape, device)?,
+        Tensor::from_vec(rope.sin, shape, device)?,
     ))
 }
 
