@@ -128,18 +128,17 @@ impl Instance {
                 continue;
             }
             let started = Instant::now();
-            let result =
-                std::panic::catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step())));
+            // Everything a step does, its observer included, is inside the guard: a panic fails
+            // the batch's requests with INTERNAL and the instance goes on with an empty batch.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let (batch, tokens, sampled) = pool.install(|| self.step())?;
+                let busy = started.elapsed();
+                self.observer
+                    .on_step(self.settings.index, batch, tokens, sampled, busy);
+                Ok::<(), crate::model::ModelError>(())
+            }));
             match result {
-                Ok(Ok((batch, tokens, sampled))) => {
-                    self.observer.on_step(
-                        self.settings.index,
-                        batch,
-                        tokens,
-                        sampled,
-                        started.elapsed(),
-                    );
-                }
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => self.fail_all(format!("forward pass failed: {e}")),
                 Err(panic) => {
                     let what = panic
