@@ -44,6 +44,22 @@ impl Linear {
         })
     }
 
+    /// Rows `ids` of the weight, dequantized (`[ids.len() * in]`), when the weight is in our
+    /// packed Q8_0 form; `None` otherwise. Used for tied embeddings.
+    pub fn rows_f32(&self, ids: &[u32]) -> Option<candle_core::Result<Vec<f32>>> {
+        let Kind::Q8(w) = &self.inner else {
+            return None;
+        };
+        let k = w.k();
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            if let Err(e) = w.dequantize_row(id as usize, row) {
+                return Some(Err(candle_core::Error::Msg(e.to_string())));
+            }
+        }
+        Some(Ok(out))
+    }
+
     /// Number of outputs.
     pub fn out_features(&self) -> usize {
         self.out_features

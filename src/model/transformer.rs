@@ -67,7 +67,9 @@ struct Block {
 /// Weights of a model, immutable after load and shared by `Arc` between instances.
 pub struct Transformer {
     hp: HParams,
-    embed: Arc<QTensor>,
+    /// Token embeddings; `None` when they are tied to the output head and that head holds them
+    /// in our packed form (rows are looked up there, so the matrix is held once).
+    embed: Option<Arc<QTensor>>,
     blocks: Vec<Block>,
     final_norm: Norm,
     output: Linear,
@@ -129,6 +131,10 @@ impl Transformer {
             Linear::new(embed.clone())?
         } else {
             Linear::new(take("output.weight")?)?
+        };
+        let embed = match output.rows_f32(&[]) {
+            Some(_) if tied => None,
+            _ => Some(embed),
         };
         let final_norm = norm(take("output_norm.weight")?)?;
         let mut blocks = Vec::with_capacity(hp.n_layer);
@@ -206,6 +212,21 @@ impl Transformer {
         &self.device
     }
 
+    /// Embedding rows of `ids`, `[ids.len() * hidden]` f32.
+    fn embedding_rows(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        match &self.embed {
+            Some(e) => {
+                let ids = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                Ok(e.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            None => Ok(self.output.rows_f32(ids).unwrap_or_else(|| {
+                Err(candle_core::Error::Msg(
+                    "tied embedding without a packed head".into(),
+                ))
+            })?),
+        }
+    }
+
     /// A fresh KV cache for one sequence of at most `max_len` positions.
     pub fn new_cache(&self, max_len: usize) -> KvCache {
         KvCache::new(
@@ -239,7 +260,13 @@ impl Transformer {
         }
         let n_tok = all_tokens.len();
         let ids = Tensor::from_vec(all_tokens, n_tok, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = match &self.embed {
+            Some(e) => e.embedding(&ids)?,
+            None => {
+                let rows = self.embedding_rows(&ids.to_vec1::<u32>()?)?;
+                Tensor::from_vec(rows, (n_tok, hp.hidden), &self.device)?
+            }
+        };
         if hp.arch == Arch::Gemma3 {
             x = (x * (hp.hidden as f64).sqrt())?;
         }
@@ -306,12 +333,7 @@ impl Transformer {
         let eps = hp.rms_eps as f32;
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let n_tok = all_tokens.len();
-        let ids = Tensor::from_vec(all_tokens, n_tok, &Device::Cpu)?;
-        let mut x = self
-            .embed
-            .embedding(&ids)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = self.embedding_rows(&all_tokens)?;
         if hp.arch == Arch::Gemma3 {
             // As the candle path: the scale rounded to f32, applied in f32.
             let s = (hp.hidden as f64).sqrt() as f32;

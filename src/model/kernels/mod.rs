@@ -64,6 +64,14 @@ pub enum KernelError {
         /// The activation's last dimension.
         got: usize,
     },
+    /// A row index past the weight's `n_out` (e.g. a token id past the embedding).
+    #[error("row {row} is out of range for a weight of {n_out} rows")]
+    Row {
+        /// Row asked for.
+        row: usize,
+        /// Rows of the weight.
+        n_out: usize,
+    },
     /// The weight's bytes could not be read from its storage.
     #[error("weight data unreadable: {0}")]
     WeightData(String),
@@ -177,6 +185,28 @@ impl Q8Matrix {
     /// Bytes of packed weights held (shared by every clone).
     pub fn size_in_bytes(&self) -> usize {
         self.packed.size_in_bytes()
+    }
+
+    /// Row `row` dequantized into `out` (length `k`): lets a tied embedding look tokens up in the
+    /// output head's packed weights instead of keeping a second copy of the matrix.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        let p = &self.packed;
+        if row >= p.n {
+            return Err(KernelError::Row { row, n_out: p.n });
+        }
+        if out.len() != p.k {
+            return Err(KernelError::InnerDim {
+                expected: p.k,
+                got: out.len(),
+            });
+        }
+        for (b, chunk) in out.chunks_exact_mut(pack::QK).enumerate() {
+            let d = p.scale(row, b);
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = f32::from(p.quant(row, b * pack::QK + j)) * d;
+            }
+        }
+        Ok(())
     }
 
     /// `y = x · Wᵀ` for a CPU f32 `x` of shape `[.., k]` (any leading dims, any strides); returns

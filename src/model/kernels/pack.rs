@@ -81,7 +81,6 @@ impl Packed {
     }
 
     /// The quant of output row `row` at input `col`, undoing the packing.
-    #[cfg(test)]
     pub(crate) fn quant(&self, row: usize, col: usize) -> i8 {
         let (p, r) = (row / PANEL, row % PANEL);
         let (b, g, j) = (col / QK, (col % QK) / 4, col % 4);
@@ -90,7 +89,6 @@ impl Packed {
     }
 
     /// The scale of output row `row`, block `b`.
-    #[cfg(test)]
     pub(crate) fn scale(&self, row: usize, b: usize) -> f32 {
         let (p, r) = (row / PANEL, row % PANEL);
         self.d[(p * self.kb + b) * PANEL + r].to_f32()
