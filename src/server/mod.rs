@@ -176,12 +176,20 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "gRPC listening");
     }
+    // Small frames (one chunk per token, trailers) must not wait for Nagle / delayed ACK: without
+    // TCP_NODELAY a 1-token stream took 44 ms instead of 17 (the bench `server`).
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
     let serve = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serve);
 
     let drain_timeout = config.drain_timeout;
