@@ -10,7 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_build::configure()
         .file_descriptor_set_path(out_dir.join("qnode_v1_descriptor.bin"))
-        .compile_protos(&["proto/qnode/v1/inference.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/qnode/v1/inference.proto",
+                "proto/qnode/v1/admin.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -16,7 +16,7 @@ use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
 use qnode::server::proto::inference_client::InferenceClient;
 use qnode::server::proto::{self, CachePolicy};
-use qnode::server::{self, ServerConfig};
+use qnode::server::{self, ServerConfig, Services};
 use tokio_stream::StreamExt;
 
 const PROMPT: &str = "The history of the printing press";
@@ -81,9 +81,10 @@ fn bench_server(c: &mut Criterion) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig::new(&Config::default(), metrics);
+        let services = Services::ready(Arc::clone(&pool) as Arc<dyn Backend>, &config.metrics);
         tokio::spawn(server::run(
             listener,
-            Arc::clone(&pool) as Arc<dyn Backend>,
+            services,
             config,
             std::future::pending(),
         ));

@@ -107,6 +107,23 @@ pub struct ServerSection {
     pub max_message_bytes: usize,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Whether the node takes traffic once warm (`active`) or waits for `Admin.Activate`.
+    pub role: crate::node::Role,
+    /// Key for the Admin service; absent: `api_key` guards it too. Never logged.
+    pub admin_api_key: Option<String>,
+    /// Where the models run.
+    pub device: DeviceKind,
+}
+
+/// Where the models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// The CPU, with qnode's own Q8_0 kernels.
+    #[default]
+    Cpu,
+    /// CUDA GPU 0 (needs a build with `--features cuda`).
+    Cuda,
 }
 
 impl Default for ServerSection {
@@ -118,6 +135,9 @@ impl Default for ServerSection {
             drain_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
             log_format: LogFormat::Text,
+            role: crate::node::Role::Active,
+            admin_api_key: None,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -279,6 +299,20 @@ pub struct ServeArgs {
     /// [default: none, in-process cache only]
     #[arg(long, env = "QNODE_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
+    /// `standby`: load and warm, but take no traffic until `Admin.Activate`. [default: active]
+    #[arg(long, env = "QNODE_ROLE", value_enum, value_name = "ROLE")]
+    pub role: Option<crate::node::Role>,
+    /// Key for the Admin service (`authorization: Bearer <KEY>`). [default: the API key]
+    #[arg(
+        long,
+        env = "QNODE_ADMIN_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub admin_api_key: Option<String>,
+    /// Where the models run: cpu, or cuda (a build with `--features cuda`). [default: cpu]
+    #[arg(long, env = "QNODE_DEVICE", value_enum, value_name = "DEVICE")]
+    pub device: Option<DeviceKind>,
 }
 
 impl Config {
@@ -341,6 +375,15 @@ impl Config {
         if let Some(format) = args.log_format {
             server.log_format = format;
         }
+        if let Some(role) = args.role {
+            server.role = role;
+        }
+        if let Some(key) = &args.admin_api_key {
+            server.admin_api_key = Some(key.clone());
+        }
+        if let Some(device) = args.device {
+            server.device = device;
+        }
         if let Some(url) = &args.redis_url {
             self.cache.redis_url = Some(url.clone());
         }
@@ -382,6 +425,13 @@ impl Config {
         }
         if self.server.api_key.as_deref() == Some("") {
             return Err(out_of_range("server.api_key", "non-empty when set", "\"\""));
+        }
+        if self.server.admin_api_key.as_deref() == Some("") {
+            return Err(out_of_range(
+                "server.admin_api_key",
+                "non-empty when set",
+                "\"\"",
+            ));
         }
         at_least(
             "server.max_message_bytes",

@@ -7,6 +7,8 @@
 //! - [`engine`]: what one request is (validated input, sampling, stop strings, incremental
 //!   detokenization) and the batching loop of one model instance on its own OS thread.
 //! - [`pool`]: instances per model sharing weights, admission queue and dispatch.
+//! - [`node`]: the node's lifecycle (loading, warming, ready or standby, draining) and in-flight
+//!   calls, shared by every front.
 //! - [`server`]: tonic services (Inference, health, reflection), errors → `Status` in one place.
 //! - [`config`]: the one `Config` (TOML file, `QNODE_*` env, flags).
 //!
@@ -19,5 +21,6 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod pool;
 pub mod server;

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Requests waiting for a batch slot by `model`; the pool sets it.
     pub queued: IntGaugeVec,
+    /// 1 for the node's current lifecycle `state` (loading, warming, ready, standby, draining), 0 for
+    /// the others.
+    pub node_state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -77,7 +80,12 @@ impl Metrics {
         registry.register(Box::new(time_to_first_token.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        let node_state = IntGaugeVec::new(
+            Opts::new("node_state", "1 for the node's current lifecycle state"),
+            &["state"],
+        )?;
         registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(node_state.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -85,6 +93,7 @@ impl Metrics {
             time_to_first_token,
             generated_tokens,
             in_flight,
+            node_state,
             queued,
         })
     }

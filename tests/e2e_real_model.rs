@@ -15,7 +15,7 @@ use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
 use qnode::server::proto;
 use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::{self, ServerConfig};
+use qnode::server::{self, ServerConfig, Services};
 use tokio_stream::StreamExt;
 
 struct Node {
@@ -49,14 +49,10 @@ async fn start_node() -> Node {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut config = ServerConfig::new(&Config::default(), metrics);
     config.health_poll = std::time::Duration::from_millis(10);
-    tokio::spawn(server::run(
-        listener,
-        pool as Arc<dyn Backend>,
-        config,
-        async {
-            let _ = rx.await;
-        },
-    ));
+    let services = Services::ready(pool as Arc<dyn Backend>, &config.metrics);
+    tokio::spawn(server::run(listener, services, config, async {
+        let _ = rx.await;
+    }));
     Node { addr, _stop: tx }
 }
 

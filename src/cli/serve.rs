@@ -8,9 +8,10 @@ use qnode::cache::{CachedBackend, ModelIdentity};
 use qnode::config::{Config, LogFormat, ServeArgs};
 use qnode::engine::Backend;
 use qnode::metrics::Metrics;
+use qnode::node::Node;
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
-use qnode::server::{self, ServerConfig};
+use qnode::server::{self, ServerConfig, Services};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::from_args(&args)?;
@@ -45,9 +46,19 @@ async fn serve(config: Config, metrics: Metrics, pool: Arc<ModelPool>) -> anyhow
         config.cache.clone(),
     )?);
     cache.metrics().register(metrics.registry())?;
-    tokio::spawn(load_models(Arc::clone(&pool), Arc::clone(&cache)));
+    let node = Node::new(config.server.role, &metrics);
+    tokio::spawn(load_models(
+        Arc::clone(&pool),
+        Arc::clone(&cache),
+        Arc::clone(&node),
+    ));
     let server_config = ServerConfig::new(&config, metrics);
-    server::run(listener, cache, server_config, shutdown_signal()).await?;
+    let services = Services {
+        backend: cache,
+        node,
+        models: None,
+    };
+    server::run(listener, services, server_config, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -56,13 +67,14 @@ const PREWARM_TOP_K: usize = 256;
 
 /// Load every model off the runtime, then let the cache key answers by each model's identity and
 /// preload the fleet's hot questions.
-async fn load_models(pool: Arc<ModelPool>, cache: Arc<CachedBackend>) {
+async fn load_models(pool: Arc<ModelPool>, cache: Arc<CachedBackend>, node: Arc<Node>) {
     let loader = Arc::clone(&pool);
     match tokio::task::spawn_blocking(move || loader.load_all()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "loading failed"),
         Err(e) => tracing::error!(error = %e, "loader panicked"),
     }
+    node.warming();
     for info in pool.models() {
         if let Some(model) = pool.loaded(&info.id) {
             cache.set_identity(ModelIdentity {
@@ -77,6 +89,7 @@ async fn load_models(pool: Arc<ModelPool>, cache: Arc<CachedBackend>) {
     if loaded > 0 {
         tracing::info!(loaded, "hot answers preloaded from Redis");
     }
+    node.warmed();
 }
 
 /// Resolves on SIGTERM or SIGINT.

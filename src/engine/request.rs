@@ -174,8 +174,12 @@ pub enum GenerationEvent {
 pub enum ModelState {
     /// Weights being read.
     Loading,
+    /// Loaded; warm-up generations running on its instances.
+    Warming,
     /// Serving requests.
     Ready,
+    /// Loading failed; the log says why.
+    Failed,
 }
 
 /// What `ListModels` reports about a model.
@@ -191,6 +195,6 @@ pub struct ModelInfo {
     pub context_length: u32,
     /// Instances serving the model.
     pub instances: u32,
-    /// Loading or ready.
+    /// Loading, warming, ready or failed.
     pub state: ModelState,
 }

@@ -2,6 +2,7 @@
 
 use super::proto;
 use crate::engine::{Completion, FinishReason, ModelInfo, ModelState, Source, Timings};
+use crate::node::{NodeState, Role};
 
 pub(crate) fn finish_reason(reason: FinishReason) -> proto::FinishReason {
     match reason {
@@ -47,8 +48,27 @@ pub(crate) fn model_info(m: &ModelInfo) -> proto::ModelInfo {
         instances: m.instances,
         state: match m.state {
             ModelState::Loading => proto::ModelState::Loading,
+            ModelState::Warming => proto::ModelState::Warming,
             ModelState::Ready => proto::ModelState::Ready,
+            ModelState::Failed => proto::ModelState::Failed,
         } as i32,
+    }
+}
+
+pub(crate) fn node_state(s: NodeState) -> proto::NodeState {
+    match s {
+        NodeState::Loading => proto::NodeState::Loading,
+        NodeState::Warming => proto::NodeState::Warming,
+        NodeState::Ready => proto::NodeState::Ready,
+        NodeState::Standby => proto::NodeState::Standby,
+        NodeState::Draining => proto::NodeState::Draining,
+    }
+}
+
+pub(crate) fn role(r: Role) -> proto::NodeRole {
+    match r {
+        Role::Active => proto::NodeRole::Active,
+        Role::Standby => proto::NodeRole::Standby,
     }
 }
 

@@ -12,12 +12,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use super::lifecycle::{CallGuard, Lifecycle};
 use super::proto::inference_server::Inference;
 use super::{convert, deadline, proto, validate};
 use crate::config::Limits;
 use crate::engine::{Backend, Completion, EventStream, GenerationEvent, GenerationRequest};
 use crate::metrics::Metrics;
+use crate::node::{CallGuard, Node};
 
 /// How long a failed stream waits for buffer room to deliver its final status.
 const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -29,7 +29,7 @@ const STREAM_BUFFER: usize = 16;
 pub(crate) struct InferenceService {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) limits: Limits,
-    pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) node: Arc<Node>,
     pub(crate) metrics: Metrics,
 }
 
@@ -107,7 +107,7 @@ impl InferenceService {
         request: Request<proto::GenerateRequest>,
         method: &'static str,
     ) -> Result<(Call, tracing::Span, Result<GenerationRequest, Status>), Status> {
-        let guard = self.lifecycle.admit()?;
+        let guard = self.node.admit().map_err(Status::from)?;
         let arrival = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), arrival);
         let tenant = request
@@ -176,7 +176,7 @@ impl Inference for InferenceService {
         let (mut call, span, validated) = self.begin(request, "Generate")?;
         async move {
             let events = self.submit(&call, validated)?;
-            let result = collect(&mut call, events, &self.lifecycle).await;
+            let result = collect(&mut call, events, &self.node).await;
             match &result {
                 Ok((_, completion)) => call.record(Code::Ok, Some(completion)),
                 Err(status) => call.record(status.code(), None),
@@ -204,8 +204,8 @@ impl Inference for InferenceService {
             self.submit(&call, validated)?
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let lifecycle = Arc::clone(&self.lifecycle);
-        tokio::spawn(forward(call, events, tx, lifecycle).instrument(span));
+        let node = Arc::clone(&self.node);
+        tokio::spawn(forward(call, events, tx, node).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -219,7 +219,10 @@ impl Inference for InferenceService {
             .iter()
             .map(convert::model_info)
             .collect();
-        Ok(Response::new(proto::ListModelsResponse { models }))
+        Ok(Response::new(proto::ListModelsResponse {
+            models,
+            node_state: convert::node_state(self.node.state()) as i32,
+        }))
     }
 }
 
@@ -227,13 +230,13 @@ impl Inference for InferenceService {
 async fn collect(
     call: &mut Call,
     mut events: EventStream,
-    lifecycle: &Lifecycle,
+    node: &Node,
 ) -> Result<(String, Completion), Status> {
     let mut text = String::new();
     loop {
         let event = tokio::select! {
             biased;
-            () = lifecycle.stopped() => return Err(hard_stop_status()),
+            () = node.stopped() => return Err(hard_stop_status()),
             () = call.deadline_passed() => return Err(call.deadline_status()),
             event = events.recv() => event,
         };
@@ -266,13 +269,13 @@ async fn forward(
     mut call: Call,
     mut events: EventStream,
     tx: mpsc::Sender<Result<proto::GenerateChunk, Status>>,
-    lifecycle: Arc<Lifecycle>,
+    node: Arc<Node>,
 ) {
     let end = loop {
         let event = tokio::select! {
             biased;
             () = tx.closed() => break End::ClientGone,
-            () = lifecycle.stopped() => break End::Failed(hard_stop_status()),
+            () = node.stopped() => break End::Failed(hard_stop_status()),
             () = call.deadline_passed() => break End::Failed(call.deadline_status()),
             event = events.recv() => event,
         };
@@ -297,7 +300,7 @@ async fn forward(
         let sent = tokio::select! {
             biased;
             sent = tx.send(Ok(chunk)) => sent.is_ok(),
-            () = lifecycle.stopped() => break End::Failed(hard_stop_status()),
+            () = node.stopped() => break End::Failed(hard_stop_status()),
             () = call.deadline_passed() => break End::Failed(call.deadline_status()),
         };
         match (sent, end) {

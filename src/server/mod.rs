@@ -7,15 +7,16 @@
 //! - [`validate`]: wire request → `GenerationRequest`, the only place inputs are checked.
 //! - `status`: every error → `tonic::Status`, the only place codes are chosen.
 //! - `inference`: the service; unary collects, streaming forwards on a bounded channel.
-//! - `lifecycle`: in-flight calls, draining, hard stop. `health`: follows the backend's models.
+//! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
+//! - `health`: follows the node's state and the backend's models.
 //! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing.
 
+mod admin;
 mod auth;
 mod convert;
 mod deadline;
 mod health;
 mod inference;
-mod lifecycle;
 pub mod proto;
 mod status;
 pub mod validate;
@@ -34,6 +35,7 @@ use tonic_health::ServingStatus;
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
 use crate::metrics::Metrics;
+use crate::node::{ModelControl, Node};
 
 pub use validate::ValidationError;
 
@@ -42,6 +44,8 @@ pub use validate::ValidationError;
 pub struct ServerConfig {
     /// Bearer key for Inference calls; `None` leaves them open. Never logged.
     pub api_key: Option<String>,
+    /// Bearer key for Admin calls; `None` leaves them open. Never logged.
+    pub admin_api_key: Option<String>,
     /// How long in-flight calls may run after shutdown begins.
     pub drain_timeout: Duration,
     /// Largest message decoded or encoded by the Inference service, in bytes.
@@ -59,6 +63,11 @@ impl ServerConfig {
     pub fn new(config: &Config, metrics: Metrics) -> Self {
         Self {
             api_key: config.server.api_key.clone(),
+            admin_api_key: config
+                .server
+                .admin_api_key
+                .clone()
+                .or_else(|| config.server.api_key.clone()),
             drain_timeout: config.server.drain_timeout,
             max_message_bytes: config.server.max_message_bytes,
             limits: config.limits.clone(),
@@ -72,6 +81,10 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field(
+                "admin_api_key",
+                &self.admin_api_key.as_ref().map(|_| "<set>"),
+            )
             .field("drain_timeout", &self.drain_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("limits", &self.limits)
@@ -99,7 +112,30 @@ pub enum ServerError {
     },
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains.
+/// What the server serves: the generations, the node's lifecycle, and (for the Admin service's
+/// model calls) the node's models.
+#[derive(Clone)]
+pub struct Services {
+    /// Where generations go.
+    pub backend: Arc<dyn Backend>,
+    /// The node's lifecycle; gates every generation call.
+    pub node: Arc<Node>,
+    /// LoadModel, UnloadModel and Warmup; `None` answers them UNIMPLEMENTED.
+    pub models: Option<Arc<dyn ModelControl>>,
+}
+
+impl Services {
+    /// A ready node serving `backend`, with no model control (tests, benches).
+    pub fn ready(backend: Arc<dyn Backend>, metrics: &Metrics) -> Self {
+        Self {
+            backend,
+            node: Node::ready(metrics),
+            models: None,
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves or `Admin.Drain` is called, then drains.
 ///
 /// Draining: health turns NOT_SERVING and new Inference calls get UNAVAILABLE (the listener stays
 /// open meanwhile), in-flight calls (streams included) finish, then the listener closes,
@@ -108,16 +144,21 @@ pub enum ServerError {
 /// [`ServerError::DrainTimedOut`].
 pub async fn run(
     listener: TcpListener,
-    backend: Arc<dyn Backend>,
+    services: Services,
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let lifecycle = lifecycle::Lifecycle::new(config.metrics.in_flight.clone());
+    let Services {
+        backend,
+        node,
+        models,
+    } = services;
 
     let (mut reporter, health_service) = tonic_health::server::health_reporter();
-    health::set(&mut reporter, ServingStatus::NotServing).await;
-    let follower = tokio::spawn(health::follow_backend(
+    health::set_all(&mut reporter, ServingStatus::NotServing).await;
+    let follower = tokio::spawn(health::follow(
         reporter.clone(),
+        Arc::clone(&node),
         Arc::clone(&backend),
         config.health_poll,
     ));
@@ -136,10 +177,19 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let admin = proto::admin_server::AdminServer::new(admin::AdminService {
+        node: Arc::clone(&node),
+        backend: Arc::clone(&backend),
+        models,
+    });
+    let admin = InterceptedService::new(
+        admin,
+        auth::ApiKeyCheck::new(config.admin_api_key.as_deref()),
+    );
     let inference = proto::inference_server::InferenceServer::new(inference::InferenceService {
         backend,
         limits: config.limits.clone(),
-        lifecycle: Arc::clone(&lifecycle),
+        node: Arc::clone(&node),
         metrics: config.metrics.clone(),
     })
     .max_decoding_message_size(config.max_message_bytes)
@@ -149,26 +199,26 @@ pub async fn run(
 
     // Draining keeps the listener open on purpose: load balancers polling health see NOT_SERVING
     // (not "connection refused"), and calls arriving on any connection get a retryable
-    // UNAVAILABLE from `Lifecycle::admit`. Only when the last Inference call is done does tonic's
+    // UNAVAILABLE from `Node::admit`. Only when the last Inference call is done does tonic's
     // own graceful shutdown run (close the listener, GOAWAY, wait for connections to close).
     let (drain_started, drain_started_rx) = oneshot::channel::<()>();
     let signal = {
-        let lifecycle = Arc::clone(&lifecycle);
+        let node = Arc::clone(&node);
         async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                () = node.drain_requested() => {}
+            }
             tracing::info!("shutdown requested: draining");
-            lifecycle.start_drain();
+            node.drain();
             follower.abort();
             let _ = follower.await;
-            health::set(&mut reporter, ServingStatus::NotServing).await;
+            health::set_all(&mut reporter, ServingStatus::NotServing).await;
             let _ = drain_started.send(());
-            lifecycle.wait_idle().await;
+            node.wait_idle().await;
             // Health `Watch` streams never end on their own and would hold their connections
             // open: dropping the statuses ends them.
-            reporter.clear_service_status("").await;
-            reporter
-                .clear_service_status(proto::inference_server::SERVICE_NAME)
-                .await;
+            health::clear_all(&mut reporter).await;
             tracing::info!("in-flight calls done: closing connections");
         }
     };
@@ -189,6 +239,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serve);
 
@@ -209,9 +260,9 @@ pub async fn run(
             Ok(())
         }
         () = &mut hard_deadline => {
-            let in_flight = lifecycle.in_flight();
+            let in_flight = node.in_flight();
             tracing::warn!(in_flight, ?drain_timeout, "drain timeout: cutting calls still running");
-            lifecycle.hard_stop();
+            node.hard_stop();
             // Give the cut calls a moment to send their UNAVAILABLE and the connections to close.
             let _ = tokio::time::timeout(HARD_STOP_GRACE, &mut serve).await;
             Err(ServerError::DrainTimedOut {

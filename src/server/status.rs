@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 
 use super::validate::ValidationError;
 use crate::engine::EngineError;
+use crate::node::{ControlError, Refusal, TransitionError};
 
 impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
@@ -25,6 +26,30 @@ impl From<EngineError> for Status {
             EngineError::Internal(_) => Status::internal(message),
             EngineError::NotCached => Status::failed_precondition(message),
         }
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(refusal: Refusal) -> Self {
+        Status::unavailable(refusal.to_string())
+    }
+}
+
+impl From<TransitionError> for Status {
+    fn from(error: TransitionError) -> Self {
+        Status::failed_precondition(error.to_string())
+    }
+}
+
+impl From<ControlError> for Status {
+    fn from(error: ControlError) -> Self {
+        let code = match error {
+            ControlError::UnknownModel(_) | ControlError::NotFound(_) => Code::NotFound,
+            ControlError::AlreadyLoaded(_) => Code::AlreadyExists,
+            ControlError::InvalidArgument { .. } => Code::InvalidArgument,
+            ControlError::Failed(_) => Code::Internal,
+        };
+        Status::new(code, error.to_string())
     }
 }
 

@@ -24,7 +24,7 @@ use qnode::engine::{
     GenerationRequest, ModelInfo, ModelState, PromptInput, Source, Timings,
 };
 use qnode::metrics::Metrics;
-use qnode::server::{self, proto, ServerConfig, ServerError};
+use qnode::server::{self, proto, ServerConfig, ServerError, Services};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -249,14 +249,10 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = config.metrics.clone();
-        let handle = tokio::spawn(server::run(
-            listener,
-            Arc::clone(&backend) as Arc<dyn Backend>,
-            config,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let services = Services::ready(Arc::clone(&backend) as Arc<dyn Backend>, &config.metrics);
+        let handle = tokio::spawn(server::run(listener, services, config, async {
+            let _ = rx.await;
+        }));
         Self {
             addr,
             backend,

@@ -1,0 +1,103 @@
+//! The node's lifecycle states, its role, and why a call was refused.
+
+use serde::Deserialize;
+
+/// Lifecycle of the node: loading → warming → ready or standby → draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    /// Models being read.
+    Loading,
+    /// Models loaded; warm-up generations and the hot-answer preload running.
+    Warming,
+    /// Taking traffic.
+    Ready,
+    /// Loaded and warm, taking no traffic until activated.
+    Standby,
+    /// Finishing in-flight calls; the process exits when they are done.
+    Draining,
+}
+
+impl NodeState {
+    /// Every state, for metrics.
+    pub const ALL: [NodeState; 5] = [
+        NodeState::Loading,
+        NodeState::Warming,
+        NodeState::Ready,
+        NodeState::Standby,
+        NodeState::Draining,
+    ];
+
+    /// Lower-case name, as in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Loading => "loading",
+            NodeState::Warming => "warming",
+            NodeState::Ready => "ready",
+            NodeState::Standby => "standby",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which traffic the node wants once warm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Take traffic once warm.
+    #[default]
+    Active,
+    /// Stay loaded and warm, take no traffic until `Admin.Activate`.
+    Standby,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// Why the node takes no new call now. Every variant is retryable on another node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Loading or warming.
+    #[error("node is {0}: models are not ready yet; retry on another node")]
+    Starting(NodeState),
+    /// Standby role.
+    #[error("node is on standby and takes no traffic until activated; retry on another node")]
+    Standby,
+    /// Draining.
+    #[error("node is draining and takes no new requests; retry on another node")]
+    Draining,
+}
+
+impl Refusal {
+    /// The refusal for a node in `state`, or `None` when it takes traffic.
+    pub fn for_state(state: NodeState) -> Option<Self> {
+        match state {
+            NodeState::Ready => None,
+            NodeState::Loading | NodeState::Warming => Some(Refusal::Starting(state)),
+            NodeState::Standby => Some(Refusal::Standby),
+            NodeState::Draining => Some(Refusal::Draining),
+        }
+    }
+}
+
+/// An Admin transition the node's state does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a node that is {state}")]
+pub struct TransitionError {
+    /// What was asked, e.g. `activate`.
+    pub action: &'static str,
+    /// The node's state when asked.
+    pub state: NodeState,
+}

@@ -1,0 +1,215 @@
+//! The `qnode.v1.Admin` service: node lifecycle (status, activate, standby, drain) and, when the
+//! node gives a [`ModelControl`], models loaded and warmed at run time.
+
+// `tonic::Status` (176 bytes) is what handlers return; boxing it would only add conversions.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::admin_server::Admin;
+use super::{convert, proto};
+use crate::config::{ModelConfig, Quant};
+use crate::engine::Backend;
+use crate::node::{ControlError, ModelControl, Node};
+
+/// Most instances a LoadModel may ask for.
+const MAX_INSTANCES: u32 = 64;
+/// Largest batch a LoadModel may ask for.
+const MAX_BATCH: u32 = 256;
+
+/// Implements the service over the node, its backend and its model control.
+pub(crate) struct AdminService {
+    pub(crate) node: Arc<Node>,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) models: Option<Arc<dyn ModelControl>>,
+}
+
+impl AdminService {
+    fn status(&self) -> proto::NodeStatusResponse {
+        proto::NodeStatusResponse {
+            state: convert::node_state(self.node.state()) as i32,
+            role: convert::role(self.node.role()) as i32,
+            models: self
+                .backend
+                .models()
+                .iter()
+                .map(convert::model_info)
+                .collect(),
+            in_flight: u32::try_from(self.node.in_flight()).unwrap_or(u32::MAX),
+            uptime_ms: millis(self.node.uptime()),
+            warm_after_ms: self.node.warm_after().map_or(0, millis),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn control(&self) -> Result<&Arc<dyn ModelControl>, Status> {
+        self.models
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this server was started without model control"))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A LoadModel request as a model configuration, fields checked.
+fn model_config(request: proto::LoadModelRequest) -> Result<ModelConfig, ControlError> {
+    let invalid = |field, constraint: &str, value: String| ControlError::InvalidArgument {
+        field,
+        constraint: constraint.to_string(),
+        value,
+    };
+    if request.id.is_empty() {
+        return Err(invalid("id", "non-empty", "\"\"".into()));
+    }
+    let mut config = ModelConfig::new(request.id);
+    if let Some(n) = request.instances {
+        if !(1..=MAX_INSTANCES).contains(&n) {
+            return Err(invalid(
+                "instances",
+                &format!("in 1..={MAX_INSTANCES}"),
+                n.to_string(),
+            ));
+        }
+        config.instances = n as usize;
+    }
+    if let Some(n) = request.threads_per_instance {
+        if n == 0 {
+            return Err(invalid("threads_per_instance", ">= 1", n.to_string()));
+        }
+        config.threads_per_instance = Some(n as usize);
+    }
+    if let Some(n) = request.max_batch {
+        if !(1..=MAX_BATCH).contains(&n) {
+            return Err(invalid(
+                "max_batch",
+                &format!("in 1..={MAX_BATCH}"),
+                n.to_string(),
+            ));
+        }
+        config.max_batch = n as usize;
+    }
+    if let Some(n) = request.context_length {
+        if n == 0 {
+            return Err(invalid("context_length", ">= 1", n.to_string()));
+        }
+        config.context_length = Some(n);
+    }
+    config.quant = match request.quant.as_str() {
+        "" => Quant::default(),
+        name => name
+            .parse()
+            .map_err(|_| invalid("quant", "`q8_0` or `original`", format!("{name:?}")))?,
+    };
+    Ok(config)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn node_status(
+        &self,
+        _request: Request<proto::NodeStatusRequest>,
+    ) -> Result<Response<proto::NodeStatusResponse>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn activate(
+        &self,
+        _request: Request<proto::ActivateRequest>,
+    ) -> Result<Response<proto::NodeStatusResponse>, Status> {
+        self.node.activate()?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn standby(
+        &self,
+        _request: Request<proto::StandbyRequest>,
+    ) -> Result<Response<proto::NodeStatusResponse>, Status> {
+        self.node.standby()?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<proto::DrainRequest>,
+    ) -> Result<Response<proto::NodeStatusResponse>, Status> {
+        self.node.drain();
+        Ok(Response::new(self.status()))
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::ModelInfo>, Status> {
+        let control = self.control()?;
+        let config = model_config(request.into_inner())?;
+        let info = control.load_model(config).await?;
+        Ok(Response::new(convert::model_info(&info)))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<proto::UnloadModelRequest>,
+    ) -> Result<Response<proto::UnloadModelResponse>, Status> {
+        let control = self.control()?;
+        let refused = control.unload_model(&request.into_inner().id).await?;
+        Ok(Response::new(proto::UnloadModelResponse {
+            refused_queued: u32::try_from(refused).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<proto::WarmupRequest>,
+    ) -> Result<Response<proto::WarmupResponse>, Status> {
+        let control = self.control()?;
+        let request = request.into_inner();
+        let report = control
+            .warm_up(&request.models, request.hot_answers as usize)
+            .await?;
+        Ok(Response::new(proto::WarmupResponse {
+            generations: u32::try_from(report.generations).unwrap_or(u32::MAX),
+            hot_answers_loaded: u32::try_from(report.hot_answers_loaded).unwrap_or(u32::MAX),
+            elapsed_us: u64::try_from(report.elapsed.as_micros()).unwrap_or(u64::MAX),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_model_fields_are_checked_and_named() {
+        let bad = |r: proto::LoadModelRequest| model_config(r).unwrap_err().to_string();
+        let base = || proto::LoadModelRequest {
+            id: "smollm2".into(),
+            ..Default::default()
+        };
+        assert!(bad(proto::LoadModelRequest::default()).contains("`id`"));
+        assert!(bad(proto::LoadModelRequest {
+            instances: Some(0),
+            ..base()
+        })
+        .contains("`instances` must be in 1..=64. Given: 0"));
+        assert!(bad(proto::LoadModelRequest {
+            quant: "q4".into(),
+            ..base()
+        })
+        .contains("`quant`"));
+        let ok = model_config(proto::LoadModelRequest {
+            instances: Some(2),
+            max_batch: Some(4),
+            quant: "original".into(),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(
+            (ok.instances, ok.max_batch, ok.quant),
+            (2, 4, Quant::Original)
+        );
+    }
+}
