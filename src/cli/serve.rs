@@ -1,14 +1,15 @@
-//! `qnode serve`: load the models, serve gRPC (and /metrics), drain on SIGTERM/SIGINT.
+//! `qnode serve`: load and warm the models, serve gRPC (and /metrics), drain on SIGTERM/SIGINT or
+//! `Admin.Drain`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use candle_core::Device;
-use qnode::cache::{CachedBackend, ModelIdentity};
-use qnode::config::{Config, LogFormat, ServeArgs};
+use qnode::cache::CachedBackend;
+use qnode::config::{Config, DeviceKind, LogFormat, ServeArgs};
 use qnode::engine::Backend;
 use qnode::metrics::Metrics;
-use qnode::node::Node;
+use qnode::node::{Node, NodeModels};
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
 use qnode::server::{self, ServerConfig, Services};
@@ -17,20 +18,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::from_args(&args)?;
     super::init_tracing(config.server.log_format == LogFormat::Json);
     let metrics = Metrics::new()?;
+    // Created first so `uptime` and `warm_after` count from process start.
+    let node = Node::new(config.server.role, &metrics);
     let pool_metrics = PoolMetrics::register(metrics.registry())?;
-    let pool = Arc::new(ModelPool::new(&config.models, pool_metrics, Device::Cpu)?);
+    let device = device(config.server.device)?;
+    let pool = Arc::new(ModelPool::new(&config.models, pool_metrics, device)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(config, metrics, Arc::clone(&pool)))?;
+    runtime.block_on(serve(config, metrics, node, Arc::clone(&pool)))?;
     // In-flight calls are done; let the instances finish and exit.
     pool.shutdown();
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(config: Config, metrics: Metrics, pool: Arc<ModelPool>) -> anyhow::Result<()> {
+/// The candle device for `kind`; CUDA needs a build with `--features cuda`.
+fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => anyhow::bail!(
+            "`--device cuda` needs a qnode built with `cargo build --release --features cuda`; this build is CPU only"
+        ),
+    }
+}
+
+/// Hot questions of the fleet loaded into L1 during warm-up.
+const PREWARM_TOP_K: usize = 256;
+
+async fn serve(
+    config: Config,
+    metrics: Metrics,
+    node: Arc<Node>,
+    pool: Arc<ModelPool>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "gRPC listening");
     if let Some(addr) = config.server.metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, "metrics listening on /metrics");
@@ -46,50 +70,19 @@ async fn serve(config: Config, metrics: Metrics, pool: Arc<ModelPool>) -> anyhow
         config.cache.clone(),
     )?);
     cache.metrics().register(metrics.registry())?;
-    let node = Node::new(config.server.role, &metrics);
-    tokio::spawn(load_models(
-        Arc::clone(&pool),
-        Arc::clone(&cache),
-        Arc::clone(&node),
-    ));
+    let models = NodeModels::new(pool, Arc::clone(&cache), Arc::clone(&node));
+    tokio::spawn({
+        let models = Arc::clone(&models);
+        async move { models.start(PREWARM_TOP_K).await }
+    });
     let server_config = ServerConfig::new(&config, metrics);
     let services = Services {
         backend: cache,
         node,
-        models: None,
+        models: Some(models),
     };
     server::run(listener, services, server_config, shutdown_signal()).await?;
     Ok(())
-}
-
-/// Hot questions of the fleet loaded into L1 at start.
-const PREWARM_TOP_K: usize = 256;
-
-/// Load every model off the runtime, then let the cache key answers by each model's identity and
-/// preload the fleet's hot questions.
-async fn load_models(pool: Arc<ModelPool>, cache: Arc<CachedBackend>, node: Arc<Node>) {
-    let loader = Arc::clone(&pool);
-    match tokio::task::spawn_blocking(move || loader.load_all()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "loading failed"),
-        Err(e) => tracing::error!(error = %e, "loader panicked"),
-    }
-    node.warming();
-    for info in pool.models() {
-        if let Some(model) = pool.loaded(&info.id) {
-            cache.set_identity(ModelIdentity {
-                model_id: info.id.clone(),
-                file_digest: model.file_digest.clone(),
-                quant: model.quant.as_str().to_string(),
-                template_id: model.template_digest.clone(),
-            });
-        }
-    }
-    let loaded = cache.prewarm_from_redis(PREWARM_TOP_K).await;
-    if loaded > 0 {
-        tracing::info!(loaded, "hot answers preloaded from Redis");
-    }
-    node.warmed();
 }
 
 /// Resolves on SIGTERM or SIGINT.

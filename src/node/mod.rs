@@ -8,6 +8,7 @@
 
 mod calls;
 mod control;
+mod models;
 mod state;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 pub use calls::CallGuard;
 pub(crate) use calls::Calls;
 pub use control::{ControlError, ModelControl, WarmupReport};
+pub use models::NodeModels;
 pub use state::{NodeState, Refusal, Role, TransitionError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -86,6 +86,17 @@ impl Admission {
         self.ready.notify_all();
     }
 
+    /// Stop handing out work and take every queued request out, for the caller to refuse.
+    pub fn close_and_take(&self) -> Vec<Admitted> {
+        let taken = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            self.running.store(false, Ordering::Relaxed);
+            queue.drain(..).collect()
+        };
+        self.ready.notify_all();
+        taken
+    }
+
     fn pop_live(queue: &mut VecDeque<Admitted>) -> Option<Admitted> {
         while let Some(a) = queue.pop_front() {
             if !a.tx.is_closed() {

@@ -1,18 +1,23 @@
 //! The models of a node: each loaded once, its weights shared by `Arc` between `instances`
 //! instances, each instance with its own step loop, KV caches and compute threads.
 //!
+//! A model goes Loading → Warming (instances running, taking only warm-up work) → Ready, or
+//! Failed. Models can be added and removed while the node serves ([`ModelPool::add_model`],
+//! [`ModelPool::remove_model`]).
+//!
 //! Admission is fail-fast: a request is tokenized and checked against the context window in
 //! `submit`, then queued in the model's bounded FIFO queue (RESOURCE_EXHAUSTED at once when full);
 //! the least loaded instance takes it between steps.
 //!
-//! Cores: instance `i` of the node (counting over all models) is pinned to its own
+//! Cores: instance `i` of the node (counting over the configured models) is pinned to its own
 //! `threads_per_instance` cores when the node's total fits the machine; models then never compete
-//! for a core. When it does not fit, nothing is pinned and the OS shares the cores.
+//! for a core. When it does not fit, and for models added at run time, nothing is pinned and the
+//! OS shares the cores.
 
 pub mod admission;
 pub mod metrics;
+mod warmup;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -27,7 +32,6 @@ use crate::engine::sequence::Admitted;
 use crate::engine::{Backend, EngineError, EventStream, GenerationRequest, ModelInfo, ModelState};
 use crate::model::loaded::LoadedModel;
 use crate::model::registry::{self, ResolvedModel};
-use crate::model::transformer::SeqStep;
 use crate::model::ModelError;
 
 use admission::Admission;
@@ -42,6 +46,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 enum State {
     Loading,
+    Warming(Arc<Serving>),
     Ready(Arc<Serving>),
     Failed(String),
 }
@@ -50,6 +55,7 @@ struct Serving {
     model: Arc<LoadedModel>,
     admission: Arc<Admission>,
     context_length: usize,
+    instances: usize,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -61,13 +67,69 @@ struct Entry {
     state: RwLock<State>,
 }
 
+impl Entry {
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_state(&self, state: State) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// The running instances, warming or ready.
+    fn serving(&self) -> Option<Arc<Serving>> {
+        match &*self.state() {
+            State::Warming(s) | State::Ready(s) => Some(Arc::clone(s)),
+            State::Loading | State::Failed(_) => None,
+        }
+    }
+}
+
+/// Why a model could not be added or removed at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The id is served already.
+    #[error("model `{0}` is already served")]
+    AlreadyServed(String),
+    /// No such model on this node.
+    #[error("model `{0}` is not served by this node")]
+    UnknownModel(String),
+    /// The id resolves to no file, or the file does not load.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A setting does not fit this machine.
+    #[error("model `{model}`: instances ({instances}) x threads_per_instance ({threads}) must be <= available cores ({cores})")]
+    Oversubscribed {
+        /// Model id.
+        model: String,
+        /// Instances asked for.
+        instances: usize,
+        /// Threads per instance.
+        threads: usize,
+        /// Cores this process may use.
+        cores: usize,
+    },
+    /// Warm-up generations failed.
+    #[error("model `{model}` failed its warm-up: {source}")]
+    WarmUp {
+        /// Model id.
+        model: String,
+        /// What failed.
+        source: EngineError,
+    },
+}
+
 /// Every model of the node. Implements [`Backend`].
 pub struct ModelPool {
-    entries: Vec<Arc<Entry>>,
-    by_id: HashMap<String, usize>,
+    entries: RwLock<Vec<Arc<Entry>>>,
     metrics: PoolMetrics,
     device: Device,
     prefill_chunk: usize,
+    cores: usize,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl ModelPool {
@@ -78,7 +140,7 @@ impl ModelPool {
         metrics: PoolMetrics,
         device: Device,
     ) -> Result<Self, ModelError> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = cores();
         let threads_of = |m: &ModelConfig| {
             m.threads_per_instance
                 .unwrap_or_else(|| (cores / m.instances.max(1)).max(1))
@@ -88,13 +150,10 @@ impl ModelPool {
         let dir = registry::models_dir();
         let mut next_core = 0;
         let mut entries = Vec::new();
-        let mut by_id = HashMap::new();
         for m in models {
-            let resolved = registry::resolve(&m.id, &dir)?;
             let threads = threads_of(m);
-            by_id.insert(resolved.id.clone(), entries.len());
             entries.push(Arc::new(Entry {
-                resolved,
+                resolved: registry::resolve(&m.id, &dir)?,
                 config: m.clone(),
                 threads_per_instance: threads,
                 first_core: pin.then_some(next_core),
@@ -103,42 +162,190 @@ impl ModelPool {
             next_core += m.instances * threads;
         }
         Ok(Self {
-            entries,
-            by_id,
+            entries: RwLock::new(entries),
             metrics,
             device,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            cores,
         })
     }
 
-    /// Load, warm and start every model. Blocking: run it on a blocking thread. A model that
-    /// fails to load is reported and stays unavailable; the others serve.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn entry(&self, id: &str) -> Option<Arc<Entry>> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|e| e.resolved.id == id)
+            .cloned()
+    }
+
+    /// Load, warm and start every model: [`ModelPool::load_pending`] then
+    /// [`ModelPool::warm_up`]. Blocking: run it on a blocking thread.
     pub fn load_all(&self) -> Result<(), ModelError> {
+        let loaded = self.load_pending();
+        let ids: Vec<String> = self
+            .entries()
+            .iter()
+            .map(|e| e.resolved.id.clone())
+            .collect();
+        if let Err(e) = self.warm_up(&ids) {
+            tracing::error!(error = %e, "warm-up failed");
+        }
+        loaded
+    }
+
+    /// Load and start every model still loading; they stay Warming until
+    /// [`ModelPool::warm_up`]. Blocking. A model that fails to load is reported and stays
+    /// unavailable; the others serve.
+    pub fn load_pending(&self) -> Result<(), ModelError> {
         let mut first_error = None;
-        for entry in &self.entries {
-            match self.load_one(entry) {
-                Ok(serving) => {
-                    tracing::info!(
-                        model = %entry.resolved.id,
-                        load_ms = serving.model.load_time.as_millis() as u64,
-                        instances = entry.config.instances,
-                        threads_per_instance = entry.threads_per_instance,
-                        "model ready"
-                    );
-                    *entry.state.write().unwrap_or_else(|e| e.into_inner()) = State::Ready(serving);
-                }
-                Err(e) => {
-                    tracing::error!(model = %entry.resolved.id, error = %e, "model failed to load");
-                    *entry.state.write().unwrap_or_else(|e| e.into_inner()) =
-                        State::Failed(e.to_string());
-                    first_error.get_or_insert(e);
-                }
+        for entry in self.entries() {
+            if !matches!(&*entry.state(), State::Loading) {
+                continue;
+            }
+            if let Err(e) = self.load_entry(&entry) {
+                first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    fn load_one(&self, entry: &Entry) -> Result<Arc<Serving>, ModelError> {
+    fn load_entry(&self, entry: &Entry) -> Result<(), ModelError> {
+        match self.start(entry) {
+            Ok(serving) => {
+                tracing::info!(
+                    model = %entry.resolved.id,
+                    load_ms = serving.model.load_time.as_millis() as u64,
+                    instances = entry.config.instances,
+                    threads_per_instance = entry.threads_per_instance,
+                    "model loaded"
+                );
+                entry.set_state(State::Warming(serving));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(model = %entry.resolved.id, error = %e, "model failed to load");
+                entry.set_state(State::Failed(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Run one short real generation on every instance of each of `ids` (every model when
+    /// empty) that is warming or ready, then mark them ready. Blocking. Returns the number of
+    /// generations run.
+    pub fn warm_up(&self, ids: &[String]) -> Result<usize, PoolError> {
+        let mut generations = 0;
+        for entry in self.entries() {
+            if !ids.is_empty() && !ids.contains(&entry.resolved.id) {
+                continue;
+            }
+            let Some(serving) = entry.serving() else {
+                continue;
+            };
+            let started = Instant::now();
+            let ran = warmup::run(&serving.model, &serving.admission, serving.instances).map_err(
+                |source| PoolError::WarmUp {
+                    model: entry.resolved.id.clone(),
+                    source,
+                },
+            )?;
+            generations += ran;
+            tracing::info!(
+                model = %entry.resolved.id,
+                generations = ran,
+                warm_up_ms = started.elapsed().as_millis() as u64,
+                "model ready"
+            );
+            let mut state = entry.state.write().unwrap_or_else(|e| e.into_inner());
+            if let State::Warming(s) = &*state {
+                *state = State::Ready(Arc::clone(s));
+            }
+        }
+        Ok(generations)
+    }
+
+    /// Load, warm and serve one more model while the node serves. Blocking.
+    pub fn add_model(&self, config: ModelConfig) -> Result<ModelInfo, PoolError> {
+        let threads = config
+            .threads_per_instance
+            .unwrap_or_else(|| (self.cores / config.instances.max(1)).max(1));
+        if config.instances * threads > self.cores {
+            return Err(PoolError::Oversubscribed {
+                model: config.id,
+                instances: config.instances,
+                threads,
+                cores: self.cores,
+            });
+        }
+        let resolved = registry::resolve(&config.id, &registry::models_dir())?;
+        let entry = Arc::new(Entry {
+            resolved,
+            config,
+            threads_per_instance: threads,
+            first_core: None,
+            state: RwLock::new(State::Loading),
+        });
+        let id = entry.resolved.id.clone();
+        {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            if entries.iter().any(|e| e.resolved.id == id) {
+                return Err(PoolError::AlreadyServed(id));
+            }
+            entries.push(Arc::clone(&entry));
+        }
+        let loaded = self
+            .load_entry(&entry)
+            .map_err(PoolError::from)
+            .and_then(|()| self.warm_up(std::slice::from_ref(&id)));
+        if let Err(e) = loaded {
+            // Leave no half-loaded model behind: the operator may retry with other settings.
+            let _ = self.remove_model(&id);
+            return Err(e);
+        }
+        Ok(info(&entry))
+    }
+
+    /// Stop serving `id`: new requests get NOT_FOUND, queued ones UNAVAILABLE, running
+    /// generations finish; returns once its instances have exited, with the number of queued
+    /// requests refused. Blocking.
+    pub fn remove_model(&self, id: &str) -> Result<usize, PoolError> {
+        let entry = {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            let index = entries
+                .iter()
+                .position(|e| e.resolved.id == id)
+                .ok_or_else(|| PoolError::UnknownModel(id.to_string()))?;
+            entries.remove(index)
+        };
+        let Some(serving) = entry.serving() else {
+            return Ok(0);
+        };
+        let refused = serving.admission.close_and_take();
+        let count = refused.len();
+        for request in refused {
+            let _ = request.tx.try_send(Err(EngineError::Unavailable(format!(
+                "model `{id}` was unloaded from this node; retry on another node"
+            ))));
+        }
+        let handles =
+            std::mem::take(&mut *serving.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+        self.metrics.queue_depth.with_label_values(&[id]).set(0);
+        tracing::info!(model = %id, refused_queued = count, "model unloaded");
+        Ok(count)
+    }
+
+    fn start(&self, entry: &Entry) -> Result<Arc<Serving>, ModelError> {
         let cfg = &entry.config;
         let model = Arc::new(LoadedModel::load(
             &entry.resolved.id,
@@ -150,7 +357,6 @@ impl ModelPool {
         let context_length = cfg
             .context_length
             .map_or(native, |c| (c as usize).min(native));
-        warm_up(&model, entry.threads_per_instance)?;
         let admission = Arc::new(Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch));
         let mut threads = Vec::new();
         for index in 0..cfg.instances {
@@ -185,6 +391,7 @@ impl ModelPool {
             model,
             admission,
             context_length,
+            instances: cfg.instances,
             threads: Mutex::new(threads),
         }))
     }
@@ -192,8 +399,8 @@ impl ModelPool {
     /// Stop taking work and wait for every instance to finish its batch.
     pub fn shutdown(&self) {
         let mut handles = Vec::new();
-        for entry in &self.entries {
-            if let State::Ready(s) = &*entry.state.read().unwrap_or_else(|e| e.into_inner()) {
+        for entry in self.entries() {
+            if let Some(s) = entry.serving() {
                 s.admission.close();
                 handles.append(&mut s.threads.lock().unwrap_or_else(|e| e.into_inner()));
             }
@@ -203,20 +410,19 @@ impl ModelPool {
         }
     }
 
-    /// The loaded model behind `id`, once ready (for tools and tests).
+    /// The loaded model behind `id`, once ready (for tools, the cache's identity and tests).
     pub fn loaded(&self, id: &str) -> Option<Arc<LoadedModel>> {
-        self.serving(id).ok().map(|s| Arc::clone(&s.model))
+        self.entry(id)?.serving().map(|s| Arc::clone(&s.model))
     }
 
-    fn serving(&self, id: &str) -> Result<Arc<Serving>, EngineError> {
+    fn ready(&self, id: &str) -> Result<Arc<Serving>, EngineError> {
         let entry = self
-            .by_id
-            .get(id)
-            .map(|&i| &self.entries[i])
+            .entry(id)
             .ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
-        match &*entry.state.read().unwrap_or_else(|e| e.into_inner()) {
+        let state = entry.state();
+        match &*state {
             State::Ready(s) => Ok(Arc::clone(s)),
-            State::Loading => Err(EngineError::NotReady(id.to_string())),
+            State::Loading | State::Warming(_) => Err(EngineError::NotReady(id.to_string())),
             State::Failed(why) => Err(EngineError::Unavailable(format!(
                 "model `{id}` failed to load: {why}"
             ))),
@@ -224,39 +430,47 @@ impl ModelPool {
     }
 }
 
+fn info(e: &Entry) -> ModelInfo {
+    let state = e.state();
+    let (arch, ctx, model_state) = match &*state {
+        State::Warming(s) | State::Ready(s) => (
+            s.model.hparams().arch.as_str().to_string(),
+            s.context_length as u32,
+            if matches!(&*state, State::Ready(_)) {
+                ModelState::Ready
+            } else {
+                ModelState::Warming
+            },
+        ),
+        State::Loading => (
+            String::new(),
+            e.config.context_length.unwrap_or(0),
+            ModelState::Loading,
+        ),
+        State::Failed(_) => (
+            String::new(),
+            e.config.context_length.unwrap_or(0),
+            ModelState::Failed,
+        ),
+    };
+    ModelInfo {
+        id: e.resolved.id.clone(),
+        architecture: arch,
+        quant: e.config.quant.as_str().to_string(),
+        context_length: ctx,
+        instances: e.config.instances as u32,
+        state: model_state,
+    }
+}
+
 impl Backend for ModelPool {
     fn models(&self) -> Vec<ModelInfo> {
-        self.entries
-            .iter()
-            .map(|e| {
-                let state = e.state.read().unwrap_or_else(|e| e.into_inner());
-                let (arch, ctx, ready) = match &*state {
-                    State::Ready(s) => (
-                        s.model.hparams().arch.as_str().to_string(),
-                        s.context_length as u32,
-                        true,
-                    ),
-                    _ => (String::new(), e.config.context_length.unwrap_or(0), false),
-                };
-                ModelInfo {
-                    id: e.resolved.id.clone(),
-                    architecture: arch,
-                    quant: e.config.quant.as_str().to_string(),
-                    context_length: ctx,
-                    instances: e.config.instances as u32,
-                    state: if ready {
-                        ModelState::Ready
-                    } else {
-                        ModelState::Loading
-                    },
-                }
-            })
-            .collect()
+        self.entries().iter().map(|e| info(e)).collect()
     }
 
     fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         let arrived = Instant::now();
-        let serving = self.serving(&request.model)?;
+        let serving = self.ready(&request.model)?;
         if !serving.admission.running() {
             return Err(EngineError::Unavailable("shutting down".into()));
         }
@@ -306,29 +520,4 @@ impl Backend for ModelPool {
             }),
         }
     }
-}
-
-/// Run a short prompt and two decode steps so every weight page is touched and the first real
-/// request pays no first-touch cost.
-fn warm_up(model: &LoadedModel, threads: usize) -> Result<(), ModelError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build()
-        .map_err(|e| ModelError::Candle(candle_core::Error::Msg(e.to_string())))?;
-    pool.install(|| {
-        let t = &model.transformer;
-        let mut cache = t.new_cache(64);
-        let prompt: Vec<u32> = (0..16u32).map(|i| i % t.hparams().vocab as u32).collect();
-        t.forward(&mut [SeqStep {
-            tokens: &prompt,
-            cache: &mut cache,
-        }])?;
-        for _ in 0..2 {
-            t.forward(&mut [SeqStep {
-                tokens: &[1],
-                cache: &mut cache,
-            }])?;
-        }
-        Ok(())
-    })
 }
