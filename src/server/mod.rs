@@ -9,14 +9,12 @@
 //! - `inference`: the service; unary collects, streaming forwards on a bounded channel.
 //! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
 //! - `health`: follows the node's state and the backend's models.
-//! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing. `gate`: HTTP 503 (a
-//!   retryable UNAVAILABLE that proxies can see) for generation calls the node refuses.
+//! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing.
 
 mod admin;
 mod auth;
 mod convert;
 mod deadline;
-mod gate;
 mod health;
 mod inference;
 pub mod proto;
@@ -196,8 +194,6 @@ pub async fn run(
     })
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
-    // Refused generation calls get HTTP 503 (nginx retries those on another node): gate.rs.
-    let inference = gate::Gate::new(inference, Arc::clone(&node));
     let inference =
         InterceptedService::new(inference, auth::ApiKeyCheck::new(config.api_key.as_deref()));
 
