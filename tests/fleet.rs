@@ -1,0 +1,282 @@
+//! A fleet on one machine, for real: 3 `qnode serve` processes (A and B active, S standby), one
+//! shared `redis-server`, and nginx (grpc_pass over HTTP/2, config = deploy/nginx/qnode.conf) in
+//! front, under a steady load of concurrent tonic clients that retry UNAVAILABLE with backoff.
+//!
+//! 1. kill -9 A mid-load → no request lost (nginx as deployed, then with `non_idempotent`).
+//! 2. Activate S → it takes traffic through nginx (its own /metrics count rises from 0).
+//! 3. An answer B generated is an L2 (Redis) hit on S, which never generated it.
+//! 4. Drain a node mid-load → it finishes its calls and exits 0; no request lost.
+
+#[path = "cache_support/mod.rs"]
+mod cache_support;
+mod common;
+mod fleet_support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cache_support::RedisServer;
+use fleet_support::{
+    asks, channel, free_port, nginx_config, write_node_config, Load, Nginx, NodeSetup,
+    QnodeProcess, Stats,
+};
+use qnode::server::proto;
+use tonic::Code;
+
+const CONCURRENCY: usize = 8;
+const START_WITHIN: Duration = Duration::from_secs(120);
+const PHASE_WITHIN: Duration = Duration::from_secs(180);
+
+/// Among access log lines from `from` on: calls nginx passed to more than one node (it retried
+/// them itself), and calls whose last node failed (`upstream_status` 502: nginx answered with its
+/// UNAVAILABLE page and the client retried).
+fn nginx_retries(nginx: &Nginx, from: usize) -> (usize, usize) {
+    let lines = nginx.access_log();
+    let lines = &lines[from.min(lines.len())..];
+    let passed_on = lines.iter().filter(|l| l.contains(", ")).count();
+    let failed = lines
+        .iter()
+        .filter(|l| l.split(' ').nth(2).is_some_and(|s| s.ends_with("502")) || l.contains(", 502 "))
+        .count();
+    (passed_on, failed)
+}
+
+fn report(phase: &str, stats: &Stats, nginx: (usize, usize)) {
+    println!(
+        "[fleet] {phase}: {}; nginx resent {} call(s) to another node, answered {} with its UNAVAILABLE page",
+        stats.line(),
+        nginx.0,
+        nginx.1
+    );
+    for (error, n) in &stats.errors {
+        println!("[fleet]   {n} × {error}");
+    }
+    assert_eq!(stats.failed, 0, "{phase}: requests lost");
+    assert_eq!(stats.sent, stats.succeeded);
+}
+
+fn grpcurl_generate(port: u16) -> std::process::Output {
+    let grpcurl = common::repo_root().join(".tools/bin/grpcurl");
+    assert!(
+        grpcurl.exists(),
+        "{} missing: run `bash scripts/install-tools.sh` (the test command does)",
+        grpcurl.display()
+    );
+    Command::new(grpcurl)
+        .args(["-plaintext", "-d"])
+        .arg(r#"{"model":"smollm2","prompt":"Hi","max_tokens":2}"#)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("qnode.v1.Inference/Generate")
+        .output()
+        .expect("run grpcurl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_behind_nginx_loses_no_request() {
+    common::model_file("smollm2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let redis = RedisServer::start();
+    write_node_config(dir.path());
+    let redis_url = redis.url();
+    let models_dir = common::repo_root().join("models");
+    let setup = NodeSetup {
+        dir: dir.path(),
+        redis_url: &redis_url,
+        models_dir: &models_dir,
+    };
+    let (pa, pb, ps) = (free_port(), free_port(), free_port());
+    let started = Instant::now();
+    let mut a = QnodeProcess::start(&setup, "a", pa, false);
+    let mut b = QnodeProcess::start(&setup, "b", pb, false);
+    let mut s = QnodeProcess::start(&setup, "s", ps, true);
+    for node in [&mut a, &mut b, &mut s] {
+        node.wait_up(START_WITHIN).await;
+    }
+    println!("[fleet] 3 nodes up in {:?}", started.elapsed());
+
+    let deploy = std::fs::read_to_string(common::repo_root().join("deploy/nginx/qnode.conf"))
+        .expect("deploy/nginx/qnode.conf");
+    let (p1, p2) = (free_port(), free_port());
+    let plain = Nginx::start(
+        &dir.path().join("nginx-plain"),
+        p1,
+        &nginx_config(&deploy, p1, [pa, pb, ps], false, false),
+    );
+    let resend = Nginx::start(
+        &dir.path().join("nginx-non-idempotent"),
+        p2,
+        &nginx_config(&deploy, p2, [pa, pb, ps], false, true),
+    );
+
+    // The standby refuses generation with a retryable UNAVAILABLE that says why.
+    let refused = s
+        .inference()
+        .generate(proto::GenerateRequest {
+            model: "smollm2".into(),
+            prompt: Some("Hi".into()),
+            max_tokens: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect_err("standby must refuse");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("standby"), "{refused:?}");
+    let out = grpcurl_generate(ps);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("Code: Unavailable") && text.contains("on standby"),
+        "{text}"
+    );
+    let models = s
+        .inference()
+        .list_models(proto::ListModelsRequest {})
+        .await
+        .expect("ListModels passes the gate");
+    assert_eq!(
+        models.into_inner().node_state,
+        proto::NodeState::Standby as i32
+    );
+
+    // 1. kill -9 A mid-load, nginx as deployed (it does not resend calls a node received).
+    let mark = plain.access_log().len();
+    let load = Load::start(channel(p1), asks("kill-a", 120), CONCURRENCY);
+    load.wait_done(30, PHASE_WITHIN).await;
+    a.kill();
+    let stats = load.finish().await;
+    report(
+        "kill -9 A, nginx as deployed",
+        &stats,
+        nginx_retries(&plain, mark),
+    );
+    assert_eq!(s.ok_calls(), 0, "the standby answered before activation");
+
+    // 2. Activate S, then add it to nginx's upstream and reload, as an orchestrator would.
+    let status = s
+        .admin()
+        .activate(proto::ActivateRequest {})
+        .await
+        .expect("Activate")
+        .into_inner();
+    assert_eq!(status.state, proto::NodeState::Ready as i32);
+    let activated = Instant::now();
+    plain.reload(&nginx_config(&deploy, p1, [pa, pb, ps], true, false));
+    resend.reload(&nginx_config(&deploy, p2, [pa, pb, ps], true, true));
+    let mut stats = Stats::default();
+    let mut round = 0;
+    while s.ok_calls() == 0 {
+        assert!(
+            activated.elapsed() < Duration::from_secs(60),
+            "the activated standby took no traffic through nginx in 60 s:\n{}",
+            plain.error_log_tail()
+        );
+        let load = Load::start(
+            channel(p1),
+            asks(&format!("activate-{round}"), 24),
+            CONCURRENCY,
+        );
+        let part = load.finish().await;
+        stats.sent += part.sent;
+        stats.succeeded += part.succeeded;
+        stats.retried += part.retried;
+        stats.retries += part.retries;
+        stats.failed += part.failed;
+        round += 1;
+    }
+    println!(
+        "[fleet] activated standby answered {} call(s) through nginx, first within {:?} of Activate",
+        s.ok_calls(),
+        activated.elapsed()
+    );
+    report("after Activate", &stats, (0, 0));
+
+    // 3. B generates; S, which never saw the question, answers it from Redis (L2).
+    let hot = |prompt: &str| proto::GenerateRequest {
+        model: "smollm2".into(),
+        prompt: Some(prompt.into()),
+        max_tokens: Some(6),
+        ..Default::default()
+    };
+    let question = "The capital of France is";
+    let first = b
+        .inference()
+        .generate(hot(question))
+        .await
+        .expect("B")
+        .into_inner();
+    assert_eq!(first.cache_level, proto::CacheLevel::None as i32);
+    let shared = s
+        .inference()
+        .generate(hot(question))
+        .await
+        .expect("S")
+        .into_inner();
+    assert_eq!(
+        shared.cache_level,
+        proto::CacheLevel::L2 as i32,
+        "S did not find B's answer in Redis"
+    );
+    assert!(!first.text.is_empty());
+    assert_eq!(shared.text, first.text);
+    println!(
+        "[fleet] answer generated on B served from Redis (L2) on S: {:?}",
+        shared.text
+    );
+
+    // Rolling restart: A comes back on its port (nginx retries it after fail_timeout).
+    let mut a = QnodeProcess::start(&setup, "a2", pa, false);
+    a.wait_up(START_WITHIN).await;
+
+    // 1 again. kill -9 B mid-load, through nginx with `non_idempotent` (which, for gRPC, should
+    // change nothing: nginx never resends a call whose body it started streaming).
+    let mark = resend.access_log().len();
+    let load = Load::start(channel(p2), asks("kill-b", 120), CONCURRENCY);
+    load.wait_done(30, PHASE_WITHIN).await;
+    b.kill();
+    let stats = load.finish().await;
+    report(
+        "kill -9 B, nginx with non_idempotent",
+        &stats,
+        nginx_retries(&resend, mark),
+    );
+
+    // 4. Drain S mid-load: it finishes its calls, refuses new ones (UNAVAILABLE, the clients
+    // retry), exits 0.
+    let mark = plain.access_log().len();
+    let load = Load::start(channel(p1), asks("drain-s", 90), CONCURRENCY);
+    load.wait_done(20, PHASE_WITHIN).await;
+    let in_flight = s
+        .admin()
+        .drain(proto::DrainRequest {})
+        .await
+        .expect("Drain")
+        .into_inner()
+        .in_flight;
+    let drained = Instant::now();
+    let exit = s
+        .wait_exit(Duration::from_secs(25))
+        .await
+        .unwrap_or_else(|| panic!("S did not exit after Drain:\n{}", s.log_tail()));
+    assert!(exit.success(), "S exited with {exit}:\n{}", s.log_tail());
+    println!(
+        "[fleet] S drained with {in_flight} call(s) in flight, exited 0 after {:?}",
+        drained.elapsed()
+    );
+    let stats = load.finish().await;
+    report("Drain S", &stats, nginx_retries(&plain, mark));
+    drop(redis);
+}
+
+#[test]
+fn nginx_config_edits_match_the_deploy_file() {
+    let deploy = std::fs::read_to_string(common::repo_root().join("deploy/nginx/qnode.conf"))
+        .expect("deploy/nginx/qnode.conf");
+    let conf = nginx_config(&deploy, 1, [2, 3, 4], false, false);
+    assert!(conf.contains("# server 127.0.0.1:4 max_fails"));
+    let conf = nginx_config(&deploy, 1, [2, 3, 4], true, true);
+    assert!(conf.contains("listen 127.0.0.1:1 http2;"));
+    assert!(conf.contains("\n    server 127.0.0.1:4 max_fails"));
+    assert!(conf.contains("grpc_next_upstream error timeout non_idempotent;"));
+    assert!(!conf.lines().any(|l| l.starts_with("resolver")));
+}
