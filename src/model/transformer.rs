@@ -22,7 +22,7 @@ use super::gguf::GgufFile;
 use super::hparams::{Arch, HParams};
 use super::kv_cache::KvCache;
 use super::linear::{Linear, MultiLinear};
-use super::quantize::{convert, Quant};
+use super::quantize::{read_converted, Quant};
 use super::ModelError;
 
 /// One sequence's part of a step: new tokens, appended at `cache.len()`.
@@ -102,8 +102,7 @@ impl Transformer {
         let loaded: Vec<Arc<QTensor>> = names
             .par_iter()
             .map(|name| {
-                let t = file.tensor(name, &Device::Cpu)?;
-                let t = convert(name, t, quant)?;
+                let t = read_converted(file, name, quant)?;
                 let t = if device.is_cpu() {
                     t
                 } else {
