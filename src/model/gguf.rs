@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use memmap2::Mmap;
 
@@ -91,10 +91,62 @@ impl GgufFile {
         })
     }
 
+    /// One tensor's bytes as stored, borrowed from the map: no copy, so a converter can read
+    /// them a chunk at a time (candle's own read copies the whole tensor twice).
+    pub fn raw_tensor(&self, name: &str) -> Result<RawTensor<'_>, ModelError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let bad = |reason: String| ModelError::InvalidGguf {
+            path: self.path.clone(),
+            reason: format!("tensor `{name}`: {reason}"),
+        };
+        let dtype = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let elems = info.shape.elem_count();
+        if !elems.is_multiple_of(dtype.block_size()) {
+            return Err(bad(format!(
+                "{elems} values are not whole {dtype:?} blocks of {}",
+                dtype.block_size()
+            )));
+        }
+        let len = (elems / dtype.block_size())
+            .checked_mul(dtype.type_size())
+            .ok_or_else(|| bad("size overflows".into()))?;
+        let start = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(|| bad("offset overflows".into()))?;
+        let bytes = start
+            .checked_add(len)
+            .and_then(|end| self.mmap.get(start..end))
+            .ok_or_else(|| {
+                bad(format!(
+                    "needs {len} bytes at offset {start}, the file has {}",
+                    self.mmap.len()
+                ))
+            })?;
+        Ok(RawTensor { dtype, dims, bytes })
+    }
+
     /// Typed metadata access.
     pub fn meta(&self) -> Meta<'_> {
         Meta(&self.content)
     }
+}
+
+/// A tensor as stored in the file: its type, shape (`[rows, .., k]`, candle's order) and bytes.
+pub struct RawTensor<'a> {
+    /// Storage type of the bytes.
+    pub dtype: GgmlDType,
+    /// Shape, outermost first (the last dimension is the row length).
+    pub dims: Vec<usize>,
+    /// `elem_count / block_size × type_size` bytes, borrowed from the map.
+    pub bytes: &'a [u8],
 }
 
 /// Typed, error-reporting access to GGUF metadata.

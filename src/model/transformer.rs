@@ -22,7 +22,7 @@ use super::gguf::GgufFile;
 use super::hparams::{Arch, HParams};
 use super::kv_cache::KvCache;
 use super::linear::{Linear, MultiLinear};
-use super::quantize::{convert, Quant};
+use super::quantize::{read_converted, Quant};
 use super::ModelError;
 
 /// One sequence's part of a step: new tokens, appended at `cache.len()`.
@@ -77,7 +77,7 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// Load the weights of `file`, converting matrices to `quant` (in parallel over tensors).
+    /// Load the weights of `file`, converting matrices to `quant` (in parallel over layers).
     pub fn load(
         file: &GgufFile,
         hp: &HParams,
@@ -99,31 +99,23 @@ impl Transformer {
                 return Err(ModelError::MissingTensor(name.clone()));
             }
         }
-        let loaded: Vec<Arc<QTensor>> = names
-            .par_iter()
-            .map(|name| {
-                let t = file.tensor(name, &Device::Cpu)?;
-                let t = convert(name, t, quant)?;
-                let t = if device.is_cpu() {
-                    t
-                } else {
-                    // Upload through the dequantized form is wasteful; QTensor::quantize_onto keeps
-                    // it quantized on the device.
-                    let f = t.dequantize(&Device::Cpu)?;
-                    QTensor::quantize_onto(&f, t.dtype(), device)?
-                };
-                Ok(Arc::new(t))
-            })
-            .collect::<Result<_, ModelError>>()?;
-        let mut by_name: std::collections::HashMap<String, Arc<QTensor>> =
-            names.into_iter().zip(loaded).collect();
-        let mut take = |name: &str| {
-            by_name
-                .remove(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+        // Each weight is read, converted and packed before the next ones are read, so its
+        // QTensor form (dropped once packed) never coexists with every other weight's: the
+        // embedding and head first, then the layers in parallel.
+        let take = |name: &str| -> Result<Arc<QTensor>, ModelError> {
+            let t = read_converted(file, name, quant)?;
+            let t = if device.is_cpu() {
+                t
+            } else {
+                // Upload through the dequantized form is wasteful; QTensor::quantize_onto keeps
+                // it quantized on the device.
+                let f = t.dequantize(&Device::Cpu)?;
+                QTensor::quantize_onto(&f, t.dtype(), device)?
+            };
+            Ok(Arc::new(t))
         };
         let norm =
-            |t: Arc<QTensor>| -> Result<Norm, ModelError> { Norm::new(t.dequantize(device)?) };
+            |name: &str| -> Result<Norm, ModelError> { Norm::new(take(name)?.dequantize(device)?) };
 
         let embed = take("token_embd.weight")?;
         check_shape("token_embd.weight", &embed, &[hp.vocab, hp.hidden])?;
@@ -136,62 +128,54 @@ impl Transformer {
             Some(_) if tied => None,
             _ => Some(embed),
         };
-        let final_norm = norm(take("output_norm.weight")?)?;
-        let mut blocks = Vec::with_capacity(hp.n_layer);
-        for i in 0..hp.n_layer {
-            let p = |part: &str| format!("blk.{i}.{part}.weight");
-            let q_dim = hp.n_head * hp.head_dim;
-            let kv_dim = hp.n_kv_head * hp.head_dim;
-            let wq = take(&p("attn_q"))?;
-            check_shape(&p("attn_q"), &wq, &[q_dim, hp.hidden])?;
-            let wk = take(&p("attn_k"))?;
-            check_shape(&p("attn_k"), &wk, &[kv_dim, hp.hidden])?;
-            let wv = take(&p("attn_v"))?;
-            check_shape(&p("attn_v"), &wv, &[kv_dim, hp.hidden])?;
-            let wo = take(&p("attn_output"))?;
-            check_shape(&p("attn_output"), &wo, &[hp.hidden, q_dim])?;
-            let gate = take(&p("ffn_gate"))?;
-            check_shape(&p("ffn_gate"), &gate, &[hp.ffn, hp.hidden])?;
-            let up = take(&p("ffn_up"))?;
-            check_shape(&p("ffn_up"), &up, &[hp.ffn, hp.hidden])?;
-            let down = take(&p("ffn_down"))?;
-            check_shape(&p("ffn_down"), &down, &[hp.hidden, hp.ffn])?;
-            let gemma = hp.arch == Arch::Gemma3;
-            let mut extra_norms = Vec::new();
-            for part in [
-                "attn_q_norm",
-                "attn_k_norm",
-                "post_attention_norm",
-                "post_ffw_norm",
-            ] {
-                extra_norms.push(if gemma {
-                    Some(norm(take(&p(part))?)?)
-                } else {
-                    None
-                });
-            }
-            let [q_norm, k_norm, post_attn_norm, post_ffn_norm]: [Option<Norm>; 4] =
-                extra_norms.try_into().expect("four norms");
-            let window = hp.window_of_layer(i);
-            blocks.push(Block {
-                attn_norm: norm(take(&p("attn_norm"))?)?,
-                q_norm,
-                k_norm,
-                post_attn_norm,
-                post_ffn_norm,
-                ffn_norm: norm(take(&p("ffn_norm"))?)?,
-                qkv: MultiLinear::new(&[wq, wk, wv])?,
-                wo: Linear::new(wo)?,
-                gate_up: MultiLinear::new(&[gate, up])?,
-                down: Linear::new(down)?,
-                window,
-                rope_base: if window.is_some() {
-                    hp.rope_base_local
-                } else {
-                    hp.rope_base
-                },
-            });
-        }
+        let final_norm = norm("output_norm.weight")?;
+        let blocks = (0..hp.n_layer)
+            .into_par_iter()
+            .map(|i| -> Result<Block, ModelError> {
+                let p = |part: &str| format!("blk.{i}.{part}.weight");
+                let q_dim = hp.n_head * hp.head_dim;
+                let kv_dim = hp.n_kv_head * hp.head_dim;
+                let shaped = |part: &str, want: &[usize]| -> Result<Arc<QTensor>, ModelError> {
+                    let t = take(&p(part))?;
+                    check_shape(&p(part), &t, want)?;
+                    Ok(t)
+                };
+                let qkv = MultiLinear::new(&[
+                    shaped("attn_q", &[q_dim, hp.hidden])?,
+                    shaped("attn_k", &[kv_dim, hp.hidden])?,
+                    shaped("attn_v", &[kv_dim, hp.hidden])?,
+                ])?;
+                let wo = Linear::new(shaped("attn_output", &[hp.hidden, q_dim])?)?;
+                let gate_up = MultiLinear::new(&[
+                    shaped("ffn_gate", &[hp.ffn, hp.hidden])?,
+                    shaped("ffn_up", &[hp.ffn, hp.hidden])?,
+                ])?;
+                let down = Linear::new(shaped("ffn_down", &[hp.hidden, hp.ffn])?)?;
+                let gemma = hp.arch == Arch::Gemma3;
+                let extra = |part: &str| -> Result<Option<Norm>, ModelError> {
+                    gemma.then(|| norm(&p(part))).transpose()
+                };
+                let window = hp.window_of_layer(i);
+                Ok(Block {
+                    attn_norm: norm(&p("attn_norm"))?,
+                    q_norm: extra("attn_q_norm")?,
+                    k_norm: extra("attn_k_norm")?,
+                    post_attn_norm: extra("post_attention_norm")?,
+                    post_ffn_norm: extra("post_ffw_norm")?,
+                    ffn_norm: norm(&p("ffn_norm"))?,
+                    qkv,
+                    wo,
+                    gate_up,
+                    down,
+                    window,
+                    rope_base: if window.is_some() {
+                        hp.rope_base_local
+                    } else {
+                        hp.rope_base
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
             hp: hp.clone(),
             embed,
