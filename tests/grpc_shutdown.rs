@@ -1,5 +1,5 @@
-//! SIGTERM-style shutdown: health NOT_SERVING, new calls UNAVAILABLE, in-flight streams complete,
-//! then `run` returns Ok; calls still running at the drain timeout are cut.
+//! SIGTERM-style shutdown: health NOT_SERVING, listener closed, new calls UNAVAILABLE, in-flight
+//! streams complete, then `run` returns Ok; calls still running at the drain timeout are cut.
 //! Uses `ScriptedBackend` (see tests/grpc_support).
 
 mod grpc_support;
@@ -55,25 +55,22 @@ async fn in_flight_streams_complete_and_new_calls_are_refused() {
         }
         assert_eq!(status, ServingStatus::Serving as i32);
     }
+    // New calls are refused: by the node (UNAVAILABLE), or, once the GOAWAY reached this client,
+    // by its own transport (CANCELLED "connection closed", which tonic has no transparent retry
+    // for; docs/deploy.md lists it as retryable).
     let status = client.generate(request("hi")).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    // While draining the listener stays open: a new connection gets a retryable UNAVAILABLE and
-    // health checks read NOT_SERVING rather than "connection refused".
-    let fresh = server.channel().await;
-    let status = qnode::server::proto::inference_client::InferenceClient::new(fresh.clone())
-        .generate_stream(request("hi"))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let checked = HealthClient::new(fresh)
-        .check(HealthCheckRequest {
-            service: "qnode.v1.Inference".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(checked, ServingStatus::NotServing as i32);
+    match status.code() {
+        Code::Unavailable => assert!(status.message().contains("draining"), "{status:?}"),
+        Code::Cancelled => assert!(
+            format!("{status:?}").contains("connection closed"),
+            "{status:?}"
+        ),
+        other => panic!("{other:?}: {status:?}"),
+    }
+    // The listener closed when draining started, while the streams still run: a balancer gets
+    // "connection refused" and picks another node itself.
+    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err());
+    assert_eq!(server.backend.finished(), 0);
 
     server.backend.open_gate();
     for mut stream in streams {
@@ -84,8 +81,6 @@ async fn in_flight_streams_complete_and_new_calls_are_refused() {
     server.join().await.expect("clean drain");
     assert_eq!(server.backend.finished(), 2);
     assert_eq!(server.backend.cancelled(), 0);
-    // The listener is closed.
-    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err());
 }
 
 #[tokio::test]

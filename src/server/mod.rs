@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -137,9 +137,9 @@ impl Services {
 
 /// Serves on `listener` until `shutdown` resolves or `Admin.Drain` is called, then drains.
 ///
-/// Draining: health turns NOT_SERVING and new Inference calls get UNAVAILABLE (the listener stays
-/// open meanwhile), in-flight calls (streams included) finish, then the listener closes,
-/// connections are shut with GOAWAY and `run` returns `Ok`. Whatever still runs after
+/// Draining: the node refuses new calls, health turns NOT_SERVING, the listener closes and every
+/// connection gets GOAWAY; in-flight calls (streams included, and other fronts' calls) finish, then
+/// `run` returns `Ok`. Whatever still runs after
 /// `drain_timeout` is cut (UNAVAILABLE to the client, generation cancelled) and `run` returns
 /// [`ServerError::DrainTimedOut`].
 pub async fn run(
@@ -197,10 +197,11 @@ pub async fn run(
     let inference =
         InterceptedService::new(inference, auth::ApiKeyCheck::new(config.api_key.as_deref()));
 
-    // Draining keeps the listener open on purpose: load balancers polling health see NOT_SERVING
-    // (not "connection refused"), and calls arriving on any connection get a retryable
-    // UNAVAILABLE from `Node::admit`. Only when the last Inference call is done does tonic's
-    // own graceful shutdown run (close the listener, GOAWAY, wait for connections to close).
+    // Draining closes the listener at once: a balancer then gets "connection refused" and tries
+    // another node itself (nginx's `grpc_next_upstream error`), where an open listener answering
+    // UNAVAILABLE instantly would attract a least-connections balancer's traffic for the whole
+    // drain (measured in tests/fleet.rs). tonic's graceful shutdown sends GOAWAY on every
+    // connection and lets the calls in flight finish.
     let (drain_started, drain_started_rx) = oneshot::channel::<()>();
     let signal = {
         let node = Arc::clone(&node);
@@ -209,31 +210,22 @@ pub async fn run(
                 () = shutdown => {}
                 () = node.drain_requested() => {}
             }
-            tracing::info!("shutdown requested: draining");
+            tracing::info!(in_flight = node.in_flight(), "draining: listener closed");
             node.drain();
             follower.abort();
             let _ = follower.await;
             health::set_all(&mut reporter, ServingStatus::NotServing).await;
             let _ = drain_started.send(());
-            node.wait_idle().await;
             // Health `Watch` streams never end on their own and would hold their connections
             // open: dropping the statuses ends them.
             health::clear_all(&mut reporter).await;
-            tracing::info!("in-flight calls done: closing connections");
         }
     };
 
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "gRPC listening");
     }
-    // Small frames (one chunk per token, trailers) must not wait for Nagle / delayed ACK: without
-    // TCP_NODELAY a 1-token stream took 44 ms instead of 17 (the bench `server`).
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    });
+    let incoming = accept_until_drain(listener, Arc::clone(&node));
     let serve = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -241,7 +233,6 @@ pub async fn run(
         .add_service(inference)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, signal);
-    tokio::pin!(serve);
 
     let drain_timeout = config.drain_timeout;
     let hard_deadline = async {
@@ -253,9 +244,16 @@ pub async fn run(
     };
     tokio::pin!(hard_deadline);
 
+    // gRPC's connections closing is not enough: calls of other fronts count in the node too.
+    let finished = async {
+        serve.await?;
+        node.wait_idle().await;
+        Ok::<(), ServerError>(())
+    };
+    tokio::pin!(finished);
     tokio::select! {
-        served = &mut serve => {
-            served?;
+        finished = &mut finished => {
+            finished?;
             tracing::info!("drained");
             Ok(())
         }
@@ -264,13 +262,41 @@ pub async fn run(
             tracing::warn!(in_flight, ?drain_timeout, "drain timeout: cutting calls still running");
             node.hard_stop();
             // Give the cut calls a moment to send their UNAVAILABLE and the connections to close.
-            let _ = tokio::time::timeout(HARD_STOP_GRACE, &mut serve).await;
+            let _ = tokio::time::timeout(HARD_STOP_GRACE, &mut finished).await;
             Err(ServerError::DrainTimedOut {
                 in_flight,
                 drain_timeout,
             })
         }
     }
+}
+
+/// Accepts connections until draining starts, then drops the listener so new connections are
+/// refused at once (tonic keeps its `incoming` until every connection has closed, and a listener
+/// that is bound but no longer accepted from leaves clients hanging in the backlog).
+fn accept_until_drain(
+    listener: TcpListener,
+    node: Arc<Node>,
+) -> ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                () = node.drain_requested() => break,
+                conn = listener.accept() => conn.map(|(stream, _)| stream),
+            };
+            if let Ok(stream) = &conn {
+                // Small frames (one chunk per token, trailers) must not wait for Nagle / delayed
+                // ACK: without TCP_NODELAY a 1-token stream took 44 ms instead of 17.
+                let _ = stream.set_nodelay(true);
+            }
+            if tx.send(conn).await.is_err() {
+                break;
+            }
+        }
+        drop(listener);
+    });
+    ReceiverStream::new(rx)
 }
 
 /// After the drain timeout, how long cut calls get to report UNAVAILABLE before `run` returns.
