@@ -47,6 +47,19 @@ async fn serve(config: Config, metrics: Metrics, pool: Arc<ModelPool>) -> anyhow
     )?);
     cache.metrics().register(metrics.registry())?;
     let node = Node::new(config.server.role, &metrics);
+    if let Some(addr) = config.server.http_listen {
+        let http = tokio::net::TcpListener::bind(addr).await?;
+        let http_config = qnode::openai::HttpConfig::new(&config, metrics.clone());
+        let backend = Arc::clone(&cache) as Arc<dyn Backend>;
+        let serve = qnode::openai::serve(
+            http,
+            backend,
+            Arc::clone(&node),
+            http_config,
+            std::future::pending(),
+        );
+        tokio::spawn(serve);
+    }
     tokio::spawn(load_models(
         Arc::clone(&pool),
         Arc::clone(&cache),
