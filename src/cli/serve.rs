@@ -75,6 +75,22 @@ async fn serve(
         let models = Arc::clone(&models);
         async move { models.start(PREWARM_TOP_K).await }
     });
+    if let Some(addr) = config.server.http_listen {
+        let http = tokio::net::TcpListener::bind(addr).await?;
+        let http_config = qnode::openai::HttpConfig::new(&config, metrics.clone());
+        let backend = Arc::clone(&cache) as Arc<dyn Backend>;
+        let drained = {
+            let node = Arc::clone(&node);
+            async move { node.drain_requested().await }
+        };
+        tokio::spawn(qnode::openai::serve(
+            http,
+            backend,
+            Arc::clone(&node),
+            http_config,
+            drained,
+        ));
+    }
     let server_config = ServerConfig::new(&config, metrics);
     let services = Services {
         backend: cache,

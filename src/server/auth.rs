@@ -31,24 +31,48 @@ impl std::fmt::Debug for ApiKeyCheck {
     }
 }
 
-impl tonic::service::Interceptor for ApiKeyCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+/// Why a call's credentials were refused; front-agnostic (gRPC metadata, HTTP header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AuthError {
+    /// No `authorization: Bearer <key>` at all.
+    #[error("missing `authorization: Bearer <key>`")]
+    Missing,
+    /// A bearer key that is not the configured one.
+    #[error("invalid API key")]
+    Invalid,
+}
+
+impl ApiKeyCheck {
+    /// Checks the value of the `authorization` header (or metadata), `None` when absent. Passes
+    /// everything when no key is configured.
+    pub(crate) fn check(&self, authorization: Option<&str>) -> Result<(), AuthError> {
         let Some(expected) = &self.expected else {
-            return Ok(request);
+            return Ok(());
         };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let given = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <key>` metadata")
-            })?;
+            .ok_or(AuthError::Missing)?;
         let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
         if bool::from(given.ct_eq(expected)) {
-            Ok(request)
+            Ok(())
         } else {
-            Err(Status::unauthenticated("invalid API key"))
+            Err(AuthError::Invalid)
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ApiKeyCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match self.check(header) {
+            Ok(()) => Ok(request),
+            Err(AuthError::Missing) => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <key>` metadata",
+            )),
+            Err(e @ AuthError::Invalid) => Err(Status::unauthenticated(e.to_string())),
         }
     }
 }

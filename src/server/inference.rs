@@ -9,18 +9,16 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::call::{self, new_request_id, Call, CallError, Step, StreamFront};
 use super::proto::inference_server::Inference;
 use super::{convert, deadline, proto, validate};
 use crate::config::Limits;
-use crate::engine::{Backend, Completion, EventStream, GenerationEvent, GenerationRequest};
+use crate::engine::{Backend, EventStream, GenerationRequest};
 use crate::metrics::Metrics;
-use crate::node::{CallGuard, Node};
-
-/// How long a failed stream waits for buffer room to deliver its final status.
-const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+use crate::node::Node;
 
 /// Chunks buffered between the forwarding task and the HTTP/2 stream of one call.
 const STREAM_BUFFER: usize = 16;
@@ -33,72 +31,7 @@ pub(crate) struct InferenceService {
     pub(crate) metrics: Metrics,
 }
 
-/// What one call needs after admission: its guard, id, deadline, span and metric labels.
-struct Call {
-    _guard: CallGuard,
-    arrival: Instant,
-    deadline: Option<Instant>,
-    request_id: String,
-    /// Served model id, or `-` for unknown ids (they would blow up label cardinality).
-    model_label: String,
-    method: &'static str,
-    metrics: Metrics,
-    first_token_seen: bool,
-}
-
-impl Call {
-    fn record(&self, code: Code, completion: Option<&Completion>) {
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[&self.model_label, self.method, &format!("{code:?}")])
-            .inc();
-        m.request_duration
-            .with_label_values(&[&self.model_label, self.method])
-            .observe(self.arrival.elapsed().as_secs_f64());
-        if let Some(c) = completion {
-            m.generated_tokens
-                .with_label_values(&[&self.model_label])
-                .inc_by(u64::from(c.completion_tokens));
-        }
-        tracing::info!(code = ?code, elapsed_ms = self.arrival.elapsed().as_millis() as u64, "done");
-    }
-
-    fn saw_text(&mut self) {
-        if !self.first_token_seen {
-            self.first_token_seen = true;
-            self.metrics
-                .time_to_first_token
-                .with_label_values(&[&self.model_label])
-                .observe(self.arrival.elapsed().as_secs_f64());
-        }
-    }
-
-    /// Sleeps until the deadline; forever without one.
-    async fn deadline_passed(&self) {
-        match self.deadline {
-            Some(at) => tokio::time::sleep_until(at.into()).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    fn deadline_status(&self) -> Status {
-        Status::deadline_exceeded(format!(
-            "deadline exceeded after {} ms",
-            self.arrival.elapsed().as_millis()
-        ))
-    }
-}
-
-fn hard_stop_status() -> Status {
-    Status::unavailable("node shut down before the request finished")
-}
-
-/// Metadata key naming the caller's tenant; answers are never shared across tenants.
-pub const TENANT_HEADER: &str = "x-qnode-tenant";
-
-fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
+use super::call::TENANT_HEADER;
 
 impl InferenceService {
     /// Admission, deadline, id and validation: everything before the backend.
@@ -122,31 +55,16 @@ impl InferenceService {
             id => id,
         };
         let models = self.backend.models();
-        let model_label = if models.iter().any(|m| m.id == wire.model) {
-            wire.model.clone()
-        } else {
-            "-".to_owned()
-        };
-        // Only a validated id goes into the span; a bad one is echoed by the error message alone.
-        let span_id = if request_id.len() <= validate::MAX_REQUEST_ID_BYTES
-            && request_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            request_id.as_str()
-        } else {
-            "<invalid>"
-        };
-        let span =
-            tracing::info_span!("request", request_id = %span_id, model = %model_label, method);
-        let call = Call {
-            _guard: guard,
+        let (call, span) = Call::new(
+            guard,
             arrival,
             deadline,
-            request_id: request_id.clone(),
-            model_label,
+            request_id.clone(),
+            &wire.model,
+            &models,
             method,
-            metrics: self.metrics.clone(),
-            first_token_seen: false,
-        };
+            self.metrics.clone(),
+        );
         let validated =
             validate::validate(wire, &models, &self.limits, request_id, deadline, tenant)
                 .map_err(Status::from);
@@ -160,8 +78,7 @@ impl InferenceService {
     ) -> Result<EventStream, Status> {
         let result = request.and_then(|r| self.backend.submit(r).map_err(Status::from));
         if let Err(status) = &result {
-            tracing::info!(code = ?status.code(), message = status.message(), "refused");
-            call.record(status.code(), None);
+            call.refused(status.code(), status.message());
         }
         result
     }
@@ -176,12 +93,7 @@ impl Inference for InferenceService {
         let (mut call, span, validated) = self.begin(request, "Generate")?;
         async move {
             let events = self.submit(&call, validated)?;
-            let result = collect(&mut call, events, &self.node).await;
-            match &result {
-                Ok((_, completion)) => call.record(Code::Ok, Some(completion)),
-                Err(status) => call.record(status.code(), None),
-            }
-            let (text, completion) = result?;
+            let (text, completion) = call::collect(&mut call, events, &self.node).await?;
             Ok(Response::new(convert::response(
                 text,
                 &completion,
@@ -205,7 +117,7 @@ impl Inference for InferenceService {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let node = Arc::clone(&self.node);
-        tokio::spawn(forward(call, events, tx, node).instrument(span));
+        tokio::spawn(call::forward(call, events, tx, node, GrpcChunks).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -226,99 +138,25 @@ impl Inference for InferenceService {
     }
 }
 
-/// Unary: gathers the deltas into one text. Returning early drops `events`, which cancels.
-async fn collect(
-    call: &mut Call,
-    mut events: EventStream,
-    node: &Node,
-) -> Result<(String, Completion), Status> {
-    let mut text = String::new();
-    loop {
-        let event = tokio::select! {
-            biased;
-            () = node.stopped() => return Err(hard_stop_status()),
-            () = call.deadline_passed() => return Err(call.deadline_status()),
-            event = events.recv() => event,
+/// The gRPC spelling of a stream: one chunk per delta, a last chunk with usage, a final status.
+struct GrpcChunks;
+
+impl StreamFront for GrpcChunks {
+    type Item = Result<proto::GenerateChunk, Status>;
+
+    fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item> {
+        let chunk = match step {
+            Step::Delta(text) => proto::GenerateChunk {
+                text: text.clone(),
+                request_id: call.request_id.clone(),
+                ..Default::default()
+            },
+            Step::Finished(completion) => convert::last_chunk(completion, call.request_id.clone()),
         };
-        match event {
-            Some(Ok(GenerationEvent::Delta(delta))) => {
-                call.saw_text();
-                text.push_str(&delta);
-            }
-            Some(Ok(GenerationEvent::Finished(completion))) => return Ok((text, completion)),
-            Some(Err(error)) => return Err(error.into()),
-            None => return Err(ended_early()),
-        }
+        vec![Ok(chunk)]
     }
-}
 
-fn ended_early() -> Status {
-    Status::internal("generation ended without a result")
-}
-
-/// How a stream ended, for the log and the metrics.
-enum End {
-    Finished(Completion),
-    Failed(Status),
-    ClientGone,
-}
-
-/// Streaming: forwards events as chunks. Stops — dropping `events`, which cancels the
-/// generation — when the client goes away (the channel closes), at the deadline or a hard stop.
-async fn forward(
-    mut call: Call,
-    mut events: EventStream,
-    tx: mpsc::Sender<Result<proto::GenerateChunk, Status>>,
-    node: Arc<Node>,
-) {
-    let end = loop {
-        let event = tokio::select! {
-            biased;
-            () = tx.closed() => break End::ClientGone,
-            () = node.stopped() => break End::Failed(hard_stop_status()),
-            () = call.deadline_passed() => break End::Failed(call.deadline_status()),
-            event = events.recv() => event,
-        };
-        let (chunk, end) = match event {
-            Some(Ok(GenerationEvent::Delta(text))) => {
-                call.saw_text();
-                let chunk = proto::GenerateChunk {
-                    text,
-                    request_id: call.request_id.clone(),
-                    ..Default::default()
-                };
-                (chunk, None)
-            }
-            Some(Ok(GenerationEvent::Finished(completion))) => (
-                convert::last_chunk(&completion, call.request_id.clone()),
-                Some(End::Finished(completion)),
-            ),
-            Some(Err(error)) => break End::Failed(error.into()),
-            None => break End::Failed(ended_early()),
-        };
-        // A slow reader must not hold the generation past its deadline or a hard stop.
-        let sent = tokio::select! {
-            biased;
-            sent = tx.send(Ok(chunk)) => sent.is_ok(),
-            () = node.stopped() => break End::Failed(hard_stop_status()),
-            () = call.deadline_passed() => break End::Failed(call.deadline_status()),
-        };
-        match (sent, end) {
-            (false, _) => break End::ClientGone,
-            (true, Some(end)) => break end,
-            (true, None) => {}
-        }
-    };
-    drop(events);
-    match end {
-        End::Finished(completion) => call.record(Code::Ok, Some(&completion)),
-        End::Failed(status) => {
-            call.record(status.code(), None);
-            // The generation is gone already; this only waits for room in the client's buffer
-            // (a send to a client that left fails at once), and for a client that stopped
-            // reading, not for long.
-            let _ = tokio::time::timeout(FINAL_STATUS_WAIT, tx.send(Err(status))).await;
-        }
-        End::ClientGone => call.record(Code::Cancelled, None),
+    fn failed(&mut self, _call: &Call, error: &CallError) -> Self::Item {
+        Err(error.clone().into())
     }
 }

@@ -12,7 +12,8 @@
 //! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing.
 
 mod admin;
-mod auth;
+pub(crate) mod auth;
+pub(crate) mod call;
 mod convert;
 mod deadline;
 mod health;

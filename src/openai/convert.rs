@@ -1,0 +1,268 @@
+//! OpenAI requests → the gRPC front's [`proto::GenerateRequest`], so both fronts go through the
+//! same [`crate::server::validate::validate`]; engine results → OpenAI responses.
+//!
+//! Only what OpenAI has and qnode's wire lacks is checked here (`n`, content parts, a batch of
+//! prompts); every range (temperature, max_tokens, stop, roles, empty text) is left to `validate`.
+
+use crate::engine::{Completion, FinishReason, Source};
+use crate::server::proto;
+
+use super::error::ApiError;
+use super::types::{Content, GenerateBody, Prompt, RequestMessage, Usage};
+
+/// What a request wants beyond the wire request: how to answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Answer as server-sent events.
+    pub stream: bool,
+    /// Streamed: end with a usage chunk.
+    pub include_usage: bool,
+    /// The caller's end user, logged only.
+    pub user: Option<String>,
+}
+
+/// A chat request on the wire of the gRPC front.
+pub fn chat(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+    let messages = body
+        .messages
+        .take()
+        .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut wire, options) = sampling(body)?;
+    wire.messages = messages;
+    Ok((wire, options))
+}
+
+/// A legacy completion request on the wire of the gRPC front.
+pub fn completion(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+    let prompt = match body.prompt.take() {
+        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(Prompt::One(p)) => p,
+        Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
+        Some(Prompt::Many(v)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "`prompt` must be one string (a list of exactly one is also taken). Given: a list of {}",
+                    v.len()
+                ),
+            ))
+        }
+    };
+    let (mut wire, options) = sampling(body)?;
+    wire.prompt = Some(prompt);
+    Ok((wire, options))
+}
+
+fn message(i: usize, m: RequestMessage) -> Result<proto::ChatMessage, ApiError> {
+    let content = match m.content {
+        None => String::new(),
+        Some(Content::Text(text)) => text,
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", None) => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}].text"),
+                            format!("`messages[{i}].content[{j}].text` is required for a text part"),
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}].type"),
+                            format!(
+                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {other:?}"
+                            ),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+    };
+    // OpenAI's newer name for the system role.
+    let role = if m.role == "developer" {
+        "system".to_owned()
+    } else {
+        m.role
+    };
+    Ok(proto::ChatMessage { role, content })
+}
+
+/// Everything but the prompt; `messages` and `prompt` are taken out already.
+fn sampling(s: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+    if let Some(n) = s.n.filter(|&n| n != 1) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be 1: this node generates one choice per request. Given: {n}"),
+        ));
+    }
+    if s.presence_penalty.is_some_and(|p| p != 0.0) || s.frequency_penalty.is_some_and(|p| p != 0.0)
+    {
+        tracing::debug!("presence/frequency penalty ignored");
+    }
+    let stream = s.stream.unwrap_or(false);
+    let wire = proto::GenerateRequest {
+        model: s.model,
+        max_tokens: s.max_completion_tokens.or(s.max_tokens),
+        temperature: s.temperature,
+        top_p: s.top_p,
+        seed: s.seed,
+        stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let options = Options {
+        stream,
+        include_usage: stream
+            && s.stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        user: s.user,
+    };
+    Ok((wire, options))
+}
+
+/// OpenAI's `finish_reason`. A cancelled generation never reaches a client (it left), so it reads
+/// as `stop`.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// Token counts in OpenAI's shape.
+pub fn usage(c: &Completion) -> Usage {
+    Usage {
+        prompt_tokens: c.prompt_tokens,
+        completion_tokens: c.completion_tokens,
+        total_tokens: c.prompt_tokens.saturating_add(c.completion_tokens),
+    }
+}
+
+/// `system_fingerprint`: where the answer came from.
+pub fn fingerprint(source: Source) -> &'static str {
+    match source {
+        Source::Model => "qnode-model",
+        Source::CacheL1 => "qnode-cache-l1",
+        Source::CacheL2 => "qnode-cache-l2",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn chat_json(json: &str) -> Result<(proto::GenerateRequest, Options), ApiError> {
+        chat(serde_json::from_str::<GenerateBody>(json).expect("parses"))
+    }
+
+    #[test]
+    fn chat_fields_land_on_the_wire() {
+        let (wire, options) = chat_json(
+            r#"{"model":"smollm2","messages":[{"role":"developer","content":"Be short."},
+                {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+                "max_tokens":5,"max_completion_tokens":7,"temperature":0.7,"top_p":0.9,"seed":42,
+                "stop":"\n","stream":true,"stream_options":{"include_usage":true},"user":"u1",
+                "n":1,"presence_penalty":0.5,"logit_bias":{"1":2},"tools":null}"#,
+        )
+        .unwrap();
+        assert_eq!(wire.model, "smollm2");
+        assert_eq!(wire.messages.len(), 2);
+        assert_eq!(wire.messages[0].role, "system");
+        assert_eq!(wire.messages[1].content, "Hi there");
+        assert_eq!(wire.max_tokens, Some(7), "max_completion_tokens wins");
+        assert_eq!(wire.temperature, Some(0.7));
+        assert_eq!(wire.top_p, Some(0.9));
+        assert_eq!(wire.seed, Some(42));
+        assert_eq!(wire.stop, vec!["\n".to_owned()]);
+        assert_eq!(wire.prompt, None);
+        assert_eq!(
+            options,
+            Options {
+                stream: true,
+                include_usage: true,
+                user: Some("u1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn absent_and_null_fields_stay_absent() {
+        let (wire, options) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":null,
+                "stop":["a","b"],"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(wire.temperature, None);
+        assert_eq!(wire.max_tokens, None);
+        assert_eq!(wire.seed, None);
+        assert_eq!(wire.stop, vec!["a".to_owned(), "b".to_owned()]);
+        assert!(!options.stream);
+        assert!(!options.include_usage, "usage chunks only when streaming");
+    }
+
+    #[test]
+    fn n_other_than_one_is_refused_by_name() {
+        let e = chat_json(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#)
+            .unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("n"));
+        assert!(e.message.contains("Given: 2"), "{}", e.message);
+    }
+
+    #[test]
+    fn image_parts_are_refused_by_path() {
+        let e = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+    }
+
+    #[test]
+    fn null_content_reaches_validation_as_empty() {
+        let (wire, _) =
+            chat_json(r#"{"model":"m","messages":[{"role":"assistant","content":null}]}"#).unwrap();
+        assert_eq!(wire.messages[0].content, "");
+    }
+
+    #[test]
+    fn completion_takes_a_string_or_a_list_of_one() {
+        for prompt in [r#""Once""#, r#"["Once"]"#] {
+            let request: GenerateBody = serde_json::from_str(&format!(
+                r#"{{"model":"m","prompt":{prompt},"max_tokens":3}}"#
+            ))
+            .unwrap();
+            let (wire, _) = completion(request).unwrap();
+            assert_eq!(wire.prompt.as_deref(), Some("Once"));
+            assert!(wire.messages.is_empty());
+            assert_eq!(wire.max_tokens, Some(3));
+        }
+        let request: GenerateBody =
+            serde_json::from_str(r#"{"model":"m","prompt":["a","b"]}"#).unwrap();
+        assert_eq!(
+            completion(request).unwrap_err().param.as_deref(),
+            Some("prompt")
+        );
+    }
+
+    #[test]
+    fn finish_reasons_and_usage() {
+        assert_eq!(finish_reason(FinishReason::Stop), "stop");
+        assert_eq!(finish_reason(FinishReason::Length), "length");
+        let c = Completion {
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 4,
+            completion_tokens: 6,
+            timings: Default::default(),
+            source: Source::CacheL1,
+        };
+        assert_eq!(usage(&c).total_tokens, 10);
+        assert_eq!(fingerprint(c.source), "qnode-cache-l1");
+    }
+}

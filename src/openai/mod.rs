@@ -1,0 +1,430 @@
+//! The OpenAI-compatible HTTP front (`--http-listen`), so chat gateways that speak the OpenAI API
+//! use a node with no code of their own: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`, plus `GET /health` (liveness) and `GET /ready` (readiness).
+//!
+//! One code path under both fronts: a call is admitted by [`Node::admit`], checked by the same
+//! [`crate::server::validate::validate`] (the request is converted to the gRPC wire request first),
+//! submitted to the same [`Backend`] (the cache over the pool), read by the same loops
+//! ([`crate::server::call`]) and counted in the same [`Metrics`] (`method` label
+//! `chat.completions` / `completions`).
+//!
+//! # Layout
+//! - [`types`]: the JSON shapes. [`convert`]: request → wire request, results → responses.
+//! - [`error`]: every error → HTTP status and OpenAI error body, in one place.
+//! - [`sse`]: streamed answers as server-sent events.
+//!
+//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` are accepted
+//! and ignored; `user` is logged only (the cache tenant is the `x-qnode-tenant` header);
+//! `x-qnode-timeout-ms` sets a deadline (504 when it passes); `x-request-id` may carry the
+//! caller's id, and every answer carries it back.
+
+pub mod convert;
+pub mod error;
+pub mod sse;
+pub mod types;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::config::{Config, Limits};
+use crate::engine::{Backend, ModelState};
+use crate::metrics::Metrics;
+use crate::node::{Node, NodeState};
+use crate::server::auth::ApiKeyCheck;
+use crate::server::call::{self, new_request_id, Call, TENANT_HEADER};
+use crate::server::{proto, validate};
+
+use convert::Options;
+use error::ApiError;
+use types::{
+    ChatChoice, ChatCompletion, GenerateBody, Model, ModelList, ResponseMessage, TextChoice,
+    TextCompletion,
+};
+
+/// Header carrying the call's deadline in milliseconds from arrival (HTTP has no `grpc-timeout`).
+pub const TIMEOUT_HEADER: &str = "x-qnode-timeout-ms";
+/// Header carrying the request id, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Events buffered between a stream's forwarding task and its HTTP body.
+const STREAM_BUFFER: usize = 16;
+
+/// What the HTTP front needs from the node's configuration.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// `Authorization: Bearer` key for `/v1/*`; `None` leaves them open. Never logged.
+    pub api_key: Option<String>,
+    /// Per-request limits, the same the gRPC front checks.
+    pub limits: Limits,
+    /// The node's metrics, shared with the gRPC front.
+    pub metrics: Metrics,
+    /// Largest request body, in bytes (the gRPC front's message limit).
+    pub max_body_bytes: usize,
+}
+
+impl HttpConfig {
+    /// The HTTP front's part of the node configuration: the same key and limits as gRPC.
+    pub fn new(config: &Config, metrics: Metrics) -> Self {
+        Self {
+            api_key: config.server.api_key.clone(),
+            limits: config.limits.clone(),
+            metrics,
+            max_body_bytes: config.server.max_message_bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("limits", &self.limits)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    backend: Arc<dyn Backend>,
+    node: Arc<Node>,
+    limits: Limits,
+    metrics: Metrics,
+    auth: ApiKeyCheck,
+    /// Unix seconds at start, the `created` of every model.
+    started: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The routes, over `backend` and `node`.
+pub fn router(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) -> Router {
+    let state = AppState {
+        backend,
+        node,
+        limits: config.limits,
+        metrics: config.metrics,
+        auth: ApiKeyCheck::new(config.api_key.as_deref()),
+        started: unix_now(),
+    };
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(api)
+        .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves the routes on `listener` until `shutdown` resolves. Draining needs nothing here: the
+/// node refuses new calls (503) and `/ready` turns 503, while in-flight calls hold their
+/// admission guards so the gRPC server's drain waits for them too.
+pub async fn serve(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    node: Arc<Node>,
+    config: HttpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "OpenAI-compatible HTTP listening");
+    }
+    axum::serve(listener, router(backend, node, config))
+        .tcp_nodelay(true)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn check_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.auth.check(header) {
+        Ok(()) => next.run(request).await,
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let body = serde_json::json!({"status": "ok", "state": state.node.state().as_str()});
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let node_state = state.node.state();
+    let models = state.backend.models();
+    let model_ready = models.iter().any(|m| m.state == ModelState::Ready);
+    let ready = node_state == NodeState::Ready && model_ready;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "state": node_state.as_str(),
+        "models_ready": models.iter().filter(|m| m.state == ModelState::Ready).count(),
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    let data = state
+        .backend
+        .models()
+        .into_iter()
+        .map(|m| Model {
+            id: m.id,
+            object: "model",
+            created: state.started,
+            owned_by: "qnode",
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<GenerateBody>, JsonRejection>,
+) -> Response {
+    let converted = body
+        .map_err(ApiError::from)
+        .and_then(|Json(request)| convert::chat(request));
+    match converted {
+        Ok((wire, options)) => generate(state, headers, wire, options, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<GenerateBody>, JsonRejection>,
+) -> Response {
+    let converted = body
+        .map_err(ApiError::from)
+        .and_then(|Json(request)| convert::completion(request));
+    match converted {
+        Ok((wire, options)) => generate(state, headers, wire, options, Kind::Text).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn method(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat.completions",
+            Kind::Text => "completions",
+        }
+    }
+
+    fn id(self, request_id: &str) -> String {
+        match self {
+            Kind::Chat => format!("chatcmpl-{request_id}"),
+            Kind::Text => format!("cmpl-{request_id}"),
+        }
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// The deadline from [`TIMEOUT_HEADER`]; a value that is not a whole number of milliseconds is a
+/// 400 naming the header.
+fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                TIMEOUT_HEADER,
+                format!(
+                    "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {value:?}"
+                ),
+            )
+        })?;
+    Ok(Some(arrival + Duration::from_millis(ms)))
+}
+
+/// Admit, validate, submit, then answer whole or as a stream: the steps of the gRPC front, in the
+/// same order, over the same pieces.
+async fn generate(
+    state: AppState,
+    headers: HeaderMap,
+    wire: proto::GenerateRequest,
+    options: Options,
+    kind: Kind,
+) -> Response {
+    let guard = match state.node.admit() {
+        Ok(guard) => guard,
+        Err(refusal) => return ApiError::from(refusal).into_response(),
+    };
+    let arrival = Instant::now();
+    let request_id = header_str(&headers, REQUEST_ID_HEADER)
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    let tenant = header_str(&headers, TENANT_HEADER).map(str::to_owned);
+    let models = state.backend.models();
+    let deadline = deadline(&headers, arrival);
+    let (mut call, span) = Call::new(
+        guard,
+        arrival,
+        deadline.clone().ok().flatten(),
+        request_id.clone(),
+        &wire.model,
+        &models,
+        kind.method(),
+        state.metrics.clone(),
+    );
+    let model = wire.model.clone();
+    let submitted = deadline
+        .and_then(|deadline| {
+            validate::validate(
+                wire,
+                &models,
+                &state.limits,
+                request_id.clone(),
+                deadline,
+                tenant,
+            )
+            .map_err(ApiError::from)
+        })
+        .and_then(|request| state.backend.submit(request).map_err(ApiError::from));
+    let events = match submitted {
+        Ok(events) => events,
+        Err(e) => {
+            let _entered = span.enter();
+            call.refused(e.grpc, &e.message);
+            return with_request_id(e.into_response(), &request_id);
+        }
+    };
+    if let Some(user) = &options.user {
+        tracing::info!(parent: &span, user = ?user, "OpenAI user");
+    }
+    let id = kind.id(&request_id);
+    let created = unix_now();
+    let response = if options.stream {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let node = Arc::clone(&state.node);
+        match kind {
+            Kind::Chat => {
+                let front = sse::ChatStream {
+                    id,
+                    created,
+                    model,
+                    include_usage: options.include_usage,
+                    sent_role: false,
+                };
+                tokio::spawn(call::forward(call, events, tx, node, front).instrument(span));
+            }
+            Kind::Text => {
+                let front = sse::TextStream {
+                    id,
+                    created,
+                    model,
+                    include_usage: options.include_usage,
+                };
+                tokio::spawn(call::forward(call, events, tx, node, front).instrument(span));
+            }
+        }
+        (
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(ReceiverStream::new(rx)),
+        )
+            .into_response()
+    } else {
+        let result = call::collect(&mut call, events, &state.node)
+            .instrument(span)
+            .await;
+        match result {
+            Err(e) => ApiError::from(e).into_response(),
+            Ok((text, completion)) => match kind {
+                Kind::Chat => Json(ChatCompletion {
+                    id,
+                    object: "chat.completion",
+                    created,
+                    model,
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: ResponseMessage {
+                            role: "assistant",
+                            content: text,
+                        },
+                        finish_reason: convert::finish_reason(completion.finish_reason),
+                    }],
+                    usage: convert::usage(&completion),
+                    system_fingerprint: convert::fingerprint(completion.source),
+                })
+                .into_response(),
+                Kind::Text => Json(TextCompletion {
+                    id,
+                    object: "text_completion",
+                    created,
+                    model,
+                    choices: vec![TextChoice {
+                        index: 0,
+                        text,
+                        finish_reason: Some(convert::finish_reason(completion.finish_reason)),
+                        logprobs: None,
+                    }],
+                    usage: Some(convert::usage(&completion)),
+                })
+                .into_response(),
+            },
+        }
+    };
+    with_request_id(response, &request_id)
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}

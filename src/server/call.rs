@@ -1,0 +1,287 @@
+//! One generation call's life after admission, shared by every front (gRPC here, OpenAI HTTP in
+//! [`crate::openai`]): its guard, id, deadline, span and metrics, and the loops that read the
+//! backend's events until the end, the deadline, the client leaving or a hard stop.
+//!
+//! Fronts differ only in what they make of each event (a proto chunk, an SSE line) and how they
+//! spell an error; which events end a call, and what gets counted, is decided here once.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use super::validate;
+use crate::engine::{Completion, EngineError, EventStream, GenerationEvent, ModelInfo};
+use crate::metrics::Metrics;
+use crate::node::{CallGuard, Node};
+
+/// How long a failed stream waits for buffer room to deliver its final error.
+const FINAL_ERROR_WAIT: Duration = Duration::from_millis(500);
+
+/// Metadata key (gRPC) and header (HTTP) naming the caller's tenant; answers are never shared
+/// across tenants.
+pub const TENANT_HEADER: &str = "x-qnode-tenant";
+
+/// A fresh request id: 32 hex digits.
+pub(crate) fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Why a call ended without a completion, once it reached the backend.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum CallError {
+    /// The backend refused the request or failed it.
+    Engine(EngineError),
+    /// The node was hard-stopped (drain timeout) before the call finished.
+    HardStop,
+    /// The caller's deadline passed; the time since arrival.
+    Deadline(Duration),
+    /// The backend dropped the stream without a result (a bug).
+    EndedEarly,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Engine(e) => e.fmt(f),
+            CallError::HardStop => f.write_str("node shut down before the request finished"),
+            CallError::Deadline(after) => {
+                write!(f, "deadline exceeded after {} ms", after.as_millis())
+            }
+            CallError::EndedEarly => f.write_str("generation ended without a result"),
+        }
+    }
+}
+
+impl From<CallError> for Status {
+    fn from(error: CallError) -> Self {
+        match error {
+            CallError::Engine(e) => e.into(),
+            CallError::HardStop => Status::unavailable(error.to_string()),
+            CallError::Deadline(_) => Status::deadline_exceeded(error.to_string()),
+            CallError::EndedEarly => Status::internal(error.to_string()),
+        }
+    }
+}
+
+/// What one admitted call carries until it ends: its guard, id, deadline and metric labels.
+pub(crate) struct Call {
+    _guard: CallGuard,
+    arrival: Instant,
+    deadline: Option<Instant>,
+    /// The call's id (caller-given or generated).
+    pub(crate) request_id: String,
+    /// Served model id, or `-` for unknown ids (they would blow up label cardinality).
+    model_label: String,
+    method: &'static str,
+    metrics: Metrics,
+    first_token_seen: bool,
+}
+
+impl Call {
+    /// A call admitted by `guard` at `arrival`, and the span its work runs in. `model` is the id
+    /// asked for; it becomes a metric label only when it is one of `models`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        guard: CallGuard,
+        arrival: Instant,
+        deadline: Option<Instant>,
+        request_id: String,
+        model: &str,
+        models: &[ModelInfo],
+        method: &'static str,
+        metrics: Metrics,
+    ) -> (Self, tracing::Span) {
+        let model_label = if models.iter().any(|m| m.id == model) {
+            model.to_owned()
+        } else {
+            "-".to_owned()
+        };
+        // Only a valid id goes into the span; a bad one is echoed by the error message alone.
+        let span_id = if request_id.len() <= validate::MAX_REQUEST_ID_BYTES
+            && request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            request_id.as_str()
+        } else {
+            "<invalid>"
+        };
+        let span =
+            tracing::info_span!("request", request_id = %span_id, model = %model_label, method);
+        let call = Self {
+            _guard: guard,
+            arrival,
+            deadline,
+            request_id,
+            model_label,
+            method,
+            metrics,
+            first_token_seen: false,
+        };
+        (call, span)
+    }
+
+    /// Counts the finished call under the gRPC code name `code` (both fronts use these names, so
+    /// one dashboard covers both).
+    pub(crate) fn record(&self, code: Code, completion: Option<&Completion>) {
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[&self.model_label, self.method, &format!("{code:?}")])
+            .inc();
+        m.request_duration
+            .with_label_values(&[&self.model_label, self.method])
+            .observe(self.arrival.elapsed().as_secs_f64());
+        if let Some(c) = completion {
+            m.generated_tokens
+                .with_label_values(&[&self.model_label])
+                .inc_by(u64::from(c.completion_tokens));
+        }
+        tracing::info!(code = ?code, elapsed_ms = self.arrival.elapsed().as_millis() as u64, "done");
+    }
+
+    /// Logs and counts a call refused before it produced anything.
+    pub(crate) fn refused(&self, code: Code, message: &str) {
+        tracing::info!(code = ?code, message, "refused");
+        self.record(code, None);
+    }
+
+    fn saw_text(&mut self) {
+        if !self.first_token_seen {
+            self.first_token_seen = true;
+            self.metrics
+                .time_to_first_token
+                .with_label_values(&[&self.model_label])
+                .observe(self.arrival.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Sleeps until the deadline; forever without one.
+    async fn deadline_passed(&self) {
+        match self.deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn deadline_error(&self) -> CallError {
+        CallError::Deadline(self.arrival.elapsed())
+    }
+}
+
+/// One step of a generation as a front sees it.
+pub(crate) enum Step {
+    /// More text.
+    Delta(String),
+    /// The end, with usage and timings.
+    Finished(Completion),
+}
+
+/// The next step, or why the call ends: a hard stop or the deadline win over a waiting event.
+async fn next(call: &mut Call, events: &mut EventStream, node: &Node) -> Result<Step, CallError> {
+    let event = tokio::select! {
+        biased;
+        () = node.stopped() => return Err(CallError::HardStop),
+        () = call.deadline_passed() => return Err(call.deadline_error()),
+        event = events.recv() => event,
+    };
+    match event {
+        Some(Ok(GenerationEvent::Delta(delta))) => {
+            call.saw_text();
+            Ok(Step::Delta(delta))
+        }
+        Some(Ok(GenerationEvent::Finished(completion))) => Ok(Step::Finished(completion)),
+        Some(Err(error)) => Err(CallError::Engine(error)),
+        None => Err(CallError::EndedEarly),
+    }
+}
+
+/// Unary: gathers the deltas into one text, and counts the call. Returning early drops `events`,
+/// which cancels; so does dropping this future (the client left).
+pub(crate) async fn collect(
+    call: &mut Call,
+    mut events: EventStream,
+    node: &Node,
+) -> Result<(String, Completion), CallError> {
+    let mut text = String::new();
+    let result = loop {
+        match next(call, &mut events, node).await {
+            Ok(Step::Delta(delta)) => text.push_str(&delta),
+            Ok(Step::Finished(completion)) => break Ok((std::mem::take(&mut text), completion)),
+            Err(error) => break Err(error),
+        }
+    };
+    drop(events);
+    match &result {
+        Ok((_, completion)) => call.record(Code::Ok, Some(completion)),
+        Err(error) => call.record(Status::from(error.clone()).code(), None),
+    }
+    result
+}
+
+/// What a streaming front makes of each step; see [`forward`].
+pub(crate) trait StreamFront: Send + 'static {
+    /// What goes down the client's channel.
+    type Item: Send + 'static;
+    /// The items for one step (a front may send nothing for an empty delta, or several items for
+    /// the end).
+    fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item>;
+    /// The item that tells the client the call failed.
+    fn failed(&mut self, call: &Call, error: &CallError) -> Self::Item;
+}
+
+/// How a stream ended, for the log and the metrics.
+enum End {
+    Finished(Completion),
+    Failed(CallError),
+    ClientGone,
+}
+
+/// Streaming: sends each step as `front` spells it. Stops — dropping `events`, which cancels the
+/// generation and frees its batch slot — when the client goes away (the channel closes), at the
+/// deadline or a hard stop. Holds the call (and so its admission guard) to the end.
+pub(crate) async fn forward<F: StreamFront>(
+    mut call: Call,
+    mut events: EventStream,
+    tx: mpsc::Sender<F::Item>,
+    node: std::sync::Arc<Node>,
+    mut front: F,
+) {
+    let end = 'call: loop {
+        let step = tokio::select! {
+            biased;
+            () = tx.closed() => break End::ClientGone,
+            step = next(&mut call, &mut events, &node) => step,
+        };
+        let step = match step {
+            Ok(step) => step,
+            Err(error) => break End::Failed(error),
+        };
+        for item in front.step(&call, &step) {
+            // A slow reader must not hold the generation past its deadline or a hard stop.
+            let sent = tokio::select! {
+                biased;
+                sent = tx.send(item) => sent.is_ok(),
+                () = node.stopped() => break 'call End::Failed(CallError::HardStop),
+                () = call.deadline_passed() => break 'call End::Failed(call.deadline_error()),
+            };
+            if !sent {
+                break 'call End::ClientGone;
+            }
+        }
+        if let Step::Finished(completion) = step {
+            break End::Finished(completion);
+        }
+    };
+    drop(events);
+    match end {
+        End::Finished(completion) => call.record(Code::Ok, Some(&completion)),
+        End::Failed(error) => {
+            call.record(Status::from(error.clone()).code(), None);
+            let item = front.failed(&call, &error);
+            // The generation is gone already; this only waits for room in the client's buffer
+            // (a send to a client that left fails at once), and for a client that stopped
+            // reading, not for long.
+            let _ = tokio::time::timeout(FINAL_ERROR_WAIT, tx.send(item)).await;
+        }
+        End::ClientGone => call.record(Code::Cancelled, None),
+    }
+}

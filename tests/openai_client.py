@@ -1,0 +1,158 @@
+"""The official `openai` Python client against a running qnode HTTP front.
+
+Run by tests/openai_real_model.rs:
+    python3 tests/openai_client.py REAL_BASE_URL STANDBY_BASE_URL SCRIPTED_BASE_URL API_KEY
+
+REAL serves the real SmolLM2 model (`smollm2`) behind API_KEY; STANDBY is a node on standby over
+the same pool (same key); SCRIPTED serves the scripted test backend with no key (its prompt
+`queue_full` is refused with a full queue). Every check raises on failure; the process exits 0
+only when all passed, and prints one line per check.
+"""
+
+import sys
+
+import openai
+
+real_url, standby_url, scripted_url, key = sys.argv[1:5]
+
+
+def client(url, api_key=key):
+    # No retries: every status must reach the test as the server sent it.
+    return openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
+
+
+def expect(exc_type, fn, status, *needles):
+    try:
+        fn()
+    except exc_type as e:
+        assert e.status_code == status, (exc_type, e.status_code, e)
+        for needle in needles:
+            assert needle in str(e), (needle, str(e))
+        return e
+    raise AssertionError(f"expected {exc_type.__name__}")
+
+
+def check(name):
+    print(f"ok {name}", flush=True)
+
+
+real = client(real_url)
+hello = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+# Chat completion, greedy.
+r = real.chat.completions.create(model="smollm2", messages=hello, max_tokens=8, temperature=0)
+assert r.object == "chat.completion", r
+assert r.id.startswith("chatcmpl-"), r.id
+assert r.model == "smollm2"
+assert len(r.choices) == 1 and r.choices[0].index == 0
+assert r.choices[0].message.role == "assistant"
+assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+assert r.choices[0].finish_reason in ("stop", "length")
+assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+assert r.usage.completion_tokens >= 1
+greedy = r.choices[0].message.content
+check("chat completion")
+
+# Streaming, with the usage chunk: same text as the unary answer.
+stream = real.chat.completions.create(
+    model="smollm2",
+    messages=hello,
+    max_tokens=8,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, finish, usage, roles = "", None, None, []
+for chunk in stream:
+    assert chunk.object == "chat.completion.chunk"
+    if chunk.usage is not None:
+        assert chunk.choices == [], chunk
+        usage = chunk.usage
+        continue
+    delta = chunk.choices[0].delta
+    if delta.role:
+        roles.append(delta.role)
+    text += delta.content or ""
+    finish = chunk.choices[0].finish_reason or finish
+assert text == greedy, (text, greedy)
+assert roles == ["assistant"], roles
+assert finish in ("stop", "length")
+assert usage is not None and usage.completion_tokens >= 1
+check("chat streaming with usage")
+
+# Seeded sampling: streamed and unary give the same text.
+seeded = dict(model="smollm2", messages=hello, max_tokens=12, temperature=0.9, seed=7)
+unary = real.chat.completions.create(**seeded).choices[0].message.content
+streamed = "".join(
+    c.choices[0].delta.content or "" for c in real.chat.completions.create(stream=True, **seeded)
+)
+assert unary == streamed, (unary, streamed)
+check("seeded stream == unary")
+
+# Legacy completions and the model list.
+c = real.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+assert c.object == "text_completion" and "Paris" in c.choices[0].text, c
+ids = [m.id for m in real.models.list()]
+assert ids == ["smollm2"], ids
+check("completions and models")
+
+# Errors → the client's exception types.
+expect(
+    openai.NotFoundError,
+    lambda: real.chat.completions.create(model="nope", messages=hello),
+    404,
+    "nope",
+)
+e = expect(
+    openai.BadRequestError,
+    lambda: real.chat.completions.create(model="smollm2", messages=hello, temperature=5),
+    400,
+    "temperature",
+)
+assert e.body["param"] == "temperature", e.body
+expect(
+    openai.BadRequestError,
+    lambda: real.chat.completions.create(model="smollm2", messages=hello, n=2),
+    400,
+    "`n` must be 1",
+)
+expect(
+    openai.AuthenticationError,
+    lambda: client(real_url, api_key="wrong").chat.completions.create(model="smollm2", messages=hello),
+    401,
+)
+expect(
+    openai.AuthenticationError,
+    lambda: client(real_url, api_key="wrong").models.list(),
+    401,
+)
+e = expect(
+    openai.APIStatusError,
+    lambda: client(standby_url).chat.completions.create(model="smollm2", messages=hello),
+    503,
+    "standby",
+)
+check("errors: 404, 400, 401, 503")
+
+scripted = client(scripted_url, api_key="unused")
+e = expect(
+    openai.RateLimitError,
+    lambda: scripted.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "queue_full"}]
+    ),
+    429,
+    "full",
+)
+assert e.response.headers["retry-after"] == "3", e.response.headers
+check("429 with Retry-After")
+
+# A failure after the stream began reaches the client as an APIError.
+try:
+    for _ in scripted.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "fail_midway"}], stream=True
+    ):
+        pass
+    raise AssertionError("stream did not fail")
+except openai.APIError as e:
+    assert "scripted failure" in str(e), str(e)
+check("mid-stream failure")

@@ -1,0 +1,267 @@
+//! The OpenAI-compatible HTTP front over the scripted backend (tests/grpc_support), called with
+//! `curl`: cancellation on disconnect, deadlines, hard stop, bad JSON, liveness and readiness.
+
+mod grpc_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpc_support::ScriptedBackend;
+use qnode::config::Config;
+use qnode::engine::Backend;
+use qnode::metrics::Metrics;
+use qnode::node::{Node, Role};
+use qnode::openai::{self, HttpConfig};
+
+struct Front {
+    url: String,
+    backend: Arc<ScriptedBackend>,
+    node: Arc<Node>,
+}
+
+async fn start(node: Arc<Node>, api_key: Option<&str>) -> Front {
+    let backend = ScriptedBackend::new(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config::default();
+    config.server.api_key = api_key.map(str::to_owned);
+    tokio::spawn(openai::serve(
+        listener,
+        Arc::clone(&backend) as Arc<dyn Backend>,
+        Arc::clone(&node),
+        HttpConfig::new(&config, Metrics::new().unwrap()),
+        std::future::pending(),
+    ));
+    Front {
+        url: format!("http://{addr}"),
+        backend,
+        node,
+    }
+}
+
+async fn ready_front() -> Front {
+    start(Node::ready(&Metrics::new().unwrap()), None).await
+}
+
+/// `curl -s` with `args`; returns (HTTP status, headers + body).
+async fn curl(args: &[&str]) -> (u16, String) {
+    let mut full = vec!["-s", "-i", "-w", "\n%{http_code}"];
+    full.extend_from_slice(args);
+    let full: Vec<String> = full.into_iter().map(str::to_owned).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new("curl").args(&full).output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.trim_end().rsplit_once('\n').expect("status line");
+    (code.parse().expect("HTTP status"), body.to_owned())
+}
+
+async fn post(url: &str, body: &str, headers: &[&str]) -> (u16, String) {
+    let mut args = vec!["-H", "Content-Type: application/json", "-d", body, url];
+    for h in headers {
+        args.extend_from_slice(&["-H", h]);
+    }
+    curl(&args).await
+}
+
+fn chat(content: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{content}"}}],"stream":{stream}}}"#
+    )
+}
+
+#[tokio::test]
+async fn unary_and_streamed_answers_have_the_openai_shape() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let (code, out) = post(&url, &chat("hi", false), &["x-request-id: req-7"]).await;
+    assert_eq!(code, 200, "{out}");
+    assert!(out.contains("x-request-id: req-7"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(out.rsplit("\r\n\r\n").next().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(json["id"], "chatcmpl-req-7");
+    assert_eq!(json["object"], "chat.completion");
+    assert_eq!(json["choices"][0]["message"]["content"], "Hello!");
+    assert_eq!(json["choices"][0]["finish_reason"], "stop");
+    assert_eq!(json["usage"]["total_tokens"], 8);
+
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"stream":true,
+                   "max_tokens":2,"stream_options":{"include_usage":true}}"#;
+    let (code, out) = post(&url, body, &[]).await;
+    assert_eq!(code, 200, "{out}");
+    assert!(out.contains("content-type: text/event-stream"), "{out}");
+    let events: Vec<&str> = out
+        .split("\n\n")
+        .filter_map(|e| e.rsplit("data: ").next().filter(|_| e.contains("data: ")))
+        .collect();
+    assert_eq!(events.len(), 5, "2 deltas, finish, usage, DONE: {out}");
+    assert_eq!(events[4], "[DONE]");
+    let first: serde_json::Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["choices"][0]["delta"]["content"], "Hel");
+    let finish: serde_json::Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage: serde_json::Value = serde_json::from_str(events[3]).unwrap();
+    assert_eq!(usage["choices"], serde_json::json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 2);
+
+    let (code, out) = post(
+        &format!("{}/v1/completions", front.url),
+        r#"{"model":"smollm2","prompt":"hi"}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(code, 200, "{out}");
+    assert!(out.contains(r#""object":"text_completion""#), "{out}");
+    assert!(out.contains(r#""text":"Hello!""#), "{out}");
+}
+
+#[tokio::test]
+async fn closing_the_connection_cancels_the_generation() {
+    let front = ready_front().await;
+    let mut child = Command::new("curl")
+        .args([
+            "-sN",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &chat("hang", true),
+            &format!("{}/v1/chat/completions", front.url),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(first.contains(r#""content":"tick""#), "{first}");
+    assert_eq!(front.backend.cancelled(), 0);
+    assert_eq!(front.node.in_flight(), 1, "the stream holds its admission");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    front.backend.wait_cancelled(1).await;
+    for _ in 0..500 {
+        if front.node.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(front.node.in_flight(), 0);
+    assert_eq!(front.backend.finished(), 0);
+}
+
+#[tokio::test]
+async fn deadline_header_gives_504_and_cancels() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let (code, out) = post(&url, &chat("hang", false), &["x-qnode-timeout-ms: 100"]).await;
+    assert_eq!(code, 504, "{out}");
+    assert!(out.contains(r#""code":"deadline_exceeded""#), "{out}");
+    front.backend.wait_cancelled(1).await;
+
+    let (code, out) = post(&url, &chat("hi", false), &["x-qnode-timeout-ms: soon"]).await;
+    assert_eq!(code, 400, "{out}");
+    assert!(out.contains(r#""param":"x-qnode-timeout-ms""#), "{out}");
+}
+
+#[tokio::test]
+async fn hard_stop_ends_a_stream_with_an_error_event() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let call = tokio::spawn(async move { post(&url, &chat("hang", true), &[]).await });
+    front.backend.wait_submitted(1).await;
+    front.node.hard_stop();
+    let (code, out) = call.await.unwrap();
+    assert_eq!(code, 200, "the stream had begun: {out}");
+    assert!(out.contains(r#""content":"tick""#), "{out}");
+    assert!(out.contains(r#"data: {"error":"#), "{out}");
+    assert!(out.contains("shut down"), "{out}");
+    assert!(!out.contains("[DONE]"), "{out}");
+    front.backend.wait_cancelled(1).await;
+}
+
+#[tokio::test]
+async fn bad_requests_say_what_to_fix() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let cases: &[(&str, &str)] = &[
+        (r#"{"model":"smollm2","messages":["#, "not valid JSON"),
+        (r#"{"model":"smollm2"}"#, "messages"),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+            "temperature",
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"robot","content":"x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+            "max_tokens",
+        ),
+    ];
+    for (body, needle) in cases {
+        let (code, out) = post(&url, body, &[]).await;
+        assert_eq!(code, 400, "{body}: {out}");
+        assert!(out.contains(needle), "{body}: {out}");
+        assert!(out.contains(r#""type":"invalid_request_error""#), "{out}");
+    }
+    let (code, out) = curl(&["-d", "{}", &url]).await;
+    assert_eq!(code, 400, "{out}");
+    assert!(out.contains("Content-Type: application/json"), "{out}");
+    let (code, out) = post(&url, &chat("overflow", false), &[]).await;
+    assert_eq!(code, 400, "{out}");
+    assert!(out.contains("context_length_exceeded"), "{out}");
+    let (code, out) = post(&url, &chat("internal", false), &[]).await;
+    assert_eq!(code, 500, "{out}");
+    let (code, out) = curl(&[&format!("{}/v2/nothing", front.url)]).await;
+    assert_eq!(code, 404, "{out}");
+    assert!(out.contains("/v1/chat/completions"), "{out}");
+}
+
+#[tokio::test]
+async fn health_is_liveness_and_ready_follows_the_node() {
+    let metrics = Metrics::new().unwrap();
+    let node = Node::new(Role::Standby, &metrics);
+    let front = start(Arc::clone(&node), Some("k")).await;
+    let get = |path: &str| {
+        let url = format!("{}{path}", front.url);
+        async move { curl(&[&url]).await }
+    };
+    let (code, out) = get("/health").await;
+    assert_eq!(code, 200, "{out}");
+    let (code, out) = get("/ready").await;
+    assert_eq!(code, 503, "{out}");
+    assert!(out.contains(r#""state":"loading""#), "{out}");
+    node.warmed();
+    let (code, out) = get("/ready").await;
+    assert_eq!(code, 503, "{out}");
+    assert!(out.contains(r#""state":"standby""#), "{out}");
+    node.activate().unwrap();
+    let (code, out) = get("/ready").await;
+    assert_eq!(code, 200, "{out}");
+    node.drain();
+    let (code, out) = get("/ready").await;
+    assert_eq!(code, 503, "{out}");
+    assert!(out.contains(r#""state":"draining""#), "{out}");
+    let (code, _) = get("/health").await;
+    assert_eq!(code, 200);
+    // A draining node refuses new calls with 503, after the key check.
+    let url = format!("{}/v1/chat/completions", front.url);
+    let (code, out) = post(&url, &chat("hi", false), &["Authorization: Bearer k"]).await;
+    assert_eq!(code, 503, "{out}");
+    assert!(out.contains("node_draining"), "{out}");
+    let (code, out) = post(&url, &chat("hi", false), &[]).await;
+    assert_eq!(code, 401, "{out}");
+    let (code, out) = curl(&[&format!("{}/v1/models", front.url)]).await;
+    assert_eq!(code, 401, "{out}");
+    assert!(front.backend.submitted.lock().unwrap().is_empty());
+}
