@@ -296,6 +296,10 @@ fn accept_until_drain(
             }
         }
         drop(listener);
+        // The stream stays open (pending) until tonic drops it: tonic must leave its accept loop
+        // through the shutdown signal, which sets health first; a stream that ended would make
+        // it drop that signal half-way.
+        tx.closed().await;
     });
     ReceiverStream::new(rx)
 }
