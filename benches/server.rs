@@ -7,17 +7,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qnode::config::{Config, ModelConfig};
+use qnode::config::Config;
 use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
 use qnode::metrics::Metrics;
-use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
 use qnode::server::proto::inference_client::InferenceClient;
 use qnode::server::proto::{self, CachePolicy};
 use qnode::server::{self, ServerConfig, Services};
 use tokio_stream::StreamExt;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 const PROMPT: &str = "The history of the printing press";
 
@@ -65,18 +66,8 @@ fn bench_server(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let mut model = ModelConfig::new("smollm2");
-    model.max_batch = 1;
     let metrics = Metrics::new().unwrap();
-    let pool = Arc::new(
-        ModelPool::new(
-            &[model],
-            PoolMetrics::register(metrics.registry()).unwrap(),
-            Device::Cpu,
-        )
-        .unwrap(),
-    );
-    pool.load_all().unwrap();
+    let pool = common::smollm2_pool(1, &metrics);
     let addr = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -7,12 +7,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use candle_core::Device;
-use qnode::config::{Config, ModelConfig};
+use qnode::config::Config;
 use qnode::engine::Backend;
 use qnode::metrics::Metrics;
-use qnode::pool::metrics::PoolMetrics;
-use qnode::pool::ModelPool;
 use qnode::server::proto;
 use qnode::server::proto::inference_client::InferenceClient;
 use qnode::server::{self, ServerConfig, Services};
@@ -24,26 +21,8 @@ struct Node {
 }
 
 async fn start_node() -> Node {
-    std::env::set_var(
-        "QNODE_MODELS_DIR",
-        common::repo_root().join("models").as_os_str(),
-    );
-    let mut model = ModelConfig::new("smollm2");
-    model.max_batch = 4;
     let metrics = Metrics::new().unwrap();
-    let pool = Arc::new(
-        ModelPool::new(
-            &[model],
-            PoolMetrics::register(metrics.registry()).unwrap(),
-            Device::Cpu,
-        )
-        .unwrap(),
-    );
-    let loader = Arc::clone(&pool);
-    tokio::task::spawn_blocking(move || loader.load_all())
-        .await
-        .unwrap()
-        .unwrap();
+    let pool = common::smollm2_pool(4, &metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

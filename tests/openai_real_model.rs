@@ -11,14 +11,11 @@ mod grpc_support;
 use std::process::Command;
 use std::sync::Arc;
 
-use candle_core::Device;
-use qnode::config::{Config, ModelConfig};
+use qnode::config::Config;
 use qnode::engine::Backend;
 use qnode::metrics::Metrics;
 use qnode::node::{Node, Role};
 use qnode::openai::{self, HttpConfig};
-use qnode::pool::metrics::PoolMetrics;
-use qnode::pool::ModelPool;
 
 const KEY: &str = "test-key";
 
@@ -90,26 +87,8 @@ fn sse_text(body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_clients_against_the_real_model() {
-    std::env::set_var(
-        "QNODE_MODELS_DIR",
-        common::repo_root().join("models").as_os_str(),
-    );
-    let mut model = ModelConfig::new("smollm2");
-    model.max_batch = 4;
     let metrics = Metrics::new().unwrap();
-    let pool = Arc::new(
-        ModelPool::new(
-            &[model],
-            PoolMetrics::register(metrics.registry()).unwrap(),
-            Device::Cpu,
-        )
-        .unwrap(),
-    );
-    let loader = Arc::clone(&pool);
-    tokio::task::spawn_blocking(move || loader.load_all())
-        .await
-        .unwrap()
-        .unwrap();
+    let pool = common::smollm2_pool(4, &metrics);
     let backend = pool as Arc<dyn Backend>;
 
     let mut config = Config::default();

@@ -31,3 +31,22 @@ pub fn reference(name: &str) -> serde_json::Value {
         .join(format!("{name}.json"));
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
+
+/// The real SmolLM2 in a loaded, warm pool of one instance of `max_batch`, its pool metrics in
+/// `metrics`' registry. Blocking (about a second): call it before serving.
+pub fn smollm2_pool(
+    max_batch: usize,
+    metrics: &qnode::metrics::Metrics,
+) -> std::sync::Arc<qnode::pool::ModelPool> {
+    std::env::set_var("QNODE_MODELS_DIR", repo_root().join("models").as_os_str());
+    let mut model = qnode::config::ModelConfig::new("smollm2");
+    model.max_batch = max_batch;
+    let pool = qnode::pool::ModelPool::new(
+        &[model],
+        qnode::pool::metrics::PoolMetrics::register(metrics.registry()).unwrap(),
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
+    pool.load_all().unwrap();
+    std::sync::Arc::new(pool)
+}
