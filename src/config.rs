@@ -584,6 +584,10 @@ mod tests {
         metrics_listen = "0.0.0.0:6001"
         http_listen = "0.0.0.0:6002"
         drain_timeout = "5s"
+        role = "standby"
+        device = "cpu"
+        [cache]
+        prewarm_top_k = 0
         [[models]]
         id = "gemma3-270m"
         instances = 2
@@ -633,6 +637,8 @@ mod tests {
         assert_eq!(config.models[1].max_queued, 3);
         assert_eq!(config.models[1].context_length, Some(1024));
         assert_eq!(config.limits.max_tokens_limit, 100);
+        assert_eq!(config.server.role, crate::node::Role::Standby);
+        assert_eq!(config.cache.prewarm_top_k, 0);
         // Unset fields of a section keep their defaults.
         assert_eq!(config.limits.max_stop_strings, 8);
     }
@@ -654,9 +660,15 @@ mod tests {
             "127.0.0.1:8080",
             "--drain-timeout",
             "750ms",
+            "--role",
+            "active",
+            "--admin-api-key",
+            "adm",
         ]);
         let config = Config::from_args_with_cores(&args, 4).unwrap();
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.server.role, crate::node::Role::Active);
+        assert_eq!(config.server.admin_api_key.as_deref(), Some("adm"));
         assert_eq!(
             config
                 .server

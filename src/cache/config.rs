@@ -51,6 +51,9 @@ pub struct CacheConfig {
     pub max_value_bytes: usize,
     /// Prefix of every Redis key, so several fleets (or format versions) can share a Redis.
     pub key_prefix: String,
+    /// How many of the fleet's hottest answers a node loads from Redis into L1 while it warms up;
+    /// `0` turns the preload off.
+    pub prewarm_top_k: usize,
 }
 
 impl Default for CacheConfig {
@@ -71,6 +74,7 @@ impl Default for CacheConfig {
             cache_nondeterministic: false,
             max_value_bytes: 1024 * 1024,
             key_prefix: "qnode:v1".to_string(),
+            prewarm_top_k: 256,
         }
     }
 }

@@ -45,9 +45,6 @@ fn device(kind: DeviceKind) -> anyhow::Result<Device> {
     }
 }
 
-/// Hot questions of the fleet loaded into L1 during warm-up.
-const PREWARM_TOP_K: usize = 256;
-
 async fn serve(
     config: Config,
     metrics: Metrics,
@@ -73,7 +70,8 @@ async fn serve(
     let models = NodeModels::new(pool, Arc::clone(&cache), Arc::clone(&node));
     tokio::spawn({
         let models = Arc::clone(&models);
-        async move { models.start(PREWARM_TOP_K).await }
+        let hot_answers = config.cache.prewarm_top_k;
+        async move { models.start(hot_answers).await }
     });
     if let Some(addr) = config.server.http_listen {
         let http = tokio::net::TcpListener::bind(addr).await?;
