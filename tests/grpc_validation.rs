@@ -25,7 +25,15 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
                 ..request("hi")
             },
             Code::NotFound,
-            "model `gpt-9` is not served by this node",
+            "model `gpt-9` is not served by this node; it serves: smollm2",
+        ),
+        (
+            proto::GenerateRequest {
+                model: String::new(),
+                ..request("hi")
+            },
+            Code::InvalidArgument,
+            "`model` must not be empty",
         ),
         (
             request(""),

@@ -146,7 +146,7 @@ impl From<ValidationError> for ApiError {
     fn from(error: ValidationError) -> Self {
         let message = error.to_string();
         match error {
-            ValidationError::UnknownModel(_) => {
+            ValidationError::UnknownModel { .. } => {
                 let mut e = Self::new(
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",
@@ -417,7 +417,10 @@ mod tests {
         let json = body(&e);
         assert_eq!(json["error"]["param"], "temperature");
         assert_eq!(json["error"]["type"], "invalid_request_error");
-        let e = ApiError::from(ValidationError::UnknownModel("x".into()));
+        let e = ApiError::from(ValidationError::UnknownModel {
+            model: "x".into(),
+            served: "smollm2".into(),
+        });
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(body(&e)["error"]["param"], "model");
     }

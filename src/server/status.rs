@@ -56,7 +56,7 @@ impl From<ControlError> for Status {
 impl From<ValidationError> for Status {
     fn from(error: ValidationError) -> Self {
         let code = match error {
-            ValidationError::UnknownModel(_) => Code::NotFound,
+            ValidationError::UnknownModel { .. } => Code::NotFound,
             ValidationError::OutOfRange { .. }
             | ValidationError::Empty { .. }
             | ValidationError::PromptAndMessages

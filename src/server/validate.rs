@@ -23,8 +23,13 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
     /// No model with this id is served (NOT_FOUND).
-    #[error("model `{0}` is not served by this node")]
-    UnknownModel(String),
+    #[error("model `{model}` is not served by this node; it serves: {served}")]
+    UnknownModel {
+        /// The id asked for.
+        model: String,
+        /// The ids served, comma-separated.
+        served: String,
+    },
     /// A value outside its range; names the field, the rule and the value given.
     #[error("`{field}` must be {constraint}. Given: {given}")]
     OutOfRange {
@@ -74,8 +79,17 @@ pub fn validate(
     deadline: Option<Instant>,
     tenant: Option<String>,
 ) -> Result<GenerationRequest, ValidationError> {
+    if wire.model.is_empty() {
+        return Err(ValidationError::Empty {
+            field: "model".into(),
+        });
+    }
     if !models.iter().any(|m| m.id == wire.model) {
-        return Err(ValidationError::UnknownModel(wire.model));
+        let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+        return Err(ValidationError::UnknownModel {
+            model: wire.model,
+            served: served.join(", "),
+        });
     }
     check_request_id(&request_id)?;
     let sampling = sampling(&wire)?;
@@ -484,7 +498,19 @@ mod tests {
                 ..good()
             })
             .unwrap_err(),
-            ValidationError::UnknownModel("gpt-9".into())
+            ValidationError::UnknownModel {
+                model: "gpt-9".into(),
+                served: "smollm2".into()
+            }
+        );
+        assert_eq!(
+            check(proto::GenerateRequest {
+                model: String::new(),
+                ..good()
+            })
+            .unwrap_err()
+            .to_string(),
+            "`model` must not be empty"
         );
         let err = validate(
             good(),
