@@ -373,3 +373,48 @@ async fn admin_calls_need_the_admin_key_when_one_is_set() {
         .insert("authorization", "Bearer s3cret".parse().unwrap());
     node.admin().node_status(request).await.unwrap();
 }
+
+/// Runs the real `qnode admin` command against `node`; returns (success, stdout, stderr).
+async fn qnode_admin(node: &TestNode, args: &[&str]) -> (bool, String, String) {
+    // On a blocking thread: the server under test runs on this test's runtime.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_qnode"));
+    command
+        .arg("admin")
+        .arg("--addr")
+        .arg(format!("http://{}", node.addr))
+        .args(args)
+        .env_remove("QNODE_ADMIN_API_KEY");
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_qnode_admin_command_activates_a_standby_node_with_the_key() {
+    let node = start(Role::Standby, Some("k3y")).await;
+    let (ok, _, err) = qnode_admin(&node, &["activate"]).await;
+    assert!(!ok);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    for _ in 0..600 {
+        let (ok, out, err) = qnode_admin(&node, &["--api-key", "k3y", "status"]).await;
+        assert!(ok, "{err}");
+        if out.contains("state: NODE_STATE_STANDBY") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ok, out, err) = qnode_admin(&node, &["--api-key", "k3y", "activate"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state: NODE_STATE_READY"), "{out}");
+    assert!(
+        out.contains("model: tiny llama q8_0 x2 MODEL_STATE_READY"),
+        "{out}"
+    );
+    node.generate(&node.model_id).await.unwrap();
+}

@@ -1,5 +1,6 @@
 //! Subcommands of the `qnode` binary. Each file is one command; none holds engine logic.
 
+mod admin;
 mod bench;
 mod generate;
 mod health;
@@ -31,6 +32,8 @@ enum Command {
     Health(health::HealthArgs),
     /// Load a running node with concurrent streaming requests and print a markdown table.
     Bench(bench::BenchArgs),
+    /// Operate a running node: status, activate, standby, drain, load, unload, warmup.
+    Admin(admin::AdminArgs),
 }
 
 /// Parse the command line and run the command.
@@ -43,6 +46,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Models(args) => models::run(args),
         Command::Health(args) => health::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Admin(args) => admin::run(args),
     };
     match result {
         Ok(code) => code,
