@@ -97,6 +97,18 @@ impl ApiError {
         e
     }
 
+    /// A 404 for a model this node does not serve (from validation or from the pool).
+    fn model_not_found(message: String) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            message,
+        );
+        e.param = Some("model".into());
+        e
+    }
+
     /// A 404 for a path this front does not serve.
     pub fn no_route(path: &str) -> Self {
         Self::new(
@@ -146,16 +158,7 @@ impl From<ValidationError> for ApiError {
     fn from(error: ValidationError) -> Self {
         let message = error.to_string();
         match error {
-            ValidationError::UnknownModel { .. } => {
-                let mut e = Self::new(
-                    StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    "model_not_found",
-                    message,
-                );
-                e.param = Some("model".into());
-                e
-            }
+            ValidationError::UnknownModel { .. } => Self::model_not_found(message),
             ValidationError::OutOfRange { field, .. } | ValidationError::Empty { field } => {
                 Self::invalid(field, message)
             }
@@ -170,16 +173,7 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         let message = error.to_string();
         match error {
-            EngineError::UnknownModel(_) => {
-                let mut e = Self::new(
-                    StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    "model_not_found",
-                    message,
-                );
-                e.param = Some("model".into());
-                e
-            }
+            EngineError::UnknownModel(_) => Self::model_not_found(message),
             EngineError::InvalidArgument(_) | EngineError::Template(_) => Self::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
