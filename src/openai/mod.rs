@@ -216,13 +216,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
-    let converted = body
-        .map_err(ApiError::from)
-        .and_then(|Json(request)| convert::chat(request));
-    match converted {
-        Ok((wire, options)) => generate(state, headers, wire, options, Kind::Chat).await,
-        Err(e) => e.into_response(),
-    }
+    converted_then_generate(state, headers, body, convert::chat, Kind::Chat).await
 }
 
 async fn completions(
@@ -230,11 +224,25 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
+    converted_then_generate(state, headers, body, convert::completion, Kind::Text).await
+}
+
+/// How one endpoint turns its body into the wire request.
+type Converter = fn(GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError>;
+
+/// Both generation endpoints: a JSON error or a conversion error answers at once, else generate.
+async fn converted_then_generate(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Json<GenerateBody>, JsonRejection>,
+    convert: Converter,
+    kind: Kind,
+) -> Response {
     let converted = body
         .map_err(ApiError::from)
-        .and_then(|Json(request)| convert::completion(request));
+        .and_then(|Json(request)| convert(request));
     match converted {
-        Ok((wire, options)) => generate(state, headers, wire, options, Kind::Text).await,
+        Ok((wire, options)) => generate(state, headers, wire, options, kind).await,
         Err(e) => e.into_response(),
     }
 }

@@ -88,12 +88,10 @@ impl StreamFront for ChatStream {
                     },
                     finish_reason: Some(finish_reason(completion.finish_reason)),
                 };
-                let mut text = self.chunk(vec![choice], None);
-                if self.include_usage {
-                    text.push_str(&self.chunk(Vec::new(), Some(usage(completion))));
-                }
-                text.push_str(DONE);
-                text
+                let usage_chunk = self
+                    .include_usage
+                    .then(|| self.chunk(Vec::new(), Some(usage(completion))));
+                closing(self.chunk(vec![choice], None), usage_chunk)
             }
         };
         vec![Ok(Bytes::from(text))]
@@ -102,6 +100,15 @@ impl StreamFront for ChatStream {
     fn failed(&mut self, _call: &Call, error: &CallError) -> Item {
         failure(error)
     }
+}
+
+/// The end of a stream: the finish chunk, the usage chunk when asked for, then `[DONE]`.
+fn closing(mut last: String, usage_chunk: Option<String>) -> String {
+    if let Some(usage) = usage_chunk {
+        last.push_str(&usage);
+    }
+    last.push_str(DONE);
+    last
 }
 
 /// `text_completion` events (`/v1/completions`).
@@ -145,7 +152,7 @@ impl StreamFront for TextStream {
                 None,
             ),
             Step::Finished(completion) => {
-                let mut text = self.chunk(
+                let last = self.chunk(
                     vec![TextChoice {
                         index: 0,
                         text: String::new(),
@@ -154,11 +161,10 @@ impl StreamFront for TextStream {
                     }],
                     None,
                 );
-                if self.include_usage {
-                    text.push_str(&self.chunk(Vec::new(), Some(usage(completion))));
-                }
-                text.push_str(DONE);
-                text
+                let usage_chunk = self
+                    .include_usage
+                    .then(|| self.chunk(Vec::new(), Some(usage(completion))));
+                closing(last, usage_chunk)
             }
         };
         vec![Ok(Bytes::from(text))]
