@@ -300,19 +300,8 @@ impl Nginx {
              include qnode.conf;\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), main).expect("write nginx.conf");
-        let nginx = nginx_binary();
-        let prefix = format!("{}/", dir.display());
-        let test = Command::new(&nginx)
-            .args([
-                "-t",
-                "-q",
-                "-p",
-                &prefix,
-                "-c",
-                "nginx.conf",
-                "-e",
-                "error.log",
-            ])
+        let test = nginx_command(dir)
+            .args(["-t", "-q"])
             .output()
             .expect("nginx -t");
         assert!(
@@ -320,8 +309,7 @@ impl Nginx {
             "nginx -t rejected the config: {}",
             String::from_utf8_lossy(&test.stderr)
         );
-        let child = Command::new(&nginx)
-            .args(["-p", &prefix, "-c", "nginx.conf", "-e", "error.log"])
+        let child = nginx_command(dir)
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -344,18 +332,8 @@ impl Nginx {
     /// is asynchronous: new workers take over within milliseconds, old ones finish their calls.
     pub fn reload(&self, site: &str) {
         std::fs::write(self.dir.join("qnode.conf"), site).expect("write site");
-        let prefix = format!("{}/", self.dir.display());
-        let out = Command::new(nginx_binary())
-            .args([
-                "-p",
-                &prefix,
-                "-c",
-                "nginx.conf",
-                "-e",
-                "error.log",
-                "-s",
-                "reload",
-            ])
+        let out = nginx_command(&self.dir)
+            .args(["-s", "reload"])
             .output()
             .expect("nginx -s reload");
         assert!(
@@ -665,4 +643,16 @@ pub fn asks(phase: &str, n: usize) -> Vec<Ask> {
             }
         })
         .collect()
+}
+
+/// `nginx` run on the test's own prefix directory, config and error log (never the system's).
+fn nginx_command(dir: &Path) -> Command {
+    let mut command = Command::new(nginx_binary());
+    command.arg("-p").arg(format!("{}/", dir.display())).args([
+        "-c",
+        "nginx.conf",
+        "-e",
+        "error.log",
+    ]);
+    command
 }
