@@ -84,6 +84,29 @@ fn add_retry_after(status: &mut Status, retry_after: Duration) {
 mod tests {
     use super::*;
 
+    /// Which variant `e` is. No wildcard arm: a new `EngineError` variant does not compile here
+    /// until it is added to the cases of `every_engine_error_has_its_code`.
+    fn variant(e: &EngineError) -> usize {
+        match e {
+            EngineError::UnknownModel(_) => 0,
+            EngineError::InvalidArgument(_) => 1,
+            EngineError::ContextOverflow { .. } => 2,
+            EngineError::Template(_) => 3,
+            EngineError::QueueFull { .. } => 4,
+            EngineError::NotReady(_) => 5,
+            EngineError::Unavailable(_) => 6,
+            EngineError::DeadlineExceeded(_) => 7,
+            EngineError::NotCached => 8,
+            EngineError::Internal(_) => 9,
+        }
+    }
+    const VARIANTS: usize = 10;
+
+    /// Every variant, with the code proto/qnode/v1/inference.proto gives it.
+    ///
+    /// KNOWN FAILING (reported to the lead): the proto says an ONLY_IF_CACHED miss "fails with
+    /// NOT_FOUND"; `From<EngineError>` gives FAILED_PRECONDITION. The hardening helper (#13)
+    /// decides whether the proto or the code changes; this test holds the proto's word until then.
     #[test]
     fn every_engine_error_has_its_code() {
         let cases = [
@@ -118,8 +141,16 @@ mod tests {
                 EngineError::DeadlineExceeded(Duration::from_secs(1)),
                 Code::DeadlineExceeded,
             ),
+            (EngineError::NotCached, Code::NotFound),
             (EngineError::Internal("bug".into()), Code::Internal),
         ];
+        let mut seen: Vec<usize> = cases.iter().map(|(e, _)| variant(e)).collect();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..VARIANTS).collect::<Vec<_>>(),
+            "every variant once"
+        );
         for (error, code) in cases {
             let message = error.to_string();
             let status = Status::from(error);
