@@ -66,7 +66,7 @@ async fn start_load_and_wait_until_redis_in_use(
     redis: &RedisServer,
     n: usize,
     at: usize,
-    tag: &str,
+    tag: &'static str,
 ) -> (tokio::task::JoinHandle<usize>, Arc<AtomicUsize>) {
     let done = Arc::new(AtomicUsize::new(0));
     let runner = tokio::spawn(load_counted(cache.clone(), n, tag, done.clone()));

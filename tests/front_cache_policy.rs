@@ -87,7 +87,10 @@ async fn start() -> Fronts {
 fn wire(prompt: &str, policy: proto::CachePolicy) -> proto::GenerateRequest {
     proto::GenerateRequest {
         model: MODEL.into(),
-        prompt: Some(prompt.into()),
+        messages: vec![proto::ChatMessage {
+            role: "user".into(),
+            content: prompt.into(),
+        }],
         max_tokens: Some(32),
         temperature: Some(0.0),
         cache_policy: policy as i32,
@@ -110,8 +113,8 @@ async fn grpc_ask(
     fronts.grpc.generate(call).await.map(|r| r.into_inner())
 }
 
-/// `POST /v1/completions` as `tenant`, the same request as [`wire`] plus `extra` JSON fields:
-/// (HTTP status, parsed body).
+/// `POST /v1/chat/completions` as `tenant`, the same request as [`wire`] plus `extra` JSON
+/// fields: (HTTP status, parsed body).
 async fn http_ask(
     fronts: &Fronts,
     prompt: &str,
@@ -119,7 +122,7 @@ async fn http_ask(
     extra: &str,
 ) -> (u16, serde_json::Value) {
     let body = format!(
-        r#"{{"model":"{MODEL}","prompt":"{prompt}","max_tokens":32,"temperature":0{extra}}}"#
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{prompt}"}}],"max_tokens":32,"temperature":0{extra}}}"#
     );
     let mut args = vec![
         "-s".to_string(),
@@ -129,7 +132,7 @@ async fn http_ask(
         "Content-Type: application/json".into(),
         "-d".into(),
         body,
-        format!("{}/v1/completions", fronts.http),
+        format!("{}/v1/chat/completions", fronts.http),
     ];
     if let Some(t) = tenant {
         args.extend(["-H".into(), format!("x-qnode-tenant: {t}")]);
@@ -146,11 +149,14 @@ async fn http_ask(
     )
 }
 
-/// Text and cache source of a 200 completion (`system_fingerprint` names the source).
+/// Text and cache source of a 200 chat completion (`system_fingerprint` names the source).
 fn http_answer((code, body): (u16, serde_json::Value)) -> (String, String) {
     assert_eq!(code, 200, "{body}");
     (
-        body["choices"][0]["text"].as_str().unwrap().to_string(),
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
         body["system_fingerprint"].as_str().unwrap().to_string(),
     )
 }
