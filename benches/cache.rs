@@ -1,6 +1,6 @@
 //! Cost of the answer cache itself, through `CachedBackend` directly: an L1 hit, an L2 hit
 //! (Redis on localhost), and what a miss adds over calling the backend without a cache.
-//! The L2 benches need `redis-server` on PATH and are skipped without it.
+//! The L2 benches need `redis-server` on PATH and fail, saying how to install it, without it.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -93,26 +93,32 @@ impl Drop for Redis {
     }
 }
 
-fn start_redis() -> Option<Redis> {
+/// A `redis-server` on a free port. Panics when it cannot run: a bench that skipped its L2 part
+/// would print a report that looks complete.
+fn start_redis() -> Redis {
     let port = TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
         .port();
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .spawn()
-        .ok()?;
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start redis-server ({e}): the L2 benches need it; `bash scripts/test.sh` \
+                 installs it (or `apt-get install -y redis-server`)"
+            )
+        });
     let redis = Redis(child, port);
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(redis);
+            return redis;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    None
+    panic!("redis-server did not listen on port {port} within 2 s");
 }
 
 fn benches(c: &mut Criterion) {
@@ -156,10 +162,7 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let Some(redis) = start_redis() else {
-        eprintln!("redis-server not found: skipping L2 benches (apt-get install -y redis-server)");
-        return;
-    };
+    let redis = start_redis();
     let url = format!("redis://127.0.0.1:{}/", redis.1);
     let l2 = cache(Some(url.clone()), 1);
     rt.block_on(drain(

@@ -46,10 +46,10 @@ fn decode_run(model: &Transformer, batch: usize) -> Duration {
 }
 
 fn bench_model(c: &mut Criterion) {
-    if !Path::new(MODEL).exists() {
-        eprintln!("{MODEL} missing: run `python3 models/fetch.py` first");
-        return;
-    }
+    assert!(
+        Path::new(MODEL).exists(),
+        "{MODEL} missing: run `python3 models/fetch.py` first (`bash scripts/test.sh` does)"
+    );
     let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu).unwrap();
     let t = &model.transformer;
     for threads in [1usize, 2] {

@@ -179,22 +179,21 @@ fn rt() -> Runtime {
         .expect("tokio runtime")
 }
 
-fn have_prerequisites() -> bool {
-    if !Path::new("models/smollm2").exists() {
-        eprintln!("models/smollm2 missing: run `python3 models/fetch.py` first");
-        return false;
-    }
-    if !Path::new(QNODE).exists() {
-        eprintln!("{QNODE} missing: `cargo bench --bench lifecycle` builds it; run it that way");
-        return false;
-    }
-    true
+/// Panics with what to do when the model or the binary is missing (a silent skip would leave a
+/// report without its figures).
+fn require_prerequisites() {
+    assert!(
+        Path::new("models/smollm2").exists(),
+        "models/smollm2 missing: run `python3 models/fetch.py` first (`bash scripts/test.sh` does)"
+    );
+    assert!(
+        Path::new(QNODE).exists(),
+        "{QNODE} missing: `cargo bench --bench lifecycle` builds it; run it that way"
+    );
 }
 
 fn bench_cold_start(c: &mut Criterion) {
-    if !have_prerequisites() {
-        return;
-    }
+    require_prerequisites();
     let rt = rt();
     let mut splits = Vec::new();
     let mut g = c.benchmark_group("lifecycle");
@@ -250,9 +249,7 @@ async fn first_chunk(client: &mut InferenceClient<Channel>, since: Instant) -> D
 }
 
 fn bench_activate(c: &mut Criterion) {
-    if !have_prerequisites() {
-        return;
-    }
+    require_prerequisites();
     let rt = rt();
     let node = Node::spawn("standby");
     let channel = rt.block_on(async {

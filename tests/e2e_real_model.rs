@@ -158,16 +158,21 @@ async fn real_model_through_grpc() {
     let ok = client.generate(request("hello", 2)).await.unwrap();
     assert!(ok.into_inner().usage.unwrap().completion_tokens >= 1);
 
-    // Prompt plus max_tokens over the context window: the numbers are in the message.
+    // Prompt plus max_tokens over the context window (8192 for SmolLM2): 7000 × " hello" is 7000
+    // tokens, + 2048 new ones is 9048. Refused before any prefill, with the three numbers.
+    let long = " hello".repeat(7000);
     let err = client
-        .generate(request("hello", 2048))
+        .generate(request(&long, 2048))
         .await
-        .map(|_| ())
-        .err();
-    if let Some(err) = err {
-        assert!(
-            matches!(err.code(), tonic::Code::InvalidArgument),
-            "{err:?}"
-        );
-    }
+        .map(|r| r.into_inner().text)
+        .expect_err("a prompt that overflows the context must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "prompt (7000 tokens) + max_tokens (2048) must be <= the context length 8192",
+        "{err:?}"
+    );
+    // The node still answers after it.
+    let ok = client.generate(request("hello", 2)).await.unwrap();
+    assert!(ok.into_inner().usage.unwrap().completion_tokens >= 1);
 }

@@ -265,6 +265,20 @@ async fn fleet_behind_nginx_loses_no_request() {
     );
     let stats = load.finish().await;
     report("Drain S", &stats, nginx_retries(&plain, mark));
+    // The drain was under load: S still had calls when it closed its listener.
+    assert!(
+        in_flight > 0,
+        "S had no call in flight at the drain: nothing was drained"
+    );
+    // README: "0 retried". A call cut by the drain would come back to the client as a broken
+    // connection, which it retries (then succeeds elsewhere): retried must stay 0, so a cut call
+    // can never pass as a success.
+    assert_eq!(
+        (stats.retried, stats.retries),
+        (0, 0),
+        "Drain S: calls were retried by the client: {}",
+        stats.line()
+    );
     drop(redis);
 }
 

@@ -1,10 +1,18 @@
 //! Optional API key: Inference needs `authorization: Bearer <key>`; health and reflection do not.
-//! Uses `ScriptedBackend` (see tests/grpc_support).
+//! Admin takes the admin key, which defaults to the API key (README): checked with no key, with
+//! only the API key and with both, the server config built from a `Config` as `qnode serve`
+//! builds it. Uses `ScriptedBackend` (see tests/grpc_support).
 
 mod grpc_support;
 
+use std::time::Duration;
+
 use grpc_support::{request, test_config, ScriptedBackend, TestServer};
+use qnode::config::Config;
 use qnode::grpc::proto;
+use qnode::grpc::proto::admin_client::AdminClient;
+use qnode::grpc::ServerConfig;
+use qnode::metrics::Metrics;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -16,10 +24,82 @@ fn with_auth<T>(message: T, value: &str) -> tonic::Request<T> {
     req
 }
 
-async fn keyed_server() -> TestServer {
-    let mut config = test_config();
-    config.api_key = Some("s3cret-key".into());
+/// A server whose keys come from the node `Config` (`server.api_key`, `server.admin_api_key`),
+/// through `ServerConfig::new` as in `qnode serve`, so the admin key's default is the real one.
+async fn server_with_keys(api_key: Option<&str>, admin_key: Option<&str>) -> TestServer {
+    let mut node = Config::default();
+    node.server.api_key = api_key.map(str::to_owned);
+    node.server.admin_api_key = admin_key.map(str::to_owned);
+    let mut config = ServerConfig::new(&node, Metrics::new().unwrap());
+    config.health_poll = Duration::from_millis(10);
     TestServer::start_with(ScriptedBackend::new(true), config).await
+}
+
+async fn keyed_server() -> TestServer {
+    server_with_keys(Some("s3cret-key"), None).await
+}
+
+/// The code of `Admin/NodeStatus` with `authorization` set to `auth` (none when `None`).
+async fn admin_status(server: &TestServer, auth: Option<&str>) -> Code {
+    let mut admin = AdminClient::new(server.channel().await);
+    let message = proto::NodeStatusRequest {};
+    let call = match auth {
+        Some(value) => with_auth(message, value),
+        None => tonic::Request::new(message),
+    };
+    match admin.node_status(call).await {
+        Ok(_) => Code::Ok,
+        Err(status) => {
+            assert!(!status.message().contains("s3cret"), "{status:?}");
+            status.code()
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_is_open_without_any_key() {
+    let server = server_with_keys(None, None).await;
+    assert_eq!(admin_status(&server, None).await, Code::Ok);
+}
+
+#[tokio::test]
+async fn admin_key_defaults_to_the_api_key() {
+    let server = server_with_keys(Some("s3cret-key"), None).await;
+    assert_eq!(admin_status(&server, None).await, Code::Unauthenticated);
+    assert_eq!(
+        admin_status(&server, Some("Bearer wrong")).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        admin_status(&server, Some("Bearer s3cret-key")).await,
+        Code::Ok
+    );
+}
+
+#[tokio::test]
+async fn admin_key_replaces_the_api_key_on_admin_only() {
+    let server = server_with_keys(Some("s3cret-key"), Some("s3cret-admin")).await;
+    assert_eq!(admin_status(&server, None).await, Code::Unauthenticated);
+    assert_eq!(
+        admin_status(&server, Some("Bearer s3cret-key")).await,
+        Code::Unauthenticated,
+        "the API key must not open Admin once an admin key is set"
+    );
+    assert_eq!(
+        admin_status(&server, Some("Bearer s3cret-admin")).await,
+        Code::Ok
+    );
+    // Inference keeps the API key, and the admin key does not open it.
+    let mut client = server.client().await;
+    let status = client
+        .generate(with_auth(request("hi"), "Bearer s3cret-admin"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(client
+        .generate(with_auth(request("hi"), "Bearer s3cret-key"))
+        .await
+        .is_ok());
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The real `grpcurl` against the server: reflection (`list`, `describe`) and health work with no
-//! .proto on the client side. Needs .tools/bin/grpcurl (scripts/install-tools.sh); skipped with a
-//! loud message without it. Uses `ScriptedBackend` (see tests/grpc_support).
+//! .proto on the client side. Needs .tools/bin/grpcurl, which `bash scripts/test.sh` installs (through
+//! scripts/install-tools.sh); without it the test fails and says so. Uses `ScriptedBackend` (see
+//! tests/grpc_support).
 
 mod grpc_support;
 
@@ -8,17 +9,16 @@ use std::path::PathBuf;
 
 use grpc_support::TestServer;
 
-fn grpcurl() -> Option<PathBuf> {
+/// The grpcurl binary; a missing one fails the test (a skip would read as a pass).
+fn grpcurl() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/grpcurl");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: {} is absent; run scripts/install-tools.sh !!!!!!!!\n",
-            path.display()
-        );
-        None
-    }
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/test.sh` (it installs grpcurl through \
+         scripts/install-tools.sh) or `bash scripts/install-tools.sh`",
+        path.display()
+    );
+    path
 }
 
 /// Runs grpcurl off the async runtime and returns its stdout; panics with stderr on failure.
@@ -40,7 +40,7 @@ async fn run(bin: &PathBuf, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn list_describe_health_and_call_with_reflection() {
-    let Some(bin) = grpcurl() else { return };
+    let bin = grpcurl();
     let server = TestServer::start().await;
     let addr = server.addr.to_string();
 

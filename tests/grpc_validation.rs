@@ -274,25 +274,25 @@ async fn oversize_message_gets_a_clean_status_and_the_connection_survives() {
 async fn valid_request_reaches_backend_with_every_field() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let response = client
-        .generate(proto::GenerateRequest {
-            model: "smollm2".into(),
-            prompt: None,
-            messages: vec![msg("system", "be brief"), msg("user", "hi")],
-            max_tokens: Some(2),
-            temperature: Some(0.7),
-            top_p: Some(0.9),
-            top_k: Some(40),
-            min_p: Some(0.05),
-            repetition_penalty: Some(1.1),
-            seed: Some(0),
-            stop: vec!["\n".into()],
-            cache_policy: proto::CachePolicy::Bypass as i32,
-            request_id: "req-42".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let wire = proto::GenerateRequest {
+        model: "smollm2".into(),
+        prompt: None,
+        messages: vec![msg("system", "be brief"), msg("user", "hi")],
+        max_tokens: Some(2),
+        temperature: Some(0.7),
+        top_p: Some(0.9),
+        top_k: Some(40),
+        min_p: Some(0.05),
+        repetition_penalty: Some(1.1),
+        seed: Some(0),
+        stop: vec!["\n".into()],
+        cache_policy: proto::CachePolicy::Bypass as i32,
+        request_id: "req-42".into(),
+    };
+    let mut call = tonic::Request::new(wire.clone());
+    call.metadata_mut()
+        .insert("x-qnode-tenant", "tenant-7".parse().unwrap());
+    let response = client.generate(call).await.unwrap().into_inner();
     assert_eq!(response.text, "Hello");
     assert_eq!(response.finish_reason, proto::FinishReason::Length as i32);
     assert_eq!(response.request_id, "req-42");
@@ -303,17 +303,78 @@ async fn valid_request_reaches_backend_with_every_field() {
     assert_eq!(timings.time_to_first_token_us, 20_000);
     assert_eq!(timings.total_us, 40_000);
 
-    let seen = server.backend.last_submitted();
-    assert_eq!(seen.request_id, "req-42");
-    assert_eq!(seen.max_tokens, 2);
-    assert_eq!(seen.sampling.seed, Some(0));
-    assert_eq!(seen.sampling.top_k, 40);
-    assert_eq!(seen.sampling.temperature, 0.7);
-    assert_eq!(seen.stop, vec!["\n".to_string()]);
-    assert!(seen.deadline.is_none());
-    match seen.input {
-        qnode::engine::PromptInput::Chat(m) => assert_eq!(m.len(), 2),
-        other => panic!("expected chat, got {other:?}"),
+    // Every field, as the backend got it. Destructured without `..`: a field added to the request
+    // does not compile here until this test checks it.
+    let qnode::engine::GenerationRequest {
+        request_id,
+        model,
+        input,
+        sampling,
+        max_tokens,
+        stop,
+        deadline,
+        cache_policy,
+        tenant,
+    } = server.backend.last_submitted();
+    assert_eq!(request_id, "req-42");
+    assert_eq!(model, "smollm2");
+    assert_eq!(
+        input,
+        qnode::engine::PromptInput::Chat(vec![
+            qnode::engine::ChatMessage {
+                role: "system".into(),
+                content: "be brief".into(),
+            },
+            qnode::engine::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            },
+        ])
+    );
+    assert_eq!(
+        sampling,
+        qnode::engine::SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            seed: Some(0),
+        }
+    );
+    assert_eq!(max_tokens, 2);
+    assert_eq!(stop, vec!["\n".to_string()]);
+    assert!(deadline.is_none(), "no grpc-timeout was sent");
+    assert_eq!(cache_policy, qnode::engine::CachePolicy::Bypass);
+    assert_eq!(tenant.as_deref(), Some("tenant-7"));
+
+    // The other cache policies and the prompt form reach it too.
+    for (policy, want) in [
+        (
+            proto::CachePolicy::Default,
+            qnode::engine::CachePolicy::Default,
+        ),
+        (
+            proto::CachePolicy::Refresh,
+            qnode::engine::CachePolicy::Refresh,
+        ),
+        (
+            proto::CachePolicy::OnlyIfCached,
+            qnode::engine::CachePolicy::OnlyIfCached,
+        ),
+    ] {
+        let mut other = wire.clone();
+        other.cache_policy = policy as i32;
+        other.messages.clear();
+        other.prompt = Some("a raw prompt".into());
+        client.generate(other).await.unwrap();
+        let seen = server.backend.last_submitted();
+        assert_eq!(seen.cache_policy, want, "{policy:?}");
+        assert_eq!(
+            seen.input,
+            qnode::engine::PromptInput::Text("a raw prompt".into())
+        );
+        assert_eq!(seen.tenant, None, "no tenant metadata sent");
     }
 }
 

@@ -7,19 +7,37 @@
 //! tokens and at every position require our argmax to be llama.cpp's token, or llama.cpp's token to
 //! be within `TIE_MARGIN` logits of our best (a near-tie: rounding, not a bug). A wrong kernel,
 //! RoPE, mask or norm moves logits by whole units and fails this at once.
+//!
+//! On top of that:
+//! - the first generated token of every prompt must be llama.cpp's, or within `FIRST_TOKEN_TIE`
+//!   (0.1) logits of our best: a prompt's first token is where a wrong prefill shows first;
+//! - at least `MIN_EXACT` of all positions must be exact;
+//! - once, for SmolLM2 in the product's format (Q8_0), the same prompts go through the serving
+//!   engine (pool, batching loop, greedy sampler, detokenizer): its text must equal llama.cpp's
+//!   `completion_text` up to the first near-tie found by the forced check (all of it when there is
+//!   none), and never differ before.
+//!
+//! Each test prints its agreement figures (`cargo test --test model_reference -- --nocapture`).
 
 mod common;
 
 use candle_core::Device;
+use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
 use qnode::model::gguf::GgufFile;
 use qnode::model::hparams::HParams;
 use qnode::model::quantize::Quant;
+use qnode::model::tokenizer::GgufTokenizer;
 use qnode::model::transformer::{SeqStep, Transformer};
 
 /// Largest logit gap between our best token and llama.cpp's that still counts as a near-tie.
 const TIE_MARGIN: f32 = 0.5;
 /// Fraction of positions where our argmax must equal llama.cpp's token exactly.
 const MIN_EXACT: f64 = 0.85;
+/// The first token of a prompt may differ from llama.cpp's only within this many logits (a much
+/// tighter near-tie than `TIE_MARGIN`: a wrong prefill shows first there). Measured here: gemma3's
+/// "Once upon a time, there was a" is the one prompt whose first token differs, by 0.07 (Q4_K_M)
+/// and 0.09 (Q8_0) logits.
+const FIRST_TOKEN_TIE: f32 = 0.1;
 
 fn load(id: &str, quant: Quant) -> Transformer {
     let file = GgufFile::open(&common::model_file(id)).unwrap();
@@ -53,14 +71,28 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-fn check(model_id: &str, quant: Quant, reference: &str) {
-    let model = load(model_id, quant);
+/// What the forced check found for one prompt.
+struct CaseResult {
+    prompt: String,
+    /// llama.cpp's tokens.
+    want: Vec<u32>,
+    /// Index of the first position where our argmax is not llama.cpp's token (a near-tie), or
+    /// `want.len()` when every position is exact.
+    first_tie: usize,
+}
+
+/// The teacher-forced check; returns the per-prompt results for the engine check.
+fn check(model_id: &str, quant: Quant, model: &Transformer, reference: &str) -> Vec<CaseResult> {
     let reference = common::reference(reference);
-    let (mut exact, mut total) = (0usize, 0usize);
+    let (mut exact, mut total, mut worst, mut first_exact) = (0usize, 0usize, 0f32, 0usize);
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
     for case in reference["greedy"].as_array().unwrap() {
-        let prompt = ids(&case["prompt_ids"]);
+        let prompt = case["prompt"].as_str().unwrap().to_string();
+        let prompt_ids = ids(&case["prompt_ids"]);
         let want = ids(&case["completion_ids"]);
-        for (i, (logits, &want_tok)) in forced_logits(&model, &prompt, &want)
+        let mut first_tie = want.len();
+        for (i, (logits, &want_tok)) in forced_logits(model, &prompt_ids, &want)
             .iter()
             .zip(&want)
             .enumerate()
@@ -68,42 +100,167 @@ fn check(model_id: &str, quant: Quant, reference: &str) {
             let best = logits.iter().cloned().fold(f32::MIN, f32::max);
             let gap = best - logits[want_tok as usize];
             total += 1;
+            worst = worst.max(gap);
             if gap == 0.0 {
                 exact += 1;
+                first_exact += usize::from(i == 0);
+            } else {
+                first_tie = first_tie.min(i);
             }
-            assert!(
-                gap <= TIE_MARGIN,
-                "{model_id} {quant} {:?} token {i}: llama.cpp chose {want_tok}, {gap} logits below our best",
-                case["prompt"]
-            );
+            if i == 0 && gap > FIRST_TOKEN_TIE {
+                failures.push(format!(
+                    "{prompt:?}: first token differs: llama.cpp chose {want_tok}, {gap} logits below our best (> {FIRST_TOKEN_TIE})"
+                ));
+            } else if gap > TIE_MARGIN {
+                failures.push(format!(
+                    "{prompt:?} token {i}: llama.cpp chose {want_tok}, {gap} logits below our best (> {TIE_MARGIN})"
+                ));
+            }
         }
+        results.push(CaseResult {
+            prompt,
+            want,
+            first_tie,
+        });
     }
-    let ratio = exact as f64 / total as f64;
+    let ties: Vec<String> = results
+        .iter()
+        .filter(|r| r.first_tie < r.want.len())
+        .map(|r| format!("{:?} at token {}", r.prompt, r.first_tie))
+        .collect();
     eprintln!(
-        "{model_id} {quant}: {exact}/{total} greedy tokens equal llama.cpp's, the rest near-ties"
+        "[model_reference] {model_id} {quant}: {exact}/{total} forced greedy tokens equal llama.cpp's \
+         ({:.1} %), largest gap {worst:.3} logits, first token exact in {}/{} prompts; first near-tie: {}",
+        100.0 * exact as f64 / total as f64,
+        first_exact,
+        results.len(),
+        if ties.is_empty() {
+            "none".to_string()
+        } else {
+            ties.join(", ")
+        }
     );
+    assert!(
+        failures.is_empty(),
+        "{model_id} {quant}:\n{}",
+        failures.join("\n")
+    );
+    let ratio = exact as f64 / total as f64;
     assert!(
         ratio >= MIN_EXACT,
         "{model_id} {quant}: only {exact}/{total} exact"
     );
+    results
+}
+
+/// The text of llama.cpp's first `n` tokens, without a trailing partial character.
+fn prefix_text(tok: &GgufTokenizer, want: &[u32], n: usize) -> String {
+    let mut text = tok.decode(&want[..n]).unwrap();
+    while text.ends_with('\u{FFFD}') {
+        text.pop();
+    }
+    text
 }
 
 #[test]
 fn smollm2_original_matches_llama_cpp() {
-    check("smollm2", Quant::Original, "smollm2-q4_1");
+    check(
+        "smollm2",
+        Quant::Original,
+        &load("smollm2", Quant::Original),
+        "smollm2-q4_1",
+    );
 }
 
+/// The forced check on the pool's own loaded model, then the same prompts through the serving
+/// engine (pool + greedy sampler + detokenizer).
 #[test]
-fn smollm2_q8_0_matches_llama_cpp_q8_0() {
-    check("smollm2", Quant::Q8_0, "smollm2-q8_0");
+fn smollm2_q8_0_matches_llama_cpp_q8_0_forced_and_through_the_engine() {
+    let metrics = qnode::metrics::Metrics::new().unwrap();
+    let pool = common::smollm2_pool(1, &metrics);
+    let loaded = pool.loaded("smollm2").expect("smollm2 loaded");
+    assert_eq!(loaded.quant, Quant::Q8_0);
+    let results = check("smollm2", Quant::Q8_0, &loaded.transformer, "smollm2-q8_0");
+    let reference = common::reference("smollm2-q8_0");
+    let texts: Vec<&str> = reference["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["completion_text"].as_str().unwrap())
+        .collect();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut whole, mut agreed, mut total) = (0, 0, 0);
+    for (case, llama_text) in results.iter().zip(texts) {
+        let mut rx = pool
+            .submit(GenerationRequest {
+                request_id: format!("reference {}", case.prompt),
+                model: "smollm2".into(),
+                input: PromptInput::Text(case.prompt.clone()),
+                sampling: SamplingParams::default(),
+                max_tokens: case.want.len() as u32,
+                stop: vec![],
+                deadline: None,
+                cache_policy: Default::default(),
+                tenant: None,
+            })
+            .unwrap();
+        let (text, done) = runtime.block_on(async {
+            let mut text = String::new();
+            loop {
+                match rx.recv().await.expect("stream ended early").unwrap() {
+                    GenerationEvent::Delta(t) => text.push_str(&t),
+                    GenerationEvent::Finished(done) => return (text, done),
+                }
+            }
+        });
+        total += case.want.len();
+        if case.first_tie == case.want.len() {
+            // No near-tie anywhere: the engine must say exactly what llama.cpp said.
+            assert_eq!(text, llama_text, "{:?} through the engine", case.prompt);
+            assert_eq!(done.completion_tokens as usize, case.want.len());
+            whole += 1;
+            agreed += case.want.len();
+        } else {
+            // Equal up to the first near-tie; after it the continuation may go its own way.
+            let must = prefix_text(&loaded.tokenizer, &case.want, case.first_tie);
+            assert!(
+                text.starts_with(&must),
+                "{:?} through the engine: {text:?} differs from llama.cpp's {llama_text:?} before \
+                 its first near-tie (token {}, text {must:?})",
+                case.prompt,
+                case.first_tie
+            );
+            agreed += case.first_tie;
+        }
+    }
+    eprintln!(
+        "[model_reference] smollm2 q8_0 through the engine: {whole}/{} prompts give llama.cpp's exact \
+         text; {agreed}/{total} tokens checked equal (the rest follow a near-tie)",
+        results.len()
+    );
+    pool.shutdown();
 }
 
 #[test]
 fn gemma3_original_matches_llama_cpp() {
-    check("gemma3-270m", Quant::Original, "gemma3-270m-q4_k_m");
+    check(
+        "gemma3-270m",
+        Quant::Original,
+        &load("gemma3-270m", Quant::Original),
+        "gemma3-270m-q4_k_m",
+    );
 }
 
 #[test]
 fn gemma3_q8_0_matches_llama_cpp_q8_0() {
-    check("gemma3-270m", Quant::Q8_0, "gemma3-270m-q8_0");
+    check(
+        "gemma3-270m",
+        Quant::Q8_0,
+        &load("gemma3-270m", Quant::Q8_0),
+        "gemma3-270m-q8_0",
+    );
 }

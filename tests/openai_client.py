@@ -6,7 +6,8 @@ Run by tests/openai_real_model.rs:
 REAL serves the real SmolLM2 model (`smollm2`) behind API_KEY; STANDBY is a node on standby over
 the same pool (same key); SCRIPTED serves the scripted test backend with no key (its prompt
 `queue_full` is refused with a full queue). Every check raises on failure; the process exits 0
-only when all passed, and prints one line per check.
+only when all passed, and prints one line per check. Checks are explicit (`ensure`, never `assert`,
+which `python3 -O` / PYTHONOPTIMIZE strips).
 """
 
 import sys
@@ -21,15 +22,25 @@ def client(url, api_key=key):
     return openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
 
 
+class CheckFailed(Exception):
+    """A check that did not hold (a plain Exception: `python3 -O` cannot strip it)."""
+
+
+def ensure(cond, what, *context):
+    """Raise CheckFailed saying `what` did not hold, with the values in `context`."""
+    if not cond:
+        raise CheckFailed(f"check failed: {what}; got {context!r}")
+
+
 def expect(exc_type, fn, status, *needles):
     try:
         fn()
     except exc_type as e:
-        assert e.status_code == status, (exc_type, e.status_code, e)
+        ensure(e.status_code == status, 'e.status_code == status', (exc_type, e.status_code, e))
         for needle in needles:
-            assert needle in str(e), (needle, str(e))
+            ensure(needle in str(e), 'needle in str(e)', (needle, str(e)))
         return e
-    raise AssertionError(f"expected {exc_type.__name__}")
+    raise CheckFailed(f"expected {exc_type.__name__}, nothing was raised")
 
 
 def check(name):
@@ -41,15 +52,15 @@ hello = [{"role": "user", "content": "What is the capital of France? Answer in o
 
 # Chat completion, greedy.
 r = real.chat.completions.create(model="smollm2", messages=hello, max_tokens=8, temperature=0)
-assert r.object == "chat.completion", r
-assert r.id.startswith("chatcmpl-"), r.id
-assert r.model == "smollm2"
-assert len(r.choices) == 1 and r.choices[0].index == 0
-assert r.choices[0].message.role == "assistant"
-assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
-assert r.choices[0].finish_reason in ("stop", "length")
-assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-assert r.usage.completion_tokens >= 1
+ensure(r.object == "chat.completion", 'r.object == "chat.completion"', r)
+ensure(r.id.startswith("chatcmpl-"), 'r.id.startswith("chatcmpl-")', r.id)
+ensure(r.model == "smollm2", 'r.model == "smollm2"')
+ensure(len(r.choices) == 1 and r.choices[0].index == 0, 'len(r.choices) == 1 and r.choices[0].index == 0')
+ensure(r.choices[0].message.role == "assistant", 'r.choices[0].message.role == "assistant"')
+ensure("Paris" in r.choices[0].message.content, '"Paris" in r.choices[0].message.content', r.choices[0].message.content)
+ensure(r.choices[0].finish_reason in ("stop", "length"), 'r.choices[0].finish_reason in ("stop", "length")')
+ensure(r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, 'r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens')
+ensure(r.usage.completion_tokens >= 1, 'r.usage.completion_tokens >= 1')
 greedy = r.choices[0].message.content
 check("chat completion")
 
@@ -64,9 +75,9 @@ stream = real.chat.completions.create(
 )
 text, finish, usage, roles = "", None, None, []
 for chunk in stream:
-    assert chunk.object == "chat.completion.chunk"
+    ensure(chunk.object == "chat.completion.chunk", 'chunk.object == "chat.completion.chunk"')
     if chunk.usage is not None:
-        assert chunk.choices == [], chunk
+        ensure(chunk.choices == [], 'chunk.choices == []', chunk)
         usage = chunk.usage
         continue
     delta = chunk.choices[0].delta
@@ -74,10 +85,10 @@ for chunk in stream:
         roles.append(delta.role)
     text += delta.content or ""
     finish = chunk.choices[0].finish_reason or finish
-assert text == greedy, (text, greedy)
-assert roles == ["assistant"], roles
-assert finish in ("stop", "length")
-assert usage is not None and usage.completion_tokens >= 1
+ensure(text == greedy, 'text == greedy', (text, greedy))
+ensure(roles == ["assistant"], 'roles == ["assistant"]', roles)
+ensure(finish in ("stop", "length"), 'finish in ("stop", "length")')
+ensure(usage is not None and usage.completion_tokens >= 1, 'usage is not None and usage.completion_tokens >= 1')
 check("chat streaming with usage")
 
 # Seeded sampling: streamed and unary give the same text.
@@ -86,14 +97,14 @@ unary = real.chat.completions.create(**seeded).choices[0].message.content
 streamed = "".join(
     c.choices[0].delta.content or "" for c in real.chat.completions.create(stream=True, **seeded)
 )
-assert unary == streamed, (unary, streamed)
+ensure(unary == streamed, 'unary == streamed', (unary, streamed))
 check("seeded stream == unary")
 
 # Legacy completions and the model list.
 c = real.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
-assert c.object == "text_completion" and "Paris" in c.choices[0].text, c
+ensure(c.object == "text_completion" and "Paris" in c.choices[0].text, 'c.object == "text_completion" and "Paris" in c.choices[0].text', c)
 ids = [m.id for m in real.models.list()]
-assert ids == ["smollm2"], ids
+ensure(ids == ["smollm2"], 'ids == ["smollm2"]', ids)
 check("completions and models")
 
 # Errors → the client's exception types.
@@ -109,7 +120,7 @@ e = expect(
     400,
     "temperature",
 )
-assert e.body["param"] == "temperature", e.body
+ensure(e.body["param"] == "temperature", 'e.body["param"] == "temperature"', e.body)
 expect(
     openai.BadRequestError,
     lambda: real.chat.completions.create(model="smollm2", messages=hello, n=2),
@@ -143,7 +154,7 @@ e = expect(
     429,
     "full",
 )
-assert e.response.headers["retry-after"] == "3", e.response.headers
+ensure(e.response.headers["retry-after"] == "3", 'e.response.headers["retry-after"] == "3"', e.response.headers)
 check("429 with Retry-After")
 
 # A failure after the stream began reaches the client as an APIError.
@@ -152,7 +163,7 @@ try:
         model="smollm2", messages=[{"role": "user", "content": "fail_midway"}], stream=True
     ):
         pass
-    raise AssertionError("stream did not fail")
+    raise CheckFailed("stream did not fail")
 except openai.APIError as e:
-    assert "scripted failure" in str(e), str(e)
+    ensure("scripted failure" in str(e), '"scripted failure" in str(e)', str(e))
 check("mid-stream failure")

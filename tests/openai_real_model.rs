@@ -153,7 +153,28 @@ async fn openai_clients_against_the_real_model() {
         ok,
         "openai client checks failed (is `openai` installed? scripts/test.sh installs it)\n{out}\n{err}"
     );
-    assert!(out.contains("ok mid-stream failure"), "{out}");
+    for check in [
+        "chat completion",
+        "chat streaming with usage",
+        "seeded stream == unary",
+        "completions and models",
+        "errors: 404, 400, 401, 503",
+        "429 with Retry-After",
+        "mid-stream failure",
+    ] {
+        assert!(
+            out.contains(&format!("ok {check}\n")),
+            "{check} not passed:\n{out}"
+        );
+    }
+    // Its checks are explicit: an `assert` would vanish under `python3 -O` / PYTHONOPTIMIZE.
+    let source = std::fs::read_to_string(&script).unwrap();
+    assert!(
+        !source
+            .lines()
+            .any(|l| l.trim_start().starts_with("assert ")),
+        "tests/openai_client.py uses `assert`: use ensure()"
+    );
 
     // The shared metrics counted the HTTP calls under their own method label.
     let text = metrics.render();

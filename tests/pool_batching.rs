@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use qnode::config::ModelConfig;
@@ -15,6 +15,24 @@ use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
 
 fn tiny_pool(dir: &Path, instances: usize, max_batch: usize, max_queued: usize) -> Arc<ModelPool> {
+    tiny_pool_observed(
+        dir,
+        instances,
+        max_batch,
+        max_queued,
+        PoolMetrics::unregistered(),
+    )
+}
+
+/// [`tiny_pool`] reporting its steps to `metrics` (clones share the counters, so the test keeps
+/// one to read the tokens sampled per instance).
+fn tiny_pool_observed(
+    dir: &Path,
+    instances: usize,
+    max_batch: usize,
+    max_queued: usize,
+    metrics: PoolMetrics,
+) -> Arc<ModelPool> {
     let path = dir.join("tiny.gguf");
     if !path.exists() {
         qnode::model::tiny::write_tiny_llama(&path, 7).unwrap();
@@ -24,9 +42,43 @@ fn tiny_pool(dir: &Path, instances: usize, max_batch: usize, max_queued: usize) 
     cfg.threads_per_instance = Some(1);
     cfg.max_batch = max_batch;
     cfg.max_queued = max_queued;
-    let pool = ModelPool::new(&[cfg], PoolMetrics::unregistered(), Device::Cpu).unwrap();
+    let pool = ModelPool::new(&[cfg], metrics, Device::Cpu).unwrap();
     pool.load_all().unwrap();
     Arc::new(pool)
+}
+
+/// Tokens instance 0 of the tiny model sampled so far (all its requests together).
+fn sampled(metrics: &PoolMetrics) -> u64 {
+    metrics
+        .instance_tokens
+        .with_label_values(&["tiny", "0"])
+        .get()
+}
+
+/// When a request's first and last tokens were sampled, bounded from the test's side: the pool
+/// stamps `arrived` inside `submit`, between `before` and `after`, and the timings count from it.
+struct Span {
+    first_token: (Instant, Instant),
+    last_token: (Instant, Instant),
+}
+
+impl Span {
+    fn of(before: Instant, after: Instant, done: &Completion) -> Self {
+        let t = &done.timings;
+        Self {
+            first_token: (
+                before + t.time_to_first_token,
+                after + t.time_to_first_token,
+            ),
+            last_token: (before + t.total, after + t.total),
+        }
+    }
+
+    /// Both sequences were sampling at one moment, so (one instance, every live sequence is in
+    /// every step) they shared at least one forward step.
+    fn surely_overlaps(&self, other: &Span) -> bool {
+        self.last_token.0 > other.first_token.1 && other.last_token.0 > self.first_token.1
+    }
 }
 
 fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> GenerationRequest {
@@ -94,33 +146,46 @@ fn output_does_not_depend_on_the_batch() {
         ("the greedy one", SamplingParams::default()),
         ("the seeded one", seeded(42)),
     ];
+    let timed = |prompt: &str, max: u32, sampling: SamplingParams| {
+        let before = Instant::now();
+        let rx = pool.submit(request(prompt, max, sampling)).unwrap();
+        (before, Instant::now(), rx)
+    };
     for (prompt, sampling) in cases {
         let alone = collect(pool.submit(request(prompt, 40, sampling.clone())).unwrap()).unwrap();
         // The same request again, this time among 7 others at different positions, some joining
         // while it decodes.
         let others: Vec<_> = (0..4)
             .map(|i| {
-                pool.submit(request(
+                timed(
                     &format!("other prompt number {i} with more text"),
                     30,
                     seeded(i),
-                ))
-                .unwrap()
+                )
             })
             .collect();
-        let target = pool.submit(request(prompt, 40, sampling.clone())).unwrap();
+        let (before, after, target) = timed(prompt, 40, sampling.clone());
         let late: Vec<_> = (0..3)
-            .map(|i| {
-                pool.submit(request(&format!("late {i}"), 25, SamplingParams::default()))
-                    .unwrap()
-            })
+            .map(|i| timed(&format!("late {i}"), 25, SamplingParams::default()))
             .collect();
         let batched = collect(target).unwrap();
         assert_eq!(alone.0, batched.0, "{prompt}: text changed inside a batch");
         assert_eq!(alone.1.completion_tokens, batched.1.completion_tokens);
-        for rx in others.into_iter().chain(late) {
-            collect(rx).unwrap();
+        // It really was decoded among others: its sampling overlapped theirs on the one instance.
+        let target_span = Span::of(before, after, &batched.1);
+        let mut shared = 0;
+        for (before, after, rx) in others.into_iter().chain(late) {
+            let (_, done) = collect(rx).unwrap();
+            if Span::of(before, after, &done).surely_overlaps(&target_span) {
+                shared += 1;
+            }
         }
+        assert!(
+            shared >= 1,
+            "{prompt}: no other request was decoding at the same time, so nothing shows the output \
+             is independent of the batch"
+        );
+        eprintln!("{prompt}: decoded alongside {shared} of 7 other requests");
     }
     pool.shutdown();
 }
@@ -165,27 +230,49 @@ fn full_queue_refuses_at_once() {
 #[test]
 fn cancelled_request_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
+    let metrics = PoolMetrics::unregistered();
     // One slot, no queue room beyond one: the second request can only run once the first left.
-    let pool = tiny_pool(dir.path(), 1, 1, 1);
-    let mut first = pool
-        .submit(request("the long one", 500, SamplingParams::default()))
-        .unwrap();
+    let pool = tiny_pool_observed(dir.path(), 1, 1, 1, metrics.clone());
+    let long = || request("the long one", 500, SamplingParams::default());
+    // Greedy is deterministic: left alone, this request decodes all its 500 tokens.
+    let (_, whole) = collect(pool.submit(long()).unwrap()).unwrap();
+    assert_eq!(
+        (whole.finish_reason, whole.completion_tokens),
+        (FinishReason::Length, 500)
+    );
+
+    let base = sampled(&metrics);
+    let mut first = pool.submit(long()).unwrap();
     // Wait until it is generating, then walk away.
-    let mut got_text = false;
-    while !got_text {
-        match first.blocking_recv() {
-            Some(Ok(GenerationEvent::Delta(_))) => got_text = true,
-            Some(Ok(GenerationEvent::Finished(_))) => panic!("finished before cancel"),
-            other => panic!("unexpected {other:?}"),
-        }
+    match first.blocking_recv() {
+        Some(Ok(GenerationEvent::Delta(_))) => {}
+        other => panic!("unexpected {other:?}"),
     }
     drop(first);
-    let (_, done) = collect(
+    // Read after the drop: only a step already running at the drop can still add a token.
+    let at_drop = sampled(&metrics) - base;
+    assert!(
+        at_drop < 499,
+        "the request was nearly done ({at_drop} of 500 tokens) before the cancel, so this proves nothing"
+    );
+    let (_, next) = collect(
         pool.submit(request("the next", 5, SamplingParams::default()))
             .unwrap(),
     )
     .unwrap();
-    assert!(done.completion_tokens >= 1);
+    assert!(next.completion_tokens >= 1);
+    // Everything sampled since the drop, less the next request's own tokens, was decoded for the
+    // cancelled one: at most the step that was running when it left.
+    let after_cancel = sampled(&metrics) - base - at_drop - next.completion_tokens as u64;
+    assert!(
+        after_cancel <= 1,
+        "{after_cancel} tokens were decoded for a cancelled request (cancelled after {at_drop})"
+    );
+    eprintln!(
+        "cancelled after {at_drop} of 500 tokens; {after_cancel} decoded after the cancel; \
+         the next request waited {:?} for its slot",
+        next.timings.queue
+    );
     pool.shutdown();
 }
 

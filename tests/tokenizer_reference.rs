@@ -105,6 +105,45 @@ fn check_streaming_equals_full_decode(model: (&str, &str)) {
     }
 }
 
+/// llama.cpp's `completion_text` for its own greedy ids (raw prompts and chat turns, every reference
+/// file of the model): our full decode and our streaming decode must both spell exactly that text.
+fn check_decode_equals_llama_cpp_text(model: &str, references: &[&str]) {
+    let tok = GgufTokenizer::from_gguf(&content(model)).unwrap();
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for name in references {
+        let reference = common::reference(name);
+        let cases = reference["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(reference["chat_template"].as_array().into_iter().flatten());
+        for case in cases {
+            let completion = ids(&case["completion_ids"]);
+            let want = case["completion_text"].as_str().unwrap();
+            let full = tok.decode(&completion).unwrap();
+            let mut decoder = IncrementalDecoder::new();
+            let mut streamed = String::new();
+            for &id in &completion {
+                if let Some(piece) = decoder.push(&tok, id).unwrap() {
+                    streamed.push_str(&piece);
+                }
+            }
+            streamed.push_str(&decoder.flush(&tok).unwrap());
+            if full != want || streamed != want {
+                failures.push(format!(
+                    "{name} {:?}: llama.cpp {want:?}, our decode {full:?}, streamed {streamed:?}",
+                    case["prompt"].as_str().unwrap_or("(chat)")
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} reference completions");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("{model}: {checked} llama.cpp completions decoded to its exact text");
+}
+
 fn check_emoji_cjk_stream_without_replacement_chars(model: (&str, &str)) {
     let (_, tok, _) = load(model);
     for text in [
@@ -164,6 +203,16 @@ fn smollm2_streaming_equals_full_decode() {
 #[test]
 fn gemma3_streaming_equals_full_decode() {
     check_streaming_equals_full_decode(GEMMA);
+}
+
+#[test]
+fn smollm2_decodes_llama_cpp_completions_to_its_text() {
+    check_decode_equals_llama_cpp_text("smollm2", &["smollm2-q4_1", "smollm2-q8_0"]);
+}
+
+#[test]
+fn gemma3_decodes_llama_cpp_completions_to_its_text() {
+    check_decode_equals_llama_cpp_text("gemma3-270m", &["gemma3-270m-q4_k_m", "gemma3-270m-q8_0"]);
 }
 
 #[test]

@@ -106,19 +106,30 @@ mod tests {
         assert!(l1.get(&k).is_none());
     }
 
+    /// The TTL is moka's own (it reads its own clock, not the injected one), so the "still there"
+    /// check is made only when less than the TTL provably passed since the insert; the "gone"
+    /// check follows a sleep longer than the TTL. Nothing depends on a sleep being short.
     #[test]
     fn ttl_expires_entries() {
+        const TTL: Duration = Duration::from_millis(100);
         let config = CacheConfig {
-            l1_ttl: Duration::from_millis(50),
+            l1_ttl: TTL,
             ..CacheConfig::default()
         };
-        let clock = Arc::new(crate::cache::SystemClock);
-        let l1 = L1::new(&config, clock.clone());
+        let clock = ManualClock::new();
+        let l1 = L1::new(&config, Arc::new(clock.clone()));
         let k = CacheKey([2; 32]);
+        let inserted = std::time::Instant::now();
         l1.insert(k, answer("a", clock.now_ms()));
-        assert!(l1.get(&k).is_some());
-        std::thread::sleep(Duration::from_millis(120));
-        assert!(l1.get(&k).is_none());
+        let hit = l1.get(&k).is_some();
+        if inserted.elapsed() < TTL {
+            assert!(hit, "gone before its TTL");
+        } else {
+            eprintln!("skipped the before-TTL check: descheduled for a whole TTL");
+        }
+        std::thread::sleep(TTL + Duration::from_millis(20));
+        // The max age (1 day by default, on the manual clock) is far: only the TTL can expire it.
+        assert!(l1.get(&k).is_none(), "still there after its TTL");
     }
 
     #[test]

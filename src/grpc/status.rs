@@ -58,6 +58,27 @@ mod tests {
     use crate::engine::EngineError;
     use crate::node::{ControlError, Refusal, TransitionError};
 
+    /// Which variant `e` is. No wildcard arm: a new `EngineError` variant does not compile here
+    /// until it is added to the cases of `every_engine_error_has_its_code`.
+    fn variant(e: &EngineError) -> usize {
+        match e {
+            EngineError::UnknownModel(_) => 0,
+            EngineError::InvalidArgument(_) => 1,
+            EngineError::ContextOverflow { .. } => 2,
+            EngineError::Template(_) => 3,
+            EngineError::QueueFull { .. } => 4,
+            EngineError::NotReady(_) => 5,
+            EngineError::ModelFailed { .. } => 6,
+            EngineError::ModelUnloaded(_) => 7,
+            EngineError::ShuttingDown(_) => 8,
+            EngineError::DeadlineExceeded(_) => 9,
+            EngineError::NotCached => 10,
+            EngineError::Internal(_) => 11,
+        }
+    }
+    const VARIANTS: usize = 12;
+
+    /// Every variant, with the code proto/qnode/v1/inference.proto gives it.
     #[test]
     fn every_engine_error_has_its_code() {
         let cases = [
@@ -100,6 +121,13 @@ mod tests {
             (EngineError::NotCached, Code::FailedPrecondition),
             (EngineError::Internal("bug".into()), Code::Internal),
         ];
+        let mut seen: Vec<usize> = cases.iter().map(|(e, _)| variant(e)).collect();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..VARIANTS).collect::<Vec<_>>(),
+            "every variant once"
+        );
         for (error, code) in cases {
             let message = error.to_string();
             let status = status(error);

@@ -6,7 +6,7 @@
 //! `validate`.
 
 use crate::front::{FrontError, RawRequest};
-use crate::types::{ChatMessage, Completion, FinishReason, Source};
+use crate::types::{CachePolicy, ChatMessage, Completion, FinishReason, Source};
 
 use super::types::{Content, GenerateBody, Prompt, RequestMessage, Usage};
 
@@ -102,18 +102,47 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
             format!("`n` must be 1: this node generates one choice per request. Given: {n}"),
         ));
     }
-    if s.presence_penalty.is_some_and(|p| p != 0.0) || s.frequency_penalty.is_some_and(|p| p != 0.0)
-    {
-        tracing::debug!("presence/frequency penalty ignored");
+    if let Some(field) = s.unhonoured() {
+        return Err(FrontError::invalid(
+            field,
+            format!(
+                "`{field}` is not supported by this node yet; remove it (it would otherwise be \
+                 ignored and the answer would not be what you asked for)"
+            ),
+        ));
     }
+    for (field, value) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if let Some(p) = value.filter(|&p| p != 0.0) {
+            return Err(FrontError::invalid(
+                field,
+                format!(
+                    "`{field}` must be 0: this node has no such penalty (use `repetition_penalty`). Given: {p}"
+                ),
+            ));
+        }
+    }
+    let cache_policy = match s.cache_policy.as_deref() {
+        None | Some("default") => Ok(CachePolicy::Default),
+        Some("bypass") => Ok(CachePolicy::Bypass),
+        Some("refresh") => Ok(CachePolicy::Refresh),
+        Some("only_if_cached") => Ok(CachePolicy::OnlyIfCached),
+        Some(other) => Err(other.to_owned()),
+    };
     let stream = s.stream.unwrap_or(false);
     let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
         temperature: s.temperature,
         top_p: s.top_p,
+        top_k: s.top_k,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
         seed: s.seed,
         stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
+        cache_policy,
         ..RawRequest::default()
     };
     let options = Options {
@@ -168,7 +197,7 @@ mod tests {
                 {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
                 "max_tokens":5,"max_completion_tokens":7,"temperature":0.7,"top_p":0.9,"seed":42,
                 "stop":"\n","stream":true,"stream_options":{"include_usage":true},"user":"u1",
-                "n":1,"presence_penalty":0.5,"logit_bias":{"1":2},"tools":null}"#,
+                "n":1,"presence_penalty":0,"logit_bias":{},"tools":null}"#,
         )
         .unwrap();
         assert_eq!(wire.model, "smollm2");
@@ -264,5 +293,50 @@ mod tests {
         };
         assert_eq!(usage(&c).total_tokens, 10);
         assert_eq!(fingerprint(c.source), "qnode-cache-l1");
+    }
+
+    #[test]
+    fn unhonoured_openai_fields_are_refused_by_name() {
+        for (extra, field) in [
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+            (r#""logit_bias":{"42":5}"#, "logit_bias"),
+            (r#""echo":true"#, "echo"),
+            (r#""suffix":"end""#, "suffix"),
+            (r#""best_of":3"#, "best_of"),
+            (r#""presence_penalty":0.5"#, "presence_penalty"),
+            (r#""frequency_penalty":-1"#, "frequency_penalty"),
+        ] {
+            let json =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
+            let err = chat_json(&json).expect_err(extra);
+            assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
+        }
+        // Their "off" values are served.
+        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
+        assert!(chat_json(json).is_ok());
+    }
+
+    #[test]
+    fn vllm_style_sampling_fields_and_cache_policy_reach_the_request() {
+        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_k":5,"min_p":0.1,"repetition_penalty":1.2,"cache_policy":"bypass"}"#;
+        let (raw, _) = chat_json(json).unwrap();
+        assert_eq!(
+            (raw.top_k, raw.min_p, raw.repetition_penalty),
+            (Some(5), Some(0.1), Some(1.2))
+        );
+        assert_eq!(raw.cache_policy, Ok(CachePolicy::Bypass));
+        let json =
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"cache_policy":"x"}"#;
+        assert_eq!(chat_json(json).unwrap().0.cache_policy, Err("x".to_owned()));
     }
 }

@@ -1,7 +1,9 @@
 //! The OpenAI JSON shapes this front reads and writes, as OpenAI's API reference defines them.
 //!
-//! Requests ignore unknown fields (clients send many we have no use for); every field is optional
-//! or defaulted where OpenAI's is, and `null` reads as absent.
+//! Every OpenAI request field is either honoured or, when set to something the node cannot do
+//! (`tools`, `response_format`, `logprobs`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
+//! refused with a 400 naming it. Fields OpenAI does not define are ignored (clients and SDKs add
+//! their own); `null` reads as absent everywhere.
 
 use serde::{Deserialize, Serialize};
 
@@ -107,12 +109,114 @@ pub struct GenerateBody {
     /// Choices to generate; only 1 is served.
     #[serde(default)]
     pub n: Option<u32>,
-    /// Accepted and ignored (the engine has no such penalty).
+    /// Only 0 is served (the engine has no such penalty): anything else is refused.
     #[serde(default)]
     pub presence_penalty: Option<f32>,
-    /// Accepted and ignored (the engine has no such penalty).
+    /// Only 0 is served (the engine has no such penalty): anything else is refused.
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Top-k filter (vLLM / llama.cpp server extension).
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// Min-p filter (vLLM / llama.cpp server extension).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty (vLLM / llama.cpp server extension).
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    /// qnode extension: `default`, `bypass`, `refresh` or `only_if_cached`, as gRPC's
+    /// `cache_policy`.
+    #[serde(default)]
+    pub cache_policy: Option<String>,
+    /// OpenAI fields this node does not honour yet: refused when set (see
+    /// [`GenerateBody::unhonoured`]), never ignored.
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub functions: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub function_call: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    /// See `tools`; `false` is served.
+    #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub top_logprobs: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Value>,
+    /// See `tools`; `false` is served.
+    #[serde(default)]
+    pub echo: Option<serde_json::Value>,
+    /// See `tools`.
+    #[serde(default)]
+    pub suffix: Option<serde_json::Value>,
+    /// See `tools`; `1` is served.
+    #[serde(default)]
+    pub best_of: Option<serde_json::Value>,
+}
+
+impl GenerateBody {
+    /// The first OpenAI field set to something this node cannot honour, by name.
+    pub fn unhonoured(&self) -> Option<&'static str> {
+        use serde_json::Value;
+        let off = |v: &Option<Value>| match v {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
+        let fields: [(&'static str, bool); 12] = [
+            ("tools", off(&self.tools)),
+            (
+                "tool_choice",
+                off(&self.tool_choice) || self.tool_choice == Some(Value::from("none")),
+            ),
+            ("functions", off(&self.functions)),
+            (
+                "function_call",
+                off(&self.function_call) || self.function_call == Some(Value::from("none")),
+            ),
+            (
+                "parallel_tool_calls",
+                off(&self.parallel_tool_calls)
+                    || self.parallel_tool_calls == Some(Value::Bool(true)),
+            ),
+            (
+                "response_format",
+                off(&self.response_format)
+                    || self.response_format.as_ref().and_then(|f| f.get("type"))
+                        == Some(&Value::from("text")),
+            ),
+            ("logprobs", off(&self.logprobs)),
+            (
+                "top_logprobs",
+                off(&self.top_logprobs) || self.top_logprobs == Some(Value::from(0)),
+            ),
+            ("logit_bias", off(&self.logit_bias)),
+            ("echo", off(&self.echo)),
+            (
+                "suffix",
+                off(&self.suffix) || self.suffix == Some(Value::from("")),
+            ),
+            (
+                "best_of",
+                off(&self.best_of) || self.best_of == Some(Value::from(1)),
+            ),
+        ];
+        fields.into_iter().find(|(_, ok)| !ok).map(|(name, _)| name)
+    }
 }
 
 /// `prompt` of a legacy completion: a string, or a list holding exactly one.
