@@ -169,7 +169,7 @@ impl Raw {
         out.extend(self.kv_count.to_le_bytes());
         out.extend(&self.kv);
         out.extend(&self.tensors);
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(std::iter::repeat_n(0u8, self.data_len));
@@ -177,9 +177,7 @@ impl Raw {
     }
 
     fn error(&self) -> HeaderError {
-        read_header(&self.bytes())
-            .err()
-            .expect("the header must be refused")
+        read_header(&self.bytes()).expect_err("the header must be refused")
     }
 }
 
@@ -370,8 +368,7 @@ fn a_failed_load_leaves_no_pool_entry() {
     config.threads_per_instance = Some(1);
     let err = pool
         .add_model(config.clone())
-        .err()
-        .expect("a bad file must not load");
+        .expect_err("a bad file must not load");
     assert!(err.to_string().contains("general.alignment"), "{err}");
     assert!(pool.models().is_empty(), "{:?}", pool.models());
     qnode::model::tiny::write_tiny_llama(&path, 1).unwrap();
