@@ -305,6 +305,16 @@ pub struct ServeArgs {
     /// [default: none, in-process cache only]
     #[arg(long, env = "QNODE_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
+    /// The fleet's shared secret (>= 16 bytes) for signing Redis values; required with a Redis
+    /// URL unless `cache.redis_insecure = true`. Prefer the env var to the flag (a flag shows in
+    /// `ps`). [default: none]
+    #[arg(
+        long,
+        env = "QNODE_CACHE_REDIS_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub redis_secret: Option<String>,
     /// `standby`: load and warm, but take no traffic until `Admin.Activate`. [default: active]
     #[arg(long, env = "QNODE_ROLE", value_name = "ROLE", value_parser = parse_role)]
     pub role: Option<crate::types::Role>,
@@ -395,6 +405,9 @@ impl Config {
         }
         if let Some(url) = &args.redis_url {
             self.cache.redis_url = Some(url.clone());
+        }
+        if let Some(secret) = &args.redis_secret {
+            self.cache.redis_secret = Some(crate::cache::Secret::new(secret.as_str()));
         }
         if !args.models.is_empty() {
             let from_file = std::mem::take(&mut self.models);

@@ -202,3 +202,50 @@ async fn redis_frozen_mid_load_then_thawed() {
     redis.resume();
     wait_until_redis_used(&cache, &redis, "stop").await;
 }
+
+/// Issue #13 item 11: Redis restarted on the same port. Once the breaker's cooldown is over (a
+/// manual clock moves it), the very first call, the probe, must reach the new Redis; a dead
+/// cached connection used to fail it and keep L2 off for one more cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_probe_after_a_restart_reaches_redis() {
+    use qnode::cache::ManualClock;
+
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let model = CountingBackend::new(Duration::ZERO);
+    let clock = ManualClock::new();
+    let config = CacheConfig {
+        breaker_failures: 1,
+        breaker_cooldown: Duration::from_secs(2),
+        ..config(Some(&redis))
+    };
+    let cache =
+        CachedBackend::with_clock(model.clone(), identities(), config, Arc::new(clock.clone()))
+            .unwrap();
+    let m = cache.metrics();
+    assert_eq!(source(&ask(&cache, request("before")).await), Source::Model);
+    assert_eq!(redis.keys("qnode:v1:ans:*").len(), 1, "Redis in use");
+    assert_eq!(m.breaker_state.get(), 0);
+
+    redis.kill();
+    ask(&cache, request("while down")).await;
+    assert_eq!(m.breaker_state.get(), 1, "one failure opens the breaker");
+
+    let redis = RedisServer::start_on(port);
+    ask(&cache, request("cooling down")).await;
+    assert_eq!(m.breaker_state.get(), 1, "skipped until the cooldown ends");
+    clock.advance(Duration::from_secs(2));
+    let errors_before: u64 = ["connect", "error", "timeout"]
+        .iter()
+        .map(|k| m.redis_errors.with_label_values(&[k]).get())
+        .sum();
+    ask(&cache, request("first probe")).await;
+    let errors_after: u64 = ["connect", "error", "timeout"]
+        .iter()
+        .map(|k| m.redis_errors.with_label_values(&[k]).get())
+        .sum();
+    assert_eq!(errors_after, errors_before, "the probe failed");
+    assert_eq!(m.breaker_state.get(), 0, "the probe closed the breaker");
+    // And the answer went to the new Redis.
+    assert_eq!(redis.keys("qnode:v1:ans:*").len(), 1);
+}

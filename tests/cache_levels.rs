@@ -389,3 +389,89 @@ async fn prewarm_loads_the_hottest_answers_into_l1() {
     assert_eq!(source(&ask(&standby, request("a")).await), Source::CacheL1);
     assert_eq!(model.count(), before);
 }
+
+/// Issue #13 item 3: a well-formed envelope written by someone without the fleet secret (another
+/// secret, or none, as the unkeyed checksum allowed) is a miss, is counted, and is deleted.
+#[tokio::test]
+async fn a_value_planted_without_the_fleet_secret_is_a_miss_and_deleted() {
+    use qnode::cache::{entry, CachedAnswer, Secret};
+    use qnode::engine::FinishReason;
+
+    let redis = RedisServer::start();
+    let model = CountingBackend::new(Duration::ZERO);
+    let ids = identities();
+    let mut conn = redis.conn();
+    let key = cache_key(&ids[MODEL], &request("planted"), false);
+    let redis_key = format!("qnode:v1:ans:{key}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let forged = CachedAnswer {
+        text: "PLANTED ANSWER".into(),
+        finish_reason: FinishReason::Stop,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        created_at_ms: now_ms,
+    };
+    for planter in [Secret::new("attacker-guess-0123456789"), Secret::default()] {
+        let bytes = entry::encode(&key, "digest-1", &forged, &planter);
+        let _: () = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(bytes)
+            .query(&mut conn)
+            .unwrap();
+        let cfg = CacheConfig {
+            hot_threshold: 100,
+            ..config(Some(&redis))
+        };
+        let cache = CachedBackend::new(model.clone(), ids.clone(), cfg).unwrap();
+        let got = ask(&cache, request("planted")).await;
+        assert_eq!(source(&got), Source::Model, "{planter:?}");
+        assert!(!got.text.contains("PLANTED"), "{}", got.text);
+        assert_eq!(cache.metrics().rejected_values.get(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while redis::cmd("EXISTS")
+            .arg(&redis_key)
+            .query::<u32>(&mut conn)
+            .unwrap()
+            == 1
+        {
+            assert!(std::time::Instant::now() < deadline, "not deleted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The same value signed with the fleet secret is served: the MAC is what decides.
+    let bytes = entry::encode(&key, "digest-1", &forged, &SECRET);
+    let _: () = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(bytes)
+        .query(&mut conn)
+        .unwrap();
+    let cache = CachedBackend::new(model.clone(), ids.clone(), config(Some(&redis))).unwrap();
+    let got = ask(&cache, request("planted")).await;
+    assert_eq!(source(&got), Source::CacheL2);
+    assert_eq!(got.text, "PLANTED ANSWER");
+}
+
+#[test]
+fn l2_without_a_secret_refuses_to_start_unless_insecure() {
+    let model = CountingBackend::new(Duration::ZERO);
+    let no_secret = CacheConfig {
+        redis_url: Some("redis://127.0.0.1:1/".into()),
+        redis_secret: None,
+        ..config(None)
+    };
+    match CachedBackend::new(model.clone(), identities(), no_secret.clone()) {
+        Err(qnode::cache::CacheError::InvalidConfig { field, .. }) => {
+            assert_eq!(field, "redis_secret")
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("L2 started without a fleet secret"),
+    }
+    let insecure = CacheConfig {
+        redis_insecure: true,
+        ..no_secret
+    };
+    assert!(CachedBackend::new(model, identities(), insecure).is_ok());
+}

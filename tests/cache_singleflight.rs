@@ -2,6 +2,7 @@
 //! life follows its listeners, not its first caller.
 
 mod cache_support;
+mod common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -112,4 +113,61 @@ async fn the_generation_stops_when_everyone_leaves() {
     let next = collect(cache.submit(request("nobody waits")).unwrap()).await;
     assert_eq!(next.finished.unwrap().source, Source::Model);
     assert_eq!(model.count(), 2);
+}
+
+/// Issue #13 item 1, on the real engine (which enforces a submitted deadline): two identical
+/// calls share one generation; the one with a short deadline gets DEADLINE_EXCEEDED alone and
+/// the other, with none, gets the whole answer, whichever of them led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_deadline_never_fails_another() {
+    use qnode::cache::ModelIdentity;
+    use qnode::engine::{ChatMessage, EngineError, PromptInput};
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    let metrics = qnode::metrics::Metrics::new().unwrap();
+    let pool = tokio::task::block_in_place(|| common::smollm2_pool(4, &metrics));
+    let identity = ModelIdentity {
+        model_id: "smollm2".into(),
+        file_digest: "d".into(),
+        quant: "q8_0".into(),
+        template_id: "t".into(),
+    };
+    let cache = CachedBackend::new(
+        pool.clone(),
+        HashMap::from([("smollm2".to_string(), identity)]),
+        config(None),
+    )
+    .unwrap();
+    for (n, short_leads) in [(0, true), (1, false)] {
+        let mut req = request("");
+        req.model = "smollm2".into();
+        req.max_tokens = 96;
+        req.input = PromptInput::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: format!("Tell me a long story about dragon number {n}."),
+        }]);
+        let mut short = req.clone();
+        short.deadline = Some(Instant::now() + Duration::from_millis(60));
+        let (first, second) = if short_leads {
+            (short, req)
+        } else {
+            (req, short)
+        };
+        let a = cache.submit(first).unwrap();
+        let b = cache.submit(second).unwrap();
+        let (a, b) = futures::future::join(collect(a), collect(b)).await;
+        let (short, patient) = if short_leads { (a, b) } else { (b, a) };
+        assert!(
+            matches!(short.error, Some(EngineError::DeadlineExceeded(_))),
+            "the short caller: {short:?}"
+        );
+        assert_eq!(
+            patient.error, None,
+            "the patient caller was failed: {patient:?}"
+        );
+        let done = patient.finished.expect("the patient caller gets Finished");
+        assert!(done.completion_tokens > 1, "{done:?}");
+        assert_eq!(cache.metrics().singleflight_joins.get(), n + 1);
+    }
 }

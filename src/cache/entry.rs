@@ -2,16 +2,16 @@
 //! written the bytes: every field is checked before an answer is served.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::mac::{constant_time_eq, Secret};
 use super::CacheKey;
 use crate::engine::FinishReason;
 
 /// Per-entry cost added to the text length when weighing L1 entries (key, Arc, moka node).
 pub const ENTRY_OVERHEAD_BYTES: usize = 128;
 
-/// Envelope format version; bump on any change of `Envelope`.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// Envelope format version; bump on any change of `Envelope`. 2: HMAC instead of SHA-256.
+pub const ENVELOPE_VERSION: u32 = 2;
 
 /// One finished answer: the whole text and the usage that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,21 +41,30 @@ impl CachedAnswer {
         now_ms.saturating_sub(self.created_at_ms) > max_age_ms
             || self.created_at_ms.saturating_sub(now_ms) > max_age_ms
     }
+}
 
-    fn checksum(&self) -> String {
-        let mut h = Sha256::new();
-        h.update((self.text.len() as u64).to_le_bytes());
-        h.update(self.text.as_bytes());
-        h.update([match self.finish_reason {
-            FinishReason::Stop => 0u8,
-            FinishReason::Length => 1,
-            FinishReason::Cancelled => 2,
-        }]);
-        h.update(self.prompt_tokens.to_le_bytes());
-        h.update(self.completion_tokens.to_le_bytes());
-        h.update(self.created_at_ms.to_le_bytes());
-        hex::encode(h.finalize())
-    }
+/// HMAC of every field of an envelope but the MAC itself, each length-prefixed or fixed-size,
+/// so no two envelopes share the bytes that are signed.
+fn mac(secret: &Secret, key_hex: &str, model_digest: &str, answer: &CachedAnswer) -> String {
+    let len = |s: &str| (s.len() as u64).to_le_bytes();
+    let finish = [match answer.finish_reason {
+        FinishReason::Stop => 0u8,
+        FinishReason::Length => 1,
+        FinishReason::Cancelled => 2,
+    }];
+    hex::encode(secret.mac(&[
+        &ENVELOPE_VERSION.to_le_bytes(),
+        &len(key_hex),
+        key_hex.as_bytes(),
+        &len(model_digest),
+        model_digest.as_bytes(),
+        &len(&answer.text),
+        answer.text.as_bytes(),
+        &finish,
+        &answer.prompt_tokens.to_le_bytes(),
+        &answer.completion_tokens.to_le_bytes(),
+        &answer.created_at_ms.to_le_bytes(),
+    ]))
 }
 
 /// What Redis holds under an answer key (JSON).
@@ -64,7 +73,8 @@ struct Envelope {
     version: u32,
     key: String,
     model_digest: String,
-    checksum: String,
+    /// Hex HMAC-SHA256 under the fleet secret of every other field.
+    mac: String,
     created_at_ms: u64,
     text: String,
     finish_reason: FinishReason,
@@ -103,9 +113,10 @@ pub enum EnvelopeError {
         /// Digest of the model served now.
         expected: String,
     },
-    /// Text or usage altered.
-    #[error("checksum mismatch")]
-    Checksum,
+    /// The MAC does not verify under this node's secret: altered, or written by someone who
+    /// does not hold the fleet secret.
+    #[error("MAC does not verify (altered, or not written with this fleet's secret)")]
+    BadMac,
     /// Older than the hard max age.
     #[error("answer is {age_ms} ms old, max age is {max_age_ms} ms")]
     TooOld {
@@ -119,13 +130,19 @@ pub enum EnvelopeError {
     Cancelled,
 }
 
-/// Serializes `answer` for Redis.
-pub fn encode(key: &CacheKey, model_digest: &str, answer: &CachedAnswer) -> Vec<u8> {
+/// Serializes `answer` for Redis, signed with `secret`.
+pub fn encode(
+    key: &CacheKey,
+    model_digest: &str,
+    answer: &CachedAnswer,
+    secret: &Secret,
+) -> Vec<u8> {
+    let key_hex = key.to_hex();
     let env = Envelope {
         version: ENVELOPE_VERSION,
-        key: key.to_hex(),
+        mac: mac(secret, &key_hex, model_digest, answer),
+        key: key_hex,
         model_digest: model_digest.to_string(),
-        checksum: answer.checksum(),
         created_at_ms: answer.created_at_ms,
         text: answer.text.clone(),
         finish_reason: answer.finish_reason,
@@ -148,6 +165,8 @@ pub struct Expect<'a> {
     pub now_ms: u64,
     /// Hard max age.
     pub max_age_ms: u64,
+    /// The fleet secret the MAC must verify under.
+    pub secret: &'a Secret,
 }
 
 /// Parses and checks a Redis value.
@@ -182,8 +201,9 @@ pub fn decode(bytes: &[u8], expect: &Expect<'_>) -> Result<CachedAnswer, Envelop
         completion_tokens: env.completion_tokens,
         created_at_ms: env.created_at_ms,
     };
-    if answer.checksum() != env.checksum {
-        return Err(EnvelopeError::Checksum);
+    let expected = mac(expect.secret, &env.key, &env.model_digest, &answer);
+    if !constant_time_eq(expected.as_bytes(), env.mac.as_bytes()) {
+        return Err(EnvelopeError::BadMac);
     }
     if answer.is_expired(expect.now_ms, expect.max_age_ms) {
         return Err(EnvelopeError::TooOld {
@@ -208,6 +228,9 @@ mod tests {
         }
     }
 
+    static SECRET: std::sync::LazyLock<Secret> =
+        std::sync::LazyLock::new(|| Secret::new("fleet-secret-0123456789"));
+
     fn expect<'a>(key: &'a CacheKey, digests: &'a [&'a str]) -> Expect<'a> {
         Expect {
             key,
@@ -215,7 +238,12 @@ mod tests {
             max_bytes: 1 << 20,
             now_ms: 1_000_500,
             max_age_ms: 1_000,
+            secret: &SECRET,
         }
+    }
+
+    fn encode(key: &CacheKey, digest: &str, answer: &CachedAnswer) -> Vec<u8> {
+        super::encode(key, digest, answer, &SECRET)
     }
 
     #[test]
@@ -268,7 +296,13 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
         v["text"] = "hellO".into();
         let tampered = serde_json::to_vec(&v).unwrap();
-        assert_eq!(decode(&tampered, &e), Err(EnvelopeError::Checksum));
+        assert_eq!(decode(&tampered, &e), Err(EnvelopeError::BadMac));
+        // A well-formed value written under another secret (or none) is refused.
+        let other = Secret::new("another-fleet-secret-456");
+        let forged = super::encode(&k, "d", &answer(), &other);
+        assert_eq!(decode(&forged, &e), Err(EnvelopeError::BadMac));
+        let unkeyed = super::encode(&k, "d", &answer(), &Secret::default());
+        assert_eq!(decode(&unkeyed, &e), Err(EnvelopeError::BadMac));
         v["version"] = 99.into();
         let versioned = serde_json::to_vec(&v).unwrap();
         assert_eq!(

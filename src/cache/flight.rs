@@ -5,9 +5,15 @@
 //! subscriber (the first caller or any joiner) still listens, and stops (its inner stream is
 //! dropped, which cancels it in the engine) once the last one has gone. So a leader that hangs
 //! up never cuts off its followers, and a generation nobody waits for frees its slot.
+//!
+//! Deadlines are per subscriber for the same reason: the shared generation is submitted without
+//! one, and each subscriber's stream ends with `DeadlineExceeded` when its own deadline passes,
+//! which unsubscribes it. So the generation runs until the last interested caller's deadline (or
+//! to its end when one caller has none), and one caller's short deadline never fails another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
@@ -72,16 +78,38 @@ impl Flight {
         (log.events.get(pos..).unwrap_or_default().to_vec(), log.done)
     }
 
-    /// A new stream of this flight: the log so far, then live events. Needs a tokio runtime.
-    fn subscribe(self: &Arc<Self>) -> EventStream {
+    /// A new stream of this flight: the log so far, then live events, until `deadline` (then
+    /// `DeadlineExceeded`, counted from `arrival`). Needs a tokio runtime.
+    fn subscribe(self: &Arc<Self>, caller: Caller) -> EventStream {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_CAPACITY);
         let watch = self.notify.subscribe();
-        tokio::spawn(forward(self.clone(), watch, tx));
+        tokio::spawn(forward(self.clone(), watch, tx, caller));
         rx
     }
 }
 
-async fn forward(flight: Arc<Flight>, mut watch: watch::Receiver<usize>, tx: mpsc::Sender<Event>) {
+/// When one subscriber arrived and when it stops waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// When the caller's request arrived.
+    pub arrival: Instant,
+    /// When the caller stops waiting; `None` waits to the end.
+    pub deadline: Option<Instant>,
+}
+
+async fn forward(
+    flight: Arc<Flight>,
+    mut watch: watch::Receiver<usize>,
+    tx: mpsc::Sender<Event>,
+    caller: Caller,
+) {
+    let deadline = async {
+        match caller.deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
     let mut pos = 0;
     loop {
         watch.borrow_and_update();
@@ -113,6 +141,13 @@ async fn forward(flight: Arc<Flight>, mut watch: watch::Receiver<usize>, tx: mps
                 }
             }
             _ = tx.closed() => return,
+            () = &mut deadline => {
+                // This caller's deadline only: leaving drops `watch`, and the generation goes on
+                // for whoever still listens.
+                let after = caller.arrival.elapsed();
+                let _ = tx.send(Err(EngineError::DeadlineExceeded(after))).await;
+                return;
+            }
         }
     }
 }
@@ -136,15 +171,16 @@ impl Flights {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Joins the flight for `key`, or starts one. Subscribing happens under the map lock, so a
+    /// Joins the flight for `key`, or starts one; the stream ends at `caller`'s deadline.
+    /// Subscribing happens under the map lock, so a
     /// flight is never abandoned between being found and being joined.
-    pub fn join_or_lead(&self, key: CacheKey) -> Joined {
+    pub fn join_or_lead(&self, key: CacheKey, caller: Caller) -> Joined {
         let mut map = self.lock();
         if let Some(flight) = map.get(&key) {
-            return Joined::Follow(flight.subscribe());
+            return Joined::Follow(flight.subscribe(caller));
         }
         let flight = Flight::new();
-        let stream = flight.subscribe();
+        let stream = flight.subscribe(caller);
         map.insert(key, flight.clone());
         Joined::Lead(flight, stream)
     }

@@ -9,7 +9,9 @@
 //!    `CachePolicy` on the request can bypass, refresh, or ask for cached answers only.
 //! 3. L1 ([`l1`]): moka, bounded by bytes, TTL, and a hard max age counted from generation.
 //! 4. L2 ([`redis_store`]): Redis or Redis Cluster, only for hot questions (asked
-//!    `hot_threshold` times within `hot_window` across the fleet). Values are checked envelopes.
+//!    `hot_threshold` times within `hot_window` across the fleet). Values are envelopes signed
+//!    with HMAC-SHA256 under the fleet secret (`redis_secret`, [`mac`]); a value that fails any
+//!    check is a miss and is deleted.
 //! 5. Single flight ([`flight`]): identical concurrent misses share one generation.
 //! 6. Fail-open: every Redis call is bounded by `redis_timeout` and guarded by a circuit breaker;
 //!    Redis trouble makes misses, never errors.
@@ -23,6 +25,7 @@ pub mod error;
 pub mod flight;
 pub mod key;
 pub mod l1;
+pub mod mac;
 pub mod metrics;
 pub mod redis_store;
 pub mod replay;
@@ -34,4 +37,5 @@ pub use config::CacheConfig;
 pub use entry::CachedAnswer;
 pub use error::CacheError;
 pub use key::{cache_key, normalize_text, CacheKey, ModelIdentity};
+pub use mac::Secret;
 pub use metrics::CacheMetrics;

@@ -3,7 +3,7 @@
 //! fails open.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -12,7 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::breaker::Breaker;
-use super::{CacheConfig, CacheError, CacheKey, CacheMetrics};
+use super::{CacheConfig, CacheError, CacheKey, CacheMetrics, Clock};
 
 /// Where to connect.
 enum Target {
@@ -80,8 +80,14 @@ pub struct L2 {
 }
 
 impl L2 {
-    /// Parses `url` (see `CacheConfig::redis_url`); connects nothing yet.
-    pub fn new(url: &str, config: &CacheConfig, metrics: CacheMetrics) -> Result<Self, CacheError> {
+    /// Parses `url` (see `CacheConfig::redis_url`); connects nothing yet. The breaker's cooldown
+    /// runs on `clock`.
+    pub fn new(
+        url: &str,
+        config: &CacheConfig,
+        metrics: CacheMetrics,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, CacheError> {
         let invalid = |e: redis::RedisError| CacheError::InvalidRedisUrl {
             url: mask_password(url),
             reason: e.to_string(),
@@ -101,7 +107,7 @@ impl L2 {
             target,
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown, clock),
             timeout: config.redis_timeout,
             prefix: config.key_prefix.clone(),
             hot_window_secs: config.hot_window.as_secs().max(1),
@@ -276,6 +282,14 @@ impl L2 {
             Ok(Err((kind, e))) => {
                 tracing::debug!(error = %e, kind, "redis call failed");
                 self.metrics.redis_errors.with_label_values(&[kind]).inc();
+                if kind == "connect"
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                {
+                    self.forget_connection();
+                }
                 self.breaker.on_failure();
                 None
             }
@@ -284,6 +298,7 @@ impl L2 {
                     .redis_errors
                     .with_label_values(&["timeout"])
                     .inc();
+                self.forget_connection();
                 self.breaker.on_failure();
                 None
             }
@@ -320,6 +335,13 @@ impl L2 {
         };
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Drops the shared connection after a connection-level fault, so the next call (the
+    /// breaker's probe, typically) connects afresh. Kept, a dead connection fails the first call
+    /// after Redis comes back, and the breaker then stays open one more cooldown.
+    fn forget_connection(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn cached_conn(&self) -> Option<Conn> {
@@ -370,7 +392,8 @@ mod tests {
     #[test]
     fn bad_url_is_refused_without_leaking_the_password() {
         let c = CacheConfig::default();
-        match L2::new("notredis://user:secret@h", &c, CacheMetrics::new()) {
+        let clock = Arc::new(crate::cache::SystemClock);
+        match L2::new("notredis://user:secret@h", &c, CacheMetrics::new(), clock) {
             Err(CacheError::InvalidRedisUrl { url, .. }) => {
                 assert!(!url.contains("secret"), "{url}")
             }

@@ -13,13 +13,21 @@ pub enum ModelError {
         /// Underlying error.
         source: std::io::Error,
     },
-    /// The file is not a valid GGUF (bad magic, truncated, inconsistent header).
+    /// A tensor's data could not be read although the header was consistent.
     #[error("{path}: not a valid GGUF file: {reason}")]
     InvalidGguf {
         /// File involved.
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// The header is malformed; `error` names the field and the value found.
+    #[error("{path}: not a valid GGUF file: {error}")]
+    BadHeader {
+        /// File involved.
+        path: PathBuf,
+        /// What is wrong with the header.
+        error: super::gguf::HeaderError,
     },
     /// A required metadata key is absent.
     #[error("GGUF metadata key `{0}` is missing")]
@@ -59,6 +67,21 @@ pub enum ModelError {
         id: String,
         /// What to do about it.
         hint: String,
+    },
+    /// Two configured models resolve to the same id (files with the same stem).
+    #[error(
+        "model id `{id}` would be served by both {} and {}: rename one file (the id is the file \
+         name without `.gguf`)",
+        first.display(),
+        second.display()
+    )]
+    DuplicateModelId {
+        /// The id both resolve to.
+        id: String,
+        /// The first file.
+        first: PathBuf,
+        /// The second file.
+        second: PathBuf,
     },
     /// A tensor operation failed.
     #[error(transparent)]

@@ -1,7 +1,10 @@
 //! A GGUF file opened for reading: memory-mapped, header parsed once, tensors read on demand.
 //!
-//! candle's reader bounds every header count by the file size, so a corrupt or hostile header is
-//! a typed error here, not an allocation of the size it claims.
+//! The header is read by [`header`], which checks every field (counts, strings, alignment,
+//! shapes, tensor extents) so a corrupt or hostile file is a [`HeaderError`], never a panic or an
+//! allocation of the size it claims.
+
+pub mod header;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use memmap2::Mmap;
+
+pub use header::HeaderError;
 
 use super::ModelError;
 
@@ -31,11 +36,10 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file truncated under us is a user error that ends in
         // SIGBUS, the same contract as llama.cpp's mmap loading.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let content =
-            Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| ModelError::InvalidGguf {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let content = header::read_header(&mmap[..]).map_err(|error| ModelError::BadHeader {
+            path: path.to_path_buf(),
+            error,
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,

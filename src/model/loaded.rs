@@ -74,15 +74,24 @@ impl LoadedModel {
 
     /// Render the prompt as the model expects it and tokenize it. Raw text gets BOS per the file's
     /// `add_bos`; a chat template writes BOS itself when the model wants it, so none is added.
+    ///
+    /// Message contents are user text: a control token spelled in one (`<|im_end|>`) is tokenized
+    /// as plain text, so only the template's own markup is special. A raw prompt is the caller's
+    /// whole prompt, markup included, so control tokens written in it are parsed (as llama.cpp's
+    /// server does).
     pub fn prompt_tokens(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
         match (input, &self.template) {
             (PromptInput::Text(text), _) => self.tokenizer.encode(text, true),
             (PromptInput::Chat(messages), Some(t)) => {
-                self.tokenizer.encode(&t.render(messages, true)?, false)
+                let rendered = t.render_guarded(messages, true, |content| {
+                    self.tokenizer.find_control_tokens(content)
+                })?;
+                self.tokenizer
+                    .encode_marked(&rendered.text, &rendered.user, false)
             }
             (PromptInput::Chat(messages), None) => self
                 .tokenizer
-                .encode(&render_without_template(messages), true),
+                .encode_plain(&render_without_template(messages), true),
         }
     }
 

@@ -11,6 +11,15 @@
 //! In both, control tokens (`<|im_start|>`, `<end_of_turn>`) are special added tokens, so they are
 //! recognised when written in a prompt and skipped by [`GgufTokenizer::decode`], and user-defined
 //! tokens are non-special added tokens matched on the raw text.
+//!
+//! Text written by an end user must never become a control token (a user typing `<|im_end|>`
+//! would close their turn and could forge a system turn): [`GgufTokenizer::encode_marked`] parses
+//! control tokens only outside the ranges it is told are user text, which it tokenizes as plain
+//! text (llama.cpp's `parse_special = false`).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -79,6 +88,63 @@ pub struct GgufTokenizer {
     add_bos: bool,
     stop_ids: Vec<u32>,
     vocab_size: usize,
+    specials: SpecialMatcher,
+    /// `inner` with control tokens read as plain text; cloned on first use, since most prompts
+    /// carry no control-token text in user content.
+    plain: OnceLock<Tokenizer>,
+}
+
+/// Finds control-token strings in text: leftmost, longest first, as the tokenizer matches them.
+#[derive(Debug, Clone)]
+struct SpecialMatcher {
+    tokens: HashSet<String>,
+    /// Distinct byte lengths of `tokens`, longest first.
+    lengths: Vec<usize>,
+    /// Bytes a control token can start with.
+    first: [bool; 256],
+}
+
+impl SpecialMatcher {
+    fn new(tokens: impl IntoIterator<Item = String>) -> Self {
+        let mut m = Self {
+            tokens: HashSet::new(),
+            lengths: Vec::new(),
+            first: [false; 256],
+        };
+        for t in tokens {
+            if let Some(&b) = t.as_bytes().first() {
+                m.first[b as usize] = true;
+                m.lengths.push(t.len());
+                m.tokens.insert(t);
+            }
+        }
+        m.lengths.sort_unstable_by(|a, b| b.cmp(a));
+        m.lengths.dedup();
+        m
+    }
+
+    /// Non-overlapping byte ranges of control-token strings in `text`. Costs one set lookup per
+    /// distinct token length at each byte that can start a token.
+    fn find(&self, text: &str) -> Vec<Range<usize>> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.first[bytes[i] as usize] {
+                let hit = self.lengths.iter().find_map(|&len| {
+                    let piece = text.get(i..i + len)?;
+                    self.tokens.contains(piece).then_some(i..i + len)
+                });
+                if let Some(range) = hit {
+                    i = range.end;
+                    out.push(range);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        out
+    }
 }
 
 impl GgufTokenizer {
@@ -118,7 +184,7 @@ impl GgufTokenizer {
                 )))
             }
         };
-        add_typed_tokens(&mut inner, &tokens, &types)?;
+        let specials = add_typed_tokens(&mut inner, &tokens, &types)?;
 
         let vocab_size = tokens.len();
         let id = |key: &str| -> Result<Option<u32>, ModelError> {
@@ -157,6 +223,8 @@ impl GgufTokenizer {
             add_bos,
             stop_ids,
             vocab_size,
+            specials,
+            plain: OnceLock::new(),
         })
     }
 
@@ -228,6 +296,78 @@ impl GgufTokenizer {
                 Ok(out)
             }
             _ => Ok(ids.to_vec()),
+        }
+    }
+
+    /// Byte ranges of the control-token strings (`<|im_end|>`) written in `text`, leftmost and
+    /// longest first, as the tokenizer would match them.
+    pub fn find_control_tokens(&self, text: &str) -> Vec<Range<usize>> {
+        self.specials.find(text)
+    }
+
+    /// Token ids of `text` with control-token strings read as plain text, never as control
+    /// tokens (for user text with no markup of its own). BOS as in [`GgufTokenizer::encode`].
+    pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ModelError> {
+        if self.specials.find(text).is_empty() {
+            return self.encode(text, add_special);
+        }
+        let ids = self.plain_ids(text)?;
+        Ok(self.with_bos(ids, add_special))
+    }
+
+    /// Token ids of a rendered prompt in which `user` are the byte ranges of text that came from
+    /// users: a control-token string inside one of them is plain text, everywhere else it is the
+    /// control token. With no control-token string in any `user` range the ids equal
+    /// [`GgufTokenizer::encode`]'s. BOS as there.
+    pub fn encode_marked(
+        &self,
+        text: &str,
+        user: &[Range<usize>],
+        add_special: bool,
+    ) -> Result<Vec<u32>, ModelError> {
+        let matches = self.specials.find(text);
+        let in_user = |m: &Range<usize>| user.iter().any(|u| u.start < m.end && m.start < u.end);
+        if !matches.iter().any(in_user) {
+            return self.encode(text, add_special);
+        }
+        // Markup control tokens split the text; everything between them, user text included,
+        // is tokenized as plain text, so a control-token string there costs ordinary tokens.
+        let mut ids = Vec::new();
+        let mut from = 0;
+        for m in matches.iter().filter(|m| !in_user(m)) {
+            ids.extend(self.plain_ids(&text[from..m.start])?);
+            let id = self.inner.token_to_id(&text[m.clone()]).ok_or_else(|| {
+                ModelError::Tokenizer(format!("control token {:?} has no id", &text[m.clone()]))
+            })?;
+            ids.push(id);
+            from = m.end;
+        }
+        ids.extend(self.plain_ids(&text[from..])?);
+        Ok(self.with_bos(ids, add_special))
+    }
+
+    fn plain_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        plain
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>, add_special: bool) -> Vec<u32> {
+        match self.bos_id {
+            Some(bos) if add_special && self.add_bos && ids.first() != Some(&bos) => {
+                ids.insert(0, bos);
+                ids
+            }
+            _ => ids,
         }
     }
 
@@ -433,11 +573,12 @@ fn sentencepiece_merges(
 
 /// Control and unknown tokens become special added tokens (matched in text, skipped when decoding);
 /// user-defined tokens become normal added tokens. Both match the raw text, before normalization.
+/// Returns a matcher for the special ones.
 fn add_typed_tokens(
     tokenizer: &mut Tokenizer,
     tokens: &[&str],
     types: &[i64],
-) -> Result<(), ModelError> {
+) -> Result<SpecialMatcher, ModelError> {
     let mut special = Vec::new();
     let mut user = Vec::new();
     for (token, &ty) in tokens.iter().zip(types) {
@@ -449,9 +590,10 @@ fn add_typed_tokens(
             _ => {}
         }
     }
+    let matcher = SpecialMatcher::new(special.iter().map(|t| t.content.clone()));
     tokenizer.add_special_tokens(special).map_err(tok_err)?;
     tokenizer.add_tokens(user).map_err(tok_err)?;
-    Ok(())
+    Ok(matcher)
 }
 
 #[cfg(test)]
@@ -506,6 +648,23 @@ mod tests {
         assert_eq!(tok.decode(&[3, 0, 1]).unwrap(), "aba");
         assert_eq!(tok.stop_ids(), &[0]);
         assert!(!tok.add_bos());
+    }
+
+    #[test]
+    fn control_tokens_in_user_ranges_are_plain_text() {
+        let tok = GgufTokenizer::from_gguf(&tiny_gpt2(vec![])).unwrap();
+        let text = "ab<|end|>a<|end|>";
+        assert_eq!(tok.find_control_tokens(text), vec![2..9, 10..17]);
+        // The first `<|end|>` lies in user text: plain pieces; the second is markup.
+        let ids = tok.encode_marked(text, &[0..9], false).unwrap();
+        assert_eq!(ids.iter().filter(|&&id| id == 0).count(), 1, "{ids:?}");
+        assert_eq!(ids.last(), Some(&0));
+        // No control token in user text: exactly `encode`.
+        assert_eq!(
+            tok.encode_marked(text, &[0..2], false).unwrap(),
+            tok.encode(text, false).unwrap()
+        );
+        assert!(!tok.encode_plain(text, false).unwrap().contains(&0));
     }
 
     #[test]

@@ -153,8 +153,20 @@ impl ModelPool {
         let mut entries = Vec::new();
         for m in models {
             let threads = threads_of(m);
+            let resolved = registry::resolve(&m.id, &dir)?;
+            // Two files with one stem would both be served as one id: the second unreachable.
+            if let Some(first) = entries
+                .iter()
+                .find(|e: &&Arc<Entry>| e.resolved.id == resolved.id)
+            {
+                return Err(ModelError::DuplicateModelId {
+                    id: resolved.id,
+                    first: first.resolved.path.clone(),
+                    second: resolved.path,
+                });
+            }
             entries.push(Arc::new(Entry {
-                resolved: registry::resolve(&m.id, &dir)?,
+                resolved,
                 config: m.clone(),
                 threads_per_instance: threads,
                 first_core: pin.then_some(next_core),

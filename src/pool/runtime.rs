@@ -37,15 +37,17 @@ impl ModelPool {
             }
             entries.push(Arc::clone(&entry));
         }
-        let loaded = self
-            .load_entry(&entry)
+        // Leave no half-loaded model behind, even if loading panics: the operator may retry with
+        // other settings or a fixed file.
+        let mut guard = RemoveUnlessLoaded {
+            pool: self,
+            id: &id,
+            loaded: false,
+        };
+        self.load_entry(&entry)
             .map_err(PoolError::from)
-            .and_then(|()| self.warm_up(std::slice::from_ref(&id)));
-        if let Err(e) = loaded {
-            // Leave no half-loaded model behind: the operator may retry with other settings.
-            let _ = self.remove_model(&id);
-            return Err(e);
-        }
+            .and_then(|()| self.warm_up(std::slice::from_ref(&id)))?;
+        guard.loaded = true;
         Ok(info(&entry))
     }
 
@@ -79,5 +81,20 @@ impl ModelPool {
         self.metrics.queue_depth.with_label_values(&[id]).set(0);
         tracing::info!(model = %id, refused_queued = count, "model unloaded");
         Ok(count)
+    }
+}
+
+/// Removes a model being added unless its load and warm-up succeeded (error or panic).
+struct RemoveUnlessLoaded<'a> {
+    pool: &'a ModelPool,
+    id: &'a str,
+    loaded: bool,
+}
+
+impl Drop for RemoveUnlessLoaded<'_> {
+    fn drop(&mut self) {
+        if !self.loaded {
+            let _ = self.pool.remove_model(self.id);
+        }
     }
 }

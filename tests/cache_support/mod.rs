@@ -18,6 +18,10 @@ use tokio::sync::mpsc;
 
 pub const MODEL: &str = "tiny";
 
+/// The fleet secret every test cache signs its Redis values with.
+pub static SECRET: std::sync::LazyLock<qnode::cache::Secret> =
+    std::sync::LazyLock::new(|| qnode::cache::Secret::new("test-fleet-secret-0123456789"));
+
 /// A real Redis server owned by the test; killed on drop.
 pub struct RedisServer {
     child: Option<Child>,
@@ -241,6 +245,7 @@ pub fn identities_with_digest(digest: &str) -> HashMap<String, ModelIdentity> {
 pub fn config(redis: Option<&RedisServer>) -> CacheConfig {
     CacheConfig {
         redis_url: redis.map(RedisServer::url),
+        redis_secret: Some(SECRET.clone()),
         hot_threshold: 1,
         chunk_chars: 3,
         // Generous for a loaded 2-core CI box; the fail-open tests lower it.

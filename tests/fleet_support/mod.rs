@@ -72,6 +72,7 @@ impl QnodeProcess {
                 setup.dir.join("qnode.toml").display()
             ))
             .env("QNODE_MODELS_DIR", setup.models_dir)
+            .env("QNODE_CACHE_REDIS_SECRET", "fleet-test-secret-0123456789")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
