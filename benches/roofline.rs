@@ -95,7 +95,7 @@ fn main() {
     println!();
     println!("| workload | qnode tok/s | roofline tok/s | fraction of roofline | llama.cpp tok/s | qnode / llama.cpp |");
     println!("|---|---|---|---|---|---|");
-    let mut row = |name: &str, tok_s: f64, roof: f64, llama_args: Option<(usize, usize, usize)>| {
+    let row = |name: &str, tok_s: f64, roof: f64, llama_args: Option<(usize, usize, usize)>| {
         let theirs = llama_args.and_then(|(p, n, d)| llama.as_ref()?.run(p, n, d));
         let (l, r) = match theirs {
             Some(l) => (format!("{l:.1}"), format!("{:.2}×", tok_s / l)),
