@@ -324,8 +324,8 @@ impl Task<'_> {
             st.sum += p_sum;
             for (&p, v) in scores.iter().zip(vals.chunks_exact(HD)) {
                 let v: &[f32; HD] = v.try_into().expect("head_dim");
-                for d in 0..HD {
-                    st.acc[d] = p.mul_add(v[d], st.acc[d]);
+                for (a, &x) in st.acc.iter_mut().zip(v) {
+                    *a = p.mul_add(x, *a);
                 }
             }
         });
@@ -495,7 +495,7 @@ fn exp_approx(x: f32) -> f32 {
     let p = p.mul_add(r, 8.333_452e-3);
     let p = p.mul_add(r, 4.166_579_6e-2);
     let p = p.mul_add(r, 1.666_666_5e-1);
-    let p = p.mul_add(r, 5.000_000_1e-1);
+    let p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
     // n is in [-126, 0], so the biased exponent is that of a normal float.
     let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
