@@ -106,6 +106,7 @@ impl TryFrom<&QTensor> for Q8Matrix {
             .data()
             .map_err(|e| KernelError::WeightData(e.to_string()))?;
         check_weight(t.dtype(), t.shape().dims(), data.len())?;
+        isa_path();
         Ok(Self {
             packed: Arc::new(Packed::from_q8_0_bytes(&data, n, k)),
         })
@@ -167,6 +168,7 @@ impl Q8Matrix {
         let Some(k) = k else {
             return Err(KernelError::WeightRank(vec![]));
         };
+        isa_path();
         Ok(Self {
             packed: Arc::new(Packed::from_q8_0_bytes(&data, n, k)),
         })
@@ -378,14 +380,21 @@ impl Path {
     }
 }
 
-/// The fastest path on this CPU, detected once.
+/// The fastest path on this CPU, detected once; the first detection logs the choice (see
+/// [`isa_report`]), so a node says at load which kernels decide its speed.
 fn isa_path() -> Path {
     static PATH: OnceLock<Path> = OnceLock::new();
     *PATH.get_or_init(|| {
-        Path::ALL
+        let path = Path::ALL
             .into_iter()
             .find(|p| p.available())
-            .unwrap_or(Path::Scalar)
+            .unwrap_or(Path::Scalar);
+        tracing::info!(
+            kernel = path.name(),
+            "Q8_0 int8 kernel path: {}",
+            report_for(path)
+        );
+        path
     })
 }
 
@@ -393,6 +402,112 @@ fn isa_path() -> Path {
 /// "scalar"); worth logging at start-up since it decides the node's speed.
 pub fn isa() -> &'static str {
     isa_path().name()
+}
+
+/// One line on the dispatch: the path picked, the lower paths this CPU could also run, the paths
+/// it cannot, and AMX (detected, but no AMX kernel is built: see [`amx`]).
+pub fn isa_report() -> String {
+    report_for(isa_path())
+}
+
+fn report_for(picked: Path) -> String {
+    let (ok, missing): (Vec<Path>, Vec<Path>) = Path::ALL.into_iter().partition(|p| p.available());
+    let names = |v: &[Path]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        }
+    };
+    format!(
+        "picked {}; runnable here: {}; not on this CPU: {}; AMX: {}",
+        picked.name(),
+        names(&ok),
+        names(&missing),
+        amx::status()
+    )
+}
+
+pub mod amx {
+    //! AMX detection. Intel's AMX tiles do 8× the int8 work per cycle of AVX-512 VNNI, but no AMX
+    //! kernel is built yet (the machines it was developed on have none to test it), so the
+    //! dispatcher detects AMX, says so, and runs the best VNNI path instead.
+
+    use std::sync::OnceLock;
+
+    /// What this CPU and OS offer for AMX int8.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum AmxStatus {
+        /// CPUID reports no AMX-TILE / AMX-INT8.
+        Absent,
+        /// The CPU has AMX but the kernel refused the tile-data permission
+        /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), so tiles cannot be used.
+        Denied,
+        /// Usable, but this build has no AMX kernel: the VNNI path runs.
+        NoKernel,
+    }
+
+    impl std::fmt::Display for AmxStatus {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                AmxStatus::Absent => "absent (CPUID has no amx_tile/amx_int8), skipped",
+                AmxStatus::Denied => "present but the OS denied tile permission, skipped",
+                AmxStatus::NoKernel => "present, but no AMX kernel is built: using the VNNI path",
+            })
+        }
+    }
+
+    /// AMX on this machine, detected once.
+    pub fn status() -> AmxStatus {
+        static S: OnceLock<AmxStatus> = OnceLock::new();
+        *S.get_or_init(detect)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn detect() -> AmxStatus {
+        use core::arch::x86_64::__cpuid_count;
+        // CPUID exists on every x86-64 CPU; leaf 7 is valid when leaf 0 reports it.
+        if __cpuid_count(0, 0).eax < 7 {
+            return AmxStatus::Absent;
+        }
+        let leaf7 = __cpuid_count(7, 0);
+        let tile = leaf7.edx & (1 << 24) != 0;
+        let int8 = leaf7.edx & (1 << 25) != 0;
+        if !(tile && int8) {
+            return AmxStatus::Absent;
+        }
+        if request_tile_permission() {
+            AmxStatus::NoKernel
+        } else {
+            AmxStatus::Denied
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn detect() -> AmxStatus {
+        AmxStatus::Absent
+    }
+
+    /// Linux gives a process AMX tile state only on request.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn request_tile_permission() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes this process's permitted
+        // XSAVE features; it reads and writes no memory of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    #[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+    fn request_tile_permission() -> bool {
+        false
+    }
 }
 
 /// Runs `path` over panels `p0..p1`.

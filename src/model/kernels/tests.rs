@@ -420,3 +420,101 @@ proptest! {
         }
     }
 }
+
+/// A line in the test output even when the test passes: libtest captures `print!`/`eprint!` of
+/// passing tests, not direct writes to the stderr handle.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// One path against the reference on shapes that cover every row-tile size and a partial panel;
+/// when the CPU lacks the path, checks that it is refused (never silently run as another) and
+/// says in the test output that it did not run.
+fn check_one_path(path: Path) {
+    let mut rng = StdRng::seed_from_u64(40 + path as u64);
+    let picked = isa();
+    if !path.available() {
+        let w = Weights::random(16, 64, &mut rng);
+        let q = Q8Matrix::from_qtensor(&w.qtensor()).unwrap();
+        let x = random_x(1, 64, &mut rng);
+        let err = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 16];
+            q.matmul_with(path, &x, 1, &mut out);
+        })
+        .expect_err("an unavailable path must be refused");
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("not supported by this CPU"), "{msg}");
+        say(&format!(
+            "kernel path {}: NOT RUN - this CPU lacks it (dispatch picks {picked}); \
+             run the suite on a CPU with it to test it",
+            path.name()
+        ));
+        return;
+    }
+    let mut runs = 0;
+    for &(n, k) in &[(17, 96), (48, 576), (33, 1536)] {
+        let w = Weights::random(n, k, &mut rng);
+        let q = Q8Matrix::from_qtensor(&w.qtensor()).unwrap();
+        for m in [1, 2, 3, 5, 8, 9, 16, 33] {
+            let x = random_x(m, k, &mut rng);
+            let mut got = vec![f32::NAN; m * n];
+            q.matmul_with(path, &x, m, &mut got);
+            assert_close(
+                &got,
+                &w.reference(&x, m),
+                &w.tolerance(&x, m),
+                &format!("{path:?} n={n} k={k} m={m}"),
+            );
+            runs += 1;
+        }
+    }
+    let how = if path.name() == picked {
+        "the path dispatch picks"
+    } else {
+        "forced below the dispatched path"
+    };
+    say(&format!(
+        "kernel path {}: ran {runs} shapes against the reference ({how}, dispatch picks {picked})",
+        path.name()
+    ));
+}
+
+#[test]
+fn path_avx512vnni_matches_the_reference_or_says_it_did_not_run() {
+    check_one_path(Path::Avx512Vnni);
+}
+
+#[test]
+fn path_avxvnni_matches_the_reference_or_says_it_did_not_run() {
+    check_one_path(Path::AvxVnni);
+}
+
+#[test]
+fn path_avx2_matches_the_reference_or_says_it_did_not_run() {
+    check_one_path(Path::Avx2);
+}
+
+#[test]
+fn path_scalar_matches_the_reference() {
+    assert!(Path::Scalar.available());
+    check_one_path(Path::Scalar);
+}
+
+#[test]
+fn amx_is_detected_and_skipped_cleanly() {
+    let status = amx::status();
+    // The dispatcher never picks a path that is not built, whatever AMX says.
+    assert!(Path::ALL.contains(&isa_path()));
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !flags.is_empty() {
+        let listed = flags.split_whitespace().any(|f| f == "amx_int8");
+        assert_eq!(
+            status != amx::AmxStatus::Absent,
+            listed,
+            "CPUID and /proc/cpuinfo disagree on amx_int8: {status}"
+        );
+    }
+    assert!(isa_report().contains(&status.to_string()));
+    say(&format!("kernel path amx: NOT BUILT - AMX {status}"));
+}
