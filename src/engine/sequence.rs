@@ -7,6 +7,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::detokenizer::IncrementalDecoder;
+use super::prefix::PrefixStore;
 use super::sampler::Sampler;
 use super::stop::StopMatcher;
 use super::{Completion, EngineError, FinishReason, GenerationEvent, Source, Timings};
@@ -55,6 +56,8 @@ pub struct Sequence {
     pub cache: KvCache,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens whose keys and values came from the prefix store.
+    cached: usize,
     /// Prompt then generated tokens (the repetition penalty's history).
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -78,12 +81,36 @@ impl Sequence {
             req,
             cache,
             prefilled: 0,
+            cached: 0,
             decoder: IncrementalDecoder::new(),
             stop,
             pending: String::new(),
             admitted: Instant::now(),
             first_token: None,
         }
+    }
+
+    /// Start from the longest prefix of the prompt that `store` holds (copied into this
+    /// sequence's cache), so only the rest is prefilled. Call before the first step. Returns
+    /// the prompt tokens reused.
+    pub fn reuse_prefix(&mut self, store: &PrefixStore) -> usize {
+        let n = store.restore(&self.tokens[..self.prompt_len], &mut self.cache);
+        self.prefilled = n;
+        self.cached = n;
+        n
+    }
+
+    /// Hand the whole blocks of this sequence's computed positions (prompt and the generated
+    /// tokens fed back so far) to `store`, for a later turn of the conversation. Call only
+    /// when the last step completed: the cache then holds exactly `cache.len()` computed
+    /// positions.
+    pub fn keep_prefix(&self, store: &PrefixStore) -> usize {
+        store.insert(&self.tokens, &self.cache)
+    }
+
+    /// Prompt tokens served from the prefix store.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
     }
 
     /// True while prompt tokens remain to be fed.
