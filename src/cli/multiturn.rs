@@ -255,7 +255,7 @@ async fn post_sse(
     path: &str,
     session: &str,
     body: &str,
-    on_event: &mut dyn FnMut(&Value),
+    on_event: &mut (dyn FnMut(&Value) + Send),
 ) -> anyhow::Result<()> {
     let host = url
         .strip_prefix("http://")

@@ -273,6 +273,7 @@ impl Instance {
 
     fn fail_all(&mut self, why: String) {
         for mut seq in std::mem::take(&mut self.live) {
+            seq.forget_prefix();
             seq.fail(EngineError::Internal(why.clone()));
             // A cache that was mid-write in a failed step is dropped, not reused, and nothing of
             // it goes to the prefix store.
@@ -282,10 +283,8 @@ impl Instance {
 
     /// A sequence left the batch between steps (finished, cancelled, expired): its cache holds
     /// only completed positions, which the prefix store keeps; the cache is reused.
-    fn recycle(&mut self, seq: Sequence) {
-        if let Some(store) = &self.prefix {
-            seq.keep_prefix(store);
-        }
+    fn recycle(&mut self, mut seq: Sequence) {
+        seq.keep_prefix();
         if self.spare_caches.len() < self.settings.max_batch {
             self.spare_caches.push(seq.cache);
         }

@@ -1,6 +1,7 @@
 //! One live generation inside an instance: prompt progress, sampling, detokenization, stop
 //! strings, and delivery of text to the caller without ever blocking the batch.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -58,6 +59,8 @@ pub struct Sequence {
     prefilled: usize,
     /// Prompt tokens whose keys and values came from the prefix store.
     cached: usize,
+    /// Where this sequence's blocks go when it ends (`None`: nowhere, or already kept).
+    store: Option<Arc<PrefixStore>>,
     /// Prompt then generated tokens (the repetition penalty's history).
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -82,6 +85,7 @@ impl Sequence {
             cache,
             prefilled: 0,
             cached: 0,
+            store: None,
             decoder: IncrementalDecoder::new(),
             stop,
             pending: String::new(),
@@ -91,21 +95,30 @@ impl Sequence {
     }
 
     /// Start from the longest prefix of the prompt that `store` holds (copied into this
-    /// sequence's cache), so only the rest is prefilled. Call before the first step. Returns
-    /// the prompt tokens reused.
-    pub fn reuse_prefix(&mut self, store: &PrefixStore) -> usize {
+    /// sequence's cache), so only the rest is prefilled, and keep this sequence's own blocks
+    /// there when it ends. Call before the first step. Returns the prompt tokens reused.
+    pub fn reuse_prefix(&mut self, store: &Arc<PrefixStore>) -> usize {
         let n = store.restore(&self.tokens[..self.prompt_len], &mut self.cache);
         self.prefilled = n;
         self.cached = n;
+        self.store = Some(Arc::clone(store));
         n
     }
 
     /// Hand the whole blocks of this sequence's computed positions (prompt and the generated
-    /// tokens fed back so far) to `store`, for a later turn of the conversation. Call only
-    /// when the last step completed: the cache then holds exactly `cache.len()` computed
-    /// positions.
-    pub fn keep_prefix(&self, store: &PrefixStore) -> usize {
-        store.insert(&self.tokens, &self.cache)
+    /// tokens fed back so far) to its prefix store, once, for a later turn of the
+    /// conversation. Runs between steps, when the cache holds exactly `cache.len()` computed
+    /// positions, and before the caller hears the end, so its next turn finds them.
+    pub fn keep_prefix(&mut self) -> usize {
+        match self.store.take() {
+            Some(store) => store.insert(&self.tokens, &self.cache),
+            None => 0,
+        }
+    }
+
+    /// Keep nothing of this sequence (its last step failed; its cache may be half written).
+    pub fn forget_prefix(&mut self) {
+        self.store = None;
     }
 
     /// Prompt tokens served from the prefix store.
@@ -238,6 +251,7 @@ impl Sequence {
     }
 
     fn finish(&mut self, reason: FinishReason) -> Exit {
+        self.keep_prefix();
         let done = Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len as u32,
@@ -255,6 +269,7 @@ impl Sequence {
 
     /// End with an error sent to the caller.
     pub fn fail(&mut self, err: EngineError) -> Exit {
+        self.keep_prefix();
         let pending = std::mem::take(&mut self.pending);
         send_tail(self.req.tx.clone(), pending, Err(err));
         Exit::Failed

@@ -44,7 +44,7 @@ const EVENT_BUFFER: usize = 64;
 /// Prompt tokens fed per step, over all newcomers of an instance.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 /// KV prefix store budget per model, in MiB, unless set (see [`ModelPool::set_kv_cache_mb`]).
-pub const DEFAULT_KV_CACHE_MB: usize = 512;
+pub const DEFAULT_KV_CACHE_MB: usize = 1024;
 /// Suggested wait before retrying a request refused because the queue was full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
