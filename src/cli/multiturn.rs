@@ -300,10 +300,7 @@ async fn post_sse(
     loop {
         if chunked {
             // Decode every complete chunk buffered so far.
-            loop {
-                let Some(eol) = find(&body_in, b"\r\n") else {
-                    break;
-                };
+            while let Some(eol) = find(&body_in, b"\r\n") {
                 let size_str = String::from_utf8_lossy(&body_in[..eol]);
                 let size =
                     usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
