@@ -18,9 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use qnode::server::proto::admin_client::AdminClient;
-use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::proto::{self, CachePolicy, NodeState};
+use qnode::grpc::proto::admin_client::AdminClient;
+use qnode::grpc::proto::inference_client::InferenceClient;
+use qnode::grpc::proto::{self, CachePolicy, NodeState};
 use tokio::runtime::Runtime;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};

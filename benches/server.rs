@@ -10,11 +10,11 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qnode::config::Config;
 use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
+use qnode::grpc::proto::inference_client::InferenceClient;
+use qnode::grpc::proto::{self, CachePolicy};
+use qnode::grpc::{self, ServerConfig, Services};
 use qnode::metrics::Metrics;
 use qnode::pool::ModelPool;
-use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::proto::{self, CachePolicy};
-use qnode::server::{self, ServerConfig, Services};
 use tokio_stream::StreamExt;
 
 #[path = "../tests/common/mod.rs"]
@@ -73,7 +73,7 @@ fn bench_server(c: &mut Criterion) {
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig::new(&Config::default(), metrics);
         let services = Services::ready(Arc::clone(&pool) as Arc<dyn Backend>, &config.metrics);
-        tokio::spawn(server::run(
+        tokio::spawn(grpc::run(
             listener,
             services,
             config,

@@ -110,7 +110,7 @@ pub struct ServerSection {
     /// Log line format.
     pub log_format: LogFormat,
     /// Whether the node takes traffic once warm (`active`) or waits for `Admin.Activate`.
-    pub role: crate::node::Role,
+    pub role: crate::types::Role,
     /// Key for the Admin service; absent: `api_key` guards it too. Never logged.
     pub admin_api_key: Option<String>,
     /// Where the models run.
@@ -138,7 +138,7 @@ impl Default for ServerSection {
             drain_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
             log_format: LogFormat::Text,
-            role: crate::node::Role::Active,
+            role: crate::types::Role::Active,
             admin_api_key: None,
             device: DeviceKind::Cpu,
         }
@@ -306,8 +306,8 @@ pub struct ServeArgs {
     #[arg(long, env = "QNODE_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
     /// `standby`: load and warm, but take no traffic until `Admin.Activate`. [default: active]
-    #[arg(long, env = "QNODE_ROLE", value_enum, value_name = "ROLE")]
-    pub role: Option<crate::node::Role>,
+    #[arg(long, env = "QNODE_ROLE", value_name = "ROLE", value_parser = parse_role)]
+    pub role: Option<crate::types::Role>,
     /// Key for the Admin service (`authorization: Bearer <KEY>`). [default: the API key]
     #[arg(
         long,
@@ -520,6 +520,11 @@ fn at_least(field: &str, value: usize, min: usize) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `--role`: clap conversion lives here, so [`Role`](crate::types::Role) stays free of clap.
+fn parse_role(text: &str) -> Result<crate::types::Role, String> {
+    text.parse()
+}
+
 /// Parses `500ms`, `30s`, `2m` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -637,7 +642,7 @@ mod tests {
         assert_eq!(config.models[1].max_queued, 3);
         assert_eq!(config.models[1].context_length, Some(1024));
         assert_eq!(config.limits.max_tokens_limit, 100);
-        assert_eq!(config.server.role, crate::node::Role::Standby);
+        assert_eq!(config.server.role, crate::types::Role::Standby);
         assert_eq!(config.cache.prewarm_top_k, 0);
         // Unset fields of a section keep their defaults.
         assert_eq!(config.limits.max_stop_strings, 8);
@@ -667,7 +672,7 @@ mod tests {
         ]);
         let config = Config::from_args_with_cores(&args, 4).unwrap();
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:50051");
-        assert_eq!(config.server.role, crate::node::Role::Active);
+        assert_eq!(config.server.role, crate::types::Role::Active);
         assert_eq!(config.server.admin_api_key.as_deref(), Some("adm"));
         assert_eq!(
             config

@@ -10,14 +10,14 @@ use candle_core::Device;
 use qnode::cache::{CacheConfig, CachedBackend};
 use qnode::config::{Config, ModelConfig};
 use qnode::engine::Backend;
+use qnode::grpc::proto::admin_client::AdminClient;
+use qnode::grpc::proto::inference_client::InferenceClient;
+use qnode::grpc::proto::{self, NodeState};
+use qnode::grpc::{self, ServerConfig, ServerError, Services};
 use qnode::metrics::Metrics;
 use qnode::node::{Node, NodeModels, Role};
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
-use qnode::server::proto::admin_client::AdminClient;
-use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::proto::{self, NodeState};
-use qnode::server::{self, ServerConfig, ServerError, Services};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -72,7 +72,7 @@ async fn start(role: Role, admin_key: Option<&str>) -> TestNode {
         node,
         models: Some(models),
     };
-    let server = tokio::spawn(server::run(
+    let server = tokio::spawn(grpc::run(
         listener,
         services,
         config,

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use qnode::config::Config;
 use qnode::engine::Backend;
+use qnode::grpc::proto;
+use qnode::grpc::proto::inference_client::InferenceClient;
+use qnode::grpc::{self, ServerConfig, Services};
 use qnode::metrics::Metrics;
-use qnode::server::proto;
-use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::{self, ServerConfig, Services};
 use tokio_stream::StreamExt;
 
 struct Node {
@@ -29,7 +29,7 @@ async fn start_node() -> Node {
     let mut config = ServerConfig::new(&Config::default(), metrics);
     config.health_poll = std::time::Duration::from_millis(10);
     let services = Services::ready(pool as Arc<dyn Backend>, &config.metrics);
-    tokio::spawn(server::run(listener, services, config, async {
+    tokio::spawn(grpc::run(listener, services, config, async {
         let _ = rx.await;
     }));
     Node { addr, _stop: tx }

@@ -20,7 +20,7 @@ use fleet_support::{
     asks, channel, free_port, nginx_config, write_node_config, Load, Nginx, NodeSetup,
     QnodeProcess, Stats,
 };
-use qnode::server::proto;
+use qnode::grpc::proto;
 use tonic::Code;
 
 const CONCURRENCY: usize = 8;

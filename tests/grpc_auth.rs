@@ -4,7 +4,7 @@
 mod grpc_support;
 
 use grpc_support::{request, test_config, ScriptedBackend, TestServer};
-use qnode::server::proto;
+use qnode::grpc::proto;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;

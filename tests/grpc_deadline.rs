@@ -12,7 +12,7 @@ use tonic::Code;
 fn with_timeout(
     prompt: &str,
     timeout: Duration,
-) -> tonic::Request<qnode::server::proto::GenerateRequest> {
+) -> tonic::Request<qnode::grpc::proto::GenerateRequest> {
     let mut req = tonic::Request::new(request(prompt));
     req.set_timeout(timeout);
     req

@@ -7,7 +7,7 @@ mod grpc_support;
 use std::time::Duration;
 
 use grpc_support::{request, test_config, ScriptedBackend, TestServer};
-use qnode::server::ServerError;
+use qnode::grpc::ServerError;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -18,7 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 async fn in_flight_streams_complete_and_new_calls_are_refused() {
     let mut server = TestServer::start().await;
     let channel = server.channel().await;
-    let mut client = qnode::server::proto::inference_client::InferenceClient::new(channel.clone());
+    let mut client = qnode::grpc::proto::inference_client::InferenceClient::new(channel.clone());
     let mut health = HealthClient::new(channel.clone());
     let mut watch = health
         .watch(HealthCheckRequest {

@@ -4,7 +4,7 @@
 mod grpc_support;
 
 use grpc_support::{request, TestServer};
-use qnode::server::proto;
+use qnode::grpc::proto;
 use tokio_stream::StreamExt;
 use tonic::Code;
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use grpc_support::ScriptedBackend;
 use qnode::config::Config;
 use qnode::engine::Backend;
+use qnode::http::{self, HttpConfig};
 use qnode::metrics::Metrics;
 use qnode::node::{Node, Role};
-use qnode::openai::{self, HttpConfig};
 
 struct Front {
     url: String,
@@ -27,7 +27,7 @@ async fn start(node: Arc<Node>, api_key: Option<&str>) -> Front {
     let addr = listener.local_addr().unwrap();
     let mut config = Config::default();
     config.server.api_key = api_key.map(str::to_owned);
-    tokio::spawn(openai::serve(
+    tokio::spawn(http::serve(
         listener,
         Arc::clone(&backend) as Arc<dyn Backend>,
         Arc::clone(&node),

@@ -13,16 +13,16 @@ use std::sync::Arc;
 
 use qnode::config::Config;
 use qnode::engine::Backend;
+use qnode::http::{self, HttpConfig};
 use qnode::metrics::Metrics;
 use qnode::node::{Node, Role};
-use qnode::openai::{self, HttpConfig};
 
 const KEY: &str = "test-key";
 
 async fn spawn_front(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(openai::serve(
+    tokio::spawn(http::serve(
         listener,
         backend,
         node,

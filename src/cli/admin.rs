@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use qnode::server::proto::admin_client::AdminClient;
-use qnode::server::proto::{self, NodeStatusResponse};
+use qnode::grpc::proto::admin_client::AdminClient;
+use qnode::grpc::proto::{self, NodeStatusResponse};
 use tonic::transport::Channel;
 
 /// Flags of `qnode admin`.

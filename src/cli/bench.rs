@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use qnode::server::proto::inference_client::InferenceClient;
-use qnode::server::proto::{CachePolicy, ChatMessage, GenerateRequest};
+use qnode::grpc::proto::inference_client::InferenceClient;
+use qnode::grpc::proto::{CachePolicy, ChatMessage, GenerateRequest};
 use tonic::transport::Channel;
 
 /// Flags of `qnode bench`.

@@ -8,11 +8,11 @@ use candle_core::Device;
 use qnode::cache::CachedBackend;
 use qnode::config::{Config, DeviceKind, LogFormat, ServeArgs};
 use qnode::engine::Backend;
+use qnode::grpc::{self, ServerConfig, Services};
 use qnode::metrics::Metrics;
 use qnode::node::{Node, NodeModels};
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
-use qnode::server::{self, ServerConfig, Services};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::from_args(&args)?;
@@ -75,13 +75,13 @@ async fn serve(
     });
     if let Some(addr) = config.server.http_listen {
         let http = tokio::net::TcpListener::bind(addr).await?;
-        let http_config = qnode::openai::HttpConfig::new(&config, metrics.clone());
+        let http_config = qnode::http::HttpConfig::new(&config, metrics.clone());
         let backend = Arc::clone(&cache) as Arc<dyn Backend>;
         let drained = {
             let node = Arc::clone(&node);
             async move { node.drain_requested().await }
         };
-        tokio::spawn(qnode::openai::serve(
+        tokio::spawn(qnode::http::serve(
             http,
             backend,
             Arc::clone(&node),
@@ -95,7 +95,7 @@ async fn serve(
         node,
         models: Some(models),
     };
-    server::run(listener, services, server_config, shutdown_signal()).await?;
+    grpc::run(listener, services, server_config, shutdown_signal()).await?;
     Ok(())
 }
 

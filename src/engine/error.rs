@@ -1,6 +1,9 @@
-//! Errors a generation request can meet. Fronts map each variant to their status code in one place.
+//! Errors a generation request can meet. Each reports its [`ErrorKind`]; fronts map kinds to their
+//! status codes in one place.
 
 use std::time::Duration;
+
+use crate::types::ErrorKind;
 
 /// Why a request was refused or failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -39,9 +42,21 @@ pub enum EngineError {
     /// The model is still loading or warming up.
     #[error("model `{0}` is not ready yet")]
     NotReady(String),
-    /// The node is draining or on standby and takes no new work.
-    #[error("node is not accepting requests ({0})")]
-    Unavailable(String),
+    /// The model's file failed to load (or to warm up); the node serves it no more until an
+    /// Admin `LoadModel` succeeds.
+    #[error("model `{model}` failed to load ({reason}); retry on another node")]
+    ModelFailed {
+        /// Model id.
+        model: String,
+        /// What went wrong, as logged at load time.
+        reason: String,
+    },
+    /// The model was unloaded (Admin `UnloadModel`) while the request waited for it.
+    #[error("model `{0}` was unloaded from this node; retry on another node")]
+    ModelUnloaded(String),
+    /// The model's instances are stopping because the node is shutting down.
+    #[error("model `{0}` is shutting down with the node; retry on another node")]
+    ShuttingDown(String),
     /// The request's deadline passed.
     #[error("deadline exceeded after {0:?}")]
     DeadlineExceeded(Duration),
@@ -53,4 +68,44 @@ pub enum EngineError {
     /// A bug or a failed forward pass; the request is lost, others keep running.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl EngineError {
+    /// What kind of failure this is, for every front's status map and the metrics.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::UnknownModel(_) => ErrorKind::NotFound,
+            EngineError::InvalidArgument(_)
+            | EngineError::ContextOverflow { .. }
+            | EngineError::Template(_) => ErrorKind::InvalidArgument,
+            EngineError::QueueFull { retry_after, .. } => ErrorKind::ResourceExhausted {
+                retry_after: *retry_after,
+            },
+            EngineError::NotReady(_)
+            | EngineError::ModelFailed { .. }
+            | EngineError::ModelUnloaded(_)
+            | EngineError::ShuttingDown(_) => ErrorKind::Unavailable,
+            EngineError::DeadlineExceeded(_) => ErrorKind::DeadlineExceeded,
+            EngineError::NotCached => ErrorKind::FailedPrecondition,
+            EngineError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A short machine-readable cause (`queue_full`, `model_unloaded`, ...), the `code` of the
+    /// OpenAI error body.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EngineError::UnknownModel(_) => "model_not_found",
+            EngineError::InvalidArgument(_) | EngineError::Template(_) => "invalid_value",
+            EngineError::ContextOverflow { .. } => "context_length_exceeded",
+            EngineError::QueueFull { .. } => "queue_full",
+            EngineError::NotReady(_) => "model_not_ready",
+            EngineError::ModelFailed { .. } => "model_failed",
+            EngineError::ModelUnloaded(_) => "model_unloaded",
+            EngineError::ShuttingDown(_) => "shutting_down",
+            EngineError::DeadlineExceeded(_) => "deadline_exceeded",
+            EngineError::NotCached => "not_cached",
+            EngineError::Internal(_) => "internal_error",
+        }
+    }
 }

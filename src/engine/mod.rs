@@ -6,14 +6,14 @@ pub mod detokenizer;
 pub mod error;
 pub mod instance;
 pub mod prefix;
-pub mod request;
 pub mod sampler;
 pub mod sequence;
 pub mod stop;
 
 pub use backend::{Backend, EventStream};
 pub use error::EngineError;
-pub use request::{
+// The engine's API speaks the crate's vocabulary; re-exported so callers of the engine need one path.
+pub use crate::types::{
     CachePolicy, ChatMessage, Completion, FinishReason, GenerationEvent, GenerationRequest,
     ModelInfo, ModelState, PromptInput, SamplingParams, Source, Timings,
 };

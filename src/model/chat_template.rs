@@ -12,7 +12,7 @@ use minijinja::{context, Environment, ErrorKind};
 
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
-use crate::engine::ChatMessage;
+use crate::types::ChatMessage;
 
 const KEY: &str = "tokenizer.chat_template";
 const NAME: &str = "chat_template";

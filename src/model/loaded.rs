@@ -14,7 +14,7 @@ use super::quantize::Quant;
 use super::tokenizer::GgufTokenizer;
 use super::transformer::Transformer;
 use super::ModelError;
-use crate::engine::{ChatMessage, PromptInput};
+use crate::types::{ChatMessage, PromptInput};
 
 /// Everything needed to run one model; shared by `Arc` between its instances.
 pub struct LoadedModel {

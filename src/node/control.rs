@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::config::ModelConfig;
 use crate::engine::ModelInfo;
+use crate::types::ErrorKind;
 
 /// What a warm-up did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,8 +44,30 @@ pub enum ControlError {
     Failed(String),
 }
 
+impl ControlError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ControlError::UnknownModel(_) | ControlError::NotFound(_) => ErrorKind::NotFound,
+            ControlError::AlreadyLoaded(_) => ErrorKind::AlreadyExists,
+            ControlError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            ControlError::Failed(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Short machine-readable cause.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ControlError::UnknownModel(_) | ControlError::NotFound(_) => "model_not_found",
+            ControlError::AlreadyLoaded(_) => "model_already_loaded",
+            ControlError::InvalidArgument { .. } => "invalid_value",
+            ControlError::Failed(_) => "internal_error",
+        }
+    }
+}
+
 /// LoadModel, UnloadModel and Warmup.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait ModelControl: Send + Sync + 'static {
     /// Load, warm and start serving one more model.
     async fn load_model(&self, config: ModelConfig) -> Result<ModelInfo, ControlError>;

@@ -19,11 +19,12 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+pub use crate::types::Role;
 pub use calls::CallGuard;
 pub(crate) use calls::Calls;
 pub use control::{ControlError, ModelControl, WarmupReport};
 pub use models::NodeModels;
-pub use state::{NodeState, Refusal, Role, TransitionError};
+pub use state::{NodeState, Refusal, TransitionError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

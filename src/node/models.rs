@@ -91,7 +91,7 @@ impl NodeModels {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl ModelControl for NodeModels {
     async fn load_model(&self, config: ModelConfig) -> Result<ModelInfo, ControlError> {
         let pool = Arc::clone(&self.pool);

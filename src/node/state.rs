@@ -1,6 +1,6 @@
-//! The node's lifecycle states, its role, and why a call was refused.
+//! The node's lifecycle states and why a call or a transition was refused.
 
-use serde::Deserialize;
+use crate::types::ErrorKind;
 
 /// Lifecycle of the node: loading → warming → ready or standby → draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,27 +45,6 @@ impl std::fmt::Display for NodeState {
     }
 }
 
-/// Which traffic the node wants once warm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Take traffic once warm.
-    #[default]
-    Active,
-    /// Stay loaded and warm, take no traffic until `Admin.Activate`.
-    Standby,
-}
-
-impl Role {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-        }
-    }
-}
-
 /// Why the node takes no new call now. Every variant is retryable on another node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -90,6 +69,20 @@ impl Refusal {
             NodeState::Draining => Some(Refusal::Draining),
         }
     }
+
+    /// Always [`ErrorKind::Unavailable`]: another node may take the call.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Unavailable
+    }
+
+    /// `node_starting`, `node_standby` or `node_draining`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Starting(_) => "node_starting",
+            Refusal::Standby => "node_standby",
+            Refusal::Draining => "node_draining",
+        }
+    }
 }
 
 /// An Admin transition the node's state does not allow.
@@ -100,4 +93,11 @@ pub struct TransitionError {
     pub action: &'static str,
     /// The node's state when asked.
     pub state: NodeState,
+}
+
+impl TransitionError {
+    /// Always [`ErrorKind::FailedPrecondition`]: the node's state forbids it.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::FailedPrecondition
+    }
 }

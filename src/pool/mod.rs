@@ -296,12 +296,16 @@ impl ModelPool {
                 continue;
             };
             let started = Instant::now();
-            let ran = warmup::run(&serving.model, &serving.admission, serving.instances).map_err(
-                |source| PoolError::WarmUp {
-                    model: entry.resolved.id.clone(),
-                    source,
-                },
-            )?;
+            let ran = warmup::run(
+                &entry.resolved.id,
+                &serving.model,
+                &serving.admission,
+                serving.instances,
+            )
+            .map_err(|source| PoolError::WarmUp {
+                model: entry.resolved.id.clone(),
+                source,
+            })?;
             generations += ran;
             tracing::info!(
                 model = %entry.resolved.id,
@@ -416,9 +420,10 @@ impl ModelPool {
         match &*state {
             State::Ready(s) => Ok(Arc::clone(s)),
             State::Loading | State::Warming(_) => Err(EngineError::NotReady(id.to_string())),
-            State::Failed(why) => Err(EngineError::Unavailable(format!(
-                "model `{id}` failed to load: {why}"
-            ))),
+            State::Failed(why) => Err(EngineError::ModelFailed {
+                model: id.to_string(),
+                reason: why.to_string(),
+            }),
         }
     }
 }
@@ -465,7 +470,7 @@ impl Backend for ModelPool {
         let arrived = Instant::now();
         let serving = self.ready(&request.model)?;
         if !serving.admission.running() {
-            return Err(EngineError::Unavailable("shutting down".into()));
+            return Err(EngineError::ShuttingDown(request.model));
         }
         let prompt = serving
             .model

@@ -67,9 +67,9 @@ impl ModelPool {
         let refused = serving.admission.close_and_take();
         let count = refused.len();
         for request in refused {
-            let _ = request.tx.try_send(Err(EngineError::Unavailable(format!(
-                "model `{id}` was unloaded from this node; retry on another node"
-            ))));
+            let _ = request
+                .tx
+                .try_send(Err(EngineError::ModelUnloaded(id.to_string())));
         }
         let handles =
             std::mem::take(&mut *serving.threads.lock().unwrap_or_else(|e| e.into_inner()));

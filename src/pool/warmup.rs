@@ -36,6 +36,7 @@ fn prompt(model: &LoadedModel) -> Vec<u32> {
 /// Queues one generation per instance at once (the least-loaded dispatch hands each instance
 /// one) and waits for all of them. Blocking: call it off the async runtime. Returns how many ran.
 pub(super) fn run(
+    id: &str,
     model: &LoadedModel,
     admission: &Admission,
     instances: usize,
@@ -55,9 +56,13 @@ pub(super) fn run(
             arrived,
             deadline: Some(arrived + WARM_UP_DEADLINE),
         };
-        admission.push(request).map_err(|_| {
-            EngineError::Unavailable("the admission queue refused a warm-up request".into())
-        })?;
+        admission
+            .push(request)
+            .map_err(|_| EngineError::QueueFull {
+                model: id.to_owned(),
+                max_queued: admission.max_queued(),
+                retry_after: Duration::from_secs(1),
+            })?;
         receivers.push(rx);
     }
     // Polled, not `blocking_recv`: this may run on a thread that drives a tokio runtime (a test

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qnode::server::proto;
-use qnode::server::proto::admin_client::AdminClient;
-use qnode::server::proto::inference_client::InferenceClient;
+use qnode::grpc::proto;
+use qnode::grpc::proto::admin_client::AdminClient;
+use qnode::grpc::proto::inference_client::InferenceClient;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};

@@ -23,8 +23,8 @@ use qnode::engine::{
     Backend, Completion, EngineError, EventStream, FinishReason, GenerationEvent,
     GenerationRequest, ModelInfo, ModelState, PromptInput, Source, Timings,
 };
+use qnode::grpc::{self, proto, ServerConfig, ServerError, Services};
 use qnode::metrics::Metrics;
-use qnode::server::{self, proto, ServerConfig, ServerError, Services};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -250,7 +250,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let metrics = config.metrics.clone();
         let services = Services::ready(Arc::clone(&backend) as Arc<dyn Backend>, &config.metrics);
-        let handle = tokio::spawn(server::run(listener, services, config, async {
+        let handle = tokio::spawn(grpc::run(listener, services, config, async {
             let _ = rx.await;
         }));
         Self {

@@ -1,4 +1,5 @@
-//! `grpc.health.v1.Health`, following the node's state and the backend's models:
+//! `grpc.health.v1.Health`, following the node's [`Readiness`] (decided by the front, the same
+//! that HTTP `/ready` reports):
 //! - `qnode.v1.Inference`: SERVING while the node is ready (takes traffic) and a model is ready;
 //! - `""` (the whole node): SERVING while it is ready or on standby (up, loaded and warm);
 //! - `qnode.v1.Admin`: SERVING until draining starts.
@@ -6,15 +7,14 @@
 //! Everything turns NOT_SERVING when draining starts (set by `run`). The backend has no change
 //! notification, so its models are polled; node state changes wake the follower at once.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use super::proto::{admin_server, inference_server};
-use crate::engine::{Backend, ModelState};
-use crate::node::{Node, NodeState};
+use crate::front::{Front, Readiness};
+use crate::node::NodeState;
 
 /// The three statuses: overall, Inference, Admin.
 type Statuses = [ServingStatus; 3];
@@ -51,36 +51,27 @@ fn serving(yes: bool) -> ServingStatus {
     }
 }
 
-/// What health says for a node in `state` whose backend has a ready model or not.
-fn statuses(state: NodeState, model_ready: bool) -> Statuses {
-    let up = matches!(state, NodeState::Ready | NodeState::Standby);
+/// What health says for a node that is `readiness`.
+fn statuses(readiness: Readiness) -> Statuses {
     [
-        serving(up && model_ready),
-        serving(state == NodeState::Ready && model_ready),
-        serving(state != NodeState::Draining),
+        serving(readiness.up()),
+        serving(readiness.serving()),
+        serving(readiness.state != NodeState::Draining),
     ]
 }
 
 /// Follows the node and the backend until draining starts. Starts from everything NOT_SERVING,
 /// which `run` sets before spawning it.
-pub(crate) async fn follow(
-    mut reporter: HealthReporter,
-    node: Arc<Node>,
-    backend: Arc<dyn Backend>,
-    every: Duration,
-) {
-    let mut changes = node.subscribe();
+pub(crate) async fn follow(mut reporter: HealthReporter, front: Front, every: Duration) {
+    let mut changes = front.node().subscribe();
     let mut last = [ServingStatus::NotServing; 3];
     loop {
-        let state = node.state();
+        let readiness = front.readiness();
+        let state = readiness.state;
         if state == NodeState::Draining {
             return;
         }
-        let model_ready = backend
-            .models()
-            .iter()
-            .any(|m| m.state == ModelState::Ready);
-        let now = statuses(state, model_ready);
+        let now = statuses(readiness);
         if now != last {
             tracing::info!(node = %state, inference = ?now[1], "health");
             set(&mut reporter, now).await;
@@ -98,12 +89,19 @@ mod tests {
     use super::*;
     use ServingStatus::{NotServing as No, Serving as Yes};
 
+    fn of(state: NodeState, model_ready: bool) -> Statuses {
+        statuses(Readiness {
+            state,
+            models_ready: usize::from(model_ready),
+        })
+    }
+
     #[test]
     fn standby_is_up_but_takes_no_inference() {
-        assert_eq!(statuses(NodeState::Standby, true), [Yes, No, Yes]);
-        assert_eq!(statuses(NodeState::Ready, true), [Yes, Yes, Yes]);
-        assert_eq!(statuses(NodeState::Ready, false), [No, No, Yes]);
-        assert_eq!(statuses(NodeState::Warming, true), [No, No, Yes]);
-        assert_eq!(statuses(NodeState::Draining, true), [No, No, No]);
+        assert_eq!(of(NodeState::Standby, true), [Yes, No, Yes]);
+        assert_eq!(of(NodeState::Ready, true), [Yes, Yes, Yes]);
+        assert_eq!(of(NodeState::Ready, false), [No, No, Yes]);
+        assert_eq!(of(NodeState::Warming, true), [No, No, Yes]);
+        assert_eq!(of(NodeState::Draining, true), [No, No, No]);
     }
 }

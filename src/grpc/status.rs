@@ -1,69 +1,41 @@
-//! Every error a call can meet, mapped to its gRPC status here and nowhere else.
+//! [`FrontError`] → `tonic::Status`, here and nowhere else: the code comes from the error's
+//! [`ErrorKind`], the message is the error's own.
 
 use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use super::validate::ValidationError;
-use crate::engine::EngineError;
-use crate::node::{ControlError, Refusal, TransitionError};
+use crate::front::{ErrorKind, FrontError};
 
-impl From<EngineError> for Status {
-    fn from(error: EngineError) -> Self {
-        let message = error.to_string();
-        match error {
-            EngineError::UnknownModel(_) => Status::not_found(message),
-            EngineError::InvalidArgument(_)
-            | EngineError::ContextOverflow { .. }
-            | EngineError::Template(_) => Status::invalid_argument(message),
-            EngineError::QueueFull { retry_after, .. } => {
-                let mut status = Status::resource_exhausted(message);
-                add_retry_after(&mut status, retry_after);
-                status
-            }
-            EngineError::NotReady(_) | EngineError::Unavailable(_) => Status::unavailable(message),
-            EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-            EngineError::Internal(_) => Status::internal(message),
-            EngineError::NotCached => Status::failed_precondition(message),
+/// The gRPC code of `kind`.
+fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::ResourceExhausted { .. } => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
+impl From<FrontError> for Status {
+    fn from(error: FrontError) -> Self {
+        let mut status = Status::new(code(error.kind), error.message);
+        if let ErrorKind::ResourceExhausted { retry_after } = error.kind {
+            add_retry_after(&mut status, retry_after);
         }
+        status
     }
 }
 
-impl From<Refusal> for Status {
-    fn from(refusal: Refusal) -> Self {
-        Status::unavailable(refusal.to_string())
-    }
-}
-
-impl From<TransitionError> for Status {
-    fn from(error: TransitionError) -> Self {
-        Status::failed_precondition(error.to_string())
-    }
-}
-
-impl From<ControlError> for Status {
-    fn from(error: ControlError) -> Self {
-        let code = match error {
-            ControlError::UnknownModel(_) | ControlError::NotFound(_) => Code::NotFound,
-            ControlError::AlreadyLoaded(_) => Code::AlreadyExists,
-            ControlError::InvalidArgument { .. } => Code::InvalidArgument,
-            ControlError::Failed(_) => Code::Internal,
-        };
-        Status::new(code, error.to_string())
-    }
-}
-
-impl From<ValidationError> for Status {
-    fn from(error: ValidationError) -> Self {
-        let code = match error {
-            ValidationError::UnknownModel { .. } => Code::NotFound,
-            ValidationError::OutOfRange { .. }
-            | ValidationError::Empty { .. }
-            | ValidationError::PromptAndMessages
-            | ValidationError::NoPrompt => Code::InvalidArgument,
-        };
-        Status::new(code, error.to_string())
-    }
+/// Any domain error (engine, node, validation, auth) as a `Status`, for `map_err`.
+pub(crate) fn status(error: impl Into<FrontError>) -> Status {
+    Status::from(error.into())
 }
 
 /// `retry-after` in whole seconds (HTTP style, rounded up, at least 1) for people and proxies, and
@@ -83,6 +55,8 @@ fn add_retry_after(status: &mut Status, retry_after: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineError;
+    use crate::node::{ControlError, Refusal, TransitionError};
 
     #[test]
     fn every_engine_error_has_its_code() {
@@ -111,26 +85,49 @@ mod tests {
             ),
             (EngineError::NotReady("m".into()), Code::Unavailable),
             (
-                EngineError::Unavailable("draining".into()),
+                EngineError::ModelFailed {
+                    model: "m".into(),
+                    reason: "bad file".into(),
+                },
                 Code::Unavailable,
             ),
+            (EngineError::ModelUnloaded("m".into()), Code::Unavailable),
+            (EngineError::ShuttingDown("m".into()), Code::Unavailable),
             (
                 EngineError::DeadlineExceeded(Duration::from_secs(1)),
                 Code::DeadlineExceeded,
             ),
+            (EngineError::NotCached, Code::FailedPrecondition),
             (EngineError::Internal("bug".into()), Code::Internal),
         ];
         for (error, code) in cases {
             let message = error.to_string();
-            let status = Status::from(error);
+            let status = status(error);
             assert_eq!(status.code(), code, "{message}");
             assert_eq!(status.message(), message);
         }
     }
 
     #[test]
+    fn node_errors_have_their_codes() {
+        assert_eq!(status(Refusal::Standby).code(), Code::Unavailable);
+        assert_eq!(
+            status(ControlError::AlreadyLoaded("m".into())).code(),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            status(TransitionError {
+                action: "activate",
+                state: crate::node::NodeState::Draining
+            })
+            .code(),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[test]
     fn queue_full_carries_retry_metadata() {
-        let status = Status::from(EngineError::QueueFull {
+        let status = status(EngineError::QueueFull {
             model: "m".into(),
             max_queued: 4,
             retry_after: Duration::from_millis(1500),

@@ -1,4 +1,5 @@
-//! Wire request → [`GenerationRequest`], checked in one place so the engine never sees raw input.
+//! [`RawRequest`] → [`GenerationRequest`], checked in one place for both fronts, so the engine
+//! never sees raw input.
 //!
 //! Messages follow TGI: they name the field, the limit and the value given
 //! ("`max_tokens` must be <= 2048. Given: 5000"). Context overflow needs the tokenizer, so the
@@ -6,11 +7,9 @@
 
 use std::time::Instant;
 
-use super::proto;
+use super::request::RawRequest;
 use crate::config::Limits;
-use crate::engine::{
-    CachePolicy, ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams,
-};
+use crate::types::{ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
 
 /// Roles the chat templates of the served models understand.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -68,11 +67,11 @@ fn out_of_range(
 
 /// Checks `wire` against the served `models` and the node's `limits`.
 ///
-/// `request_id` is the id the caller gave (checked here) or one the server generated;
-/// `deadline` comes from `grpc-timeout`; `tenant` from the `x-qnode-tenant` metadata (it scopes
+/// `request_id` is the id the caller gave (checked here) or one the front generated;
+/// `deadline` comes from the front's timeout header; `tenant` from `x-qnode-tenant` (it scopes
 /// the answer cache).
 pub fn validate(
-    wire: proto::GenerateRequest,
+    wire: RawRequest,
     models: &[ModelInfo],
     limits: &Limits,
     request_id: String,
@@ -107,16 +106,13 @@ pub fn validate(
         Some(n) => n,
     };
     check_stop(&wire.stop, limits)?;
-    let cache_policy = match proto::CachePolicy::try_from(wire.cache_policy) {
-        Ok(proto::CachePolicy::Default) => CachePolicy::Default,
-        Ok(proto::CachePolicy::Bypass) => CachePolicy::Bypass,
-        Ok(proto::CachePolicy::Refresh) => CachePolicy::Refresh,
-        Ok(proto::CachePolicy::OnlyIfCached) => CachePolicy::OnlyIfCached,
-        Err(_) => {
+    let cache_policy = match wire.cache_policy {
+        Ok(policy) => policy,
+        Err(given) => {
             return Err(out_of_range(
                 "cache_policy",
                 "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
-                wire.cache_policy,
+                given,
             ))
         }
     };
@@ -154,7 +150,7 @@ fn check_request_id(id: &str) -> Result<(), ValidationError> {
 
 fn prompt_input(
     prompt: Option<String>,
-    messages: Vec<proto::ChatMessage>,
+    messages: Vec<ChatMessage>,
     limits: &Limits,
 ) -> Result<PromptInput, ValidationError> {
     let too_long = |field: &str, bytes: usize| {
@@ -198,15 +194,7 @@ fn prompt_input(
             if total > limits.max_prompt_bytes {
                 return Err(too_long("messages[].content (total)", total));
             }
-            Ok(PromptInput::Chat(
-                messages
-                    .into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            ))
+            Ok(PromptInput::Chat(messages))
         }
     }
 }
@@ -226,7 +214,7 @@ fn float_in(
     }
 }
 
-fn sampling(wire: &proto::GenerateRequest) -> Result<SamplingParams, ValidationError> {
+fn sampling(wire: &RawRequest) -> Result<SamplingParams, ValidationError> {
     let defaults = SamplingParams::default();
     let top_k = wire.top_k.unwrap_or(defaults.top_k);
     if top_k > MAX_TOP_K {
@@ -286,7 +274,7 @@ fn check_stop(stop: &[String], limits: &Limits) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::ModelState;
+    use crate::types::ModelState;
 
     fn models() -> Vec<ModelInfo> {
         vec![ModelInfo {
@@ -299,15 +287,15 @@ mod tests {
         }]
     }
 
-    fn good() -> proto::GenerateRequest {
-        proto::GenerateRequest {
+    fn good() -> RawRequest {
+        RawRequest {
             model: "smollm2".into(),
             prompt: Some("Hello".into()),
             ..Default::default()
         }
     }
 
-    fn check(wire: proto::GenerateRequest) -> Result<GenerationRequest, ValidationError> {
+    fn check(wire: RawRequest) -> Result<GenerationRequest, ValidationError> {
         validate(
             wire,
             &models(),
@@ -318,7 +306,7 @@ mod tests {
         )
     }
 
-    fn message(wire: proto::GenerateRequest) -> String {
+    fn message(wire: RawRequest) -> String {
         check(wire).unwrap_err().to_string()
     }
 
@@ -333,7 +321,7 @@ mod tests {
 
     #[test]
     fn zero_is_distinguished_from_absent() {
-        let request = check(proto::GenerateRequest {
+        let request = check(RawRequest {
             temperature: Some(0.0),
             top_k: Some(0),
             min_p: Some(0.0),
@@ -348,49 +336,49 @@ mod tests {
     #[test]
     fn tgi_style_messages() {
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 max_tokens: Some(5000),
                 ..good()
             }),
             "`max_tokens` must be <= 2048. Given: 5000"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 max_tokens: Some(0),
                 ..good()
             }),
             "`max_tokens` must be >= 1. Given: 0"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 temperature: Some(f32::NAN),
                 ..good()
             }),
             "`temperature` must be in [0, 2]. Given: NaN"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 top_p: Some(0.0),
                 ..good()
             }),
             "`top_p` must be in (0, 1]. Given: 0"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 min_p: Some(1.5),
                 ..good()
             }),
             "`min_p` must be in [0, 1]. Given: 1.5"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 repetition_penalty: Some(0.0),
                 ..good()
             }),
             "`repetition_penalty` must be in (0, 2]. Given: 0"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 top_k: Some(5000),
                 ..good()
             }),
@@ -401,15 +389,15 @@ mod tests {
     #[test]
     fn prompt_shape() {
         assert_eq!(
-            check(proto::GenerateRequest {
+            check(RawRequest {
                 prompt: None,
                 ..good()
             })
             .unwrap_err(),
             ValidationError::NoPrompt
         );
-        let both = proto::GenerateRequest {
-            messages: vec![proto::ChatMessage {
+        let both = RawRequest {
+            messages: vec![ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
             }],
@@ -417,20 +405,20 @@ mod tests {
         };
         assert_eq!(check(both).unwrap_err(), ValidationError::PromptAndMessages);
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 prompt: Some(String::new()),
                 ..good()
             }),
             "`prompt` must not be empty"
         );
-        let bad_role = proto::GenerateRequest {
+        let bad_role = RawRequest {
             prompt: None,
             messages: vec![
-                proto::ChatMessage {
+                ChatMessage {
                     role: "user".into(),
                     content: "hi".into(),
                 },
-                proto::ChatMessage {
+                ChatMessage {
                     role: "bot".into(),
                     content: "hi".into(),
                 },
@@ -441,9 +429,9 @@ mod tests {
             message(bad_role),
             "`messages[1].role` must be one of system, user, assistant. Given: \"bot\""
         );
-        let empty = proto::GenerateRequest {
+        let empty = RawRequest {
             prompt: None,
-            messages: vec![proto::ChatMessage {
+            messages: vec![ChatMessage {
                 role: "user".into(),
                 content: String::new(),
             }],
@@ -465,7 +453,7 @@ mod tests {
             "`prompt` must be <= 4 bytes. Given: 5 bytes"
         );
         let err = validate(
-            proto::GenerateRequest {
+            RawRequest {
                 prompt: Some("hi".into()),
                 stop: vec!["a".into(), "b".into()],
                 ..good()
@@ -482,7 +470,7 @@ mod tests {
             "`stop` must be <= 1 strings. Given: 2 strings"
         );
         assert_eq!(
-            message(proto::GenerateRequest {
+            message(RawRequest {
                 stop: vec!["x".repeat(129)],
                 ..good()
             }),
@@ -493,7 +481,7 @@ mod tests {
     #[test]
     fn unknown_model_and_bad_request_id() {
         assert_eq!(
-            check(proto::GenerateRequest {
+            check(RawRequest {
                 model: "gpt-9".into(),
                 ..good()
             })
@@ -504,7 +492,7 @@ mod tests {
             }
         );
         assert_eq!(
-            check(proto::GenerateRequest {
+            check(RawRequest {
                 model: String::new(),
                 ..good()
             })
@@ -530,8 +518,8 @@ mod tests {
 
     #[test]
     fn unknown_cache_policy_is_refused() {
-        let err = check(proto::GenerateRequest {
-            cache_policy: 9,
+        let err = check(RawRequest {
+            cache_policy: Err("9".into()),
             ..good()
         })
         .unwrap_err();

@@ -1,31 +1,23 @@
-//! One generation call's life after admission, shared by every front (gRPC here, OpenAI HTTP in
-//! [`crate::openai`]): its guard, id, deadline, span and metrics, and the loops that read the
-//! backend's events until the end, the deadline, the client leaving or a hard stop.
+//! One generation call's life after admission, shared by both fronts: its guard, id, deadline,
+//! span and metrics, and the loops that read the backend's events until the end, the deadline,
+//! the client leaving or a hard stop.
 //!
 //! Fronts differ only in what they make of each event (a proto chunk, an SSE line) and how they
-//! spell an error; which events end a call, and what gets counted, is decided here once.
+//! spell a [`FrontError`]; which events end a call, and what gets counted, is decided here once.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tonic::{Code, Status};
 
+use super::error::FrontError;
 use super::validate;
-use crate::engine::{Completion, EngineError, EventStream, GenerationEvent, ModelInfo};
+use crate::engine::{EngineError, EventStream};
 use crate::metrics::Metrics;
 use crate::node::{CallGuard, Node};
+use crate::types::{Completion, ErrorKind, GenerationEvent, ModelInfo};
 
 /// How long a failed stream waits for buffer room to deliver its final error.
 const FINAL_ERROR_WAIT: Duration = Duration::from_millis(500);
-
-/// Metadata key (gRPC) and header (HTTP) naming the caller's tenant; answers are never shared
-/// across tenants.
-pub const TENANT_HEADER: &str = "x-qnode-tenant";
-
-/// A fresh request id: 32 hex digits.
-pub(crate) fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
 
 /// Why a call ended without a completion, once it reached the backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,34 +45,46 @@ impl std::fmt::Display for CallError {
     }
 }
 
-impl From<CallError> for Status {
-    fn from(error: CallError) -> Self {
-        match error {
-            CallError::Engine(e) => e.into(),
-            CallError::HardStop => Status::unavailable(error.to_string()),
-            CallError::Deadline(_) => Status::deadline_exceeded(error.to_string()),
-            CallError::EndedEarly => Status::internal(error.to_string()),
+impl CallError {
+    /// What kind of failure this is.
+    pub(crate) fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::Engine(e) => e.kind(),
+            CallError::HardStop => ErrorKind::Unavailable,
+            CallError::Deadline(_) => ErrorKind::DeadlineExceeded,
+            CallError::EndedEarly => ErrorKind::Internal,
+        }
+    }
+
+    /// Short machine-readable cause.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            CallError::Engine(e) => e.reason(),
+            CallError::HardStop => "shutting_down",
+            CallError::Deadline(_) => "deadline_exceeded",
+            CallError::EndedEarly => "internal_error",
         }
     }
 }
 
-/// What one admitted call carries until it ends: its guard, id, deadline and metric labels.
-pub(crate) struct Call {
+/// What one admitted call carries until it ends: its guard, id, deadline, span and metric labels.
+pub struct Call {
     _guard: CallGuard,
     arrival: Instant,
     deadline: Option<Instant>,
     /// The call's id (caller-given or generated).
-    pub(crate) request_id: String,
+    pub request_id: String,
     /// Served model id, or `-` for unknown ids (they would blow up label cardinality).
     model_label: String,
     method: &'static str,
     metrics: Metrics,
     first_token_seen: bool,
+    span: tracing::Span,
 }
 
 impl Call {
-    /// A call admitted by `guard` at `arrival`, and the span its work runs in. `model` is the id
-    /// asked for; it becomes a metric label only when it is one of `models`.
+    /// A call admitted by `guard` at `arrival`. `model` is the id asked for; it becomes a metric
+    /// label only when it is one of `models`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         guard: CallGuard,
@@ -91,7 +95,7 @@ impl Call {
         models: &[ModelInfo],
         method: &'static str,
         metrics: Metrics,
-    ) -> (Self, tracing::Span) {
+    ) -> Self {
         let model_label = if models.iter().any(|m| m.id == model) {
             model.to_owned()
         } else {
@@ -107,7 +111,7 @@ impl Call {
         };
         let span =
             tracing::info_span!("request", request_id = %span_id, model = %model_label, method);
-        let call = Self {
+        Self {
             _guard: guard,
             arrival,
             deadline,
@@ -116,16 +120,21 @@ impl Call {
             method,
             metrics,
             first_token_seen: false,
-        };
-        (call, span)
+            span,
+        }
     }
 
-    /// Counts the finished call under the gRPC code name `code` (both fronts use these names, so
-    /// one dashboard covers both).
-    pub(crate) fn record(&self, code: Code, completion: Option<&Completion>) {
+    /// The span the call's work runs in (request id, model, method).
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// Counts the finished call under `code`: `Ok` or an [`ErrorKind::label`] (gRPC's code
+    /// names, for both fronts, so one dashboard covers both).
+    fn record(&self, code: &str, completion: Option<&Completion>) {
         let m = &self.metrics;
         m.requests
-            .with_label_values(&[&self.model_label, self.method, &format!("{code:?}")])
+            .with_label_values(&[&self.model_label, self.method, code])
             .inc();
         m.request_duration
             .with_label_values(&[&self.model_label, self.method])
@@ -135,12 +144,17 @@ impl Call {
                 .with_label_values(&[&self.model_label])
                 .inc_by(u64::from(c.completion_tokens));
         }
-        tracing::info!(code = ?code, elapsed_ms = self.arrival.elapsed().as_millis() as u64, "done");
+        tracing::info!(
+            code,
+            elapsed_ms = self.arrival.elapsed().as_millis() as u64,
+            "done"
+        );
     }
 
     /// Logs and counts a call refused before it produced anything.
-    pub(crate) fn refused(&self, code: Code, message: &str) {
-        tracing::info!(code = ?code, message, "refused");
+    pub(crate) fn refused(&self, error: &FrontError) {
+        let code = error.kind.label();
+        tracing::info!(parent: &self.span, code, message = %error.message, "refused");
         self.record(code, None);
     }
 
@@ -168,7 +182,7 @@ impl Call {
 }
 
 /// One step of a generation as a front sees it.
-pub(crate) enum Step {
+pub enum Step {
     /// More text.
     Delta(String),
     /// The end, with usage and timings.
@@ -196,11 +210,11 @@ async fn next(call: &mut Call, events: &mut EventStream, node: &Node) -> Result<
 
 /// Unary: gathers the deltas into one text, and counts the call. Returning early drops `events`,
 /// which cancels; so does dropping this future (the client left).
-pub(crate) async fn collect(
+pub async fn collect(
     call: &mut Call,
     mut events: EventStream,
     node: &Node,
-) -> Result<(String, Completion), CallError> {
+) -> Result<(String, Completion), FrontError> {
     let mut text = String::new();
     let result = loop {
         match next(call, &mut events, node).await {
@@ -211,21 +225,21 @@ pub(crate) async fn collect(
     };
     drop(events);
     match &result {
-        Ok((_, completion)) => call.record(Code::Ok, Some(completion)),
-        Err(error) => call.record(Status::from(error.clone()).code(), None),
+        Ok((_, completion)) => call.record("Ok", Some(completion)),
+        Err(error) => call.record(error.kind().label(), None),
     }
-    result
+    result.map_err(FrontError::from)
 }
 
 /// What a streaming front makes of each step; see [`forward`].
-pub(crate) trait StreamFront: Send + 'static {
+pub trait StreamFront: Send + 'static {
     /// What goes down the client's channel.
     type Item: Send + 'static;
     /// The items for one step (a front may send nothing for an empty delta, or several items for
     /// the end).
     fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item>;
     /// The item that tells the client the call failed.
-    fn failed(&mut self, call: &Call, error: &CallError) -> Self::Item;
+    fn failed(&mut self, call: &Call, error: &FrontError) -> Self::Item;
 }
 
 /// How a stream ended, for the log and the metrics.
@@ -238,7 +252,7 @@ enum End {
 /// Streaming: sends each step as `front` spells it. Stops — dropping `events`, which cancels the
 /// generation and frees its batch slot — when the client goes away (the channel closes), at the
 /// deadline or a hard stop. Holds the call (and so its admission guard) to the end.
-pub(crate) async fn forward<F: StreamFront>(
+pub async fn forward<F: StreamFront>(
     mut call: Call,
     mut events: EventStream,
     tx: mpsc::Sender<F::Item>,
@@ -273,15 +287,15 @@ pub(crate) async fn forward<F: StreamFront>(
     };
     drop(events);
     match end {
-        End::Finished(completion) => call.record(Code::Ok, Some(&completion)),
+        End::Finished(completion) => call.record("Ok", Some(&completion)),
         End::Failed(error) => {
-            call.record(Status::from(error.clone()).code(), None);
-            let item = front.failed(&call, &error);
+            call.record(error.kind().label(), None);
+            let item = front.failed(&call, &FrontError::from(error));
             // The generation is gone already; this only waits for room in the client's buffer
             // (a send to a client that left fails at once), and for a client that stopped
             // reading, not for long.
             let _ = tokio::time::timeout(FINAL_ERROR_WAIT, tx.send(item)).await;
         }
-        End::ClientGone => call.record(Code::Cancelled, None),
+        End::ClientGone => call.record(ErrorKind::Cancelled.label(), None),
     }
 }

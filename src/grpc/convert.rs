@@ -1,8 +1,48 @@
-//! Engine types → wire types. Only the server knows the wire.
+//! Wire ⇄ the crate's types: requests into the front's neutral [`RawRequest`], results back
+//! into proto messages. Only this front knows the gRPC wire.
 
 use super::proto;
-use crate::engine::{Completion, FinishReason, ModelInfo, ModelState, Source, Timings};
-use crate::node::{NodeState, Role};
+use crate::front::RawRequest;
+use crate::node::NodeState;
+use crate::types::{
+    CachePolicy, ChatMessage, Completion, FinishReason, ModelInfo, ModelState, Role, Source,
+    Timings,
+};
+
+/// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
+/// empty). Nothing is checked here: `front::validate` does that for both fronts.
+pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<String>) {
+    let cache_policy = match proto::CachePolicy::try_from(wire.cache_policy) {
+        Ok(proto::CachePolicy::Default) => Ok(CachePolicy::Default),
+        Ok(proto::CachePolicy::Bypass) => Ok(CachePolicy::Bypass),
+        Ok(proto::CachePolicy::Refresh) => Ok(CachePolicy::Refresh),
+        Ok(proto::CachePolicy::OnlyIfCached) => Ok(CachePolicy::OnlyIfCached),
+        Err(_) => Err(wire.cache_policy.to_string()),
+    };
+    let request_id = Some(wire.request_id).filter(|id| !id.is_empty());
+    let raw = RawRequest {
+        model: wire.model,
+        prompt: wire.prompt,
+        messages: wire
+            .messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect(),
+        max_tokens: wire.max_tokens,
+        temperature: wire.temperature,
+        top_p: wire.top_p,
+        top_k: wire.top_k,
+        min_p: wire.min_p,
+        repetition_penalty: wire.repetition_penalty,
+        seed: wire.seed,
+        stop: wire.stop,
+        cache_policy,
+    };
+    (raw, request_id)
+}
 
 pub(crate) fn finish_reason(reason: FinishReason) -> proto::FinishReason {
     match reason {
@@ -97,5 +137,45 @@ pub(crate) fn last_chunk(completion: &Completion, request_id: String) -> proto::
         timings: Some(timings(&completion.timings)),
         cache_level: cache_level(completion.source) as i32,
         request_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_field_reaches_the_neutral_request() {
+        let (raw, id) = request(proto::GenerateRequest {
+            model: "m".into(),
+            messages: vec![proto::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            max_tokens: Some(3),
+            temperature: Some(0.5),
+            top_p: Some(0.9),
+            top_k: Some(7),
+            min_p: Some(0.1),
+            repetition_penalty: Some(1.1),
+            seed: Some(0),
+            stop: vec!["x".into()],
+            cache_policy: proto::CachePolicy::Refresh as i32,
+            request_id: "r-1".into(),
+            ..Default::default()
+        });
+        assert_eq!(id.as_deref(), Some("r-1"));
+        assert_eq!(raw.messages[0].content, "hi");
+        assert_eq!(
+            (raw.max_tokens, raw.top_k, raw.seed),
+            (Some(3), Some(7), Some(0))
+        );
+        assert_eq!(raw.cache_policy, Ok(CachePolicy::Refresh));
+        let (raw, id) = request(proto::GenerateRequest {
+            cache_policy: 9,
+            ..Default::default()
+        });
+        assert_eq!(id, None);
+        assert_eq!(raw.cache_policy, Err("9".into()));
     }
 }

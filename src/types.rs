@@ -1,8 +1,9 @@
-//! The seam between the fronts (gRPC, HTTP) and the engine: validated requests in, events out.
+//! The crate's vocabulary: what a request, its events and its outcome are, shared by every layer.
 //!
-//! Fronts build a [`GenerationRequest`] from wire input after checking it; the engine never sees raw
-//! wire types. Events come back on a bounded channel per request; dropping the receiver cancels the
-//! generation at the next decode step.
+//! A leaf: this module imports nothing of the crate, so every other module may use it without an
+//! arrow running back up. Fronts build a [`GenerationRequest`] from wire input after checking it
+//! (the engine never sees raw wire types); events come back as [`GenerationEvent`]s; every domain
+//! error reports an [`ErrorKind`], which each front maps to its own status once.
 
 use std::time::{Duration, Instant};
 
@@ -197,4 +198,85 @@ pub struct ModelInfo {
     pub instances: u32,
     /// Loading, warming, ready or failed.
     pub state: ModelState,
+}
+
+/// Which traffic the node wants once warm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Take traffic once warm.
+    #[default]
+    Active,
+    /// Stay loaded and warm, take no traffic until `Admin.Activate`.
+    Standby,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Role::Active),
+            "standby" => Ok(Role::Standby),
+            other => Err(format!("must be `active` or `standby`. Given: {other:?}")),
+        }
+    }
+}
+
+/// What kind of failure an error is, whatever layer it comes from. Every domain error reports one
+/// (`kind()`); each front maps a kind to its own status exactly once (gRPC code, HTTP status), and
+/// the `code` label of `qnode_requests_total` is [`ErrorKind::label`], the same for both fronts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or out of range; retrying it unchanged fails again.
+    InvalidArgument,
+    /// The model (or other named thing) does not exist here.
+    NotFound,
+    /// The thing to create exists already.
+    AlreadyExists,
+    /// The request is valid but the state it needs does not hold (e.g. not cached).
+    FailedPrecondition,
+    /// A bounded queue is full; retry after the hint.
+    ResourceExhausted {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// This node cannot take the request now; another node (or later) may.
+    Unavailable,
+    /// The caller's deadline passed.
+    DeadlineExceeded,
+    /// The caller went away.
+    Cancelled,
+    /// Missing or wrong credentials.
+    Unauthenticated,
+    /// A bug; the message says what broke.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The metric label (gRPC's code names, which both fronts share).
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "InvalidArgument",
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::AlreadyExists => "AlreadyExists",
+            ErrorKind::FailedPrecondition => "FailedPrecondition",
+            ErrorKind::ResourceExhausted { .. } => "ResourceExhausted",
+            ErrorKind::Unavailable => "Unavailable",
+            ErrorKind::DeadlineExceeded => "DeadlineExceeded",
+            ErrorKind::Cancelled => "Cancelled",
+            ErrorKind::Unauthenticated => "Unauthenticated",
+            ErrorKind::Internal => "Internal",
+        }
+    }
 }

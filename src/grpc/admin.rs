@@ -9,37 +9,38 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::proto::admin_server::Admin;
+use super::status::status;
 use super::{convert, proto};
 use crate::config::{ModelConfig, Quant};
-use crate::engine::Backend;
-use crate::node::{ControlError, ModelControl, Node};
+use crate::front::Front;
+use crate::node::{ControlError, ModelControl};
 
 /// Most instances a LoadModel may ask for.
 const MAX_INSTANCES: u32 = 64;
 /// Largest batch a LoadModel may ask for.
 const MAX_BATCH: u32 = 256;
 
-/// Implements the service over the node, its backend and its model control.
+/// Implements the service over the node (through the front) and its model control.
 pub(crate) struct AdminService {
-    pub(crate) node: Arc<Node>,
-    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) front: Front,
     pub(crate) models: Option<Arc<dyn ModelControl>>,
 }
 
 impl AdminService {
     fn status(&self) -> proto::NodeStatusResponse {
+        let node = self.front.node();
         proto::NodeStatusResponse {
-            state: convert::node_state(self.node.state()) as i32,
-            role: convert::role(self.node.role()) as i32,
+            state: convert::node_state(node.state()) as i32,
+            role: convert::role(node.role()) as i32,
             models: self
-                .backend
+                .front
                 .models()
                 .iter()
                 .map(convert::model_info)
                 .collect(),
-            in_flight: u32::try_from(self.node.in_flight()).unwrap_or(u32::MAX),
-            uptime_ms: millis(self.node.uptime()),
-            warm_after_ms: self.node.warm_after().map_or(0, millis),
+            in_flight: u32::try_from(node.in_flight()).unwrap_or(u32::MAX),
+            uptime_ms: millis(node.uptime()),
+            warm_after_ms: node.warm_after().map_or(0, millis),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -120,7 +121,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::ActivateRequest>,
     ) -> Result<Response<proto::NodeStatusResponse>, Status> {
-        self.node.activate()?;
+        self.front.node().activate().map_err(status)?;
         Ok(Response::new(self.status()))
     }
 
@@ -128,7 +129,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::StandbyRequest>,
     ) -> Result<Response<proto::NodeStatusResponse>, Status> {
-        self.node.standby()?;
+        self.front.node().standby().map_err(status)?;
         Ok(Response::new(self.status()))
     }
 
@@ -136,7 +137,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<proto::DrainRequest>,
     ) -> Result<Response<proto::NodeStatusResponse>, Status> {
-        self.node.drain();
+        self.front.node().drain();
         Ok(Response::new(self.status()))
     }
 
@@ -145,8 +146,8 @@ impl Admin for AdminService {
         request: Request<proto::LoadModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let control = self.control()?;
-        let config = model_config(request.into_inner())?;
-        let info = control.load_model(config).await?;
+        let config = model_config(request.into_inner()).map_err(status)?;
+        let info = control.load_model(config).await.map_err(status)?;
         Ok(Response::new(convert::model_info(&info)))
     }
 
@@ -155,7 +156,10 @@ impl Admin for AdminService {
         request: Request<proto::UnloadModelRequest>,
     ) -> Result<Response<proto::UnloadModelResponse>, Status> {
         let control = self.control()?;
-        let refused = control.unload_model(&request.into_inner().id).await?;
+        let refused = control
+            .unload_model(&request.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::UnloadModelResponse {
             refused_queued: u32::try_from(refused).unwrap_or(u32::MAX),
         }))
@@ -169,7 +173,8 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let report = control
             .warm_up(&request.models, request.hot_answers as usize)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::WarmupResponse {
             generations: u32::try_from(report.generations).unwrap_or(u32::MAX),
             hot_answers_loaded: u32::try_from(report.hot_answers_loaded).unwrap_or(u32::MAX),

@@ -1,26 +1,26 @@
 //! The gRPC front door: `qnode.v1.Inference`, `grpc.health.v1.Health` and server reflection
 //! (v1 and v1alpha) on one listener, with the optional API key, message size limits, deadlines
-//! and graceful shutdown.
+//! and graceful shutdown. Wire translation only: checking, admission and the call loop are
+//! [`crate::front`]'s.
 //!
 //! # Layout
 //! - [`proto`]: generated wire types and the descriptor set for reflection.
-//! - [`validate`]: wire request → `GenerationRequest`, the only place inputs are checked.
-//! - `status`: every error → `tonic::Status`, the only place codes are chosen.
+//! - `convert`: wire ⇄ neutral request and results.
+//! - `status`: [`FrontError`](crate::front::FrontError) → `tonic::Status`, the only place codes
+//!   are chosen.
 //! - `inference`: the service; unary collects, streaming forwards on a bounded channel.
 //! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
-//! - `health`: follows the node's state and the backend's models.
-//! - `auth`: bearer-key interceptor. `deadline`: `grpc-timeout` parsing.
+//! - `health`: follows the node's readiness.
+//! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout` parsing.
 
 mod admin;
-pub(crate) mod auth;
-pub(crate) mod call;
+mod auth;
 mod convert;
 mod deadline;
 mod health;
 mod inference;
 pub mod proto;
 mod status;
-pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,10 +35,9 @@ use tonic_health::ServingStatus;
 
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
+use crate::front::{ApiKeyCheck, Front};
 use crate::metrics::Metrics;
 use crate::node::{ModelControl, Node};
-
-pub use validate::ValidationError;
 
 /// What `run` needs, taken from [`Config`] plus the node's metrics.
 #[derive(Clone)]
@@ -51,7 +50,7 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Largest message decoded or encoded by the Inference service, in bytes.
     pub max_message_bytes: usize,
-    /// Per-request limits checked by [`validate::validate`].
+    /// Per-request limits checked by [`crate::front::validate::validate`].
     pub limits: Limits,
     /// Where the server's counters and histograms go.
     pub metrics: Metrics,
@@ -154,13 +153,18 @@ pub async fn run(
         node,
         models,
     } = services;
+    let front = Front::new(
+        backend,
+        Arc::clone(&node),
+        config.limits.clone(),
+        config.metrics.clone(),
+    );
 
     let (mut reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(&mut reporter, ServingStatus::NotServing).await;
     let follower = tokio::spawn(health::follow(
         reporter.clone(),
-        Arc::clone(&node),
-        Arc::clone(&backend),
+        front.clone(),
         config.health_poll,
     ));
 
@@ -179,24 +183,21 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let admin = proto::admin_server::AdminServer::new(admin::AdminService {
-        node: Arc::clone(&node),
-        backend: Arc::clone(&backend),
+        front: front.clone(),
         models,
     });
     let admin = InterceptedService::new(
         admin,
-        auth::ApiKeyCheck::new(config.admin_api_key.as_deref()),
+        auth::GrpcAuth(ApiKeyCheck::new(config.admin_api_key.as_deref())),
     );
-    let inference = proto::inference_server::InferenceServer::new(inference::InferenceService {
-        backend,
-        limits: config.limits.clone(),
-        node: Arc::clone(&node),
-        metrics: config.metrics.clone(),
-    })
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
     let inference =
-        InterceptedService::new(inference, auth::ApiKeyCheck::new(config.api_key.as_deref()));
+        proto::inference_server::InferenceServer::new(inference::InferenceService { front })
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+    let inference = InterceptedService::new(
+        inference,
+        auth::GrpcAuth(ApiKeyCheck::new(config.api_key.as_deref())),
+    );
 
     // Draining closes the listener at once: a balancer then gets "connection refused" and tries
     // another node itself (nginx's `grpc_next_upstream error`), where an open listener answering

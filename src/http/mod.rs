@@ -2,15 +2,14 @@
 //! use a node with no code of their own: `POST /v1/chat/completions`, `POST /v1/completions`,
 //! `GET /v1/models`, plus `GET /health` (liveness) and `GET /ready` (readiness).
 //!
-//! One code path under both fronts: a call is admitted by [`Node::admit`], checked by the same
-//! [`crate::server::validate::validate`] (the request is converted to the gRPC wire request first),
-//! submitted to the same [`Backend`] (the cache over the pool), read by the same loops
-//! ([`crate::server::call`]) and counted in the same [`Metrics`] (`method` label
-//! `chat.completions` / `completions`).
+//! Wire translation only: the JSON body becomes the front's neutral
+//! [`RawRequest`](crate::front::RawRequest), and [`Front::begin`] admits, checks and submits it
+//! exactly as for gRPC; the same loops ([`crate::front::call`]) read the events and count the call
+//! in the same metrics (`method` label `chat.completions` / `completions`).
 //!
 //! # Layout
-//! - [`types`]: the JSON shapes. [`convert`]: request → wire request, results → responses.
-//! - [`error`]: every error → HTTP status and OpenAI error body, in one place.
+//! - [`types`]: the JSON shapes. [`convert`]: request → neutral request, results → responses.
+//! - [`error`]: [`FrontError`] → HTTP status and OpenAI error body, in one place.
 //! - [`sse`]: streamed answers as server-sent events.
 //!
 //! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` are accepted
@@ -41,12 +40,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::config::{Config, Limits};
-use crate::engine::{Backend, ModelState};
+use crate::engine::Backend;
+use crate::front::{
+    self, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, RawRequest, TENANT_HEADER,
+};
 use crate::metrics::Metrics;
-use crate::node::{Node, NodeState};
-use crate::server::auth::ApiKeyCheck;
-use crate::server::call::{self, new_request_id, Call, TENANT_HEADER};
-use crate::server::{proto, validate};
+use crate::node::Node;
 
 use convert::Options;
 use error::ApiError;
@@ -100,10 +99,7 @@ impl std::fmt::Debug for HttpConfig {
 
 #[derive(Clone)]
 struct AppState {
-    backend: Arc<dyn Backend>,
-    node: Arc<Node>,
-    limits: Limits,
-    metrics: Metrics,
+    front: Front,
     auth: ApiKeyCheck,
     /// Unix seconds at start, the `created` of every model.
     started: u64,
@@ -119,10 +115,7 @@ fn unix_now() -> u64 {
 /// The routes, over `backend` and `node`.
 pub fn router(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) -> Router {
     let state = AppState {
-        backend,
-        node,
-        limits: config.limits,
-        metrics: config.metrics,
+        front: Front::new(backend, node, config.limits, config.metrics),
         auth: ApiKeyCheck::new(config.api_key.as_deref()),
         started: unix_now(),
     };
@@ -166,24 +159,22 @@ async fn check_key(State(state): State<AppState>, request: Request, next: Next) 
         .and_then(|v| v.to_str().ok());
     match state.auth.check(header) {
         Ok(()) => next.run(request).await,
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::from(FrontError::from(e)).into_response(),
     }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let body = serde_json::json!({"status": "ok", "state": state.node.state().as_str()});
+    let body = serde_json::json!({"status": "ok", "state": state.front.node().state().as_str()});
     (StatusCode::OK, Json(body)).into_response()
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    let node_state = state.node.state();
-    let models = state.backend.models();
-    let model_ready = models.iter().any(|m| m.state == ModelState::Ready);
-    let ready = node_state == NodeState::Ready && model_ready;
+    let readiness = state.front.readiness();
+    let ready = readiness.serving();
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
-        "state": node_state.as_str(),
-        "models_ready": models.iter().filter(|m| m.state == ModelState::Ready).count(),
+        "state": readiness.state.as_str(),
+        "models_ready": readiness.models_ready,
     });
     let code = if ready {
         StatusCode::OK
@@ -195,7 +186,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let data = state
-        .backend
+        .front
         .models()
         .into_iter()
         .map(|m| Model {
@@ -227,8 +218,8 @@ async fn completions(
     converted_then_generate(state, headers, body, convert::completion, Kind::Text).await
 }
 
-/// How one endpoint turns its body into the wire request.
-type Converter = fn(GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError>;
+/// How one endpoint turns its body into the neutral request.
+type Converter = fn(GenerateBody) -> Result<(RawRequest, Options), FrontError>;
 
 /// Both generation endpoints: a JSON error or a conversion error answers at once, else generate.
 async fn converted_then_generate(
@@ -240,7 +231,7 @@ async fn converted_then_generate(
 ) -> Response {
     let converted = body
         .map_err(ApiError::from)
-        .and_then(|Json(request)| convert(request));
+        .and_then(|Json(request)| convert(request).map_err(ApiError::from));
     match converted {
         Ok((wire, options)) => generate(state, headers, wire, options, kind).await,
         Err(e) => e.into_response(),
@@ -278,7 +269,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// The deadline from [`TIMEOUT_HEADER`]; a value that is not a whole number of milliseconds is a
 /// 400 naming the header.
-fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, ApiError> {
+fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, FrontError> {
     let Some(value) = headers.get(TIMEOUT_HEADER) else {
         return Ok(None);
     };
@@ -287,7 +278,7 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Ap
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| {
-            ApiError::invalid(
+            FrontError::invalid(
                 TIMEOUT_HEADER,
                 format!(
                     "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {value:?}"
@@ -297,58 +288,32 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Ap
     Ok(Some(arrival + Duration::from_millis(ms)))
 }
 
-/// Admit, validate, submit, then answer whole or as a stream: the steps of the gRPC front, in the
-/// same order, over the same pieces.
+/// Translate the headers, [`Front::begin`] the call (admit, validate, submit: the steps of the
+/// gRPC front, the same code), then answer whole or as a stream.
 async fn generate(
     state: AppState,
     headers: HeaderMap,
-    wire: proto::GenerateRequest,
+    raw: RawRequest,
     options: Options,
     kind: Kind,
 ) -> Response {
-    let guard = match state.node.admit() {
-        Ok(guard) => guard,
-        Err(refusal) => return ApiError::from(refusal).into_response(),
-    };
     let arrival = Instant::now();
     let request_id = header_str(&headers, REQUEST_ID_HEADER)
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let tenant = header_str(&headers, TENANT_HEADER).map(str::to_owned);
-    let models = state.backend.models();
-    let deadline = deadline(&headers, arrival);
-    let (mut call, span) = Call::new(
-        guard,
+    let meta = CallMeta {
+        method: kind.method(),
         arrival,
-        deadline.clone().ok().flatten(),
-        request_id.clone(),
-        &wire.model,
-        &models,
-        kind.method(),
-        state.metrics.clone(),
-    );
-    let model = wire.model.clone();
-    let submitted = deadline
-        .and_then(|deadline| {
-            validate::validate(
-                wire,
-                &models,
-                &state.limits,
-                request_id.clone(),
-                deadline,
-                tenant,
-            )
-            .map_err(ApiError::from)
-        })
-        .and_then(|request| state.backend.submit(request).map_err(ApiError::from));
-    let events = match submitted {
-        Ok(events) => events,
-        Err(e) => {
-            let _entered = span.enter();
-            call.refused(e.grpc, &e.message);
-            return with_request_id(e.into_response(), &request_id);
-        }
+        request_id: Some(request_id.clone()),
+        tenant: header_str(&headers, TENANT_HEADER).map(str::to_owned),
+        deadline: deadline(&headers, arrival),
     };
+    let model = raw.model.clone();
+    let (mut call, events) = match state.front.begin(meta, raw) {
+        Ok(begun) => begun,
+        Err(e) => return with_request_id(ApiError::from(e).into_response(), &request_id),
+    };
+    let span = call.span().clone();
     if let Some(user) = &options.user {
         tracing::info!(parent: &span, user = ?user, "OpenAI user");
     }
@@ -356,26 +321,26 @@ async fn generate(
     let created = unix_now();
     let response = if options.stream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let node = Arc::clone(&state.node);
+        let node = Arc::clone(state.front.node());
         match kind {
             Kind::Chat => {
-                let front = sse::ChatStream {
+                let spelling = sse::ChatStream {
                     id,
                     created,
                     model,
                     include_usage: options.include_usage,
                     sent_role: false,
                 };
-                tokio::spawn(call::forward(call, events, tx, node, front).instrument(span));
+                tokio::spawn(front::forward(call, events, tx, node, spelling).instrument(span));
             }
             Kind::Text => {
-                let front = sse::TextStream {
+                let spelling = sse::TextStream {
                     id,
                     created,
                     model,
                     include_usage: options.include_usage,
                 };
-                tokio::spawn(call::forward(call, events, tx, node, front).instrument(span));
+                tokio::spawn(front::forward(call, events, tx, node, spelling).instrument(span));
             }
         }
         (
@@ -387,7 +352,7 @@ async fn generate(
         )
             .into_response()
     } else {
-        let result = call::collect(&mut call, events, &state.node)
+        let result = front::collect(&mut call, events, state.front.node())
             .instrument(span)
             .await;
         match result {

@@ -1,5 +1,6 @@
-//! Every error of the HTTP front → an HTTP status and OpenAI's error body
-//! `{"error":{"message","type","param","code"}}`, here and nowhere else.
+//! [`FrontError`] → an HTTP status and OpenAI's error body `{"error":{"message","type","param",
+//! "code"}}`, here and nowhere else: the status and `type` come from the error's [`ErrorKind`],
+//! `code` is its `reason`, `param` its field.
 //!
 //! | cause                                   | HTTP | type                  | code                      |
 //! |-----------------------------------------|------|-----------------------|---------------------------|
@@ -8,7 +9,9 @@
 //! | missing or wrong bearer key             | 401  | invalid_request_error | invalid_api_key           |
 //! | unknown model                           | 404  | invalid_request_error | model_not_found           |
 //! | model queue full (`Retry-After` set)    | 429  | rate_limit_error      | queue_full                |
-//! | node loading/warming/standby/draining, model not ready, hard stop | 503 | service_unavailable | node state |
+//! | Admin-only: already exists              | 409  | invalid_request_error | ...                       |
+//! | not cached (`only-if-cached`)           | 412  | invalid_request_error | not_cached                |
+//! | node loading/warming/standby/draining, model not ready/failed/unloaded, shutting down | 503 | service_unavailable | node_draining, model_unloaded, ... |
 //! | the `x-qnode-timeout-ms` deadline passed | 504 | timeout               | deadline_exceeded         |
 //! | a bug                                   | 500  | server_error          | internal_error            |
 //!
@@ -22,11 +25,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::engine::EngineError;
-use crate::node::Refusal;
-use crate::server::auth::AuthError;
-use crate::server::call::CallError;
-use crate::server::ValidationError;
+use crate::front::{ErrorKind, FrontError};
 
 /// One refused or failed HTTP call, ready to be sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,8 +42,6 @@ pub struct ApiError {
     pub code: &'static str,
     /// Sent as `Retry-After` (whole seconds, rounded up).
     pub retry_after: Option<Duration>,
-    /// The gRPC code name of the same failure, for the shared `requests_total` label.
-    pub grpc: tonic::Code,
 }
 
 /// The JSON body, `{"error": {...}}`.
@@ -62,64 +59,60 @@ struct Detail<'a> {
     code: &'a str,
 }
 
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
-        let grpc = match status {
-            StatusCode::BAD_REQUEST => tonic::Code::InvalidArgument,
-            StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
-            StatusCode::NOT_FOUND => tonic::Code::NotFound,
-            StatusCode::PRECONDITION_FAILED => tonic::Code::FailedPrecondition,
-            StatusCode::TOO_MANY_REQUESTS => tonic::Code::ResourceExhausted,
-            StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
-            StatusCode::GATEWAY_TIMEOUT => tonic::Code::DeadlineExceeded,
-            _ => tonic::Code::Internal,
+impl From<FrontError> for ApiError {
+    fn from(error: FrontError) -> Self {
+        let (status, kind) = match error.kind {
+            ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error"),
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "invalid_request_error"),
+            ErrorKind::FailedPrecondition => {
+                (StatusCode::PRECONDITION_FAILED, "invalid_request_error")
+            }
+            ErrorKind::ResourceExhausted { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+            }
+            ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            ErrorKind::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            // Never sent (the client left); nginx's "client closed request".
+            ErrorKind::Cancelled => (
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "invalid_request_error",
+            ),
+            ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        };
+        let retry_after = match error.kind {
+            ErrorKind::ResourceExhausted { retry_after } => Some(retry_after),
+            _ => None,
         };
         Self {
             status,
             kind,
-            message,
-            param: None,
-            code,
-            retry_after: None,
-            grpc,
+            message: error.message,
+            param: error.param,
+            code: error.reason,
+            retry_after,
         }
     }
+}
 
+impl ApiError {
     /// A 400 about `param`.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_value",
-            message.into(),
-        );
-        e.param = Some(param.into());
-        e
-    }
-
-    /// A 404 for a model this node does not serve (from validation or from the pool).
-    fn model_not_found(message: String) -> Self {
-        let mut e = Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            message,
-        );
-        e.param = Some("model".into());
-        e
+        FrontError::invalid(param, message).into()
     }
 
     /// A 404 for a path this front does not serve.
     pub fn no_route(path: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
+        FrontError::new(
+            ErrorKind::NotFound,
             "unknown_url",
             format!(
                 "no route for `{path}`: this node serves POST /v1/chat/completions, \
                  POST /v1/completions, GET /v1/models, GET /health and GET /ready"
             ),
         )
+        .into()
     }
 
     /// The JSON body alone, for an SSE `data:` line.
@@ -154,140 +147,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ValidationError> for ApiError {
-    fn from(error: ValidationError) -> Self {
-        let message = error.to_string();
-        match error {
-            ValidationError::UnknownModel { .. } => Self::model_not_found(message),
-            ValidationError::OutOfRange { field, .. } | ValidationError::Empty { field } => {
-                Self::invalid(field, message)
-            }
-            ValidationError::PromptAndMessages | ValidationError::NoPrompt => {
-                Self::invalid("messages", message)
-            }
-        }
-    }
-}
-
-impl From<EngineError> for ApiError {
-    fn from(error: EngineError) -> Self {
-        let message = error.to_string();
-        match error {
-            EngineError::UnknownModel(_) => Self::model_not_found(message),
-            EngineError::InvalidArgument(_) | EngineError::Template(_) => Self::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_value",
-                message,
-            ),
-            EngineError::ContextOverflow { .. } => {
-                let mut e = Self::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "context_length_exceeded",
-                    message,
-                );
-                e.param = Some("messages".into());
-                e
-            }
-            EngineError::QueueFull { retry_after, .. } => {
-                let mut e = Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "queue_full",
-                    message,
-                );
-                e.retry_after = Some(retry_after);
-                e
-            }
-            EngineError::NotReady(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "model_not_ready",
-                message,
-            ),
-            EngineError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "unavailable",
-                message,
-            ),
-            EngineError::DeadlineExceeded(_) => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "deadline_exceeded",
-                message,
-            ),
-            EngineError::NotCached => Self::new(
-                StatusCode::PRECONDITION_FAILED,
-                "invalid_request_error",
-                "not_cached",
-                message,
-            ),
-            EngineError::Internal(_) => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-                message,
-            ),
-        }
-    }
-}
-
-impl From<CallError> for ApiError {
-    fn from(error: CallError) -> Self {
-        let message = error.to_string();
-        match error {
-            CallError::Engine(e) => e.into(),
-            CallError::HardStop => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "shutting_down",
-                message,
-            ),
-            CallError::Deadline(_) => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "deadline_exceeded",
-                message,
-            ),
-            CallError::EndedEarly => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-                message,
-            ),
-        }
-    }
-}
-
-impl From<Refusal> for ApiError {
-    fn from(refusal: Refusal) -> Self {
-        let code = match &refusal {
-            Refusal::Starting(_) => "node_starting",
-            Refusal::Standby => "node_standby",
-            Refusal::Draining => "node_draining",
-        };
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            code,
-            refusal.to_string(),
-        )
-    }
-}
-
-impl From<AuthError> for ApiError {
-    fn from(error: AuthError) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            format!("{error}: send the node's key as `Authorization: Bearer <key>`"),
-        )
-    }
-}
-
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let (code, hint) = match &rejection {
@@ -311,7 +170,8 @@ impl From<JsonRejection> for ApiError {
             ),
             _ => ("invalid_body", rejection.body_text()),
         };
-        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, hint);
+        let mut e: ApiError = FrontError::new(ErrorKind::InvalidArgument, code, hint).into();
+        // The one status OpenAI's shape has and the error kinds do not.
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             e.status = StatusCode::PAYLOAD_TOO_LARGE;
         }
@@ -322,10 +182,16 @@ impl From<JsonRejection> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::NodeState;
+    use crate::engine::EngineError;
+    use crate::front::{AuthError, ValidationError};
+    use crate::node::{NodeState, Refusal};
 
     fn body(e: &ApiError) -> serde_json::Value {
         serde_json::from_str(&e.body_json()).unwrap()
+    }
+
+    fn api(error: impl Into<FrontError>) -> ApiError {
+        ApiError::from(error.into())
     }
 
     #[test]
@@ -361,7 +227,20 @@ mod tests {
                 "queue_full",
             ),
             (EngineError::NotReady("m".into()), 503, "model_not_ready"),
-            (EngineError::Unavailable("d".into()), 503, "unavailable"),
+            (
+                EngineError::ModelFailed {
+                    model: "m".into(),
+                    reason: "bad".into(),
+                },
+                503,
+                "model_failed",
+            ),
+            (
+                EngineError::ModelUnloaded("m".into()),
+                503,
+                "model_unloaded",
+            ),
+            (EngineError::ShuttingDown("m".into()), 503, "shutting_down"),
             (
                 EngineError::DeadlineExceeded(Duration::from_secs(1)),
                 504,
@@ -372,15 +251,10 @@ mod tests {
         ];
         for (error, status, code) in cases {
             let message = error.to_string();
-            let grpc = tonic::Status::from(error.clone()).code();
-            let e = ApiError::from(error);
+            let e = api(error);
             assert_eq!(e.status.as_u16(), status, "{message}");
             assert_eq!(e.code, code, "{message}");
             assert_eq!(e.message, message);
-            assert_eq!(
-                e.grpc, grpc,
-                "same metric label as the gRPC front: {message}"
-            );
             let json = body(&e);
             assert_eq!(json["error"]["message"], message);
             assert_eq!(json["error"]["code"], code);
@@ -389,7 +263,7 @@ mod tests {
 
     #[test]
     fn queue_full_sets_retry_after_in_whole_seconds() {
-        let e = ApiError::from(EngineError::QueueFull {
+        let e = api(EngineError::QueueFull {
             model: "m".into(),
             max_queued: 4,
             retry_after: Duration::from_millis(1500),
@@ -402,7 +276,7 @@ mod tests {
 
     #[test]
     fn validation_errors_name_the_field() {
-        let e = ApiError::from(ValidationError::OutOfRange {
+        let e = api(ValidationError::OutOfRange {
             field: "temperature".into(),
             constraint: "in [0, 2]".into(),
             given: "5".into(),
@@ -411,7 +285,7 @@ mod tests {
         let json = body(&e);
         assert_eq!(json["error"]["param"], "temperature");
         assert_eq!(json["error"]["type"], "invalid_request_error");
-        let e = ApiError::from(ValidationError::UnknownModel {
+        let e = api(ValidationError::UnknownModel {
             model: "x".into(),
             served: "smollm2".into(),
         });
@@ -420,32 +294,20 @@ mod tests {
     }
 
     #[test]
-    fn refusals_auth_and_call_errors() {
+    fn refusals_and_auth() {
         for (refusal, code) in [
             (Refusal::Starting(NodeState::Loading), "node_starting"),
             (Refusal::Standby, "node_standby"),
             (Refusal::Draining, "node_draining"),
         ] {
-            let e = ApiError::from(refusal);
+            let e = api(refusal);
             assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(e.code, code);
         }
         for auth in [AuthError::Missing, AuthError::Invalid] {
-            let e = ApiError::from(auth);
+            let e = api(auth);
             assert_eq!(e.status, StatusCode::UNAUTHORIZED);
             assert!(e.message.contains("Authorization: Bearer"), "{}", e.message);
         }
-        assert_eq!(
-            ApiError::from(CallError::HardStop).status,
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            ApiError::from(CallError::Deadline(Duration::from_millis(5))).status,
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            ApiError::from(CallError::EndedEarly).status,
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
     }
 }

@@ -3,7 +3,7 @@
 //! then `data: [DONE]\n\n`. A failure after the stream began is one `data: {"error": ...}` event
 //! and no `[DONE]` (how OpenAI's clients tell it apart from an answer).
 //!
-//! The events come from [`crate::server::call::forward`], the loop the gRPC stream uses too.
+//! The events come from [`crate::front::forward`], the loop the gRPC stream uses too.
 
 use std::convert::Infallible;
 
@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::convert::{finish_reason, usage};
 use super::error::ApiError;
 use super::types::{ChatCompletionChunk, ChunkChoice, Delta, TextChoice, TextCompletion};
-use crate::server::call::{Call, CallError, Step, StreamFront};
+use crate::front::{Call, FrontError, Step, StreamFront};
 
 /// What goes down the HTTP body: one or more whole events.
 pub type Item = Result<Bytes, Infallible>;
@@ -26,7 +26,7 @@ fn event(value: &impl Serialize) -> String {
 
 const DONE: &str = "data: [DONE]\n\n";
 
-fn failure(error: &CallError) -> Item {
+fn failure(error: &FrontError) -> Item {
     let error = ApiError::from(error.clone());
     Ok(Bytes::from(format!("data: {}\n\n", error.body_json())))
 }
@@ -97,7 +97,7 @@ impl StreamFront for ChatStream {
         vec![Ok(Bytes::from(text))]
     }
 
-    fn failed(&mut self, _call: &Call, error: &CallError) -> Item {
+    fn failed(&mut self, _call: &Call, error: &FrontError) -> Item {
         failure(error)
     }
 }
@@ -170,7 +170,7 @@ impl StreamFront for TextStream {
         vec![Ok(Bytes::from(text))]
     }
 
-    fn failed(&mut self, _call: &Call, error: &CallError) -> Item {
+    fn failed(&mut self, _call: &Call, error: &FrontError) -> Item {
         failure(error)
     }
 }

@@ -1,16 +1,16 @@
-//! OpenAI requests → the gRPC front's [`proto::GenerateRequest`], so both fronts go through the
-//! same [`crate::server::validate::validate`]; engine results → OpenAI responses.
+//! OpenAI requests → the front's neutral [`RawRequest`], so both fronts go through the same
+//! [`crate::front::validate::validate`]; results → OpenAI responses.
 //!
-//! Only what OpenAI has and qnode's wire lacks is checked here (`n`, content parts, a batch of
-//! prompts); every range (temperature, max_tokens, stop, roles, empty text) is left to `validate`.
+//! Only what OpenAI has and the neutral request lacks is checked here (`n`, content parts, a
+//! batch of prompts); every range (temperature, max_tokens, stop, roles, empty text) is left to
+//! `validate`.
 
-use crate::engine::{Completion, FinishReason, Source};
-use crate::server::proto;
+use crate::front::{FrontError, RawRequest};
+use crate::types::{ChatMessage, Completion, FinishReason, Source};
 
-use super::error::ApiError;
 use super::types::{Content, GenerateBody, Prompt, RequestMessage, Usage};
 
-/// What a request wants beyond the wire request: how to answer.
+/// What a request wants beyond the neutral request: how to answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Answer as server-sent events.
@@ -21,12 +21,12 @@ pub struct Options {
     pub user: Option<String>,
 }
 
-/// A chat request on the wire of the gRPC front.
-pub fn chat(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+/// A chat request as the neutral request.
+pub fn chat(mut body: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     let messages = body
         .messages
         .take()
-        .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?
+        .ok_or_else(|| FrontError::invalid("messages", "`messages` is required"))?
         .into_iter()
         .enumerate()
         .map(|(i, m)| message(i, m))
@@ -36,14 +36,14 @@ pub fn chat(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Options),
     Ok((wire, options))
 }
 
-/// A legacy completion request on the wire of the gRPC front.
-pub fn completion(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+/// A legacy completion request as the neutral request.
+pub fn completion(mut body: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     let prompt = match body.prompt.take() {
-        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+        None => return Err(FrontError::invalid("prompt", "`prompt` is required")),
         Some(Prompt::One(p)) => p,
         Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
         Some(Prompt::Many(v)) => {
-            return Err(ApiError::invalid(
+            return Err(FrontError::invalid(
                 "prompt",
                 format!(
                     "`prompt` must be one string (a list of exactly one is also taken). Given: a list of {}",
@@ -57,7 +57,7 @@ pub fn completion(mut body: GenerateBody) -> Result<(proto::GenerateRequest, Opt
     Ok((wire, options))
 }
 
-fn message(i: usize, m: RequestMessage) -> Result<proto::ChatMessage, ApiError> {
+fn message(i: usize, m: RequestMessage) -> Result<ChatMessage, FrontError> {
     let content = match m.content {
         None => String::new(),
         Some(Content::Text(text)) => text,
@@ -67,13 +67,13 @@ fn message(i: usize, m: RequestMessage) -> Result<proto::ChatMessage, ApiError> 
                 match (part.kind.as_str(), part.text) {
                     ("text", Some(t)) => text.push_str(&t),
                     ("text", None) => {
-                        return Err(ApiError::invalid(
+                        return Err(FrontError::invalid(
                             format!("messages[{i}].content[{j}].text"),
                             format!("`messages[{i}].content[{j}].text` is required for a text part"),
                         ))
                     }
                     (other, _) => {
-                        return Err(ApiError::invalid(
+                        return Err(FrontError::invalid(
                             format!("messages[{i}].content[{j}].type"),
                             format!(
                                 "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {other:?}"
@@ -91,13 +91,13 @@ fn message(i: usize, m: RequestMessage) -> Result<proto::ChatMessage, ApiError> 
     } else {
         m.role
     };
-    Ok(proto::ChatMessage { role, content })
+    Ok(ChatMessage { role, content })
 }
 
 /// Everything but the prompt; `messages` and `prompt` are taken out already.
-fn sampling(s: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiError> {
+fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     if let Some(n) = s.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid(
+        return Err(FrontError::invalid(
             "n",
             format!("`n` must be 1: this node generates one choice per request. Given: {n}"),
         ));
@@ -107,14 +107,14 @@ fn sampling(s: GenerateBody) -> Result<(proto::GenerateRequest, Options), ApiErr
         tracing::debug!("presence/frequency penalty ignored");
     }
     let stream = s.stream.unwrap_or(false);
-    let wire = proto::GenerateRequest {
+    let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
         temperature: s.temperature,
         top_p: s.top_p,
         seed: s.seed,
         stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
-        ..Default::default()
+        ..RawRequest::default()
     };
     let options = Options {
         stream,
@@ -157,7 +157,7 @@ pub fn fingerprint(source: Source) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    fn chat_json(json: &str) -> Result<(proto::GenerateRequest, Options), ApiError> {
+    fn chat_json(json: &str) -> Result<(RawRequest, Options), FrontError> {
         chat(serde_json::from_str::<GenerateBody>(json).expect("parses"))
     }
 
@@ -210,7 +210,7 @@ mod tests {
     fn n_other_than_one_is_refused_by_name() {
         let e = chat_json(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#)
             .unwrap_err();
-        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.kind, crate::types::ErrorKind::InvalidArgument);
         assert_eq!(e.param.as_deref(), Some("n"));
         assert!(e.message.contains("Given: 2"), "{}", e.message);
     }

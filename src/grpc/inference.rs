@@ -1,0 +1,125 @@
+//! The `qnode.v1.Inference` service: translate the wire request, [`Front::begin`] the call, then
+//! collect (unary) or forward (streaming) its events, spelled as proto messages.
+
+// `tonic::Status` (176 bytes) is what handlers return; boxing it would only add conversions.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::proto::inference_server::Inference;
+use super::{convert, deadline, proto};
+use crate::engine::EventStream;
+use crate::front::{self, Call, CallMeta, Front, FrontError, Step, StreamFront, TENANT_HEADER};
+
+/// Chunks buffered between the forwarding task and the HTTP/2 stream of one call.
+const STREAM_BUFFER: usize = 16;
+
+/// Implements the service over the front.
+pub(crate) struct InferenceService {
+    pub(crate) front: Front,
+}
+
+impl InferenceService {
+    /// The wire request and its metadata, handed to [`Front::begin`].
+    fn begin(
+        &self,
+        request: Request<proto::GenerateRequest>,
+        method: &'static str,
+    ) -> Result<(Call, EventStream), Status> {
+        let arrival = Instant::now();
+        let tenant = request
+            .metadata()
+            .get(TENANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        let deadline = deadline::from_metadata(request.metadata(), arrival);
+        let (raw, request_id) = convert::request(request.into_inner());
+        let meta = CallMeta {
+            method,
+            arrival,
+            request_id,
+            tenant,
+            deadline: Ok(deadline),
+        };
+        Ok(self.front.begin(meta, raw)?)
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    async fn generate(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<proto::GenerateResponse>, Status> {
+        let (mut call, events) = self.begin(request, "Generate")?;
+        let span = call.span().clone();
+        let (text, completion) = front::collect(&mut call, events, self.front.node())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(convert::response(
+            text,
+            &completion,
+            call.request_id.clone(),
+        )))
+    }
+
+    type GenerateStreamStream = ReceiverStream<Result<proto::GenerateChunk, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (call, events) = self.begin(request, "GenerateStream")?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let node = Arc::clone(self.front.node());
+        let span = call.span().clone();
+        tokio::spawn(front::forward(call, events, tx, node, GrpcChunks).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<proto::ListModelsRequest>,
+    ) -> Result<Response<proto::ListModelsResponse>, Status> {
+        let models = self
+            .front
+            .models()
+            .iter()
+            .map(convert::model_info)
+            .collect();
+        Ok(Response::new(proto::ListModelsResponse {
+            models,
+            node_state: convert::node_state(self.front.node().state()) as i32,
+        }))
+    }
+}
+
+/// The gRPC spelling of a stream: one chunk per delta, a last chunk with usage, a final status.
+struct GrpcChunks;
+
+impl StreamFront for GrpcChunks {
+    type Item = Result<proto::GenerateChunk, Status>;
+
+    fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item> {
+        let chunk = match step {
+            Step::Delta(text) => proto::GenerateChunk {
+                text: text.clone(),
+                request_id: call.request_id.clone(),
+                ..Default::default()
+            },
+            Step::Finished(completion) => convert::last_chunk(completion, call.request_id.clone()),
+        };
+        vec![Ok(chunk)]
+    }
+
+    fn failed(&mut self, _call: &Call, error: &FrontError) -> Self::Item {
+        Err(error.clone().into())
+    }
+}
