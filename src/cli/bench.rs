@@ -45,6 +45,60 @@ pub struct BenchArgs {
     /// Give up on one request after this many seconds (counted as an error).
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Replay multi-turn conversations over OpenAI-compatible HTTP instead: `--concurrency`
+    /// conversations at once, `--turns` turns each, every turn the whole history.
+    #[arg(long)]
+    multi_turn: bool,
+    /// `NAME=URL` of an OpenAI-compatible server for `--multi-turn` (repeatable; servers are
+    /// measured interleaved). Default: `qnode=http://127.0.0.1:8080`.
+    #[arg(long = "server")]
+    servers: Vec<String>,
+    /// Turns per conversation (`--multi-turn`).
+    #[arg(long, default_value_t = 12)]
+    turns: usize,
+    /// Greedy tokens per reply (`--multi-turn`).
+    #[arg(long, default_value_t = 32)]
+    reply_tokens: u32,
+    /// `NAME=PID` of a server process whose resident memory is reported (`--multi-turn`;
+    /// repeatable).
+    #[arg(long = "watch-pid")]
+    watch_pids: Vec<String>,
+}
+
+/// `NAME=VALUE` pairs of a repeatable flag.
+fn pairs(flag: &str, values: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    values
+        .iter()
+        .map(|v| {
+            v.split_once('=')
+                .map(|(n, u)| (n.to_string(), u.to_string()))
+                .with_context(|| format!("--{flag} {v:?}: expected NAME=VALUE"))
+        })
+        .collect()
+}
+
+fn replay(args: &BenchArgs) -> anyhow::Result<super::multiturn::Replay> {
+    let mut servers = pairs("server", &args.servers)?;
+    if servers.is_empty() {
+        servers.push(("qnode".into(), "http://127.0.0.1:8080".into()));
+    }
+    let watch = pairs("watch-pid", &args.watch_pids)?
+        .into_iter()
+        .map(|(n, p)| {
+            p.parse::<u32>()
+                .map(|p| (n, p))
+                .with_context(|| format!("--watch-pid: {p:?} is not a process id"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(super::multiturn::Replay {
+        servers,
+        model: args.model.clone(),
+        conversations: args.concurrency.clone(),
+        turns: args.turns,
+        reply_tokens: args.reply_tokens,
+        watch,
+        timeout: Duration::from_secs(args.timeout_secs),
+    })
 }
 
 /// Topics of the prompts. Each request asks about a different one, so no two requests of a level
@@ -117,6 +171,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.multi_turn {
+        let replay = replay(&args)?;
+        rt.block_on(super::multiturn::run(replay))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     rt.block_on(run_async(args))
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod health;
 mod models;
+mod multiturn;
 mod quantize;
 mod serve;
 

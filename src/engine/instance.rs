@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::prefix::PrefixStore;
 use super::sequence::{Admitted, Exit, Sequence};
 use super::EngineError;
 use crate::model::kv_cache::KvCache;
@@ -21,6 +22,13 @@ pub trait WorkSource: Send + Sync + 'static {
     fn take(&self, instance: usize, free: usize, wait: Option<Duration>) -> Option<Admitted>;
     /// False once the pool is shutting down: the loop ends when its batch is empty.
     fn running(&self) -> bool;
+    /// The KV block store of instance `instance`, if prefixes are kept.
+    fn prefix_store(&self, _instance: usize) -> Option<Arc<PrefixStore>> {
+        None
+    }
+    /// Instance `instance` fed `tokens` tokens in a step that took `busy` (the dispatch's
+    /// estimate of what a prefill costs).
+    fn on_step(&self, _instance: usize, _tokens: usize, _busy: Duration) {}
 }
 
 /// Observer of what an instance does (metrics).
@@ -88,6 +96,7 @@ struct Instance {
     settings: InstanceSettings,
     live: Vec<Sequence>,
     spare_caches: Vec<KvCache>,
+    prefix: Option<Arc<PrefixStore>>,
 }
 
 impl Instance {
@@ -97,12 +106,14 @@ impl Instance {
         observer: Arc<dyn StepObserver>,
         settings: InstanceSettings,
     ) -> Self {
+        let prefix = source.prefix_store(settings.index);
         Self {
             model,
             source,
             observer,
             live: Vec::with_capacity(settings.max_batch),
             spare_caches: Vec::new(),
+            prefix,
             settings,
         }
     }
@@ -135,6 +146,7 @@ impl Instance {
                 let busy = started.elapsed();
                 self.observer
                     .on_step(self.settings.index, batch, tokens, sampled, busy);
+                self.source.on_step(self.settings.index, tokens, busy);
                 Ok::<(), crate::model::ModelError>(())
             }));
             match result {
@@ -177,6 +189,9 @@ impl Instance {
             seq.fail(EngineError::DeadlineExceeded(waited));
             self.recycle(seq);
             return;
+        }
+        if let Some(store) = &self.prefix {
+            seq.reuse_prefix(store);
         }
         self.live.push(seq);
     }
@@ -258,13 +273,18 @@ impl Instance {
 
     fn fail_all(&mut self, why: String) {
         for mut seq in std::mem::take(&mut self.live) {
+            seq.forget_prefix();
             seq.fail(EngineError::Internal(why.clone()));
-            // A cache that was mid-write in a failed step is dropped, not reused.
+            // A cache that was mid-write in a failed step is dropped, not reused, and nothing of
+            // it goes to the prefix store.
             drop(seq);
         }
     }
 
-    fn recycle(&mut self, seq: Sequence) {
+    /// A sequence left the batch between steps (finished, cancelled, expired): its cache holds
+    /// only completed positions, which the prefix store keeps; the cache is reused.
+    fn recycle(&mut self, mut seq: Sequence) {
+        seq.keep_prefix();
         if self.spare_caches.len() < self.settings.max_batch {
             self.spare_caches.push(seq.cache);
         }

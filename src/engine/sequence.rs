@@ -1,12 +1,14 @@
 //! One live generation inside an instance: prompt progress, sampling, detokenization, stop
 //! strings, and delivery of text to the caller without ever blocking the batch.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::detokenizer::IncrementalDecoder;
+use super::prefix::PrefixStore;
 use super::sampler::Sampler;
 use super::stop::StopMatcher;
 use super::{Completion, EngineError, FinishReason, GenerationEvent, Source, Timings};
@@ -55,6 +57,10 @@ pub struct Sequence {
     pub cache: KvCache,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens whose keys and values came from the prefix store.
+    cached: usize,
+    /// Where this sequence's blocks go when it ends (`None`: nowhere, or already kept).
+    store: Option<Arc<PrefixStore>>,
     /// Prompt then generated tokens (the repetition penalty's history).
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -78,12 +84,46 @@ impl Sequence {
             req,
             cache,
             prefilled: 0,
+            cached: 0,
+            store: None,
             decoder: IncrementalDecoder::new(),
             stop,
             pending: String::new(),
             admitted: Instant::now(),
             first_token: None,
         }
+    }
+
+    /// Start from the longest prefix of the prompt that `store` holds (copied into this
+    /// sequence's cache), so only the rest is prefilled, and keep this sequence's own blocks
+    /// there when it ends. Call before the first step. Returns the prompt tokens reused.
+    pub fn reuse_prefix(&mut self, store: &Arc<PrefixStore>) -> usize {
+        let n = store.restore(&self.tokens[..self.prompt_len], &mut self.cache);
+        self.prefilled = n;
+        self.cached = n;
+        self.store = Some(Arc::clone(store));
+        n
+    }
+
+    /// Hand the whole blocks of this sequence's computed positions (prompt and the generated
+    /// tokens fed back so far) to its prefix store, once, for a later turn of the
+    /// conversation. Runs between steps, when the cache holds exactly `cache.len()` computed
+    /// positions, and before the caller hears the end, so its next turn finds them.
+    pub fn keep_prefix(&mut self) -> usize {
+        match self.store.take() {
+            Some(store) => store.insert(&self.tokens, &self.cache),
+            None => 0,
+        }
+    }
+
+    /// Keep nothing of this sequence (its last step failed; its cache may be half written).
+    pub fn forget_prefix(&mut self) {
+        self.store = None;
+    }
+
+    /// Prompt tokens served from the prefix store.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
     }
 
     /// True while prompt tokens remain to be fed.
@@ -211,6 +251,7 @@ impl Sequence {
     }
 
     fn finish(&mut self, reason: FinishReason) -> Exit {
+        self.keep_prefix();
         let done = Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len as u32,
@@ -228,6 +269,7 @@ impl Sequence {
 
     /// End with an error sent to the caller.
     pub fn fail(&mut self, err: EngineError) -> Exit {
+        self.keep_prefix();
         let pending = std::mem::take(&mut self.pending);
         send_tail(self.req.tx.clone(), pending, Err(err));
         Exit::Failed

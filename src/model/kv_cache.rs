@@ -247,6 +247,81 @@ impl KvCache {
         }
     }
 
+    /// Values one position takes in every layer, keys and values: `n_layer * 2 * n_kv_head *
+    /// head_dim` (the size of one position in [`Self::read_positions`]' layout).
+    pub fn values_per_position(&self) -> usize {
+        let layers = match &self.store {
+            Store::Host(l) => l.len(),
+            Store::Device(l) => l.len(),
+        };
+        layers * 2 * self.n_kv_head * self.head_dim
+    }
+
+    /// Copy positions `start..start + t` of every layer out of a host cache into `out`, laid out
+    /// `[layer][k, v][kv_head][t][head_dim]` (what [`Self::push_positions`] reads back). The
+    /// prefix store keeps blocks of finished sequences in this form.
+    pub fn read_positions(
+        &self,
+        start: usize,
+        t: usize,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        let Store::Host(layers) = &self.store else {
+            candle_core::bail!("KV cache is not in host memory");
+        };
+        if start + t > self.len {
+            candle_core::bail!(
+                "positions {start}..{} are not all written (cache holds {})",
+                start + t,
+                self.len
+            );
+        }
+        let (nkv, hd, cap) = (self.n_kv_head, self.head_dim, self.capacity);
+        out.reserve(layers.len() * 2 * nkv * t * hd);
+        for layer in layers {
+            for buf in [&layer.k, &layer.v] {
+                for h in 0..nkv {
+                    out.extend_from_slice(&buf[(h * cap + start) * hd..][..t * hd]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `t` positions to every layer of a host cache from `data`, laid out as
+    /// [`Self::read_positions`] writes it, and advance past them.
+    pub fn push_positions(&mut self, data: &[f32], t: usize) -> candle_core::Result<()> {
+        if data.len() != self.values_per_position() * t {
+            candle_core::bail!(
+                "KV block holds {} values, expected {} for {t} positions",
+                data.len(),
+                self.values_per_position() * t
+            );
+        }
+        if !self.is_host() {
+            candle_core::bail!("KV cache is not in host memory");
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        self.reserve(t)?;
+        let (nkv, hd, cap, len) = (self.n_kv_head, self.head_dim, self.capacity, self.len);
+        let Store::Host(layers) = &mut self.store else {
+            candle_core::bail!("KV cache is not in host memory");
+        };
+        let mut chunks = data.chunks_exact(t * hd);
+        for layer in layers.iter_mut() {
+            for buf in [&mut layer.k, &mut layer.v] {
+                for h in 0..nkv {
+                    let src = chunks.next().expect("length checked");
+                    buf[(h * cap + len) * hd..][..t * hd].copy_from_slice(src);
+                }
+            }
+        }
+        self.len += t;
+        Ok(())
+    }
+
     /// Mark `t` positions written in every layer (after the step's forward pass).
     pub fn advance(&mut self, t: usize) {
         self.len += t;

@@ -1,10 +1,13 @@
-//! What the pool tells Prometheus: batch sizes, queue depth, busy time and tokens per instance.
+//! What the pool tells Prometheus: batch sizes, queue depth, busy time and tokens per instance,
+//! and the KV prefix store of each model (its memory against the budget, evictions, and how many
+//! prompt tokens it served).
 
 use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use crate::engine::instance::StepObserver;
+use crate::engine::prefix::PrefixMetrics;
 
 /// Collectors of the pool (cheap to clone).
 #[derive(Clone)]
@@ -17,6 +20,16 @@ pub struct PoolMetrics {
     pub busy_seconds: prometheus::CounterVec,
     /// Tokens sampled, by model and instance (its rate is the instance's tokens/s).
     pub instance_tokens: IntCounterVec,
+    /// Bytes held by the KV prefix stores, by model (against `kv_cache_mb`).
+    pub prefix_bytes: IntGaugeVec,
+    /// Blocks held by the KV prefix stores, by model.
+    pub prefix_blocks: IntGaugeVec,
+    /// Blocks evicted from the KV prefix stores to stay within budget, by model.
+    pub prefix_evictions: IntCounterVec,
+    /// Prompt tokens whose KV came from a prefix store, by model.
+    pub prefix_hit_tokens: IntCounterVec,
+    /// Prompt tokens of every sequence started, by model (hit ratio = hits / this).
+    pub prefix_prompt_tokens: IntCounterVec,
 }
 
 impl PoolMetrics {
@@ -45,6 +58,43 @@ impl PoolMetrics {
             ),
             &["model", "instance"],
         )?;
+        let prefix_bytes = IntGaugeVec::new(
+            Opts::new(
+                "kv_prefix_bytes",
+                "Bytes held by the KV prefix stores (capped by kv_cache_mb)",
+            ),
+            &["model"],
+        )?;
+        let prefix_blocks = IntGaugeVec::new(
+            Opts::new("kv_prefix_blocks", "Blocks held by the KV prefix stores"),
+            &["model"],
+        )?;
+        let prefix_evictions = IntCounterVec::new(
+            Opts::new(
+                "kv_prefix_evictions_total",
+                "KV prefix blocks evicted to stay within the budget",
+            ),
+            &["model"],
+        )?;
+        let prefix_hit_tokens = IntCounterVec::new(
+            Opts::new(
+                "kv_prefix_hit_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix store",
+            ),
+            &["model"],
+        )?;
+        let prefix_prompt_tokens = IntCounterVec::new(
+            Opts::new(
+                "kv_prefix_prompt_tokens_total",
+                "Prompt tokens of every sequence started (hit ratio denominator)",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(prefix_bytes.clone()))?;
+        registry.register(Box::new(prefix_blocks.clone()))?;
+        registry.register(Box::new(prefix_evictions.clone()))?;
+        registry.register(Box::new(prefix_hit_tokens.clone()))?;
+        registry.register(Box::new(prefix_prompt_tokens.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(busy_seconds.clone()))?;
@@ -54,7 +104,23 @@ impl PoolMetrics {
             queue_depth,
             busy_seconds,
             instance_tokens,
+            prefix_bytes,
+            prefix_blocks,
+            prefix_evictions,
+            prefix_hit_tokens,
+            prefix_prompt_tokens,
         })
+    }
+
+    /// The prefix-store collectors bound to `model`.
+    pub fn prefix(&self, model: &str) -> PrefixMetrics {
+        PrefixMetrics {
+            bytes: self.prefix_bytes.with_label_values(&[model]),
+            blocks: self.prefix_blocks.with_label_values(&[model]),
+            evictions: self.prefix_evictions.with_label_values(&[model]),
+            hit_tokens: self.prefix_hit_tokens.with_label_values(&[model]),
+            prompt_tokens: self.prefix_prompt_tokens.with_label_values(&[model]),
+        }
     }
 
     /// Collectors in a private registry (for tools and tests that expose no metrics).

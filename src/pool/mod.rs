@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::config::ModelConfig;
 use crate::engine::instance::{self, InstanceSettings, WorkSource};
+use crate::engine::prefix::{PrefixStore, DEFAULT_BLOCK_TOKENS};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Admitted;
 use crate::engine::{Backend, EngineError, EventStream, GenerationRequest, ModelInfo, ModelState};
@@ -42,6 +43,8 @@ use metrics::PoolMetrics;
 const EVENT_BUFFER: usize = 64;
 /// Prompt tokens fed per step, over all newcomers of an instance.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+/// KV prefix store budget per model, in MiB, unless set (see [`ModelPool::set_kv_cache_mb`]).
+pub const DEFAULT_KV_CACHE_MB: usize = 1024;
 /// Suggested wait before retrying a request refused because the queue was full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -126,6 +129,7 @@ pub struct ModelPool {
     metrics: PoolMetrics,
     device: Device,
     prefill_chunk: usize,
+    kv_cache_mb: RwLock<std::collections::HashMap<String, usize>>,
     cores: usize,
 }
 
@@ -179,8 +183,48 @@ impl ModelPool {
             metrics,
             device,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_cache_mb: RwLock::new(std::collections::HashMap::new()),
             cores,
         })
+    }
+
+    /// Cap the KV prefix store of model `id` (all its instances together) at `mb` MiB; 0 keeps
+    /// no prefixes. Takes effect when the model is next loaded; the default is
+    /// [`DEFAULT_KV_CACHE_MB`].
+    pub fn set_kv_cache_mb(&self, id: &str, mb: usize) {
+        self.kv_cache_mb
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), mb);
+    }
+
+    fn kv_cache_mb(&self, id: &str) -> usize {
+        self.kv_cache_mb
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(DEFAULT_KV_CACHE_MB)
+    }
+
+    /// The prefix-store counters of model `id`, summed over its instances (`None` when it is
+    /// not running or keeps no prefixes).
+    pub fn prefix_stats(&self, id: &str) -> Option<crate::engine::prefix::PrefixStats> {
+        let serving = self.entry(id)?.serving()?;
+        let stores = serving.admission.prefix_stores();
+        if stores.is_empty() {
+            return None;
+        }
+        let mut total = crate::engine::prefix::PrefixStats::default();
+        for s in stores {
+            let st = s.stats();
+            total.bytes += st.bytes;
+            total.blocks += st.blocks;
+            total.evictions += st.evictions;
+            total.hit_tokens += st.hit_tokens;
+            total.prompt_tokens += st.prompt_tokens;
+        }
+        Some(total)
     }
 
     fn entries(&self) -> Vec<Arc<Entry>> {
@@ -301,7 +345,28 @@ impl ModelPool {
         let context_length = cfg
             .context_length
             .map_or(native, |c| (c as usize).min(native));
-        let admission = Arc::new(Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch));
+        let admission = Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch);
+        // Each instance keeps its own share of the model's prefix budget.
+        let budget = self.kv_cache_mb(&entry.resolved.id) << 20;
+        let admission = if budget > 0 && self.device.is_cpu() {
+            let probe = model.transformer.new_cache(1);
+            let identity = format!("{}:{}", model.file_digest, model.quant.as_str());
+            let stores = (0..cfg.instances)
+                .map(|_| {
+                    Arc::new(PrefixStore::new(
+                        &identity,
+                        DEFAULT_BLOCK_TOKENS,
+                        probe.values_per_position(),
+                        budget / cfg.instances.max(1),
+                        Some(self.metrics.prefix(&entry.resolved.id)),
+                    ))
+                })
+                .collect();
+            admission.with_prefix_stores(stores)
+        } else {
+            admission
+        };
+        let admission = Arc::new(admission);
         let mut threads = Vec::new();
         for index in 0..cfg.instances {
             let cores = entry
