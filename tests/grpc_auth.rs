@@ -7,7 +7,7 @@ mod grpc_support;
 
 use std::time::Duration;
 
-use grpc_support::{request, test_config, ScriptedBackend, TestServer};
+use grpc_support::{request, ScriptedBackend, TestServer};
 use qnode::config::Config;
 use qnode::grpc::proto;
 use qnode::grpc::proto::admin_client::AdminClient;
