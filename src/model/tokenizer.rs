@@ -656,12 +656,15 @@ mod tests {
         let text = "ab<|end|>a<|end|>";
         assert_eq!(tok.find_control_tokens(text), vec![2..9, 10..17]);
         // The first `<|end|>` lies in user text: plain pieces; the second is markup.
-        let ids = tok.encode_marked(text, &[0..9], false).unwrap();
+        let ids = tok
+            .encode_marked(text, std::slice::from_ref(&(0..9)), false)
+            .unwrap();
         assert_eq!(ids.iter().filter(|&&id| id == 0).count(), 1, "{ids:?}");
         assert_eq!(ids.last(), Some(&0));
         // No control token in user text: exactly `encode`.
         assert_eq!(
-            tok.encode_marked(text, &[0..2], false).unwrap(),
+            tok.encode_marked(text, std::slice::from_ref(&(0..2)), false)
+                .unwrap(),
             tok.encode(text, false).unwrap()
         );
         assert!(!tok.encode_plain(text, false).unwrap().contains(&0));
