@@ -170,10 +170,18 @@ pub struct ModelConfig {
     /// Quantization the weights run in.
     #[serde(default)]
     pub quant: Quant,
+    /// KV prefix store budget of this model in MiB, all its instances together (finished
+    /// conversations' KV kept for the next turn; LRU beyond it); 0 keeps none.
+    #[serde(default = "default_kv_cache_mb")]
+    pub kv_cache_mb: usize,
 }
 
 fn one() -> usize {
     1
+}
+/// KV prefix store per model unless configured: enough for ~22k SmolLM2 positions.
+fn default_kv_cache_mb() -> usize {
+    1024
 }
 fn default_max_batch() -> usize {
     8
@@ -193,6 +201,7 @@ impl ModelConfig {
             max_queued: default_max_queued(),
             context_length: None,
             quant: Quant::default(),
+            kv_cache_mb: default_kv_cache_mb(),
         }
     }
 }
@@ -295,6 +304,9 @@ pub struct ServeArgs {
     /// Most requests waiting per model before RESOURCE_EXHAUSTED. [default: 64]
     #[arg(long, env = "QNODE_MAX_QUEUED", value_name = "N")]
     pub max_queued: Option<usize>,
+    /// KV prefix store budget per model in MiB (0: no prefix reuse). [default: 1024]
+    #[arg(long, env = "QNODE_KV_CACHE_MB", value_name = "MIB")]
+    pub kv_cache_mb: Option<usize>,
     /// Time in-flight calls get to finish after shutdown starts, e.g. 30s, 500ms. [default: 30s]
     #[arg(long, env = "QNODE_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
@@ -435,6 +447,9 @@ impl Config {
             }
             if let Some(n) = args.max_queued {
                 model.max_queued = n;
+            }
+            if let Some(n) = args.kv_cache_mb {
+                model.kv_cache_mb = n;
             }
         }
         Ok(())
@@ -614,6 +629,7 @@ mod tests {
         id = "smollm2"
         max_queued = 3
         context_length = 1024
+        kv_cache_mb = 64
         [limits]
         max_tokens_limit = 100
         default_max_tokens = 50
@@ -654,11 +670,21 @@ mod tests {
         assert_eq!(config.models[0].threads_per_instance, Some(2));
         assert_eq!(config.models[1].max_queued, 3);
         assert_eq!(config.models[1].context_length, Some(1024));
+        assert_eq!(config.models[1].kv_cache_mb, 64);
+        assert_eq!(config.models[0].kv_cache_mb, 1024, "unset: the default");
         assert_eq!(config.limits.max_tokens_limit, 100);
         assert_eq!(config.server.role, crate::types::Role::Standby);
         assert_eq!(config.cache.prewarm_top_k, 0);
         // Unset fields of a section keep their defaults.
         assert_eq!(config.limits.max_stop_strings, 8);
+    }
+
+    #[test]
+    fn kv_cache_mb_flag_sets_every_model() {
+        let config = Config::from_args_with_cores(&parse(&["--kv-cache-mb", "0"]), 4).unwrap();
+        assert_eq!(config.models[0].kv_cache_mb, 0);
+        let config = Config::from_args_with_cores(&parse(&[]), 4).unwrap();
+        assert_eq!(config.models[0].kv_cache_mb, 1024);
     }
 
     #[test]

@@ -43,8 +43,6 @@ use metrics::PoolMetrics;
 const EVENT_BUFFER: usize = 64;
 /// Prompt tokens fed per step, over all newcomers of an instance.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
-/// KV prefix store budget per model, in MiB, unless set (see [`ModelPool::set_kv_cache_mb`]).
-pub const DEFAULT_KV_CACHE_MB: usize = 1024;
 /// Suggested wait before retrying a request refused because the queue was full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -189,8 +187,8 @@ impl ModelPool {
     }
 
     /// Cap the KV prefix store of model `id` (all its instances together) at `mb` MiB; 0 keeps
-    /// no prefixes. Takes effect when the model is next loaded; the default is
-    /// [`DEFAULT_KV_CACHE_MB`].
+    /// no prefixes. Takes effect when the model is next loaded; without it the model's
+    /// `kv_cache_mb` config applies.
     pub fn set_kv_cache_mb(&self, id: &str, mb: usize) {
         self.kv_cache_mb
             .write()
@@ -198,13 +196,14 @@ impl ModelPool {
             .insert(id.to_string(), mb);
     }
 
-    fn kv_cache_mb(&self, id: &str) -> usize {
+    /// The budget set by [`ModelPool::set_kv_cache_mb`], else the model's configured one.
+    fn kv_cache_mb(&self, id: &str, configured: usize) -> usize {
         self.kv_cache_mb
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .copied()
-            .unwrap_or(DEFAULT_KV_CACHE_MB)
+            .unwrap_or(configured)
     }
 
     /// The prefix-store counters of model `id`, summed over its instances (`None` when it is
@@ -347,7 +346,7 @@ impl ModelPool {
             .map_or(native, |c| (c as usize).min(native));
         let admission = Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch);
         // Each instance keeps its own share of the model's prefix budget.
-        let budget = self.kv_cache_mb(&entry.resolved.id) << 20;
+        let budget = self.kv_cache_mb(&entry.resolved.id, cfg.kv_cache_mb) << 20;
         let admission = if budget > 0 && self.device.is_cpu() {
             let probe = model.transformer.new_cache(1);
             let identity = format!("{}:{}", model.file_digest, model.quant.as_str());
