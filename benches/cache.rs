@@ -34,6 +34,7 @@ impl Backend for InstantBackend {
             finish_reason: FinishReason::Stop,
             prompt_tokens: 20,
             completion_tokens: 100,
+            cached_prompt_tokens: 0,
             timings: Timings::default(),
             source: Source::Model,
         })));

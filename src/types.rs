@@ -155,6 +155,9 @@ pub struct Completion {
     pub prompt_tokens: u32,
     /// Tokens generated (a matched stop string's tokens included).
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV came from the instance's prefix store instead of being computed
+    /// (0 for an answer served from the answer cache).
+    pub cached_prompt_tokens: u32,
     /// Queue, time to first token and total time.
     pub timings: Timings,
     /// Model or cache level.

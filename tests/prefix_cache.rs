@@ -91,12 +91,18 @@ fn smollm2_conversation_reuses_its_history_and_answers_the_same() {
         history.push(msg("user", user));
         let input = PromptInput::Chat(history.clone());
         let before = with.prefix_stats("smollm2").unwrap();
-        let got = generate(&with, "smollm2", input.clone(), 32);
+        let (got, done) =
+            collect(with.submit(request("smollm2", input.clone(), 32)).unwrap()).unwrap();
         let after = with.prefix_stats("smollm2").unwrap();
         let want = generate(&without, "smollm2", input, 32);
         assert_eq!(got, want, "turn {turn}: a reused prefix changed the answer");
         let prompt = after.prompt_tokens - before.prompt_tokens;
         let hit = after.hit_tokens - before.hit_tokens;
+        assert_eq!(
+            u64::from(done.cached_prompt_tokens),
+            hit,
+            "turn {turn}: the response reports the tokens the store served"
+        );
         if turn > 0 {
             // Everything but the new user turn and the tail of the last answer's block.
             assert!(

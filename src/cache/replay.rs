@@ -41,6 +41,7 @@ pub fn events(
         finish_reason: answer.finish_reason,
         prompt_tokens: answer.prompt_tokens,
         completion_tokens: answer.completion_tokens,
+        cached_prompt_tokens: 0,
         timings: Timings {
             queue: Duration::ZERO,
             time_to_first_token: elapsed,

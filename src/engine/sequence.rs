@@ -256,6 +256,7 @@ impl Sequence {
             finish_reason: reason,
             prompt_tokens: self.prompt_len as u32,
             completion_tokens: self.generated() as u32,
+            cached_prompt_tokens: self.cached as u32,
             timings: self.timings(),
             source: Source::Model,
         };

@@ -64,6 +64,7 @@ pub(crate) fn usage(completion: &Completion) -> proto::Usage {
     proto::Usage {
         prompt_tokens: completion.prompt_tokens,
         completion_tokens: completion.completion_tokens,
+        cached_prompt_tokens: completion.cached_prompt_tokens,
     }
 }
 

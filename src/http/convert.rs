@@ -8,7 +8,7 @@
 use crate::front::{FrontError, RawRequest};
 use crate::types::{CachePolicy, ChatMessage, Completion, FinishReason, Source};
 
-use super::types::{Content, GenerateBody, Prompt, RequestMessage, Usage};
+use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
 
 /// What a request wants beyond the neutral request: how to answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -171,6 +171,9 @@ pub fn usage(c: &Completion) -> Usage {
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
         total_tokens: c.prompt_tokens.saturating_add(c.completion_tokens),
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: c.cached_prompt_tokens,
+        },
     }
 }
 
@@ -288,10 +291,17 @@ mod tests {
             finish_reason: FinishReason::Length,
             prompt_tokens: 4,
             completion_tokens: 6,
+            cached_prompt_tokens: 3,
             timings: Default::default(),
             source: Source::CacheL1,
         };
         assert_eq!(usage(&c).total_tokens, 10);
+        assert_eq!(usage(&c).prompt_tokens_details.cached_tokens, 3);
+        assert_eq!(
+            serde_json::to_value(usage(&c)).unwrap()["prompt_tokens_details"]["cached_tokens"],
+            3,
+            "OpenAI's shape"
+        );
         assert_eq!(fingerprint(c.source), "qnode-cache-l1");
     }
 

@@ -238,6 +238,15 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
+    /// OpenAI's prompt cache report: how many prompt tokens were reused.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the node's prefix store (an earlier turn).
+    pub cached_tokens: u32,
 }
 
 /// An assistant message in a response.

@@ -217,6 +217,7 @@ impl Backend for CountingBackend {
                     finish_reason,
                     prompt_tokens: prompt.len() as u32,
                     completion_tokens: 7,
+                    cached_prompt_tokens: 0,
                     timings: Timings::default(),
                     source: Source::Model,
                 })))

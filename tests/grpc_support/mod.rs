@@ -102,6 +102,7 @@ fn completion(finish_reason: FinishReason, completion_tokens: u32) -> Completion
         finish_reason,
         prompt_tokens: 5,
         completion_tokens,
+        cached_prompt_tokens: 0,
         timings: Timings {
             queue: Duration::from_micros(1500),
             time_to_first_token: Duration::from_millis(20),
