@@ -330,7 +330,7 @@ fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
 }
 
 /// The 1-minute load average, so a noisy run can be recognised and repeated (Linux only).
-fn load_average() -> Option<f64> {
+pub(super) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()

@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::bench::load_average;
+
 /// Settings of a multi-turn replay (flags of `qnode bench`).
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -391,15 +393,6 @@ fn rss_mb(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
-}
-
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
