@@ -32,15 +32,15 @@ impl CacheMetrics {
     /// Fresh, unregistered metrics.
     pub fn new() -> Self {
         let vec = |name: &str, help: &str, label: &str| {
-            IntCounterVec::new(Opts::new(name, help).namespace("qnode_cache"), &[label])
+            IntCounterVec::new(Opts::new(name, help).namespace("cache"), &[label])
                 .expect("static metric definition")
         };
         let counter = |name: &str, help: &str| {
-            IntCounter::with_opts(Opts::new(name, help).namespace("qnode_cache"))
+            IntCounter::with_opts(Opts::new(name, help).namespace("cache"))
                 .expect("static metric definition")
         };
         let gauge = |name: &str, help: &str| {
-            IntGauge::with_opts(Opts::new(name, help).namespace("qnode_cache"))
+            IntGauge::with_opts(Opts::new(name, help).namespace("cache"))
                 .expect("static metric definition")
         };
         Self {
@@ -109,7 +109,9 @@ mod tests {
     #[test]
     fn registers_once_and_refuses_twice() {
         let m = CacheMetrics::new();
-        let r = Registry::new();
+        // The node's registry adds `qnode_`, as crate::metrics::Metrics does: the cache's names
+        // carry `cache_` only, so they read `qnode_cache_…` (never `qnode_qnode_cache_…`).
+        let r = Registry::new_custom(Some("qnode".to_owned()), None).unwrap();
         m.register(&r).unwrap();
         m.hit("l1");
         assert!(m.register(&r).is_err());
@@ -120,6 +122,10 @@ mod tests {
             .collect();
         assert!(
             names.contains(&"qnode_cache_hits_total".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().all(|n| n.starts_with("qnode_cache_")),
             "{names:?}"
         );
     }

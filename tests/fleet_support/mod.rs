@@ -166,6 +166,15 @@ impl QnodeProcess {
             .sum()
     }
 
+    /// The value of one unlabelled counter or gauge on this node's /metrics (0 when absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = http_get(self.metrics_port, "/metrics");
+        text.lines()
+            .filter(|l| l.split(' ').next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// The last lines of the node's log, for failure messages.
     pub fn log_tail(&self) -> String {
         tail(&self.log, 30)
@@ -348,6 +357,15 @@ impl Nginx {
     /// list with a comma is a call nginx passed to more than one node.
     pub fn access_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// All error log lines.
+    pub fn error_log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("error.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
