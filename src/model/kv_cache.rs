@@ -43,13 +43,13 @@ pub struct KvCache {
 
 /// Read access to one layer of a host cache: `[n_kv_head][capacity][head_dim]` keys and values.
 #[derive(Clone, Copy)]
-pub(crate) struct HostLayerView<'a> {
+pub struct HostLayerView<'a> {
     /// Keys.
-    pub(crate) k: &'a [f32],
+    pub k: &'a [f32],
     /// Values.
-    pub(crate) v: &'a [f32],
+    pub v: &'a [f32],
     /// Positions per head in the buffers (the stride between heads is `capacity * head_dim`).
-    pub(crate) capacity: usize,
+    pub capacity: usize,
 }
 
 impl KvCache {

@@ -1,6 +1,6 @@
 //! Model files and the forward pass: GGUF in, logits out.
 
-mod attention;
+pub mod attention;
 pub mod chat_template;
 pub mod error;
 pub mod gguf;

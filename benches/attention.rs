@@ -1,0 +1,89 @@
+//! Attention of one layer, SmolLM2-135M's shape (9 query heads, 3 key/value heads, head_dim 64),
+//! on a 2-thread pool as one model instance runs it: a chat turn's new tokens (64 rows) against
+//! 0, 1,024 and 4,096 positions of history, and decode (one row) of 1 and 8 sequences at 1,024 and
+//! 4,096.
+//!
+//! Throughput is in elements/s with 2 × heads × head_dim × visible keys per row (the multiply-adds
+//! of `Q·Kᵀ` and `P·V`), i.e. flops/2.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qnode::model::attention::{attend, AttnShape, SeqAttn};
+use qnode::model::kv_cache::HostLayerView;
+
+const SHAPE: AttnShape = AttnShape {
+    n_head: 9,
+    n_kv_head: 3,
+    head_dim: 64,
+    window: None,
+    scale: 0.125,
+};
+
+/// (name, new rows per sequence, history, sequences)
+const CASES: [(&str, usize, usize, usize); 7] = [
+    ("turn64@0", 64, 0, 1),
+    ("turn64@1024", 64, 1024, 1),
+    ("turn64@4096", 64, 4096, 1),
+    ("decode@1024", 1, 1024, 1),
+    ("decode@4096", 1, 4096, 1),
+    ("decode8@1024", 1, 1024, 8),
+    ("decode8@4096", 1, 4096, 8),
+];
+
+fn noise(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
+    let (nh, nkv, hd) = (SHAPE.n_head, SHAPE.n_kv_head, SHAPE.head_dim);
+    let width = nh * hd;
+    let q_stride = width + 2 * nkv * hd;
+    let mut group = c.benchmark_group("attention");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    for (name, len, history, n_seqs) in CASES {
+        let capacity = history + len;
+        let kvs: Vec<(Vec<f32>, Vec<f32>)> = (0..n_seqs)
+            .map(|i| {
+                let n = nkv * capacity * hd;
+                (noise(n, 2 * i as u32 + 1), noise(n, 2 * i as u32 + 2))
+            })
+            .collect();
+        let q = noise(n_seqs * len * q_stride, 99);
+        let seqs: Vec<SeqAttn> = kvs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| SeqAttn {
+                off: i * len,
+                len,
+                start: history,
+                kv: HostLayerView { k, v, capacity },
+            })
+            .collect();
+        let mut out = vec![0f32; n_seqs * len * width];
+        let macs: usize = (0..len).map(|i| 2 * nh * hd * (history + i + 1)).sum();
+        group.throughput(Throughput::Elements((macs * n_seqs) as u64));
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| pool.install(|| attend(&SHAPE, &q, q_stride, &seqs, &mut out)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
