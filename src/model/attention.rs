@@ -324,7 +324,41 @@ unsafe fn scores_avx2(
         // A partial group repeats its last key; those scores are not stored.
         let kp: [*const f32; KEYS] =
             std::array::from_fn(|kk| k[(j0 + kk.min(kn - 1)) * hd..].as_ptr());
-        for c in 0..lane_groups {
+        // Pairs of lane groups (prefill) take 4 keys × 16 queries per step: 2 query loads and 4
+        // broadcasts per 8 FMAs instead of 1 + 8.
+        let mut c = 0;
+        while c + 2 <= lane_groups {
+            let q0 = qt[c * hd * LANES..].as_ptr();
+            let q1 = qt[(c + 1) * hd * LANES..].as_ptr();
+            for h in 0..KEYS / 4 {
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                for d in 0..hd {
+                    // SAFETY: d < hd: within query groups c, c + 1 and within each key row.
+                    unsafe {
+                        let a = _mm256_loadu_ps(q0.add(d * LANES));
+                        let b = _mm256_loadu_ps(q1.add(d * LANES));
+                        for kk in 0..4 {
+                            let kd = _mm256_broadcast_ss(&*kp[h * 4 + kk].add(d));
+                            acc[0][kk] = _mm256_fmadd_ps(a, kd, acc[0][kk]);
+                            acc[1][kk] = _mm256_fmadd_ps(b, kd, acc[1][kk]);
+                        }
+                    }
+                }
+                for (g, acc) in acc.iter().enumerate() {
+                    for (kk, a) in acc.iter().enumerate() {
+                        let key = h * 4 + kk;
+                        if key < kn {
+                            let at = (j0 + key) * mp + (c + g) * LANES;
+                            let dst = p[at..][..LANES].as_mut_ptr();
+                            // SAFETY: 8 floats in bounds (slice above).
+                            unsafe { _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc)) };
+                        }
+                    }
+                }
+            }
+            c += 2;
+        }
+        for c in c..lane_groups {
             let qc = qt[c * hd * LANES..].as_ptr();
             let mut acc = [_mm256_setzero_ps(); KEYS];
             for d in 0..hd {
