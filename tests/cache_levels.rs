@@ -218,6 +218,54 @@ async fn hot_threshold_gates_the_redis_write() {
 }
 
 #[tokio::test]
+async fn asks_answered_from_l1_count_and_promote_the_answer_to_redis() {
+    let redis = RedisServer::start();
+    let model = CountingBackend::new(Duration::ZERO);
+    let cfg = CacheConfig {
+        hot_threshold: 3,
+        ..config(Some(&redis))
+    };
+    let node = CachedBackend::new(model.clone(), identities(), cfg.clone()).unwrap();
+    let first = ask(&node, request("popular")).await;
+    assert_eq!(source(&first), Source::Model);
+    let count = |redis: &RedisServer| -> u64 {
+        let keys = redis.keys("qnode:v1:cnt:*");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        redis::cmd("GET")
+            .arg(&keys[0])
+            .query(&mut redis.conn())
+            .unwrap()
+    };
+    assert_eq!(count(&redis), 1);
+    // Two more asks, both answered by this node's L1: they count for the fleet too, and the
+    // third ask makes the key hot.
+    for _ in 0..2 {
+        assert_eq!(
+            source(&ask(&node, request("popular")).await),
+            Source::CacheL1
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while answer_keys(&redis).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the L1 answer was never promoted (count {})",
+            count(&redis)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count(&redis), 3);
+    assert_eq!(node.metrics().hot_promotions.get(), 1);
+    assert_eq!(model.count(), 1, "promoted from L1: no second generation");
+    // A restarted node (nothing in its L1) answers from Redis.
+    let restarted = CachedBackend::new(model.clone(), identities(), cfg).unwrap();
+    let again = ask(&restarted, request("popular")).await;
+    assert_eq!(source(&again), Source::CacheL2);
+    assert_eq!(again.text, first.text);
+    assert_eq!(model.count(), 1);
+}
+
+#[tokio::test]
 async fn max_age_expires_on_both_levels_and_deletes_the_old_value() {
     let redis = RedisServer::start();
     let model = CountingBackend::new(Duration::ZERO);

@@ -1,11 +1,14 @@
 //! `CachedBackend`: the answer cache as a decorator over any [`Backend`].
 //!
 //! `submit` stays synchronous and non-blocking. An L1 hit is answered inside `submit` from a
-//! pre-filled channel (no task, no Redis). Anything else runs in spawned tasks: the Redis lookup,
-//! the generation (single flight), the fill of both levels.
+//! pre-filled channel (no task, no Redis); with Redis configured the ask is also noted, and the
+//! notes are added to the fleet's hot counts in batches (every [`ASK_FLUSH`]) by a spawned task,
+//! which promotes an L1 answer to Redis when its key turns hot — so a question one node answers
+//! from memory still becomes hot for the fleet. Anything else runs in spawned tasks: the Redis
+//! lookup, the generation (single flight), the fill of both levels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -50,6 +53,19 @@ struct Shared {
     metrics: CacheMetrics,
     /// The fleet secret L2 values are signed with (empty only when `redis_insecure`).
     secret: Secret,
+    /// Asks answered by L1 and not yet counted in Redis.
+    asks: Mutex<AskNotes>,
+}
+
+/// How long L1-answered asks are gathered before one batch adds them to the Redis counts.
+pub const ASK_FLUSH: Duration = Duration::from_millis(100);
+
+/// L1-answered asks since the last flush: per key, the model digest and the number of asks.
+#[derive(Default)]
+struct AskNotes {
+    pending: HashMap<CacheKey, (String, u64)>,
+    /// A flush task is scheduled.
+    flushing: bool,
 }
 
 impl CachedBackend {
@@ -97,6 +113,7 @@ impl CachedBackend {
                 clock,
                 metrics,
                 secret: config.redis_secret.clone().unwrap_or_default(),
+                asks: Mutex::default(),
                 config,
             }),
         })
@@ -197,6 +214,7 @@ impl Backend for CachedBackend {
         if read {
             if let Some(answer) = s.l1.get(&key) {
                 s.metrics.hit("l1");
+                note_ask(s, key, &identity.file_digest);
                 return Ok(prefilled(
                     &answer,
                     s.config.chunk_chars,
@@ -264,6 +282,52 @@ impl Backend for CachedBackend {
             }
         }
         Ok(stream)
+    }
+}
+
+/// Notes an ask that L1 answered, for the next batch of Redis counts (nothing without Redis or
+/// outside a runtime). Schedules the batch's flush when none is pending.
+fn note_ask(s: &Arc<Shared>, key: CacheKey, digest: &str) {
+    if s.l2.is_none() || tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let mut notes = s.asks.lock().unwrap_or_else(|e| e.into_inner());
+    notes
+        .pending
+        .entry(key)
+        .or_insert_with(|| (digest.to_string(), 0))
+        .1 += 1;
+    if !notes.flushing {
+        notes.flushing = true;
+        tokio::spawn(flush_asks(Arc::clone(s)));
+    }
+}
+
+/// After [`ASK_FLUSH`], adds the noted asks to the Redis counts in one call; a key whose count
+/// crossed the hot threshold with these asks gets the answer L1 holds written to Redis (no
+/// second generation).
+async fn flush_asks(s: Arc<Shared>) {
+    tokio::time::sleep(ASK_FLUSH).await;
+    let pending = {
+        let mut notes = s.asks.lock().unwrap_or_else(|e| e.into_inner());
+        notes.flushing = false;
+        std::mem::take(&mut notes.pending)
+    };
+    let Some(l2) = s.l2.clone() else {
+        return;
+    };
+    let batch: Vec<(CacheKey, u64)> = pending.iter().map(|(k, (_, n))| (*k, *n)).collect();
+    let Some(counts) = l2.count_asks(&batch).await else {
+        return;
+    };
+    let threshold = s.config.hot_threshold;
+    for ((key, added), count) in batch.into_iter().zip(counts) {
+        if count < threshold || count - added >= threshold {
+            continue;
+        }
+        if let (Some(answer), Some((digest, _))) = (s.l1.get(&key), pending.get(&key)) {
+            store_if_hot(&s, &key, digest, &answer, Some(count)).await;
+        }
     }
 }
 

@@ -178,6 +178,49 @@ impl L2 {
         .unwrap_or_default()
     }
 
+    /// Adds asks that L1 answered (`n` per key) to the keys' counts, concurrently, in one
+    /// call; returns each count after it, or `None` when Redis failed (then nothing is known
+    /// to be hot). Same window and hot-set upkeep as [`L2::lookup`].
+    pub async fn count_asks(&self, asks: &[(CacheKey, u64)]) -> Option<Vec<u64>> {
+        let asks: Vec<(String, String, u64)> = asks
+            .iter()
+            .map(|(k, n)| (self.count_key(k), k.to_hex(), *n))
+            .collect();
+        let (hot, window, threshold) = (self.hot_key(), self.hot_window_secs, self.hot_threshold);
+        self.call(move |c| async move {
+            let one = |(cnt, member, n): &(String, String, u64)| {
+                let (mut c, hot) = (c.clone(), hot.clone());
+                let (cnt, member, n) = (cnt.clone(), member.clone(), *n);
+                async move {
+                    let total: u64 = redis::cmd("INCRBY")
+                        .arg(&cnt)
+                        .arg(n)
+                        .query_async(&mut c)
+                        .await?;
+                    if total == n {
+                        redis::cmd("EXPIRE")
+                            .arg(&cnt)
+                            .arg(window)
+                            .query_async::<()>(&mut c)
+                            .await?;
+                    }
+                    if total >= threshold {
+                        redis::cmd("ZADD")
+                            .arg(&hot)
+                            .arg("XX")
+                            .arg(total)
+                            .arg(&member)
+                            .query_async::<()>(&mut c)
+                            .await?;
+                    }
+                    Ok::<u64, redis::RedisError>(total)
+                }
+            };
+            futures::future::try_join_all(asks.iter().map(one)).await
+        })
+        .await
+    }
+
     /// Plain read of the value under `key` (prewarm).
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
         let ans = self.answer_key(key);
