@@ -133,6 +133,9 @@ pub enum Source {
     CacheL1,
     /// Served from the fleet's Redis cache.
     CacheL2,
+    /// One of the sampled answers the fleet keeps in Redis for a hot sampled question: variant
+    /// `n` (1-based) of up to `cache.sampled_variants`.
+    CacheVariant(u32),
 }
 
 /// Where the time of a request went.

@@ -266,6 +266,67 @@ async fn asks_answered_from_l1_count_and_promote_the_answer_to_redis() {
 }
 
 #[tokio::test]
+async fn hot_sampled_questions_keep_k_answers_and_serve_them_at_random() {
+    let redis = RedisServer::start();
+    let model = CountingBackend::new(Duration::ZERO);
+    let cfg = CacheConfig {
+        hot_threshold: 2,
+        sampled_variants: 3,
+        ..config(Some(&redis))
+    };
+    let node = CachedBackend::new(model.clone(), identities(), cfg.clone()).unwrap();
+    let sampled = || {
+        let mut r = request("tell me a joke");
+        r.sampling.temperature = 1.0;
+        r
+    };
+    let kept = |redis: &RedisServer| -> usize {
+        match redis.keys("qnode:v1:var:*").as_slice() {
+            [] => 0,
+            [key] => redis::cmd("LLEN")
+                .arg(key)
+                .query(&mut redis.conn())
+                .unwrap(),
+            more => panic!("{more:?}"),
+        }
+    };
+    // Not hot yet (1 ask): generated, nothing kept.
+    assert_eq!(source(&ask(&node, sampled()).await), Source::Model);
+    assert_eq!(kept(&redis), 0);
+    // Hot from the 2nd ask: each generated answer is kept until there are 3.
+    let mut generated = std::collections::HashSet::new();
+    for n in 1..=3 {
+        let r = ask(&node, sampled()).await;
+        assert_eq!(source(&r), Source::Model);
+        generated.insert(r.text);
+        assert_eq!(kept(&redis), n);
+    }
+    assert_eq!(model.count(), 4);
+    assert_eq!(node.metrics().hot_promotions.get(), 3);
+    // From then on one of the 3 at random, on this node and on a fresh one.
+    let other = CachedBackend::new(model.clone(), identities(), cfg).unwrap();
+    let mut served = std::collections::HashSet::new();
+    for i in 0..40 {
+        let r = ask(if i % 2 == 0 { &node } else { &other }, sampled()).await;
+        match source(&r) {
+            Source::CacheVariant(n) => assert!((1..=3).contains(&n), "variant {n}"),
+            s => panic!("ask {i} came from {s:?}"),
+        }
+        assert!(generated.contains(&r.text), "{}", r.text);
+        served.insert(r.text);
+    }
+    assert_eq!(model.count(), 4, "no generation once 3 are kept");
+    // 40 uniform draws miss one of 3 answers with probability 3·(2/3)^40 ≈ 3e-7.
+    assert_eq!(served.len(), 3, "every kept answer is served");
+    assert_eq!(kept(&redis), 3);
+    // BYPASS still generates; a seeded request is deterministic and cached as before.
+    let mut bypass = sampled();
+    bypass.cache_policy = CachePolicy::Bypass;
+    assert_eq!(source(&ask(&node, bypass).await), Source::Model);
+    assert_eq!(model.count(), 5);
+}
+
+#[tokio::test]
 async fn max_age_expires_on_both_levels_and_deletes_the_old_value() {
     let redis = RedisServer::start();
     let model = CountingBackend::new(Duration::ZERO);

@@ -205,6 +205,25 @@ impl Backend for CachedBackend {
         match (policy, cacheable) {
             (CachePolicy::Bypass, _) => return s.inner.submit(request),
             (CachePolicy::OnlyIfCached, false) => return Err(EngineError::NotCached),
+            (CachePolicy::Default, false)
+                if s.config.sampled_variants > 0
+                    && tokio::runtime::Handle::try_current().is_ok() =>
+            {
+                if let Some(l2) = s.l2.clone() {
+                    let key = cache_key(&identity, &request, s.config.normalize);
+                    let (tx, rx) = mpsc::channel(32);
+                    tokio::spawn(sampled(
+                        s.clone(),
+                        l2,
+                        key,
+                        identity.file_digest.clone(),
+                        request,
+                        tx,
+                    ));
+                    return Ok(rx);
+                }
+                return s.inner.submit(request);
+            }
             (_, false) => return s.inner.submit(request),
             _ => {}
         }
@@ -327,6 +346,100 @@ async fn flush_asks(s: Arc<Shared>) {
         }
         if let (Some(answer), Some((digest, _))) = (s.l1.get(&key), pending.get(&key)) {
             store_if_hot(&s, &key, digest, &answer, Some(count)).await;
+        }
+    }
+}
+
+/// A sampled request (temperature > 0, no seed) with Redis: once its question is hot and the
+/// fleet keeps `sampled_variants` answers for it, one of them at random; otherwise a generation
+/// of its own (no single flight: each caller draws its own sample), whose answer is added to the
+/// kept ones while the question is hot and fewer are kept.
+async fn sampled(
+    s: Arc<Shared>,
+    l2: Arc<L2>,
+    key: CacheKey,
+    digest: String,
+    request: GenerationRequest,
+    tx: mpsc::Sender<Result<GenerationEvent, EngineError>>,
+) {
+    let started = Instant::now();
+    let want = s.config.sampled_variants;
+    let (count, kept) = l2.lookup_variants(&key).await.unwrap_or((0, Vec::new()));
+    let hot = count >= s.config.hot_threshold;
+    if hot && kept.len() >= want {
+        let mut valid = Vec::new();
+        for (i, bytes) in kept.into_iter().enumerate() {
+            match entry::decode(&bytes, &s.expect(&key, &[&digest])) {
+                Ok(answer) => valid.push((i, answer)),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "refusing a kept sampled answer; removing it");
+                    s.metrics.rejected_values.inc();
+                    let l2 = l2.clone();
+                    tokio::spawn(async move { l2.remove_variant(&key, bytes).await });
+                }
+            }
+        }
+        if !valid.is_empty() {
+            let (i, answer) = &valid[rand::Rng::gen_range(&mut rand::thread_rng(), 0..valid.len())];
+            s.metrics.hit("l2");
+            let source = Source::CacheVariant(*i as u32 + 1);
+            for event in replay::events(answer, s.config.chunk_chars, source, started.elapsed()) {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+    }
+    s.metrics.miss("l2");
+    s.metrics.generations.inc();
+    let mut inner = match s.inner.submit(request) {
+        Ok(inner) => inner,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    let mut text = String::new();
+    let completion = loop {
+        let event = tokio::select! {
+            event = inner.recv() => event,
+            () = tx.closed() => return, // the caller left: dropping `inner` cancels
+        };
+        match event {
+            Some(Ok(GenerationEvent::Delta(d))) => {
+                text.push_str(&d);
+                if tx.send(Ok(GenerationEvent::Delta(d))).await.is_err() {
+                    return;
+                }
+            }
+            Some(Ok(GenerationEvent::Finished(c))) => break c,
+            Some(Err(e)) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            None => {
+                let lost = EngineError::Internal("backend stream closed before Finished".into());
+                let _ = tx.send(Err(lost)).await;
+                return;
+            }
+        }
+    };
+    let keep = hot && completion.finish_reason != FinishReason::Cancelled;
+    let answer = CachedAnswer {
+        text,
+        finish_reason: completion.finish_reason,
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+        created_at_ms: s.clock.now_ms(),
+    };
+    let _ = tx.send(Ok(GenerationEvent::Finished(completion))).await;
+    if keep {
+        let bytes = entry::encode(&key, &digest, &answer, &s.secret);
+        if bytes.len() <= s.config.max_value_bytes
+            && l2.add_variant(&key, bytes, s.config.max_age, want).await
+        {
+            s.metrics.hot_promotions.inc();
         }
     }
 }

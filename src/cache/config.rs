@@ -8,6 +8,8 @@ use super::{CacheError, Secret};
 
 /// Shortest fleet secret accepted: 16 bytes (128 bits when random).
 pub const MIN_SECRET_BYTES: usize = 16;
+/// Most sampled answers kept per question (`sampled_variants`).
+pub const MAX_SAMPLED_VARIANTS: usize = 16;
 
 /// Settings of the two-level answer cache. Durations are integer milliseconds in config files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +67,10 @@ pub struct CacheConfig {
     /// How many of the fleet's hottest answers a node loads from Redis into L1 while it warms up;
     /// `0` turns the preload off.
     pub prewarm_top_k: usize,
+    /// Sampled answers kept in Redis per hot sampled question (temperature > 0, no seed): below
+    /// this many, such a request is generated and its answer added; from then on one of them is
+    /// served at random. `0` turns it off (sampled requests always generate). Needs Redis.
+    pub sampled_variants: usize,
 }
 
 impl Default for CacheConfig {
@@ -88,6 +94,7 @@ impl Default for CacheConfig {
             max_value_bytes: 1024 * 1024,
             key_prefix: "qnode:v1".to_string(),
             prewarm_top_k: 256,
+            sampled_variants: 4,
         }
     }
 }
@@ -110,6 +117,13 @@ impl CacheConfig {
         }
         if self.chunk_chars == 0 {
             return bad("chunk_chars", "0".into(), "must be >= 1");
+        }
+        if self.sampled_variants > MAX_SAMPLED_VARIANTS {
+            return bad(
+                "sampled_variants",
+                self.sampled_variants.to_string(),
+                "must be <= 16",
+            );
         }
         if self.hot_threshold == 0 {
             return bad("hot_threshold", "0".into(), "must be >= 1");

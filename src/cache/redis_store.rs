@@ -125,6 +125,10 @@ impl L2 {
         format!("{}:cnt:{}", self.prefix, key.to_hex())
     }
 
+    fn variants_key(&self, key: &CacheKey) -> String {
+        format!("{}:var:{}", self.prefix, key.to_hex())
+    }
+
     fn hot_key(&self) -> String {
         format!("{}:hot", self.prefix)
     }
@@ -219,6 +223,90 @@ impl L2 {
             futures::future::try_join_all(asks.iter().map(one)).await
         })
         .await
+    }
+
+    /// Counts one ask of a sampled question and reads its kept answers, in one round trip.
+    /// `None` when Redis failed.
+    pub async fn lookup_variants(&self, key: &CacheKey) -> Option<(u64, Vec<Vec<u8>>)> {
+        let (cnt, var, window) = (
+            self.count_key(key),
+            self.variants_key(key),
+            self.hot_window_secs,
+        );
+        self.call(move |mut c| async move {
+            let mut c2 = c.clone();
+            let read = async {
+                redis::cmd("LRANGE")
+                    .arg(&var)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            };
+            let incr = async {
+                let n: u64 = redis::cmd("INCR").arg(&cnt).query_async(&mut c2).await?;
+                if n == 1 {
+                    redis::cmd("EXPIRE")
+                        .arg(&cnt)
+                        .arg(window)
+                        .query_async::<()>(&mut c2)
+                        .await?;
+                }
+                Ok(n)
+            };
+            let (values, n) = tokio::try_join!(read, incr)?;
+            Ok((n, values))
+        })
+        .await
+    }
+
+    /// Adds one sampled answer to `key`'s kept answers unless `max` are there already; the
+    /// list lives `ttl` from this write. Returns whether it was added.
+    pub async fn add_variant(
+        &self,
+        key: &CacheKey,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        max: usize,
+    ) -> bool {
+        let var = self.variants_key(key);
+        let secs = ttl.as_secs().max(1);
+        self.call(move |mut c| async move {
+            let len: usize = redis::cmd("RPUSH")
+                .arg(&var)
+                .arg(bytes)
+                .query_async(&mut c)
+                .await?;
+            // Another node may have added concurrently: keep the first `max`.
+            redis::cmd("LTRIM")
+                .arg(&var)
+                .arg(0)
+                .arg(max as i64 - 1)
+                .query_async::<()>(&mut c)
+                .await?;
+            redis::cmd("EXPIRE")
+                .arg(&var)
+                .arg(secs)
+                .query_async::<()>(&mut c)
+                .await?;
+            Ok(len <= max)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Removes one kept sampled answer that failed a check.
+    pub async fn remove_variant(&self, key: &CacheKey, bytes: Vec<u8>) {
+        let var = self.variants_key(key);
+        self.call(move |mut c| async move {
+            redis::cmd("LREM")
+                .arg(&var)
+                .arg(0)
+                .arg(bytes)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await;
     }
 
     /// Plain read of the value under `key` (prewarm).

@@ -56,7 +56,15 @@ pub(crate) fn cache_level(source: Source) -> proto::CacheLevel {
     match source {
         Source::Model => proto::CacheLevel::None,
         Source::CacheL1 => proto::CacheLevel::L1,
-        Source::CacheL2 => proto::CacheLevel::L2,
+        Source::CacheL2 | Source::CacheVariant(_) => proto::CacheLevel::L2,
+    }
+}
+
+/// `cache_variant`: which sampled answer of a hot question was served, 0 for none.
+pub(crate) fn cache_variant(source: Source) -> u32 {
+    match source {
+        Source::CacheVariant(n) => n,
+        _ => 0,
     }
 }
 
@@ -125,6 +133,7 @@ pub(crate) fn response(
         usage: Some(usage(completion)),
         timings: Some(timings(&completion.timings)),
         cache_level: cache_level(completion.source) as i32,
+        cache_variant: cache_variant(completion.source),
         request_id,
     }
 }
@@ -137,6 +146,7 @@ pub(crate) fn last_chunk(completion: &Completion, request_id: String) -> proto::
         usage: Some(usage(completion)),
         timings: Some(timings(&completion.timings)),
         cache_level: cache_level(completion.source) as i32,
+        cache_variant: cache_variant(completion.source),
         request_id,
     }
 }

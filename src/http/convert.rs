@@ -183,8 +183,33 @@ pub fn fingerprint(source: Source) -> &'static str {
         Source::Model => "qnode-model",
         Source::CacheL1 => "qnode-cache-l1",
         Source::CacheL2 => "qnode-cache-l2",
+        Source::CacheVariant(n) => VARIANT_FINGERPRINTS
+            .get(n as usize)
+            .copied()
+            .unwrap_or("qnode-cache-l2-variant"),
     }
 }
+
+/// `system_fingerprint` of sampled variant `n` (index n; 0 unused).
+const VARIANT_FINGERPRINTS: [&str; 17] = [
+    "qnode-cache-l2-variant",
+    "qnode-cache-l2-v1",
+    "qnode-cache-l2-v2",
+    "qnode-cache-l2-v3",
+    "qnode-cache-l2-v4",
+    "qnode-cache-l2-v5",
+    "qnode-cache-l2-v6",
+    "qnode-cache-l2-v7",
+    "qnode-cache-l2-v8",
+    "qnode-cache-l2-v9",
+    "qnode-cache-l2-v10",
+    "qnode-cache-l2-v11",
+    "qnode-cache-l2-v12",
+    "qnode-cache-l2-v13",
+    "qnode-cache-l2-v14",
+    "qnode-cache-l2-v15",
+    "qnode-cache-l2-v16",
+];
 
 #[cfg(test)]
 mod tests {
@@ -303,6 +328,11 @@ mod tests {
             "OpenAI's shape"
         );
         assert_eq!(fingerprint(c.source), "qnode-cache-l1");
+        assert_eq!(fingerprint(Source::CacheVariant(3)), "qnode-cache-l2-v3");
+        assert_eq!(
+            fingerprint(Source::CacheVariant(99)),
+            "qnode-cache-l2-variant"
+        );
     }
 
     #[test]
