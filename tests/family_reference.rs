@@ -15,6 +15,8 @@
 //! - log-probabilities of llama.cpp's top tokens: see `FIRST_TOL`;
 //! - the same model stored as F32 and requantized to Q8_0 at load still gives llama.cpp's greedy
 //!   tokens (requantization of each family's layout: biases, q/k norms, tied and untied heads);
+//! - the raw prompts through the serving engine (pool, sampler, detokenizer) give llama.cpp's text
+//!   up to each prompt's first near-tie;
 //! - a qwen2 file missing a Q/K/V bias, or one carrying Llama 3.1's `rope_freqs.weight`, is refused
 //!   at load naming the tensor.
 //!
@@ -199,12 +201,97 @@ fn check_forward(family: &'static str) {
     check_forward_of(family, &model.transformer, reference, true);
 }
 
+/// The raw prompts through the serving engine (pool, batching loop, greedy sampler,
+/// detokenizer): its text must be llama.cpp's `completion_text` up to the first near-tie the
+/// forced check finds (all of it when there is none).
+fn check_engine(family: &'static str) {
+    use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput};
+    let (model, reference) = load(family);
+    let first_ties = check_forward_of(family, &model.transformer, reference, false);
+    let metrics = qnode::metrics::Metrics::new().unwrap();
+    let config = qnode::config::ModelConfig::new(tiny(family).path.to_str().unwrap());
+    let pool = qnode::pool::ModelPool::new(
+        &[config],
+        qnode::pool::metrics::PoolMetrics::register(metrics.registry()).unwrap(),
+        Device::Cpu,
+    )
+    .unwrap();
+    pool.load_all().unwrap();
+    let id = format!("tiny-{family}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut agreed, mut total) = (0, 0);
+    for (case, &first_tie) in reference["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&first_ties)
+    {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want = ids(&case["completion_ids"]);
+        let mut rx = pool
+            .submit(GenerationRequest {
+                request_id: format!("family {prompt}"),
+                model: id.clone(),
+                input: PromptInput::Text(prompt.to_string()),
+                sampling: Default::default(),
+                max_tokens: want.len() as u32,
+                stop: vec![],
+                deadline: None,
+                cache_policy: Default::default(),
+                tenant: None,
+            })
+            .unwrap();
+        let text = runtime.block_on(async {
+            let mut text = String::new();
+            loop {
+                match rx.recv().await.expect("stream ended early").unwrap() {
+                    GenerationEvent::Delta(t) => text.push_str(&t),
+                    GenerationEvent::Finished(_) => return text,
+                }
+            }
+        });
+        let llama_text = case["completion_text"].as_str().unwrap();
+        if first_tie == want.len() {
+            assert_eq!(text, llama_text, "{family} {prompt:?} through the engine");
+        } else {
+            let mut must = model.tokenizer.decode(&want[..first_tie]).unwrap();
+            while must.ends_with('\u{FFFD}') {
+                must.pop();
+            }
+            assert!(
+                text.starts_with(&must),
+                "{family} {prompt:?} through the engine: {text:?} differs from llama.cpp's \
+                 {llama_text:?} before its first near-tie (token {first_tie})"
+            );
+        }
+        agreed += first_tie;
+        total += want.len();
+    }
+    eprintln!(
+        "[family_reference] {family} through the engine: {agreed}/{total} tokens checked equal to \
+         llama.cpp's text (the rest follow a near-tie)"
+    );
+    pool.shutdown();
+}
+
 /// The teacher-forced check of `model` against `reference`; with `logprobs`, the log-probability
 /// bounds too (only for the exact file llama.cpp ran).
-fn check_forward_of(family: &str, model: &Transformer, reference: &Value, logprobs: bool) {
+///
+/// Returns, per prompt, the first position where llama.cpp's token is not our argmax (a near-tie),
+/// or the number of reference tokens when there is none.
+fn check_forward_of(
+    family: &str,
+    model: &Transformer,
+    reference: &Value,
+    logprobs: bool,
+) -> Vec<usize> {
     let (mut exact, mut total, mut worst_gap, mut worst_lp) = (0usize, 0usize, 0f32, 0f64);
     let (mut close_prompts, mut prompts) = (0usize, 0usize);
     let mut failures = Vec::new();
+    let mut first_ties = Vec::new();
     for case in reference["greedy"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let want = ids(&case["completion_ids"]);
@@ -212,12 +299,16 @@ fn check_forward_of(family: &str, model: &Transformer, reference: &Value, logpro
         let tops = case["top_logprobs"].as_array().unwrap();
         let all = forced_logits(model, &ids(&case["prompt_ids"]), &want);
         let mut prompt_worst = 0f64;
+        let mut first_tie = want.len();
         for (i, (logits, &want_tok)) in all.iter().zip(&want).enumerate() {
             let best = logits.iter().cloned().fold(f32::MIN, f32::max);
             let gap = best - logits[want_tok as usize];
             total += 1;
             worst_gap = worst_gap.max(gap);
             exact += usize::from(gap == 0.0);
+            if gap != 0.0 {
+                first_tie = first_tie.min(i);
+            }
             if gap > TIE_MARGIN {
                 failures.push(format!(
                     "{prompt:?} token {i}: llama.cpp chose {want_tok}, {gap} logits below our best"
@@ -243,6 +334,7 @@ fn check_forward_of(family: &str, model: &Transformer, reference: &Value, logpro
                 }
             }
         }
+        first_ties.push(first_tie);
         prompts += 1;
         close_prompts += usize::from(prompt_worst <= FIRST_TOL);
         worst_lp = worst_lp.max(prompt_worst);
@@ -270,6 +362,7 @@ fn check_forward_of(family: &str, model: &Transformer, reference: &Value, logpro
         !logprobs || close_prompts as f64 / prompts as f64 >= MIN_CLOSE_PROMPTS,
         "{family}: only {close_prompts}/{prompts} prompts agree within {FIRST_TOL} throughout"
     );
+    first_ties
 }
 
 fn tops_len(reference: &Value) -> usize {
@@ -291,6 +384,16 @@ fn qwen2_chat_template_matches_llama_cpp() {
 #[test]
 fn qwen2_forward_matches_llama_cpp() {
     check_forward("qwen2");
+}
+
+#[test]
+fn qwen2_through_the_engine_matches_llama_cpp_text() {
+    check_engine("qwen2");
+}
+
+#[test]
+fn qwen3_through_the_engine_matches_llama_cpp_text() {
+    check_engine("qwen3");
 }
 
 #[test]
