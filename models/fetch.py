@@ -61,7 +61,7 @@ def fetch(model, cache):
 def main(argv):
     with open(os.path.join(HERE, "manifest.toml"), "rb") as f:
         manifest = tomllib.load(f)
-    models = {m["id"]: m for m in manifest["model"]}
+    models = {m["id"]: m for m in manifest["model"] + manifest.get("header", [])}
     ids = argv or [manifest["default"]]
     if ids == ["all"]:
         ids = list(models)

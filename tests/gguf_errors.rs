@@ -110,9 +110,14 @@ fn unknown_architecture_is_named() {
     .unwrap();
     let err = load(&path).err().unwrap();
     assert!(
-        matches!(&err, ModelError::UnsupportedArchitecture(a) if a == "mamba"),
+        matches!(&err, ModelError::UnsupportedArchitecture { name, .. } if name == "mamba"),
         "{err}"
     );
+    let msg = err.to_string();
+    assert!(msg.contains("general.architecture"), "{msg}");
+    for family in ["llama", "gemma3", "qwen2", "qwen3"] {
+        assert!(msg.contains(family), "{msg} should list {family}");
+    }
 }
 
 /// A GGUF v3 file written byte by byte, so a test can put any value in any field.

@@ -41,8 +41,15 @@ pub enum ModelError {
         reason: String,
     },
     /// `general.architecture` names a model family qnode does not run.
-    #[error("unsupported architecture `{0}` (supported: llama, gemma3)")]
-    UnsupportedArchitecture(String),
+    #[error(
+        "unsupported architecture `{name}` in `general.architecture` (supported: {supported})"
+    )]
+    UnsupportedArchitecture {
+        /// The file's architecture.
+        name: String,
+        /// The families qnode runs, comma-separated.
+        supported: String,
+    },
     /// A tensor's quantization type cannot be read or requantized.
     #[error("tensor `{name}` has unsupported type {dtype}")]
     UnsupportedTensorType {

@@ -66,7 +66,8 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// `tokenizer.ggml.pre` values the byte-level BPE path supports.
-const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2";
+const SUPPORTED_PRE: &str =
+    "smollm, gpt2, default, llama-bpe, llama3, qwen2, deepseek-r1-qwen, megrez, kormo, f2llmv2";
 
 /// Which GGUF tokenizer family a [`GgufTokenizer`] was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,7 +441,10 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError>
         ])
         .into(),
         "llama-bpe" | "llama3" => regex_then_bytes(LLAMA3_REGEX)?,
-        "qwen2" => regex_then_bytes(QWEN2_REGEX)?,
+        // The names llama.cpp maps to its QWEN2 pre-tokenizer (llama-vocab.cpp).
+        "qwen2" | "deepseek-r1-qwen" | "megrez" | "kormo" | "f2llmv2" => {
+            regex_then_bytes(QWEN2_REGEX)?
+        }
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "unsupported tokenizer.ggml.pre `{other}` for a gpt2 tokenizer (supported: {SUPPORTED_PRE})"

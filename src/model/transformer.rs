@@ -1,4 +1,4 @@
-//! The forward pass of llama and gemma3 over a ragged batch: each sequence brings its own new
+//! The forward pass of every family in [`Arch`] over a ragged batch: each sequence brings its own new
 //! tokens, its own position and its own KV cache.
 //!
 //! All new tokens of all sequences go through every linear layer as one `[T, hidden]` matrix (the
@@ -10,6 +10,9 @@
 //! the caches' host buffers and attended there ([`super::attention`]) — a handful of calls per
 //! layer instead of dozens of small tensor ops per sequence. Other devices run the same maths
 //! as candle ops.
+//!
+//! Families are described once, by [`ArchSpec`]: the forward pass reads its switches (RoPE
+//! pairing, activation, QKV biases, q/k norms, post-norms, embedding scale), never the family.
 
 use std::sync::Arc;
 
@@ -19,7 +22,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttnShape, SeqAttn};
 use super::gguf::GgufFile;
-use super::hparams::{Arch, HParams};
+use super::hparams::{Activation, ArchSpec, HParams, RopeStyle, SUPPORTED_ROPE_SCALING};
 use super::kv_cache::KvCache;
 use super::linear::{Linear, MultiLinear};
 use super::quantize::{read_converted, Quant};
@@ -47,10 +50,18 @@ impl Norm {
     }
 }
 
+/// Biases of Q, K and V (Qwen2): one tensor each (candle path) and `[q | k | v]` on the host.
+#[derive(Debug)]
+struct QkvBias {
+    t: [Tensor; 3],
+    h: Vec<f32>,
+}
+
 struct Block {
     attn_norm: Norm,
     /// Q, K, V stacked: outputs `[q_dim | kv_dim | kv_dim]`.
     qkv: MultiLinear,
+    qkv_bias: Option<QkvBias>,
     wo: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
@@ -67,6 +78,7 @@ struct Block {
 /// Weights of a model, immutable after load and shared by `Arc` between instances.
 pub struct Transformer {
     hp: HParams,
+    spec: ArchSpec,
     /// Token embeddings; `None` when they are tied to the output head and that head holds them
     /// in our packed form (rows are looked up there, so the matrix is held once).
     embed: Option<Arc<QTensor>>,
@@ -89,10 +101,18 @@ impl Transformer {
         if !tied {
             names.push("output.weight".into());
         }
+        let spec = hp.arch.spec();
         for i in 0..hp.n_layer {
-            for part in layer_tensor_names(hp.arch) {
-                names.push(format!("blk.{i}.{part}.weight"));
-            }
+            names.extend(layer_tensor_names(&spec).map(|part| format!("blk.{i}.{part}")));
+        }
+        if file.has_tensor("rope_freqs.weight") {
+            return Err(ModelError::BadMetadata {
+                key: "rope_freqs.weight".into(),
+                reason: format!(
+                    "per-frequency RoPE factors (Llama 3.1-style rope scaling) are not supported \
+                     (supported rope scaling: {SUPPORTED_ROPE_SCALING})"
+                ),
+            });
         }
         for name in &names {
             if !file.has_tensor(name) {
@@ -151,19 +171,38 @@ impl Transformer {
                     shaped("ffn_up", &[hp.ffn, hp.hidden])?,
                 ])?;
                 let down = Linear::new(shaped("ffn_down", &[hp.hidden, hp.ffn])?)?;
-                let gemma = hp.arch == Arch::Gemma3;
-                let extra = |part: &str| -> Result<Option<Norm>, ModelError> {
-                    gemma.then(|| norm(&p(part))).transpose()
+                let norm_if = |on: bool, part: &str| -> Result<Option<Norm>, ModelError> {
+                    on.then(|| norm(&p(part))).transpose()
+                };
+                let qkv_bias = if spec.qkv_bias {
+                    let b = |part: &str, len: usize| -> Result<Tensor, ModelError> {
+                        let name = format!("blk.{i}.{part}.bias");
+                        let t = take(&name)?;
+                        check_shape(&name, &t, &[len])?;
+                        Ok(t.dequantize(device)?)
+                    };
+                    let t = [
+                        b("attn_q", q_dim)?,
+                        b("attn_k", kv_dim)?,
+                        b("attn_v", kv_dim)?,
+                    ];
+                    let h = Tensor::cat(&t, 0)?
+                        .to_device(&Device::Cpu)?
+                        .to_vec1::<f32>()?;
+                    Some(QkvBias { t, h })
+                } else {
+                    None
                 };
                 let window = hp.window_of_layer(i);
                 Ok(Block {
                     attn_norm: norm(&p("attn_norm"))?,
-                    q_norm: extra("attn_q_norm")?,
-                    k_norm: extra("attn_k_norm")?,
-                    post_attn_norm: extra("post_attention_norm")?,
-                    post_ffn_norm: extra("post_ffw_norm")?,
+                    q_norm: norm_if(spec.qk_norm, "attn_q_norm")?,
+                    k_norm: norm_if(spec.qk_norm, "attn_k_norm")?,
+                    post_attn_norm: norm_if(spec.post_norms, "post_attention_norm")?,
+                    post_ffn_norm: norm_if(spec.post_norms, "post_ffw_norm")?,
                     ffn_norm: norm(&p("ffn_norm"))?,
                     qkv,
+                    qkv_bias,
                     wo,
                     gate_up,
                     down,
@@ -178,6 +217,7 @@ impl Transformer {
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
             hp: hp.clone(),
+            spec,
             embed,
             blocks,
             final_norm,
@@ -251,7 +291,7 @@ impl Transformer {
                 Tensor::from_vec(rows, (n_tok, hp.hidden), &self.device)?
             }
         };
-        if hp.arch == Arch::Gemma3 {
+        if self.spec.scale_embeddings {
             x = (x * (hp.hidden as f64).sqrt())?;
         }
         let mut rope_cache: Vec<(f64, Tensor, Tensor)> = Vec::new();
@@ -279,9 +319,9 @@ impl Transformer {
                 .forward(&h)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("gate/up outputs".into()))?;
-            let gate = match hp.arch {
-                Arch::Llama => gate.silu()?,
-                Arch::Gemma3 => gate.gelu()?,
+            let gate = match self.spec.activation {
+                Activation::Silu => gate.silu()?,
+                Activation::GeluTanh => gate.gelu()?,
             };
             let mlp = block.down.forward(&(gate * up)?)?;
             let mlp = match &block.post_ffn_norm {
@@ -318,7 +358,7 @@ impl Transformer {
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let n_tok = all_tokens.len();
         let mut x = self.embedding_rows(&all_tokens)?;
-        if hp.arch == Arch::Gemma3 {
+        if self.spec.scale_embeddings {
             // As the candle path: the scale rounded to f32, applied in f32.
             let s = (hp.hidden as f64).sqrt() as f32;
             x.iter_mut().for_each(|v| *v *= s);
@@ -343,8 +383,11 @@ impl Transformer {
             rms_norm_rows(&mut h, dim, &block.attn_norm.h, eps);
             let mut qkv = block.qkv.forward_f32(&h, n_tok)?;
             let width = block.qkv.width();
-            let neox = hp.arch == Arch::Gemma3;
+            let neox = self.spec.rope == RopeStyle::Neox;
             par_rows(&mut qkv, width, |row, r| {
+                if let Some(b) = &block.qkv_bias {
+                    r.iter_mut().zip(&b.h).for_each(|(v, b)| *v += b);
+                }
                 let (q, kv) = r.split_at_mut(q_dim);
                 let k = &mut kv[..kv_dim];
                 if let Some(w) = &block.q_norm {
@@ -397,13 +440,13 @@ impl Transformer {
             let gu = block.gate_up.forward_f32(&h, n_tok)?;
             let ffn = hp.ffn;
             let mut act = vec![0f32; n_tok * ffn];
-            let arch = hp.arch;
+            let activation = self.spec.activation;
             par_rows(&mut act, ffn, |row, a| {
                 let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
                 for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    let g = match arch {
-                        Arch::Llama => g / (1.0 + (-g).exp()),
-                        Arch::Gemma3 => gelu_tanh(g),
+                    let g = match activation {
+                        Activation::Silu => g / (1.0 + (-g).exp()),
+                        Activation::GeluTanh => gelu_tanh(g),
                     };
                     *a = g * u;
                 }
@@ -451,6 +494,14 @@ impl Transformer {
             .forward(h)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("q/k/v outputs".into()))?;
+        let (q, k, v) = match &block.qkv_bias {
+            Some(b) => (
+                q.broadcast_add(&b.t[0])?,
+                k.broadcast_add(&b.t[1])?,
+                v.broadcast_add(&b.t[2])?,
+            ),
+            None => (q, k, v),
+        };
         let q = q.reshape((n_tok, nh, hd))?;
         let k = k.reshape((n_tok, nkv, hd))?;
         let v = v.reshape((n_tok, nkv, hd))?;
@@ -466,12 +517,12 @@ impl Transformer {
         // cos/sin rows were gathered at each token's own position.
         let q = q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
         let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let (q, k) = match hp.arch {
-            Arch::Llama => (
+        let (q, k) = match self.spec.rope {
+            RopeStyle::Interleaved => (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
             ),
-            Arch::Gemma3 => (
+            RopeStyle::Neox => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
@@ -528,36 +579,39 @@ impl Transformer {
     }
 }
 
-/// Tensors every block has, per architecture (suffix `.weight` omitted).
-fn layer_tensor_names(arch: Arch) -> &'static [&'static str] {
-    match arch {
-        Arch::Llama => &[
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ],
-        Arch::Gemma3 => &[
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "attn_q_norm",
-            "attn_k_norm",
-            "post_attention_norm",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-            "post_ffw_norm",
-        ],
-    }
+/// Tensors every block of a family has (`blk.N.` omitted).
+fn layer_tensor_names(spec: &ArchSpec) -> impl Iterator<Item = &'static str> {
+    const LLAMA: [&str; 9] = [
+        "attn_norm.weight",
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_norm.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ];
+    let bias: &[&str] = if spec.qkv_bias {
+        &["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+    } else {
+        &[]
+    };
+    let qk_norm: &[&str] = if spec.qk_norm {
+        &["attn_q_norm.weight", "attn_k_norm.weight"]
+    } else {
+        &[]
+    };
+    let post: &[&str] = if spec.post_norms {
+        &["post_attention_norm.weight", "post_ffw_norm.weight"]
+    } else {
+        &[]
+    };
+    LLAMA
+        .into_iter()
+        .chain(bias.iter().copied())
+        .chain(qk_norm.iter().copied())
+        .chain(post.iter().copied())
 }
 
 fn check_shape(name: &str, t: &QTensor, want: &[usize]) -> Result<(), ModelError> {

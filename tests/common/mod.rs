@@ -13,6 +13,7 @@ pub fn model_file(id: &str) -> PathBuf {
     let file = match id {
         "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
         "gemma3-270m" => "gemma-3-270m-q4_k_m.gguf",
+        "deepseek-r1-qwen-header" => "model_part_0000",
         other => panic!("no such test model {other}"),
     };
     let path = repo_root().join("models").join(id).join(file);

@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""Tiny random-weight GGUF models of the families qnode runs, with a real Qwen tokenizer, and the
+llama.cpp reference outputs that tests/family_reference.rs compares qnode against.
+
+    python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
+    python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
+
+FAMILY: qwen2 | qwen3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
+byte-identical file on any machine (weights come from an integer hash of the tensor name, written
+straight as Q8_0 blocks or as F32 values that are exact in binary), so the tests regenerate the file
+llama.cpp ran and check its sha256 against the one recorded in the reference. `reference` needs
+llama.cpp's `llama-server` (only to make the committed JSON; tests never run llama.cpp).
+
+The tokenizer (152,064 tokens, 151,387 merges) and the architecture metadata the tiny model keeps
+(RoPE base, RMS epsilon) come from the header of DeepSeek-R1-Distill-Qwen-7B (models/manifest.toml,
+id deepseek-r1-qwen-header: only its first 99 MB are published, but they hold the whole header).
+The full vocabulary is kept, not a synthetic one: the point is to prove the real Qwen tokenizer and
+a 152k-row embedding/head, and at width 64 in Q8_0 that is 10 MB per matrix.
+"""
+import argparse
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_HEADER = os.path.join(HERE, "..", "models", "deepseek-r1-qwen-header", "model_part_0000")
+SEED = 17
+
+# Shapes and switches of each tiny model. Both keep the header's 152,064-token vocabulary.
+FAMILIES = {
+    # Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: biases on Q, K, V; untied output head (as the 7B
+    # distill); the header's own tokenizer metadata verbatim (pre = deepseek-r1-qwen, add_bos, the
+    # R1 chat template).
+    "qwen2": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, tied=False,
+                  qkv_bias=True, qk_norm=False, rope_base=None, chatml=False),
+    # Qwen3: per-head RMSNorm on Q and K before RoPE, no biases, head width set apart from the
+    # hidden size (4 x 32 = 128 != 64, as Qwen3's `attention.key_length`), tied output head, and
+    # Qwen's ChatML control tokens at their Qwen2.5 ids (151643..151645) with a thinking template.
+    "qwen3": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, ffn=128, tied=True,
+                  qkv_bias=False, qk_norm=True, rope_base=1_000_000.0, chatml=True),
+}
+
+# Qwen3's template, reduced to what a chat gateway sends (no tools): ChatML turns, and an empty
+# think block when `enable_thinking` is false.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+TOKENIZE_TEXTS = [
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "I'm here; you're there. Isn't it? THEY'RE WE'LL I'D",
+    "numbers: 3.14159 and 1,000,000 and 2026-11-23 and 1234567890",
+    "你好，世界！今天天气怎么样？",
+    "日本語のテキストと한국어 텍스트，混合English单词",
+    "emoji: 😀👍🏽🚀 and a family 👨‍👩‍👧 ✨",
+    'fn main() {\n    println!("{}", x + 1);\n}\n',
+    "def f(a, b):\n\treturn a**2 + b  # comment\n",
+    "\t tabs\tand\n\nnewlines\r\n  \n",
+    "Ünïcödé façade naïve café — “quotes” ‘single’ … ©®™",
+    "x=1;y=22;z=333;w=4444;v=55555",
+    "a\u00a0b\u3000c",
+    "<think>\nreasoning\n</think>\n\nanswer",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "<｜User｜>你好<｜Assistant｜>",
+    "   ",
+]
+
+PROMPTS = [
+    "Hello, world!",
+    "你好，世界！",
+    "def add(a, b):\n    return",
+    "The year 2024 had 366 days; 😀🚀",
+    "Once upon a time, in a land far away, there lived a programmer who wrote a tiny "
+    "transformer, tested it against llama.cpp and found every token equal.",
+]
+
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "<think>greet</think>你好！"},
+        {"role": "user", "content": "Tell me a joke."},
+    ],
+]
+
+N_PREDICT = 24
+N_PROBS = 5
+
+# --- reading the header -----------------------------------------------------------------------
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+           12: "d"}
+
+
+def read_header(path):
+    """The key/value section of a GGUF file as [(key, type, subtype, value)], in file order. Reads
+    only the header, so a file cut after it (as the published part is) is fine."""
+    with open(path, "rb") as f:
+        data = f.read(16 << 20)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        s = data[pos:pos + n].decode("utf-8")
+        pos += n
+        return s
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            sub = take("I")
+            return [value(sub) for _ in range(take("Q"))]
+        return take(_SCALAR[t])
+
+    if data[:4] != b"GGUF":
+        sys.exit(f"{path}: not a GGUF file")
+    pos = 4
+    take("I")  # version
+    take("Q")  # tensor count
+    out = []
+    for _ in range(take("Q")):
+        key = string()
+        t = take("I")
+        if t == 9:
+            sub = struct.unpack_from("<I", data, pos)[0]
+            out.append((key, t, sub, value(t)))
+        else:
+            out.append((key, t, None, value(t)))
+    return out
+
+
+# --- deterministic weights --------------------------------------------------------------------
+
+def _hash(name, n):
+    """n pseudo-random uint64 from the tensor name (splitmix64 of the index): the same on every
+    machine and numpy version."""
+    seed = np.uint64((zlib.crc32(name.encode()) << 8) ^ SEED)
+    with np.errstate(over="ignore"):
+        x = seed + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def q8_0(name, rows, cols, std):
+    """A [rows, cols] matrix written directly as Q8_0 blocks (f16 scale + 32 int8): uniform int8 in
+    -127..127 (std ~73) times a per-block scale around std / 73."""
+    assert cols % 32 == 0
+    blocks = rows * cols // 32
+    h = _hash(name, blocks * 33)
+    q = ((h[:blocks * 32] % np.uint64(255)).astype(np.int64) - 127).astype(np.int8)
+    u = (h[blocks * 32:] % np.uint64(1024)).astype(np.float64) / 1024.0
+    d = (std / 73.0 * (0.75 + 0.5 * u)).astype(np.float16)
+    out = np.empty((blocks, 34), dtype=np.uint8)
+    out[:, :2] = d.view(np.uint8).reshape(blocks, 2)
+    out[:, 2:] = q.view(np.uint8).reshape(blocks, 32)
+    return out.reshape(rows, cols // 32 * 34)
+
+
+def f32(name, n, center, spread):
+    """n F32 values center + spread * k / 128 for k in -128..127: exact in binary."""
+    k = (_hash(name, n) % np.uint64(256)).astype(np.int64) - 128
+    return (center + spread * k.astype(np.float64) / 128.0).astype(np.float32)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def write(family, out, header):
+    import gguf
+
+    cfg = FAMILIES[family]
+    kv = read_header(header)
+    meta = {k: (t, s, v) for k, t, s, v in kv}
+    tokens = meta["tokenizer.ggml.tokens"][2]
+    vocab = len(tokens)
+    arch = family
+    w = gguf.GGUFWriter(out, arch)
+    T = gguf.GGUFValueType
+    w.add_key_value("general.name", f"qnode tiny {family} (random weights, {SEED})", T.STRING)
+    u32 = lambda k, v: w.add_key_value(f"{arch}.{k}", v, T.UINT32)
+    u32("block_count", cfg["layers"])
+    u32("context_length", 4096)
+    u32("embedding_length", cfg["hidden"])
+    u32("feed_forward_length", cfg["ffn"])
+    u32("attention.head_count", cfg["heads"])
+    u32("attention.head_count_kv", cfg["kv_heads"])
+    if cfg["head_dim"] * cfg["heads"] != cfg["hidden"]:
+        u32("attention.key_length", cfg["head_dim"])
+        u32("attention.value_length", cfg["head_dim"])
+    rope = cfg["rope_base"] or meta["qwen2.rope.freq_base"][2]
+    w.add_key_value(f"{arch}.rope.freq_base", rope, T.FLOAT32)
+    w.add_key_value(f"{arch}.attention.layer_norm_rms_epsilon",
+                    meta["qwen2.attention.layer_norm_rms_epsilon"][2], T.FLOAT32)
+    for key, t, sub, value in kv:
+        if not key.startswith("tokenizer."):
+            continue
+        if cfg["chatml"]:
+            if key == "tokenizer.ggml.tokens":
+                value = list(value)
+                value[151643:151646] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            elif key == "tokenizer.ggml.pre":
+                value = "qwen2"
+            elif key == "tokenizer.ggml.bos_token_id":
+                value = 151643
+            elif key == "tokenizer.ggml.eos_token_id":
+                value = 151645
+            elif key == "tokenizer.ggml.add_bos_token":
+                value = False
+            elif key == "tokenizer.chat_template":
+                value = QWEN3_TEMPLATE
+        w.add_key_value(key, value, T(t), T(sub) if sub is not None else None)
+
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+    hd, hidden, ffn = cfg["head_dim"], cfg["hidden"], cfg["ffn"]
+    q_dim, kv_dim = cfg["heads"] * hd, cfg["kv_heads"] * hd
+
+    def mat(name, rows, cols, std):
+        w.add_tensor(name, q8_0(name, rows, cols, std), raw_dtype=Q8)
+
+    mat("token_embd.weight", vocab, hidden, 1.0)
+    w.add_tensor("output_norm.weight", f32("output_norm.weight", hidden, 1.0, 0.25))
+    if not cfg["tied"]:
+        mat("output.weight", vocab, hidden, 0.4)
+    for i in range(cfg["layers"]):
+        p = lambda n: f"blk.{i}.{n}"
+        w.add_tensor(p("attn_norm.weight"), f32(p("attn_norm.weight"), hidden, 1.0, 0.25))
+        mat(p("attn_q.weight"), q_dim, hidden, 0.25)
+        mat(p("attn_k.weight"), kv_dim, hidden, 0.25)
+        mat(p("attn_v.weight"), kv_dim, hidden, 0.15)
+        if cfg["qkv_bias"]:
+            w.add_tensor(p("attn_q.bias"), f32(p("attn_q.bias"), q_dim, 0.0, 1.0))
+            w.add_tensor(p("attn_k.bias"), f32(p("attn_k.bias"), kv_dim, 0.0, 1.0))
+            w.add_tensor(p("attn_v.bias"), f32(p("attn_v.bias"), kv_dim, 0.0, 0.5))
+        if cfg["qk_norm"]:
+            w.add_tensor(p("attn_q_norm.weight"), f32(p("attn_q_norm.weight"), hd, 1.0, 0.5))
+            w.add_tensor(p("attn_k_norm.weight"), f32(p("attn_k_norm.weight"), hd, 1.0, 0.5))
+        mat(p("attn_output.weight"), hidden, q_dim, 0.12)
+        w.add_tensor(p("ffn_norm.weight"), f32(p("ffn_norm.weight"), hidden, 1.0, 0.25))
+        mat(p("ffn_gate.weight"), ffn, hidden, 0.2)
+        mat(p("ffn_up.weight"), ffn, hidden, 0.2)
+        mat(p("ffn_down.weight"), hidden, ffn, 0.12)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- the llama.cpp reference ------------------------------------------------------------------
+
+def _post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def reference(family, out, header, llama_bin):
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, f"tiny-{family}.gguf")
+        write(family, model, header)
+        digest = sha256_of(model)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, LD_LIBRARY_PATH=llama_bin)
+        server = subprocess.Popen(
+            [os.path.join(llama_bin, "llama-server"), "-m", model, "-t", "2", "-c", "2048",
+             "-np", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log"), "w"))
+        try:
+            for _ in range(300):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.2)
+            else:
+                sys.exit(open(os.path.join(tmp, "log")).read())
+            tokenize = [{"text": t, "ids": _post(port, "/tokenize",
+                                                 {"content": t, "add_special": False})["tokens"]}
+                        for t in TOKENIZE_TEXTS]
+            greedy = []
+            for prompt in PROMPTS:
+                ids = _post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"]
+                r = _post(port, "/completion", {
+                    "prompt": ids, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1,
+                    "n_probs": N_PROBS, "cache_prompt": False, "seed": 0,
+                })
+                probs = r["completion_probabilities"]
+                greedy.append({
+                    "prompt": prompt,
+                    "prompt_ids": ids,
+                    "completion_ids": [p["id"] for p in probs],
+                    "completion_text": r["content"],
+                    # llama.cpp's log-softmax over the raw logits: the top N_PROBS at each step.
+                    "top_logprobs": [[[t["id"], t["logprob"]] for t in p["top_logprobs"]]
+                                     for p in probs],
+                })
+            chats = []
+            # Qwen3's template reads `enable_thinking`: record both settings.
+            kwargs = ([{"enable_thinking": True}, {"enable_thinking": False}]
+                      if FAMILIES[family]["chatml"] else [{}])
+            for messages in CHATS:
+                for kw in kwargs:
+                    r = _post(port, "/apply-template",
+                              {"messages": messages, "chat_template_kwargs": kw})
+                    # llama.cpp drops a leading BOS string from the rendered text and adds
+                    # the token when tokenizing (add_special): the ids are what both must agree on.
+                    ids = _post(port, "/tokenize", {"content": r["prompt"],
+                                                    "add_special": True})["tokens"]
+                    chats.append({"messages": messages, "kwargs": kw, "prompt": r["prompt"],
+                                  "prompt_ids": ids})
+        finally:
+            server.terminate()
+            server.wait()
+    ref = {
+        "family": family,
+        "made_with": "scripts/tiny_family.py reference: llama.cpp server (/tokenize add_special="
+                     "false; /completion on the prompt's ids with add_special, temperature 0, "
+                     f"top_k 1, n_probs {N_PROBS}; /apply-template)",
+        "gguf_sha256": digest,
+        "config": FAMILIES[family],
+        "tokenize": tokenize,
+        "greedy": greedy,
+        "chat_template": chats,
+    }
+    with open(out, "w") as f:
+        json.dump(ref, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["write", "reference"])
+    ap.add_argument("family", choices=sorted(FAMILIES))
+    ap.add_argument("out")
+    ap.add_argument("--header", default=DEFAULT_HEADER)
+    ap.add_argument("--llama-bin", default=os.environ.get(
+        "LLAMA_BIN", "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))
+    a = ap.parse_args()
+    if not os.path.exists(a.header):
+        sys.exit(f"{a.header} is missing: run `python3 models/fetch.py deepseek-r1-qwen-header`")
+    if a.command == "write":
+        write(a.family, a.out, a.header)
+    else:
+        reference(a.family, a.out, a.header, a.llama_bin)
+
+
+if __name__ == "__main__":
+    main()
