@@ -46,12 +46,18 @@ const MIN_EXACT: f64 = 0.9;
 /// a rounding flip in a sharp attention row moves later log-probs by up to 0.42 (qwen3) / 0.19
 /// (qwen2) while the greedy token stays llama.cpp's. So:
 /// - the first generated position (the prefill's output) of every prompt within `FIRST_TOL`;
-/// - at least `MIN_CLOSE_PROMPTS` of the prompts within `FIRST_TOL` at every position;
+/// - at least `MIN_CLOSE_PROMPTS` of the prompts within `CLOSE_TOL` at every position;
 /// - every position within `LOGPROB_TOL`. A missing bias, a skipped norm or the wrong RoPE
 ///   pairing moves log-probs by whole units (tried: see the commit that adds this test).
 const FIRST_TOL: f64 = 0.01;
-/// Fraction of prompts whose log-probs agree within `FIRST_TOL` at every position.
+/// Fraction of prompts whose log-probs agree within `CLOSE_TOL` at every position.
 const MIN_CLOSE_PROMPTS: f64 = 0.6;
+/// Every-position agreement of a "close" prompt. Looser than `FIRST_TOL`: our attention sums
+/// each score as one FMA chain over the head dimension (so that outputs do not depend on how a
+/// sequence is chunked), llama.cpp in SIMD partial sums; a sharp softmax amplifies the ~1e-7
+/// relative difference in later positions (measured: 0.0156 on one prompt that was within 0.01
+/// with the previous, row-by-row attention).
+const CLOSE_TOL: f64 = 0.02;
 /// Largest log-probability difference allowed anywhere.
 const LOGPROB_TOL: f64 = 0.6;
 
@@ -336,12 +342,13 @@ fn check_forward_of(
         }
         first_ties.push(first_tie);
         prompts += 1;
-        close_prompts += usize::from(prompt_worst <= FIRST_TOL);
+        eprintln!("[family_reference] {family}: prompt {prompts} worst log-prob difference {prompt_worst:.4}");
+        close_prompts += usize::from(prompt_worst <= CLOSE_TOL);
         worst_lp = worst_lp.max(prompt_worst);
     }
     let lp_figures = if logprobs {
         format!(
-            "top-{} log-probs within {FIRST_TOL} at every position in {close_prompts}/{prompts} \
+            "top-{} log-probs within {CLOSE_TOL} at every position in {close_prompts}/{prompts} \
              prompts, largest difference {worst_lp:.4}",
             tops_len(reference)
         )
@@ -360,7 +367,7 @@ fn check_forward_of(
     );
     assert!(
         !logprobs || close_prompts as f64 / prompts as f64 >= MIN_CLOSE_PROMPTS,
-        "{family}: only {close_prompts}/{prompts} prompts agree within {FIRST_TOL} throughout"
+        "{family}: only {close_prompts}/{prompts} prompts agree within {CLOSE_TOL} throughout"
     );
     first_ties
 }
