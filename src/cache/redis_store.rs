@@ -65,6 +65,20 @@ pub struct Lookup {
     pub count: Option<u64>,
 }
 
+/// Adds `n` asks to the count under `cnt`; a count this call created expires after the hot
+/// window (`window` seconds). Returns the count after it.
+async fn count_ask(c: &mut Conn, cnt: &str, n: u64, window: u64) -> RedisResult<u64> {
+    let total: u64 = redis::cmd("INCRBY").arg(cnt).arg(n).query_async(c).await?;
+    if total == n {
+        redis::cmd("EXPIRE")
+            .arg(cnt)
+            .arg(window)
+            .query_async::<()>(c)
+            .await?;
+    }
+    Ok(total)
+}
+
 /// The Redis level. Connects lazily on first use and after failures.
 pub struct L2 {
     target: Target,
@@ -154,14 +168,7 @@ impl L2 {
                 if !count {
                     return Ok(None);
                 }
-                let n: u64 = redis::cmd("INCR").arg(&cnt).query_async(&mut c2).await?;
-                if n == 1 {
-                    redis::cmd("EXPIRE")
-                        .arg(&cnt)
-                        .arg(window)
-                        .query_async::<()>(&mut c2)
-                        .await?;
-                }
+                let n = count_ask(&mut c2, &cnt, 1, window).await?;
                 if n >= threshold {
                     // Keep the hot set's score current for answers already stored (XX: never
                     // adds a key that has no value).
@@ -196,18 +203,7 @@ impl L2 {
                 let (mut c, hot) = (c.clone(), hot.clone());
                 let (cnt, member, n) = (cnt.clone(), member.clone(), *n);
                 async move {
-                    let total: u64 = redis::cmd("INCRBY")
-                        .arg(&cnt)
-                        .arg(n)
-                        .query_async(&mut c)
-                        .await?;
-                    if total == n {
-                        redis::cmd("EXPIRE")
-                            .arg(&cnt)
-                            .arg(window)
-                            .query_async::<()>(&mut c)
-                            .await?;
-                    }
+                    let total = count_ask(&mut c, &cnt, n, window).await?;
                     if total >= threshold {
                         redis::cmd("ZADD")
                             .arg(&hot)
@@ -243,17 +239,7 @@ impl L2 {
                     .query_async(&mut c)
                     .await
             };
-            let incr = async {
-                let n: u64 = redis::cmd("INCR").arg(&cnt).query_async(&mut c2).await?;
-                if n == 1 {
-                    redis::cmd("EXPIRE")
-                        .arg(&cnt)
-                        .arg(window)
-                        .query_async::<()>(&mut c2)
-                        .await?;
-                }
-                Ok(n)
-            };
+            let incr = count_ask(&mut c2, &cnt, 1, window);
             let (values, n) = tokio::try_join!(read, incr)?;
             Ok((n, values))
         })

@@ -356,26 +356,27 @@ impl Nginx {
     /// Access log lines: `status upstream_addr upstream_status request_time uri`. An upstream
     /// list with a comma is a call nginx passed to more than one node.
     pub fn access_log(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        lines(&self.dir.join("access.log"))
     }
 
     /// All error log lines.
     pub fn error_log(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("error.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        lines(&self.dir.join("error.log"))
     }
 
     /// The error log's tail.
     pub fn error_log_tail(&self) -> String {
         tail(&self.dir.join("error.log"), 20)
     }
+}
+
+/// A file's lines (none when it does not exist yet).
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 impl Drop for Nginx {
