@@ -521,7 +521,7 @@ fn weighted_values(
     assert!(o.len() >= m * hd && first.len() >= m && end.len() >= m);
     assert!(p.len() >= keys * mp && m <= mp);
     #[cfg(target_arch = "x86_64")]
-    let simd = hd % 64 == 0
+    let simd = hd.is_multiple_of(64)
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma");
     for t0 in (0..keys).step_by(V_TILE) {
