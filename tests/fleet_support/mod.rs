@@ -166,11 +166,11 @@ impl QnodeProcess {
             .sum()
     }
 
-    /// The value of one unlabelled counter or gauge on this node's /metrics (0 when absent).
+    /// One counter or gauge on this node's /metrics, summed over its labels (0 when absent).
     pub fn metric(&self, name: &str) -> u64 {
         let text = http_get(self.metrics_port, "/metrics");
         text.lines()
-            .filter(|l| l.split(' ').next() == Some(name))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     }
