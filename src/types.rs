@@ -84,6 +84,10 @@ pub struct GenerationRequest {
     pub cache_policy: CachePolicy,
     /// Who asks. Part of the cache key, so one tenant never sees an answer cached for another.
     pub tenant: Option<String>,
+    /// The conversation this call continues (`session_id` / `x-session-id` / OpenAI `user`):
+    /// the pool prefers the instance that served its last turn, which holds its KV. Not part
+    /// of the cache key (it does not change the output).
+    pub session: Option<String>,
 }
 
 /// How the answer cache treats one request. Only deterministic requests are cached at all (unless

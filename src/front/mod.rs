@@ -31,8 +31,8 @@ pub use crate::types::ErrorKind;
 pub use auth::{ApiKeyCheck, AuthError};
 pub use call::{collect, forward, Call, Step, StreamFront};
 pub use error::FrontError;
-pub use request::{CallMeta, RawRequest};
-pub use validate::ValidationError;
+pub use request::{header_text, CallMeta, RawRequest};
+pub use validate::{ValidationError, SESSION_HEADER};
 
 /// Metadata key (gRPC) and header (HTTP) naming the caller's tenant; answers are never shared
 /// across tenants.
@@ -128,15 +128,13 @@ impl Front {
         let submitted = meta
             .deadline
             .and_then(|deadline| {
-                validate::validate(
-                    raw,
-                    &models,
-                    &self.limits,
+                let caller = validate::Caller {
                     request_id,
                     deadline,
-                    meta.tenant,
-                )
-                .map_err(FrontError::from)
+                    tenant: meta.tenant,
+                    session: meta.session,
+                };
+                validate::validate(raw, &models, &self.limits, caller).map_err(FrontError::from)
             })
             .and_then(|request| {
                 let _entered = call.span().enter();

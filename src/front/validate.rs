@@ -17,6 +17,12 @@ pub const ROLES: &[&str] = &["system", "user", "assistant"];
 pub const MAX_TOP_K: u32 = 1000;
 /// Longest caller-given `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Longest tenant (`x-qnode-tenant`), in bytes.
+pub const MAX_TENANT_BYTES: usize = 128;
+/// Longest session key (`session_id`, `x-session-id`, OpenAI `user`), in bytes.
+pub const MAX_SESSION_BYTES: usize = 256;
+/// Header (gRPC metadata) naming the conversation a call continues.
+pub const SESSION_HEADER: &str = "x-session-id";
 
 /// Why a request was refused before reaching the backend.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,19 +71,32 @@ fn out_of_range(
     }
 }
 
-/// Checks `wire` against the served `models` and the node's `limits`.
-///
-/// `request_id` is the id the caller gave (checked here) or one the front generated;
-/// `deadline` comes from the front's timeout header; `tenant` from `x-qnode-tenant` (it scopes
-/// the answer cache).
+/// What the transport says about the caller, beside the body: checked with it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The id the caller gave (checked here) or one the front generated.
+    pub request_id: String,
+    /// From the front's timeout header.
+    pub deadline: Option<Instant>,
+    /// `x-qnode-tenant` as sent (it scopes the answer cache); `None` when absent or empty.
+    pub tenant: Option<String>,
+    /// `x-session-id` as sent; `None` when absent or empty.
+    pub session: Option<String>,
+}
+
+/// Checks `wire` and `caller` against the served `models` and the node's `limits`.
 pub fn validate(
     wire: RawRequest,
     models: &[ModelInfo],
     limits: &Limits,
-    request_id: String,
-    deadline: Option<Instant>,
-    tenant: Option<String>,
+    caller: Caller,
 ) -> Result<GenerationRequest, ValidationError> {
+    let Caller {
+        request_id,
+        deadline,
+        tenant,
+        session,
+    } = caller;
     if wire.model.is_empty() {
         return Err(ValidationError::Empty {
             field: "model".into(),
@@ -92,6 +111,7 @@ pub fn validate(
     }
     check_request_id(&request_id)?;
     let sampling = sampling(&wire)?;
+    let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
     let max_tokens = match wire.max_tokens {
         None => limits.default_max_tokens.min(limits.max_tokens_limit),
@@ -126,7 +146,66 @@ pub fn validate(
         deadline,
         cache_policy,
         tenant,
+        session,
     })
+}
+
+/// `value` as the caller would recognise it: quoted and escaped, so control bytes show.
+fn quoted(value: &str) -> String {
+    format!("{value:?}")
+}
+
+/// A header-borne key (`x-session-id`, `x-qnode-tenant`): 1..=`max` bytes of visible ASCII, so
+/// it can travel as an HTTP/2 header, be hashed by a load balancer and go into a log line as is.
+fn check_key(field: &str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.len() > max {
+        return Err(out_of_range(
+            field,
+            format!("<= {max} bytes"),
+            format!("{} bytes", value.len()),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(out_of_range(
+            field,
+            "visible ASCII (no spaces, no control or non-ASCII characters)",
+            quoted(value),
+        ));
+    }
+    Ok(())
+}
+
+/// The call's session key: the `x-session-id` header, else the body's `session_id` (the two
+/// must agree when both are given), else the OpenAI `user`. `user` is free text in OpenAI's API,
+/// so only its length is checked; the pool keeps a hash of the key, never the key.
+fn session_key(
+    header: Option<String>,
+    field: Option<String>,
+    user: Option<String>,
+) -> Result<Option<String>, ValidationError> {
+    if let Some(h) = &header {
+        check_key(SESSION_HEADER, h, MAX_SESSION_BYTES)?;
+    }
+    if let Some(f) = &field {
+        check_key("session_id", f, MAX_SESSION_BYTES)?;
+    }
+    if let (Some(h), Some(f)) = (&header, &field) {
+        if h != f {
+            return Err(out_of_range(
+                "session_id",
+                format!("equal to `{SESSION_HEADER}` when both are given (send one)"),
+                format!("{} and {SESSION_HEADER} {}", quoted(f), quoted(h)),
+            ));
+        }
+    }
+    if let Some(u) = user.as_deref().filter(|u| u.len() > MAX_SESSION_BYTES) {
+        return Err(out_of_range(
+            "user",
+            format!("<= {MAX_SESSION_BYTES} bytes (it is the session key when no `{SESSION_HEADER}` is sent)"),
+            format!("{} bytes", u.len()),
+        ));
+    }
+    Ok(header.or(field).or(user.filter(|u| !u.is_empty())))
 }
 
 fn check_request_id(id: &str) -> Result<(), ValidationError> {
@@ -295,15 +374,15 @@ mod tests {
         }
     }
 
+    fn caller(request_id: &str) -> Caller {
+        Caller {
+            request_id: request_id.into(),
+            ..Caller::default()
+        }
+    }
+
     fn check(wire: RawRequest) -> Result<GenerationRequest, ValidationError> {
-        validate(
-            wire,
-            &models(),
-            &Limits::default(),
-            "id-1".into(),
-            None,
-            None,
-        )
+        validate(wire, &models(), &Limits::default(), caller("id-1"))
     }
 
     fn message(wire: RawRequest) -> String {
@@ -447,7 +526,7 @@ mod tests {
             max_stop_strings: 1,
             ..Limits::default()
         };
-        let err = validate(good(), &models(), &limits, "x".into(), None, None).unwrap_err();
+        let err = validate(good(), &models(), &limits, caller("x")).unwrap_err();
         assert_eq!(
             err.to_string(),
             "`prompt` must be <= 4 bytes. Given: 5 bytes"
@@ -460,9 +539,7 @@ mod tests {
             },
             &models(),
             &limits,
-            "x".into(),
-            None,
-            None,
+            caller("x"),
         )
         .unwrap_err();
         assert_eq!(
@@ -500,15 +577,7 @@ mod tests {
             .to_string(),
             "`model` must not be empty"
         );
-        let err = validate(
-            good(),
-            &models(),
-            &Limits::default(),
-            "a\nb".into(),
-            None,
-            None,
-        )
-        .unwrap_err();
+        let err = validate(good(), &models(), &Limits::default(), caller("a\nb")).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("`request_id` must be printable ASCII"),
@@ -527,5 +596,54 @@ mod tests {
             err.to_string().starts_with("`cache_policy` must be one of"),
             "{err}"
         );
+    }
+
+    fn with_session(
+        header: Option<&str>,
+        field: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Option<String>, ValidationError> {
+        let wire = RawRequest {
+            session_id: field.map(str::to_owned),
+            user: user.map(str::to_owned),
+            ..good()
+        };
+        let caller = Caller {
+            session: header.map(str::to_owned),
+            ..caller("id")
+        };
+        validate(wire, &models(), &Limits::default(), caller).map(|r| r.session)
+    }
+
+    #[test]
+    fn session_key_header_then_field_then_user() {
+        assert_eq!(with_session(None, None, None), Ok(None));
+        let s = |v: &str| Ok(Some(v.to_owned()));
+        assert_eq!(with_session(Some("h"), None, Some("u")), s("h"));
+        assert_eq!(with_session(None, Some("f"), Some("u")), s("f"));
+        assert_eq!(with_session(Some("k"), Some("k"), None), s("k"));
+        assert_eq!(with_session(None, None, Some("Zoë Ng")), s("Zoë Ng"));
+        assert_eq!(with_session(None, None, Some("")), Ok(None));
+    }
+
+    #[test]
+    fn bad_session_keys_are_refused_naming_the_field() {
+        let msg = |r: Result<Option<String>, ValidationError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(with_session(Some("a"), Some("b"), None)),
+            "`session_id` must be equal to `x-session-id` when both are given (send one). \
+             Given: \"b\" and x-session-id \"a\""
+        );
+        assert!(msg(with_session(Some("café"), None, None))
+            .starts_with("`x-session-id` must be visible ASCII"),);
+        assert!(msg(with_session(None, Some("a b"), None))
+            .starts_with("`session_id` must be visible ASCII"));
+        assert_eq!(
+            msg(with_session(None, Some(&"s".repeat(257)), None)),
+            "`session_id` must be <= 256 bytes. Given: 257 bytes"
+        );
+        assert!(msg(with_session(None, None, Some(&"u".repeat(257))))
+            .starts_with("`user` must be <= 256 bytes"));
+        assert!(with_session(Some(&"s".repeat(256)), None, None).is_ok());
     }
 }

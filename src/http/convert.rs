@@ -17,7 +17,7 @@ pub struct Options {
     pub stream: bool,
     /// Streamed: end with a usage chunk.
     pub include_usage: bool,
-    /// The caller's end user, logged only.
+    /// The caller's end user: logged (and the session key when no `x-session-id` is sent).
     pub user: Option<String>,
 }
 
@@ -143,6 +143,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         seed: s.seed,
         stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
         cache_policy,
+        user: s.user.clone(),
         ..RawRequest::default()
     };
     let options = Options {

@@ -12,8 +12,9 @@
 //! - [`error`]: [`FrontError`] → HTTP status and OpenAI error body, in one place.
 //! - [`sse`]: streamed answers as server-sent events.
 //!
-//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` are accepted
-//! and ignored; `user` is logged only (the cache tenant is the `x-qnode-tenant` header);
+//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` must be 0;
+//! `user` is logged, and is the session key when no `x-session-id` header is sent (the cache
+//! tenant is the `x-qnode-tenant` header);
 //! `x-qnode-timeout-ms` sets a deadline (504 when it passes); `x-request-id` may carry the
 //! caller's id, and every answer carries it back.
 
@@ -42,7 +43,8 @@ use tracing::Instrument;
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
 use crate::front::{
-    self, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, RawRequest, TENANT_HEADER,
+    self, header_text, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, RawRequest,
+    SESSION_HEADER, TENANT_HEADER,
 };
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -260,6 +262,11 @@ impl Kind {
     }
 }
 
+/// Every value of header `name`, unchecked, for [`CallMeta`].
+fn header_values(headers: &HeaderMap, name: &str) -> Option<String> {
+    header_text(headers.get_all(name).iter().map(HeaderValue::as_bytes))
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
@@ -305,7 +312,8 @@ async fn generate(
         method: kind.method(),
         arrival,
         request_id: Some(request_id.clone()),
-        tenant: header_str(&headers, TENANT_HEADER).map(str::to_owned),
+        tenant: header_values(&headers, TENANT_HEADER),
+        session: header_values(&headers, SESSION_HEADER),
         deadline: deadline(&headers, arrival),
     };
     let model = raw.model.clone();
