@@ -266,6 +266,8 @@ pub enum ErrorKind {
     Cancelled,
     /// Missing or wrong credentials.
     Unauthenticated,
+    /// Valid credentials that do not allow this (e.g. a key bound to another tenant).
+    PermissionDenied,
     /// A bug; the message says what broke.
     Internal,
 }
@@ -283,6 +285,7 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "DeadlineExceeded",
             ErrorKind::Cancelled => "Cancelled",
             ErrorKind::Unauthenticated => "Unauthenticated",
+            ErrorKind::PermissionDenied => "PermissionDenied",
             ErrorKind::Internal => "Internal",
         }
     }

@@ -28,7 +28,7 @@ use crate::node::{Node, NodeState};
 use crate::types::{ModelInfo, ModelState};
 
 pub use crate::types::ErrorKind;
-pub use auth::{ApiKeyCheck, AuthError};
+pub use auth::{ApiKeyCheck, AuthError, KeyTenant};
 pub use call::{collect, forward, Call, Step, StreamFront};
 pub use error::FrontError;
 pub use request::{header_text, CallMeta, RawRequest};
@@ -132,6 +132,7 @@ impl Front {
                     request_id,
                     deadline,
                     tenant: meta.tenant,
+                    key_tenant: meta.key_tenant,
                     session: meta.session,
                 };
                 validate::validate(raw, &models, &self.limits, caller).map_err(FrontError::from)

@@ -75,6 +75,9 @@ pub struct CallMeta {
     /// The caller's tenant header (`x-qnode-tenant`), unchecked: bytes that are not UTF-8 are
     /// replaced (and then refused, like any non-ASCII value). It scopes the answer cache.
     pub tenant: Option<String>,
+    /// The tenant the caller's API key is bound to: the call gets it, and a `tenant` header
+    /// naming another is refused.
+    pub key_tenant: Option<String>,
     /// The session header (`x-session-id`), unchecked like `tenant`.
     pub session: Option<String>,
     /// When the caller stops waiting. A malformed deadline header is an `Err`, refused after
@@ -90,6 +93,7 @@ impl CallMeta {
             arrival: Instant::now(),
             request_id: None,
             tenant: None,
+            key_tenant: None,
             session: None,
             deadline: Ok(None),
         }

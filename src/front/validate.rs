@@ -57,6 +57,16 @@ pub enum ValidationError {
     /// Neither `prompt` nor `messages` was given.
     #[error("one of `prompt` or `messages` is required")]
     NoPrompt,
+    /// `x-qnode-tenant` names another tenant than the one the caller's API key is bound to
+    /// (PERMISSION_DENIED).
+    #[error(
+        "`x-qnode-tenant` {given} is not this API key's tenant: a key bound to a tenant cannot \
+         claim another; leave the header out (the key's tenant applies) or send the key's own"
+    )]
+    TenantNotAllowed {
+        /// The tenant claimed, quoted.
+        given: String,
+    },
 }
 
 fn out_of_range(
@@ -80,6 +90,8 @@ pub struct Caller {
     pub deadline: Option<Instant>,
     /// `x-qnode-tenant` as sent (it scopes the answer cache); `None` when absent or empty.
     pub tenant: Option<String>,
+    /// The tenant the caller's API key is bound to, if any.
+    pub key_tenant: Option<String>,
     /// `x-session-id` as sent; `None` when absent or empty.
     pub session: Option<String>,
 }
@@ -95,6 +107,7 @@ pub fn validate(
         request_id,
         deadline,
         tenant,
+        key_tenant,
         session,
     } = caller;
     if wire.model.is_empty() {
@@ -110,6 +123,7 @@ pub fn validate(
         });
     }
     check_request_id(&request_id)?;
+    let tenant = tenant_of(tenant, key_tenant)?;
     let sampling = sampling(&wire)?;
     let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
@@ -173,6 +187,27 @@ fn check_key(field: &str, value: &str, max: usize) -> Result<(), ValidationError
         ));
     }
     Ok(())
+}
+
+/// The call's tenant: `x-qnode-tenant` checked (1..=[`MAX_TENANT_BYTES`] of visible ASCII:
+/// anything else is refused, never dropped, so a caller cannot fall into the shared no-tenant
+/// scope by mistake), then held to the tenant of the caller's API key when it has one.
+fn tenant_of(
+    header: Option<String>,
+    key_tenant: Option<String>,
+) -> Result<Option<String>, ValidationError> {
+    if let Some(t) = &header {
+        check_key(crate::front::TENANT_HEADER, t, MAX_TENANT_BYTES)?;
+    }
+    match (header, key_tenant) {
+        (Some(claimed), Some(bound)) if claimed != bound => {
+            Err(ValidationError::TenantNotAllowed {
+                given: quoted(&claimed),
+            })
+        }
+        (header, None) => Ok(header),
+        (_, bound) => Ok(bound),
+    }
 }
 
 /// The call's session key: the `x-session-id` header, else the body's `session_id` (the two
@@ -645,5 +680,45 @@ mod tests {
         assert!(msg(with_session(None, None, Some(&"u".repeat(257))))
             .starts_with("`user` must be <= 256 bytes"));
         assert!(with_session(Some(&"s".repeat(256)), None, None).is_ok());
+    }
+
+    fn with_tenant(
+        header: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Option<String>, ValidationError> {
+        let caller = Caller {
+            tenant: header.map(str::to_owned),
+            key_tenant: key.map(str::to_owned),
+            ..caller("id")
+        };
+        validate(good(), &models(), &Limits::default(), caller).map(|r| r.tenant)
+    }
+
+    #[test]
+    fn tenants_are_checked_and_held_to_the_key() {
+        let t = |v: &str| Ok(Some(v.to_owned()));
+        assert_eq!(with_tenant(None, None), Ok(None));
+        assert_eq!(with_tenant(Some("acme"), None), t("acme"));
+        assert_eq!(with_tenant(None, Some("acme")), t("acme"));
+        assert_eq!(with_tenant(Some("acme"), Some("acme")), t("acme"));
+        assert_eq!(
+            with_tenant(Some("globex"), Some("acme")).unwrap_err(),
+            ValidationError::TenantNotAllowed {
+                given: "\"globex\"".into()
+            }
+        );
+        for bad in ["café", "租户", "a b", "a, b", "tab\there"] {
+            let err = with_tenant(Some(bad), None).unwrap_err().to_string();
+            assert!(
+                err.starts_with("`x-qnode-tenant` must be visible ASCII"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            with_tenant(Some(&"t".repeat(129)), None)
+                .unwrap_err()
+                .to_string(),
+            "`x-qnode-tenant` must be <= 128 bytes. Given: 129 bytes"
+        );
     }
 }

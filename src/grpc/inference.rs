@@ -16,8 +16,8 @@ use super::proto::inference_server::Inference;
 use super::{convert, deadline, proto};
 use crate::engine::EventStream;
 use crate::front::{
-    self, header_text, Call, CallMeta, Front, FrontError, Step, StreamFront, SESSION_HEADER,
-    TENANT_HEADER,
+    self, header_text, Call, CallMeta, Front, FrontError, KeyTenant, Step, StreamFront,
+    SESSION_HEADER, TENANT_HEADER,
 };
 
 /// Chunks buffered between the forwarding task and the HTTP/2 stream of one call.
@@ -47,6 +47,7 @@ impl InferenceService {
         };
         let tenant = text(TENANT_HEADER);
         let session = text(SESSION_HEADER);
+        let key_tenant = request.extensions().get::<KeyTenant>().cloned();
         let deadline = deadline::from_metadata(request.metadata(), arrival);
         let (raw, request_id) = convert::request(request.into_inner());
         let meta = CallMeta {
@@ -55,6 +56,7 @@ impl InferenceService {
             request_id,
             tenant,
             session,
+            key_tenant: key_tenant.and_then(|k| k.0),
             deadline: Ok(deadline),
         };
         Ok(self.front.begin(meta, raw)?)

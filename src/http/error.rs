@@ -7,6 +7,7 @@
 //! | bad JSON, a field out of range          | 400  | invalid_request_error | invalid_value / ...       |
 //! | prompt + max_tokens over the context    | 400  | invalid_request_error | context_length_exceeded   |
 //! | missing or wrong bearer key             | 401  | invalid_request_error | invalid_api_key           |
+//! | `x-qnode-tenant` not the key's tenant   | 403  | permission_error      | tenant_not_allowed        |
 //! | unknown model                           | 404  | invalid_request_error | model_not_found           |
 //! | model queue full (`Retry-After` set)    | 429  | rate_limit_error      | queue_full                |
 //! | Admin-only: already exists              | 409  | invalid_request_error | ...                       |
@@ -64,6 +65,7 @@ impl From<FrontError> for ApiError {
         let (status, kind) = match error.kind {
             ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
             ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error"),
+            ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
             ErrorKind::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
             ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "invalid_request_error"),
             ErrorKind::FailedPrecondition => {
