@@ -290,3 +290,34 @@ impl ErrorKind {
         }
     }
 }
+
+/// Most characters of a caller's value an error message echoes back.
+pub const ECHO_CHARS: usize = 128;
+
+/// A caller's value (model id, field or header value) as an error message may echo it: at most
+/// [`ECHO_CHARS`] characters, then `…` when cut (on a character boundary). A 100 kB model id
+/// echoed whole made gRPC clients fail on the status size and HTTP bodies and log lines balloon;
+/// every echo goes through here.
+pub fn echo(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => std::borrow::Cow::Borrowed(value),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}…", &value[..cut])),
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn echo_caps_on_a_character_boundary() {
+        assert_eq!(echo("short"), "short");
+        let exact = "x".repeat(ECHO_CHARS);
+        assert_eq!(echo(&exact), exact);
+        let long = "é".repeat(10_000);
+        let capped = echo(&long);
+        assert_eq!(capped.chars().count(), ECHO_CHARS + 1);
+        assert!(capped.ends_with("é…"), "{capped}");
+        assert_eq!(echo(&"租".repeat(129)), format!("{}…", "租".repeat(128)));
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::request::RawRequest;
 use crate::config::Limits;
-use crate::types::{ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
+use crate::types::{echo, ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
 
 /// Roles the chat templates of the served models understand.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -28,14 +28,18 @@ pub const SESSION_HEADER: &str = "x-session-id";
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
     /// No model with this id is served (NOT_FOUND).
-    #[error("model `{model}` is not served by this node; it serves: {served}")]
+    #[error(
+        "model `{}` is not served by this node; it serves: {served}",
+        echo(model)
+    )]
     UnknownModel {
         /// The id asked for.
         model: String,
         /// The ids served, comma-separated.
         served: String,
     },
-    /// A value outside its range; names the field, the rule and the value given.
+    /// A value outside its range; names the field, the rule and the value given (a caller's
+    /// text capped by [`echo`] where it is built).
     #[error("`{field}` must be {constraint}. Given: {given}")]
     OutOfRange {
         /// Field path, e.g. `messages[1].role`.
@@ -146,7 +150,7 @@ pub fn validate(
             return Err(out_of_range(
                 "cache_policy",
                 "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
-                given,
+                echo(&given),
             ))
         }
     };
@@ -164,9 +168,9 @@ pub fn validate(
     })
 }
 
-/// `value` as the caller would recognise it: quoted and escaped, so control bytes show.
+/// `value` as the caller would recognise it: capped, quoted and escaped, so control bytes show.
 fn quoted(value: &str) -> String {
-    format!("{value:?}")
+    format!("{:?}", echo(value))
 }
 
 /// A header-borne key (`x-session-id`, `x-qnode-tenant`): 1..=`max` bytes of visible ASCII, so
@@ -256,7 +260,7 @@ fn check_request_id(id: &str) -> Result<(), ValidationError> {
         return Err(out_of_range(
             "request_id",
             "printable ASCII without spaces",
-            format!("{id:?}"),
+            quoted(id),
         ));
     }
     Ok(())
@@ -295,7 +299,7 @@ fn prompt_input(
                     return Err(out_of_range(
                         format!("messages[{i}].role"),
                         format!("one of {}", ROLES.join(", ")),
-                        format!("{:?}", message.role),
+                        quoted(&message.role),
                     ));
                 }
                 if message.content.is_empty() {

@@ -6,7 +6,7 @@
 //! `validate`.
 
 use crate::front::{FrontError, RawRequest};
-use crate::types::{CachePolicy, ChatMessage, Completion, FinishReason, Source};
+use crate::types::{echo, CachePolicy, ChatMessage, Completion, FinishReason, Source};
 
 use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
 
@@ -76,7 +76,8 @@ fn message(i: usize, m: RequestMessage) -> Result<ChatMessage, FrontError> {
                         return Err(FrontError::invalid(
                             format!("messages[{i}].content[{j}].type"),
                             format!(
-                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {other:?}"
+                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {:?}",
+                                echo(other)
                             ),
                         ))
                     }

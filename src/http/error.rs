@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::front::{ErrorKind, FrontError};
+use crate::types::echo;
 
 /// One refused or failed HTTP call, ready to be sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +111,9 @@ impl ApiError {
             ErrorKind::NotFound,
             "unknown_url",
             format!(
-                "no route for `{path}`: this node serves POST /v1/chat/completions, \
-                 POST /v1/completions, GET /v1/models, GET /health and GET /ready"
+                "no route for `{}`: this node serves POST /v1/chat/completions, \
+                 POST /v1/completions, GET /v1/models, GET /health and GET /ready",
+                echo(path)
             ),
         )
         .into()
@@ -160,17 +162,17 @@ impl From<JsonRejection> for ApiError {
                 "invalid_json",
                 format!(
                     "the body is not valid JSON ({}); send one JSON object",
-                    rejection.body_text()
+                    echo(&rejection.body_text())
                 ),
             ),
             JsonRejection::JsonDataError(_) => (
                 "invalid_value",
                 format!(
                     "the body does not match the OpenAI request schema ({}); fix that field",
-                    rejection.body_text()
+                    echo(&rejection.body_text())
                 ),
             ),
-            _ => ("invalid_body", rejection.body_text()),
+            _ => ("invalid_body", echo(&rejection.body_text()).into_owned()),
         };
         let mut e: ApiError = FrontError::new(ErrorKind::InvalidArgument, code, hint).into();
         // The one status OpenAI's shape has and the error kinds do not.

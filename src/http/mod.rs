@@ -48,6 +48,7 @@ use crate::front::{
 };
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::types::echo;
 
 use convert::Options;
 use error::ApiError;
@@ -299,10 +300,12 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Fr
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| {
+            let given = String::from_utf8_lossy(value.as_bytes());
             FrontError::invalid(
                 TIMEOUT_HEADER,
                 format!(
-                    "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {value:?}"
+                    "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {:?}",
+                    echo(&given)
                 ),
             )
         })?;
