@@ -12,9 +12,11 @@
 //! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
 //! - `health`: follows the node's readiness.
 //! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout` parsing.
+//! - `codec`: prost with malformed requests as INVALID_ARGUMENT, counted like other refusals.
 
 mod admin;
 mod auth;
+mod codec;
 mod convert;
 mod deadline;
 mod health;
@@ -198,12 +200,15 @@ pub async fn run(
         proto::inference_server::InferenceServer::new(inference::InferenceService { front })
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let inference = InterceptedService::new(
-        inference,
-        auth::GrpcAuth(ApiKeyCheck::with_keys(
-            config.api_key.as_deref(),
-            &config.api_keys,
-        )),
+    let inference = codec::CountMalformed::new(
+        InterceptedService::new(
+            inference,
+            auth::GrpcAuth(ApiKeyCheck::with_keys(
+                config.api_key.as_deref(),
+                &config.api_keys,
+            )),
+        ),
+        config.metrics.clone(),
     );
 
     // Draining closes the listener at once: a balancer then gets "connection refused" and tries
