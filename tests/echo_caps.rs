@@ -107,6 +107,10 @@ fn message(body: &str) -> String {
         .to_owned()
 }
 
+/// What is sent (curl arguments), the status wanted, the character repeated and the cut echo
+/// wanted (see [`assert_capped`]).
+type Case = (&'static str, Vec<String>, u16, char, Option<usize>);
+
 #[tokio::test]
 async fn http_echoes_at_most_128_characters() {
     let backend = ScriptedBackend::new(true);
@@ -140,7 +144,7 @@ async fn http_echoes_at_most_128_characters() {
     let (m, r, p, x) = (big('m'), big('r'), big('p'), big('x'));
     let parts = format!(r#"[{{"type":"{p}","text":"hi"}}]"#);
     let accented: String = std::iter::repeat_n('é', BIG / 2).collect();
-    let cases: Vec<(&str, Vec<String>, u16, char, Option<usize>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "model id",
             post(body(&m, "user", ""), None),
