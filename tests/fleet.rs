@@ -235,7 +235,9 @@ async fn fleet_behind_nginx_loses_no_request() {
     assert_eq!(
         shared.cache_level,
         proto::CacheLevel::L2 as i32,
-        "S did not find B's answer in Redis"
+        "S did not find B's answer in Redis (cache level {}):\n{}",
+        shared.cache_level,
+        s.log_tail()
     );
     assert!(!first.text.is_empty());
     assert_eq!(shared.text, first.text);
@@ -267,6 +269,16 @@ async fn fleet_behind_nginx_loses_no_request() {
     let error_mark = plain.error_log().len();
     let load = Load::start(channel(p1), asks("drain-s", 90), CONCURRENCY);
     load.wait_done(20, PHASE_WITHIN).await;
+    // nginx hashes calls over A and S (not least_conn), so S may be idle for a moment: drain it
+    // while it is serving.
+    let busy = Instant::now();
+    while s.metric("qnode_in_flight_requests") == 0 {
+        assert!(
+            busy.elapsed() < Duration::from_secs(20),
+            "S took no call through nginx in 20 s of load"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let in_flight = s
         .admin()
         .drain(proto::DrainRequest {})

@@ -53,11 +53,24 @@ fn call(
     request
 }
 
-/// The node (`127.0.0.1:PORT`) nginx passed its latest call to, from its access log
-/// (`status upstream_addr upstream_status ...`).
-fn last_upstream(nginx: &Nginx) -> String {
-    let lines = nginx.access_log();
-    let line = lines.last().expect("nginx logged the call");
+/// The node (`127.0.0.1:PORT`) nginx passed its `n`th call (from 1) to, from its access log
+/// (`status upstream_addr upstream_status ...`). nginx writes the line as it finalizes the call,
+/// which may be just after the client has the answer: wait for it.
+async fn upstream_of(nginx: &Nginx, n: usize) -> String {
+    let asked = Instant::now();
+    let lines = loop {
+        let lines = nginx.access_log();
+        if lines.len() >= n {
+            break lines;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "nginx logged {} of {n} calls",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let line = &lines[n - 1];
     let upstream = line.split(' ').nth(1).expect("upstream field").to_string();
     assert!(
         !upstream.contains(','),
@@ -67,10 +80,11 @@ fn last_upstream(nginx: &Nginx) -> String {
 }
 
 /// Sends one short call per session (`None`: no session header) and returns the set of nodes
-/// that served them.
+/// that served them. `sent` counts the calls sent through `nginx` so far.
 async fn nodes_for(
     client: &mut InferenceClient<Channel>,
     nginx: &Nginx,
+    sent: &mut usize,
     sessions: &[Option<String>],
 ) -> BTreeSet<String> {
     let mut nodes = BTreeSet::new();
@@ -80,7 +94,8 @@ async fn nodes_for(
             .generate(call(messages, 1, session.as_deref()))
             .await
             .unwrap_or_else(|e| panic!("call {i}: {e:?}"));
-        nodes.insert(last_upstream(nginx));
+        *sent += 1;
+        nodes.insert(upstream_of(nginx, *sent).await);
     }
     nodes
 }
@@ -139,7 +154,7 @@ async fn a_conversation_stays_on_its_node_and_reuses_its_history() {
             .unwrap_or_else(|e| panic!("turn {}: {e:?}", turn + 1))
             .into_inner();
         let usage = answer.usage.expect("usage");
-        let node = last_upstream(&nginx);
+        let node = upstream_of(&nginx, turn + 1).await;
         println!(
             "[affinity] turn {}: node {node}, prompt {} tokens, {} from the prefix store",
             turn + 1,
@@ -171,9 +186,10 @@ async fn a_conversation_stays_on_its_node_and_reuses_its_history() {
     // do calls without a session (hashed on nginx's random $request_id).
     let both: BTreeSet<String> = [pa, pb].iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let sessions: Vec<Option<String>> = (0..12).map(|i| Some(format!("spread-{i}"))).collect();
-    let nodes = nodes_for(&mut client, &nginx, &sessions).await;
+    let mut sent = turns.len();
+    let nodes = nodes_for(&mut client, &nginx, &mut sent, &sessions).await;
     assert_eq!(nodes, both, "12 session ids landed on {nodes:?}");
-    let nodes = nodes_for(&mut client, &nginx, &vec![None; 12]).await;
+    let nodes = nodes_for(&mut client, &nginx, &mut sent, &vec![None; 12]).await;
     assert_eq!(
         nodes, both,
         "12 calls without a session landed on {nodes:?}"
