@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_build::configure()
         .file_descriptor_set_path(out_dir.join("qnode_v1_descriptor.bin"))
+        // Malformed request bodies are INVALID_ARGUMENT, not tonic's INTERNAL.
+        .codec_path("crate::grpc::codec::Codec")
         .compile_protos(
             &[
                 "proto/qnode/v1/inference.proto",

@@ -53,6 +53,7 @@ fn request(prompt: String, policy: CachePolicy) -> GenerationRequest {
         deadline: None,
         cache_policy: policy,
         tenant: None,
+        session: None,
     }
 }
 

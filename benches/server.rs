@@ -33,6 +33,7 @@ fn engine_request(max_tokens: u32) -> GenerationRequest {
         deadline: None,
         cache_policy: Default::default(),
         tenant: None,
+        session: None,
     }
 }
 

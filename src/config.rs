@@ -102,6 +102,9 @@ pub struct ServerSection {
     pub http_listen: Option<SocketAddr>,
     /// When set, Inference calls need `authorization: Bearer <key>`. Never logged.
     pub api_key: Option<String>,
+    /// More Inference keys, each optionally bound to a tenant: a caller with a bound key gets
+    /// that tenant and cannot claim another. Never logged.
+    pub api_keys: ApiKeys,
     /// How long in-flight calls may run after shutdown begins before they are cut.
     #[serde(deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
@@ -115,6 +118,113 @@ pub struct ServerSection {
     pub admin_api_key: Option<String>,
     /// Where the models run.
     pub device: DeviceKind,
+}
+
+/// One accepted API key and the tenant it binds, if any.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// The bearer key. Never logged.
+    pub key: String,
+    /// The tenant every call with this key gets; `None` leaves the tenant to `x-qnode-tenant`.
+    pub tenant: Option<String>,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key", &"<hidden>")
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+/// `server.api_keys`: in TOML a list of keys (`["k1", "k2"]`, no tenant) or a table of key →
+/// tenant (`{ "k1" = "acme" }`); in `--api-keys` / `QNODE_API_KEYS` comma-separated `KEY` or
+/// `KEY=TENANT` entries. Its `Debug` prints neither keys nor tenants.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ApiKeys(pub Vec<ApiKey>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bound = self.0.iter().filter(|k| k.tenant.is_some()).count();
+        write!(
+            f,
+            "ApiKeys({} keys, {bound} bound to a tenant)",
+            self.0.len()
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Keys(Vec<String>),
+            Tenants(std::collections::BTreeMap<String, String>),
+        }
+        let keys = match Raw::deserialize(de)? {
+            Raw::Keys(keys) => keys
+                .into_iter()
+                .map(|key| ApiKey { key, tenant: None })
+                .collect(),
+            Raw::Tenants(map) => map
+                .into_iter()
+                .map(|(key, tenant)| ApiKey {
+                    key,
+                    tenant: Some(tenant),
+                })
+                .collect(),
+        };
+        Ok(ApiKeys(keys))
+    }
+}
+
+impl ApiKeys {
+    /// Parses the flag / env form: `KEY` or `KEY=TENANT`, comma-separated.
+    pub fn parse(text: &str) -> ApiKeys {
+        let keys = text
+            .split(',')
+            .map(|entry| match entry.split_once('=') {
+                Some((key, tenant)) => ApiKey {
+                    key: key.to_owned(),
+                    tenant: Some(tenant.to_owned()),
+                },
+                None => ApiKey {
+                    key: entry.to_owned(),
+                    tenant: None,
+                },
+            })
+            .collect();
+        ApiKeys(keys)
+    }
+
+    /// Entries are checked by position, never echoed (they are secrets).
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, entry) in self.0.iter().enumerate() {
+            let field = format!("server.api_keys[{i}]");
+            if entry.key.is_empty() {
+                return Err(out_of_range(&field, "a non-empty key", "an empty key"));
+            }
+            if self.0[..i].iter().any(|e| e.key == entry.key) {
+                return Err(out_of_range(&field, "a key listed once", "a repeated key"));
+            }
+            if let Some(tenant) = &entry.tenant {
+                let max = crate::front::validate::MAX_TENANT_BYTES;
+                if tenant.is_empty()
+                    || tenant.len() > max
+                    || !tenant.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(out_of_range(
+                        &format!("{field}'s tenant"),
+                        &format!("1..={max} bytes of visible ASCII, as `x-qnode-tenant`"),
+                        &format!("{} bytes", tenant.len()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where the models run.
@@ -135,6 +245,7 @@ impl Default for ServerSection {
             metrics_listen: None,
             http_listen: None,
             api_key: None,
+            api_keys: ApiKeys::default(),
             drain_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
             log_format: LogFormat::Text,
@@ -292,6 +403,16 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+    /// More Inference keys, comma-separated; `KEY=TENANT` binds the key to a tenant (its calls
+    /// get that tenant and cannot claim another). Replaces the file's `server.api_keys`.
+    /// [default: none]
+    #[arg(
+        long,
+        env = "QNODE_API_KEYS",
+        value_name = "KEY[=TENANT],...",
+        hide_env_values = true
+    )]
+    pub api_keys: Option<String>,
     /// Engine instances per model. [default: 1]
     #[arg(long, env = "QNODE_INSTANCES", value_name = "N")]
     pub instances: Option<usize>,
@@ -397,6 +518,9 @@ impl Config {
         if let Some(key) = &args.api_key {
             server.api_key = Some(key.clone());
         }
+        if let Some(keys) = &args.api_keys {
+            server.api_keys = ApiKeys::parse(keys);
+        }
         if let Some(text) = &args.drain_timeout {
             server.drain_timeout = parse_duration(text).ok_or_else(|| ConfigError::Duration {
                 field: "drain_timeout",
@@ -468,6 +592,19 @@ impl Config {
                 "server.admin_api_key",
                 "non-empty when set",
                 "\"\"",
+            ));
+        }
+        self.server.api_keys.validate()?;
+        // Admin falls back to `api_key`, never to `api_keys`: a tenant's key must not drain the
+        // node, and leaving Admin open when Inference has keys would be a surprise.
+        if !self.server.api_keys.0.is_empty()
+            && self.server.api_key.is_none()
+            && self.server.admin_api_key.is_none()
+        {
+            return Err(out_of_range(
+                "server.admin_api_key",
+                "set when only `server.api_keys` are (they do not guard Admin)",
+                "none",
             ));
         }
         at_least(
@@ -804,6 +941,57 @@ mod tests {
         );
         let err = Config::from_args_with_cores(&parse(&["--instances", "0"]), 4).unwrap_err();
         assert!(err.to_string().contains("instances"), "{err}");
+    }
+
+    #[test]
+    fn api_keys_from_file_list_table_and_flag() {
+        let key = |k: &str, t: Option<&str>| ApiKey {
+            key: k.into(),
+            tenant: t.map(str::to_owned),
+        };
+        let list = Config::from_toml("[server]\napi_keys = [\"a\", \"b\"]\n").unwrap();
+        assert_eq!(list.server.api_keys.0, vec![key("a", None), key("b", None)]);
+        let f = file("[server]\nadmin_api_key = \"adm\"\napi_keys = { ka = \"acme\" }\n");
+        let path = f.path().to_str().unwrap();
+        let config = Config::from_args_with_cores(&parse(&["--config", path]), 4).unwrap();
+        assert_eq!(config.server.api_keys.0, vec![key("ka", Some("acme"))]);
+        // The flag (QNODE_API_KEYS) replaces the file's list.
+        let args = parse(&["--config", path, "--api-keys", "k1=acme,k2"]);
+        let config = Config::from_args_with_cores(&args, 4).unwrap();
+        assert_eq!(
+            config.server.api_keys.0,
+            vec![key("k1", Some("acme")), key("k2", None)]
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("k1") && !debug.contains("acme"), "{debug}");
+    }
+
+    #[test]
+    fn bad_api_keys_are_refused_without_echoing_them() {
+        let refused = |flags: &[&str]| {
+            let err = Config::from_args_with_cores(&parse(flags), 4).unwrap_err();
+            err.to_string()
+        };
+        let err = refused(&["--api-keys", "secret-1=acme"]);
+        assert!(
+            err.starts_with("`server.admin_api_key` must be set"),
+            "{err}"
+        );
+        let with_admin = |keys: &str| refused(&["--admin-api-key", "adm", "--api-keys", keys]);
+        let err = with_admin("secret-1,secret-1");
+        assert_eq!(
+            err,
+            "`server.api_keys[1]` must be a key listed once. Given: a repeated key"
+        );
+        assert!(with_admin("secret-1,").contains("non-empty"));
+        let err = with_admin("secret-1=café");
+        assert!(
+            err.starts_with("`server.api_keys[0]'s tenant` must be 1..=128 bytes"),
+            "{err}"
+        );
+        for err in [err, with_admin("secret-1,secret-1")] {
+            assert!(!err.contains("secret-1") && !err.contains("café"), "{err}");
+        }
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct GenerationRequest {
     pub cache_policy: CachePolicy,
     /// Who asks. Part of the cache key, so one tenant never sees an answer cached for another.
     pub tenant: Option<String>,
+    /// The conversation this call continues (`session_id` / `x-session-id` / OpenAI `user`):
+    /// the pool prefers the instance that served its last turn, which holds its KV. Not part
+    /// of the cache key (it does not change the output).
+    pub session: Option<String>,
 }
 
 /// How the answer cache treats one request. Only deterministic requests are cached at all (unless
@@ -265,6 +269,8 @@ pub enum ErrorKind {
     Cancelled,
     /// Missing or wrong credentials.
     Unauthenticated,
+    /// Valid credentials that do not allow this (e.g. a key bound to another tenant).
+    PermissionDenied,
     /// A bug; the message says what broke.
     Internal,
 }
@@ -282,7 +288,39 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "DeadlineExceeded",
             ErrorKind::Cancelled => "Cancelled",
             ErrorKind::Unauthenticated => "Unauthenticated",
+            ErrorKind::PermissionDenied => "PermissionDenied",
             ErrorKind::Internal => "Internal",
         }
+    }
+}
+
+/// Most characters of a caller's value an error message echoes back.
+pub const ECHO_CHARS: usize = 128;
+
+/// A caller's value (model id, field or header value) as an error message may echo it: at most
+/// [`ECHO_CHARS`] characters, then `…` when cut (on a character boundary). A 100 kB model id
+/// echoed whole made gRPC clients fail on the status size and HTTP bodies and log lines balloon;
+/// every echo goes through here.
+pub fn echo(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => std::borrow::Cow::Borrowed(value),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}…", &value[..cut])),
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn echo_caps_on_a_character_boundary() {
+        assert_eq!(echo("short"), "short");
+        let exact = "x".repeat(ECHO_CHARS);
+        assert_eq!(echo(&exact), exact);
+        let long = "é".repeat(10_000);
+        let capped = echo(&long);
+        assert_eq!(capped.chars().count(), ECHO_CHARS + 1);
+        assert!(capped.ends_with("é…"), "{capped}");
+        assert_eq!(echo(&"租".repeat(129)), format!("{}…", "租".repeat(128)));
     }
 }

@@ -288,10 +288,13 @@ async fn valid_request_reaches_backend_with_every_field() {
         stop: vec!["\n".into()],
         cache_policy: proto::CachePolicy::Bypass as i32,
         request_id: "req-42".into(),
+        session_id: "conv-9".into(),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
         .insert("x-qnode-tenant", "tenant-7".parse().unwrap());
+    call.metadata_mut()
+        .insert("x-session-id", "conv-9".parse().unwrap());
     let response = client.generate(call).await.unwrap().into_inner();
     assert_eq!(response.text, "Hello");
     assert_eq!(response.finish_reason, proto::FinishReason::Length as i32);
@@ -315,6 +318,7 @@ async fn valid_request_reaches_backend_with_every_field() {
         deadline,
         cache_policy,
         tenant,
+        session,
     } = server.backend.last_submitted();
     assert_eq!(request_id, "req-42");
     assert_eq!(model, "smollm2");
@@ -347,6 +351,7 @@ async fn valid_request_reaches_backend_with_every_field() {
     assert!(deadline.is_none(), "no grpc-timeout was sent");
     assert_eq!(cache_policy, qnode::engine::CachePolicy::Bypass);
     assert_eq!(tenant.as_deref(), Some("tenant-7"));
+    assert_eq!(session.as_deref(), Some("conv-9"));
 
     // The other cache policies and the prompt form reach it too.
     for (policy, want) in [
@@ -375,6 +380,11 @@ async fn valid_request_reaches_backend_with_every_field() {
             qnode::engine::PromptInput::Text("a raw prompt".into())
         );
         assert_eq!(seen.tenant, None, "no tenant metadata sent");
+        assert_eq!(
+            seen.session.as_deref(),
+            Some("conv-9"),
+            "the body's session_id"
+        );
     }
 }
 
@@ -399,4 +409,63 @@ async fn list_models_reports_the_backend() {
             state: proto::ModelState::Ready as i32,
         }]
     );
+}
+
+/// `session_id` (body) and `x-session-id` (metadata): either names the session, both must agree,
+/// and a key that is not visible ASCII or is over 256 bytes is refused naming where it came from.
+#[tokio::test]
+async fn session_keys_are_checked_and_reach_the_backend() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let call = |field: &str, header: Option<&[u8]>| {
+        let mut call = tonic::Request::new(proto::GenerateRequest {
+            session_id: field.into(),
+            ..request("hi")
+        });
+        if let Some(h) = header {
+            let value = tonic::metadata::MetadataValue::try_from(h).unwrap();
+            call.metadata_mut().insert("x-session-id", value);
+        }
+        call
+    };
+    for (field, header, want) in [
+        ("conv-1", None, Some("conv-1")),
+        ("", Some(b"conv-2".as_slice()), Some("conv-2")),
+        ("conv-3", Some(b"conv-3".as_slice()), Some("conv-3")),
+        ("", None, None),
+    ] {
+        client.generate(call(field, header)).await.unwrap();
+        let seen = server.backend.last_submitted().session;
+        assert_eq!(seen.as_deref(), want, "{field:?} {header:?}");
+    }
+    let long = "s".repeat(257);
+    for (field, header, want) in [
+        (
+            "a",
+            Some(b"b".as_slice()),
+            "`session_id` must be equal to `x-session-id` when both are given (send one). \
+             Given: \"a\" and x-session-id \"b\"",
+        ),
+        (
+            "",
+            Some("café".as_bytes()),
+            "`x-session-id` must be visible ASCII (no spaces, no control or non-ASCII characters). \
+             Given: \"café\"",
+        ),
+        (
+            "two words",
+            None,
+            "`session_id` must be visible ASCII (no spaces, no control or non-ASCII characters). \
+             Given: \"two words\"",
+        ),
+        (
+            long.as_str(),
+            None,
+            "`session_id` must be <= 256 bytes. Given: 257 bytes",
+        ),
+    ] {
+        let status = client.generate(call(field, header)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), want);
+    }
 }

@@ -39,6 +39,7 @@ fn admit(queue: &Admission, model: &LoadedModel, prompt: &str, max_tokens: usize
         tx,
         arrived: Instant::now(),
         deadline: None,
+        session: None,
     };
     queue.push(request).expect("queue has room");
     rx

@@ -265,3 +265,55 @@ async fn health_is_liveness_and_ready_follows_the_node() {
     assert_eq!(code, 401, "{out}");
     assert!(front.backend.submitted.lock().unwrap().is_empty());
 }
+
+/// The session key: the `x-session-id` header, else the OpenAI `user` field; a header that is
+/// not visible ASCII, repeated, or over 256 bytes is a 400 naming it, as is a `user` over 256.
+#[tokio::test]
+async fn session_key_is_the_header_else_user() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let with_user = |user: &str| {
+        format!(
+            r#"{{"model":"smollm2","messages":[{{"role":"user","content":"hi"}}],"user":"{user}"}}"#
+        )
+    };
+    let cases: &[(String, &[&str], Option<&str>)] = &[
+        (chat("hi", false), &["x-session-id: conv-1"], Some("conv-1")),
+        (with_user("Zoë"), &["x-session-id: conv-2"], Some("conv-2")),
+        (with_user("Zoë"), &[], Some("Zoë")),
+        (chat("hi", false), &[], None),
+    ];
+    for (body, headers, want) in cases {
+        let (code, out) = post(&url, body, headers).await;
+        assert_eq!(code, 200, "{out}");
+        let seen = front.backend.last_submitted().session;
+        assert_eq!(seen.as_deref(), *want, "{body} {headers:?}");
+    }
+    let long_user = with_user(&"u".repeat(257));
+    let long_header = format!("x-session-id: {}", "s".repeat(257));
+    let refused: &[(&str, &[&str], &str)] = &[
+        (
+            &chat("hi", false),
+            &["x-session-id: café"],
+            "`x-session-id` must be visible ASCII",
+        ),
+        (
+            &chat("hi", false),
+            &["x-session-id: a", "x-session-id: b"],
+            r#"Given: \"a, b\""#,
+        ),
+        (
+            &chat("hi", false),
+            &[&long_header],
+            "`x-session-id` must be <= 256 bytes",
+        ),
+        (&long_user, &[], "`user` must be <= 256 bytes"),
+    ];
+    let before = front.backend.submitted.lock().unwrap().len();
+    for (body, headers, needle) in refused {
+        let (code, out) = post(&url, body, headers).await;
+        assert_eq!(code, 400, "{out}");
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    assert_eq!(front.backend.submitted.lock().unwrap().len(), before);
+}

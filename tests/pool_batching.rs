@@ -92,6 +92,7 @@ fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> Generatio
         deadline: None,
         cache_policy: Default::default(),
         tenant: None,
+        session: None,
     }
 }
 

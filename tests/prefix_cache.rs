@@ -40,6 +40,7 @@ fn request(model: &str, input: PromptInput, max_tokens: u32) -> GenerationReques
         deadline: None,
         cache_policy: Default::default(),
         tenant: None,
+        session: None,
     }
 }
 

@@ -172,6 +172,7 @@ mod tests {
             deadline: None,
             cache_policy: CachePolicy::Default,
             tenant: None,
+            session: None,
         }
     }
 

@@ -108,6 +108,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         deadline: None,
         cache_policy: Default::default(),
         tenant: None,
+        session: None,
     };
     let mut events = pool.submit(request)?;
     let mut stdout = std::io::stdout().lock();

@@ -9,7 +9,7 @@ use crate::types::ErrorKind;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     /// No model with this id is loaded.
-    #[error("model `{0}` is not served by this node")]
+    #[error("model `{}` is not served by this node", crate::types::echo(.0))]
     UnknownModel(String),
     /// A request field is out of range; the message names the field, limit and value given.
     #[error("{0}")]

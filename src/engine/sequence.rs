@@ -36,6 +36,9 @@ pub struct Admitted {
     pub arrived: Instant,
     /// When the caller stops waiting.
     pub deadline: Option<Instant>,
+    /// The conversation it continues, if the caller named one: dispatch prefers the instance
+    /// that served the conversation last.
+    pub session: Option<String>,
 }
 
 /// Why a sequence left the batch.

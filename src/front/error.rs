@@ -72,21 +72,28 @@ impl From<EngineError> for FrontError {
 impl From<ValidationError> for FrontError {
     fn from(error: ValidationError) -> Self {
         let message = error.to_string();
-        let (reason, param) = match error {
-            ValidationError::UnknownModel { .. } => ("model_not_found", Some("model".to_owned())),
+        let (kind, reason, param) = match error {
+            ValidationError::UnknownModel { .. } => (
+                ErrorKind::NotFound,
+                "model_not_found",
+                Some("model".to_owned()),
+            ),
             ValidationError::OutOfRange { field, .. } | ValidationError::Empty { field } => {
-                ("invalid_value", Some(field))
+                (ErrorKind::InvalidArgument, "invalid_value", Some(field))
             }
-            ValidationError::PromptAndMessages | ValidationError::NoPrompt => {
-                ("invalid_value", Some("messages".to_owned()))
-            }
+            ValidationError::PromptAndMessages | ValidationError::NoPrompt => (
+                ErrorKind::InvalidArgument,
+                "invalid_value",
+                Some("messages".to_owned()),
+            ),
+            ValidationError::TenantNotAllowed { .. } => (
+                ErrorKind::PermissionDenied,
+                "tenant_not_allowed",
+                Some(super::TENANT_HEADER.to_owned()),
+            ),
         };
         Self {
-            kind: if reason == "model_not_found" {
-                ErrorKind::NotFound
-            } else {
-                ErrorKind::InvalidArgument
-            },
+            kind,
             message,
             reason,
             param,

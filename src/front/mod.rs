@@ -28,11 +28,11 @@ use crate::node::{Node, NodeState};
 use crate::types::{ModelInfo, ModelState};
 
 pub use crate::types::ErrorKind;
-pub use auth::{ApiKeyCheck, AuthError};
+pub use auth::{ApiKeyCheck, AuthError, KeyTenant};
 pub use call::{collect, forward, Call, Step, StreamFront};
 pub use error::FrontError;
-pub use request::{CallMeta, RawRequest};
-pub use validate::ValidationError;
+pub use request::{header_text, CallMeta, RawRequest};
+pub use validate::{ValidationError, SESSION_HEADER};
 
 /// Metadata key (gRPC) and header (HTTP) naming the caller's tenant; answers are never shared
 /// across tenants.
@@ -128,15 +128,14 @@ impl Front {
         let submitted = meta
             .deadline
             .and_then(|deadline| {
-                validate::validate(
-                    raw,
-                    &models,
-                    &self.limits,
+                let caller = validate::Caller {
                     request_id,
                     deadline,
-                    meta.tenant,
-                )
-                .map_err(FrontError::from)
+                    tenant: meta.tenant,
+                    key_tenant: meta.key_tenant,
+                    session: meta.session,
+                };
+                validate::validate(raw, &models, &self.limits, caller).map_err(FrontError::from)
             })
             .and_then(|request| {
                 let _entered = call.span().enter();

@@ -36,6 +36,10 @@ pub struct RawRequest {
     /// Cache policy; `Err` holds the value given when the wire's value names no policy, so
     /// validation refuses it like any other out-of-range field.
     pub cache_policy: Result<CachePolicy, String>,
+    /// Session key given in the body (gRPC `session_id`); `None` when empty.
+    pub session_id: Option<String>,
+    /// OpenAI `user`: logged, and the session key when no other is given.
+    pub user: Option<String>,
 }
 
 impl Default for RawRequest {
@@ -53,6 +57,8 @@ impl Default for RawRequest {
             seed: None,
             stop: Vec::new(),
             cache_policy: Ok(CachePolicy::Default),
+            session_id: None,
+            user: None,
         }
     }
 }
@@ -66,8 +72,14 @@ pub struct CallMeta {
     pub arrival: Instant,
     /// The caller's id; `None` gets a fresh one.
     pub request_id: Option<String>,
-    /// The caller's tenant; it scopes the answer cache.
+    /// The caller's tenant header (`x-qnode-tenant`), unchecked: bytes that are not UTF-8 are
+    /// replaced (and then refused, like any non-ASCII value). It scopes the answer cache.
     pub tenant: Option<String>,
+    /// The tenant the caller's API key is bound to: the call gets it, and a `tenant` header
+    /// naming another is refused.
+    pub key_tenant: Option<String>,
+    /// The session header (`x-session-id`), unchecked like `tenant`.
+    pub session: Option<String>,
     /// When the caller stops waiting. A malformed deadline header is an `Err`, refused after
     /// admission and counted like any invalid argument.
     pub deadline: Result<Option<Instant>, FrontError>,
@@ -81,7 +93,21 @@ impl CallMeta {
             arrival: Instant::now(),
             request_id: None,
             tenant: None,
+            key_tenant: None,
+            session: None,
             deadline: Ok(None),
         }
     }
+}
+
+/// A header's (or metadata key's) values as one unchecked string for [`CallMeta`]: repeated
+/// values joined by `", "` (as HTTP combines them; the space then fails validation, so a
+/// repeated key is refused, never half-read), bytes that are not UTF-8 replaced (and then
+/// refused as non-ASCII). `None` when absent or empty.
+pub fn header_text<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<String> {
+    let parts: Vec<String> = values
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    let text = parts.join(", ");
+    (!text.is_empty()).then_some(text)
 }

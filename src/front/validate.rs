@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::request::RawRequest;
 use crate::config::Limits;
-use crate::types::{ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
+use crate::types::{echo, ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
 
 /// Roles the chat templates of the served models understand.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -17,19 +17,29 @@ pub const ROLES: &[&str] = &["system", "user", "assistant"];
 pub const MAX_TOP_K: u32 = 1000;
 /// Longest caller-given `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Longest tenant (`x-qnode-tenant`), in bytes.
+pub const MAX_TENANT_BYTES: usize = 128;
+/// Longest session key (`session_id`, `x-session-id`, OpenAI `user`), in bytes.
+pub const MAX_SESSION_BYTES: usize = 256;
+/// Header (gRPC metadata) naming the conversation a call continues.
+pub const SESSION_HEADER: &str = "x-session-id";
 
 /// Why a request was refused before reaching the backend.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
     /// No model with this id is served (NOT_FOUND).
-    #[error("model `{model}` is not served by this node; it serves: {served}")]
+    #[error(
+        "model `{}` is not served by this node; it serves: {served}",
+        echo(model)
+    )]
     UnknownModel {
         /// The id asked for.
         model: String,
         /// The ids served, comma-separated.
         served: String,
     },
-    /// A value outside its range; names the field, the rule and the value given.
+    /// A value outside its range; names the field, the rule and the value given (a caller's
+    /// text capped by [`echo`] where it is built).
     #[error("`{field}` must be {constraint}. Given: {given}")]
     OutOfRange {
         /// Field path, e.g. `messages[1].role`.
@@ -51,6 +61,16 @@ pub enum ValidationError {
     /// Neither `prompt` nor `messages` was given.
     #[error("one of `prompt` or `messages` is required")]
     NoPrompt,
+    /// `x-qnode-tenant` names another tenant than the one the caller's API key is bound to
+    /// (PERMISSION_DENIED).
+    #[error(
+        "`x-qnode-tenant` {given} is not this API key's tenant: a key bound to a tenant cannot \
+         claim another; leave the header out (the key's tenant applies) or send the key's own"
+    )]
+    TenantNotAllowed {
+        /// The tenant claimed, quoted.
+        given: String,
+    },
 }
 
 fn out_of_range(
@@ -65,19 +85,35 @@ fn out_of_range(
     }
 }
 
-/// Checks `wire` against the served `models` and the node's `limits`.
-///
-/// `request_id` is the id the caller gave (checked here) or one the front generated;
-/// `deadline` comes from the front's timeout header; `tenant` from `x-qnode-tenant` (it scopes
-/// the answer cache).
+/// What the transport says about the caller, beside the body: checked with it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The id the caller gave (checked here) or one the front generated.
+    pub request_id: String,
+    /// From the front's timeout header.
+    pub deadline: Option<Instant>,
+    /// `x-qnode-tenant` as sent (it scopes the answer cache); `None` when absent or empty.
+    pub tenant: Option<String>,
+    /// The tenant the caller's API key is bound to, if any.
+    pub key_tenant: Option<String>,
+    /// `x-session-id` as sent; `None` when absent or empty.
+    pub session: Option<String>,
+}
+
+/// Checks `wire` and `caller` against the served `models` and the node's `limits`.
 pub fn validate(
     wire: RawRequest,
     models: &[ModelInfo],
     limits: &Limits,
-    request_id: String,
-    deadline: Option<Instant>,
-    tenant: Option<String>,
+    caller: Caller,
 ) -> Result<GenerationRequest, ValidationError> {
+    let Caller {
+        request_id,
+        deadline,
+        tenant,
+        key_tenant,
+        session,
+    } = caller;
     if wire.model.is_empty() {
         return Err(ValidationError::Empty {
             field: "model".into(),
@@ -91,7 +127,9 @@ pub fn validate(
         });
     }
     check_request_id(&request_id)?;
+    let tenant = tenant_of(tenant, key_tenant)?;
     let sampling = sampling(&wire)?;
+    let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
     let max_tokens = match wire.max_tokens {
         None => limits.default_max_tokens.min(limits.max_tokens_limit),
@@ -112,7 +150,7 @@ pub fn validate(
             return Err(out_of_range(
                 "cache_policy",
                 "one of DEFAULT, BYPASS, REFRESH, ONLY_IF_CACHED",
-                given,
+                echo(&given),
             ))
         }
     };
@@ -126,7 +164,87 @@ pub fn validate(
         deadline,
         cache_policy,
         tenant,
+        session,
     })
+}
+
+/// `value` as the caller would recognise it: capped, quoted and escaped, so control bytes show.
+fn quoted(value: &str) -> String {
+    format!("{:?}", echo(value))
+}
+
+/// A header-borne key (`x-session-id`, `x-qnode-tenant`): 1..=`max` bytes of visible ASCII, so
+/// it can travel as an HTTP/2 header, be hashed by a load balancer and go into a log line as is.
+fn check_key(field: &str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.len() > max {
+        return Err(out_of_range(
+            field,
+            format!("<= {max} bytes"),
+            format!("{} bytes", value.len()),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(out_of_range(
+            field,
+            "visible ASCII (no spaces, no control or non-ASCII characters)",
+            quoted(value),
+        ));
+    }
+    Ok(())
+}
+
+/// The call's tenant: `x-qnode-tenant` checked (1..=[`MAX_TENANT_BYTES`] of visible ASCII:
+/// anything else is refused, never dropped, so a caller cannot fall into the shared no-tenant
+/// scope by mistake), then held to the tenant of the caller's API key when it has one.
+fn tenant_of(
+    header: Option<String>,
+    key_tenant: Option<String>,
+) -> Result<Option<String>, ValidationError> {
+    if let Some(t) = &header {
+        check_key(crate::front::TENANT_HEADER, t, MAX_TENANT_BYTES)?;
+    }
+    match (header, key_tenant) {
+        (Some(claimed), Some(bound)) if claimed != bound => {
+            Err(ValidationError::TenantNotAllowed {
+                given: quoted(&claimed),
+            })
+        }
+        (header, None) => Ok(header),
+        (_, bound) => Ok(bound),
+    }
+}
+
+/// The call's session key: the `x-session-id` header, else the body's `session_id` (the two
+/// must agree when both are given), else the OpenAI `user`. `user` is free text in OpenAI's API,
+/// so only its length is checked; the pool keeps a hash of the key, never the key.
+fn session_key(
+    header: Option<String>,
+    field: Option<String>,
+    user: Option<String>,
+) -> Result<Option<String>, ValidationError> {
+    if let Some(h) = &header {
+        check_key(SESSION_HEADER, h, MAX_SESSION_BYTES)?;
+    }
+    if let Some(f) = &field {
+        check_key("session_id", f, MAX_SESSION_BYTES)?;
+    }
+    if let (Some(h), Some(f)) = (&header, &field) {
+        if h != f {
+            return Err(out_of_range(
+                "session_id",
+                format!("equal to `{SESSION_HEADER}` when both are given (send one)"),
+                format!("{} and {SESSION_HEADER} {}", quoted(f), quoted(h)),
+            ));
+        }
+    }
+    if let Some(u) = user.as_deref().filter(|u| u.len() > MAX_SESSION_BYTES) {
+        return Err(out_of_range(
+            "user",
+            format!("<= {MAX_SESSION_BYTES} bytes (it is the session key when no `{SESSION_HEADER}` is sent)"),
+            format!("{} bytes", u.len()),
+        ));
+    }
+    Ok(header.or(field).or(user.filter(|u| !u.is_empty())))
 }
 
 fn check_request_id(id: &str) -> Result<(), ValidationError> {
@@ -142,7 +260,7 @@ fn check_request_id(id: &str) -> Result<(), ValidationError> {
         return Err(out_of_range(
             "request_id",
             "printable ASCII without spaces",
-            format!("{id:?}"),
+            quoted(id),
         ));
     }
     Ok(())
@@ -181,7 +299,7 @@ fn prompt_input(
                     return Err(out_of_range(
                         format!("messages[{i}].role"),
                         format!("one of {}", ROLES.join(", ")),
-                        format!("{:?}", message.role),
+                        quoted(&message.role),
                     ));
                 }
                 if message.content.is_empty() {
@@ -295,15 +413,15 @@ mod tests {
         }
     }
 
+    fn caller(request_id: &str) -> Caller {
+        Caller {
+            request_id: request_id.into(),
+            ..Caller::default()
+        }
+    }
+
     fn check(wire: RawRequest) -> Result<GenerationRequest, ValidationError> {
-        validate(
-            wire,
-            &models(),
-            &Limits::default(),
-            "id-1".into(),
-            None,
-            None,
-        )
+        validate(wire, &models(), &Limits::default(), caller("id-1"))
     }
 
     fn message(wire: RawRequest) -> String {
@@ -447,7 +565,7 @@ mod tests {
             max_stop_strings: 1,
             ..Limits::default()
         };
-        let err = validate(good(), &models(), &limits, "x".into(), None, None).unwrap_err();
+        let err = validate(good(), &models(), &limits, caller("x")).unwrap_err();
         assert_eq!(
             err.to_string(),
             "`prompt` must be <= 4 bytes. Given: 5 bytes"
@@ -460,9 +578,7 @@ mod tests {
             },
             &models(),
             &limits,
-            "x".into(),
-            None,
-            None,
+            caller("x"),
         )
         .unwrap_err();
         assert_eq!(
@@ -500,15 +616,7 @@ mod tests {
             .to_string(),
             "`model` must not be empty"
         );
-        let err = validate(
-            good(),
-            &models(),
-            &Limits::default(),
-            "a\nb".into(),
-            None,
-            None,
-        )
-        .unwrap_err();
+        let err = validate(good(), &models(), &Limits::default(), caller("a\nb")).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("`request_id` must be printable ASCII"),
@@ -526,6 +634,95 @@ mod tests {
         assert!(
             err.to_string().starts_with("`cache_policy` must be one of"),
             "{err}"
+        );
+    }
+
+    fn with_session(
+        header: Option<&str>,
+        field: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Option<String>, ValidationError> {
+        let wire = RawRequest {
+            session_id: field.map(str::to_owned),
+            user: user.map(str::to_owned),
+            ..good()
+        };
+        let caller = Caller {
+            session: header.map(str::to_owned),
+            ..caller("id")
+        };
+        validate(wire, &models(), &Limits::default(), caller).map(|r| r.session)
+    }
+
+    #[test]
+    fn session_key_header_then_field_then_user() {
+        assert_eq!(with_session(None, None, None), Ok(None));
+        let s = |v: &str| Ok(Some(v.to_owned()));
+        assert_eq!(with_session(Some("h"), None, Some("u")), s("h"));
+        assert_eq!(with_session(None, Some("f"), Some("u")), s("f"));
+        assert_eq!(with_session(Some("k"), Some("k"), None), s("k"));
+        assert_eq!(with_session(None, None, Some("Zoë Ng")), s("Zoë Ng"));
+        assert_eq!(with_session(None, None, Some("")), Ok(None));
+    }
+
+    #[test]
+    fn bad_session_keys_are_refused_naming_the_field() {
+        let msg = |r: Result<Option<String>, ValidationError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(with_session(Some("a"), Some("b"), None)),
+            "`session_id` must be equal to `x-session-id` when both are given (send one). \
+             Given: \"b\" and x-session-id \"a\""
+        );
+        assert!(msg(with_session(Some("café"), None, None))
+            .starts_with("`x-session-id` must be visible ASCII"),);
+        assert!(msg(with_session(None, Some("a b"), None))
+            .starts_with("`session_id` must be visible ASCII"));
+        assert_eq!(
+            msg(with_session(None, Some(&"s".repeat(257)), None)),
+            "`session_id` must be <= 256 bytes. Given: 257 bytes"
+        );
+        assert!(msg(with_session(None, None, Some(&"u".repeat(257))))
+            .starts_with("`user` must be <= 256 bytes"));
+        assert!(with_session(Some(&"s".repeat(256)), None, None).is_ok());
+    }
+
+    fn with_tenant(
+        header: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Option<String>, ValidationError> {
+        let caller = Caller {
+            tenant: header.map(str::to_owned),
+            key_tenant: key.map(str::to_owned),
+            ..caller("id")
+        };
+        validate(good(), &models(), &Limits::default(), caller).map(|r| r.tenant)
+    }
+
+    #[test]
+    fn tenants_are_checked_and_held_to_the_key() {
+        let t = |v: &str| Ok(Some(v.to_owned()));
+        assert_eq!(with_tenant(None, None), Ok(None));
+        assert_eq!(with_tenant(Some("acme"), None), t("acme"));
+        assert_eq!(with_tenant(None, Some("acme")), t("acme"));
+        assert_eq!(with_tenant(Some("acme"), Some("acme")), t("acme"));
+        assert_eq!(
+            with_tenant(Some("globex"), Some("acme")).unwrap_err(),
+            ValidationError::TenantNotAllowed {
+                given: "\"globex\"".into()
+            }
+        );
+        for bad in ["café", "租户", "a b", "a, b", "tab\there"] {
+            let err = with_tenant(Some(bad), None).unwrap_err().to_string();
+            assert!(
+                err.starts_with("`x-qnode-tenant` must be visible ASCII"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            with_tenant(Some(&"t".repeat(129)), None)
+                .unwrap_err()
+                .to_string(),
+            "`x-qnode-tenant` must be <= 128 bytes. Given: 129 bytes"
         );
     }
 }

@@ -10,17 +10,19 @@ use tonic::{Request, Status};
 use super::status::status;
 use crate::front::ApiKeyCheck;
 
-/// Refuses calls without the configured key (UNAUTHENTICATED); passes all when none is set.
+/// Refuses calls without a configured key (UNAUTHENTICATED); passes all when none is set. The
+/// key's tenant goes on as a [`KeyTenant`](crate::front::KeyTenant) request extension.
 #[derive(Debug, Clone)]
 pub(crate) struct GrpcAuth(pub(crate) ApiKeyCheck);
 
 impl tonic::service::Interceptor for GrpcAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.0.check(header).map_err(status)?;
+        let tenant = self.0.check(header).map_err(status)?;
+        request.extensions_mut().insert(tenant);
         Ok(request)
     }
 }

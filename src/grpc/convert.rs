@@ -40,6 +40,8 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         seed: wire.seed,
         stop: wire.stop,
         cache_policy,
+        session_id: Some(wire.session_id).filter(|s| !s.is_empty()),
+        user: None,
     };
     (raw, request_id)
 }
@@ -173,9 +175,11 @@ mod tests {
             stop: vec!["x".into()],
             cache_policy: proto::CachePolicy::Refresh as i32,
             request_id: "r-1".into(),
+            session_id: "s-1".into(),
             ..Default::default()
         });
         assert_eq!(id.as_deref(), Some("r-1"));
+        assert_eq!(raw.session_id.as_deref(), Some("s-1"));
         assert_eq!(raw.messages[0].content, "hi");
         assert_eq!(
             (raw.max_tokens, raw.top_k, raw.seed),

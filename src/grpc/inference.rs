@@ -15,7 +15,10 @@ use tracing::Instrument;
 use super::proto::inference_server::Inference;
 use super::{convert, deadline, proto};
 use crate::engine::EventStream;
-use crate::front::{self, Call, CallMeta, Front, FrontError, Step, StreamFront, TENANT_HEADER};
+use crate::front::{
+    self, header_text, Call, CallMeta, Front, FrontError, KeyTenant, Step, StreamFront,
+    SESSION_HEADER, TENANT_HEADER,
+};
 
 /// Chunks buffered between the forwarding task and the HTTP/2 stream of one call.
 const STREAM_BUFFER: usize = 16;
@@ -33,12 +36,18 @@ impl InferenceService {
         method: &'static str,
     ) -> Result<(Call, EventStream), Status> {
         let arrival = Instant::now();
-        let tenant = request
-            .metadata()
-            .get(TENANT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned);
+        let text = |key: &str| {
+            header_text(
+                request
+                    .metadata()
+                    .get_all(key)
+                    .iter()
+                    .map(|v| v.as_encoded_bytes()),
+            )
+        };
+        let tenant = text(TENANT_HEADER);
+        let session = text(SESSION_HEADER);
+        let key_tenant = request.extensions().get::<KeyTenant>().cloned();
         let deadline = deadline::from_metadata(request.metadata(), arrival);
         let (raw, request_id) = convert::request(request.into_inner());
         let meta = CallMeta {
@@ -46,6 +55,8 @@ impl InferenceService {
             arrival,
             request_id,
             tenant,
+            session,
+            key_tenant: key_tenant.and_then(|k| k.0),
             deadline: Ok(deadline),
         };
         Ok(self.front.begin(meta, raw)?)

@@ -12,9 +12,11 @@
 //! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
 //! - `health`: follows the node's readiness.
 //! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout` parsing.
+//! - `codec`: prost with malformed requests as INVALID_ARGUMENT, counted like other refusals.
 
 mod admin;
 mod auth;
+mod codec;
 mod convert;
 mod deadline;
 mod health;
@@ -42,8 +44,10 @@ use crate::node::{ModelControl, Node};
 /// What `run` needs, taken from [`Config`] plus the node's metrics.
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// Bearer key for Inference calls; `None` leaves them open. Never logged.
+    /// Bearer key for Inference calls; `None` (and no `api_keys`) leaves them open. Never logged.
     pub api_key: Option<String>,
+    /// More Inference keys, some bound to a tenant. Never logged.
+    pub api_keys: crate::config::ApiKeys,
     /// Bearer key for Admin calls; `None` leaves them open. Never logged.
     pub admin_api_key: Option<String>,
     /// How long in-flight calls may run after shutdown begins.
@@ -63,6 +67,7 @@ impl ServerConfig {
     pub fn new(config: &Config, metrics: Metrics) -> Self {
         Self {
             api_key: config.server.api_key.clone(),
+            api_keys: config.server.api_keys.clone(),
             admin_api_key: config
                 .server
                 .admin_api_key
@@ -81,6 +86,7 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("api_keys", &self.api_keys)
             .field(
                 "admin_api_key",
                 &self.admin_api_key.as_ref().map(|_| "<set>"),
@@ -194,9 +200,15 @@ pub async fn run(
         proto::inference_server::InferenceServer::new(inference::InferenceService { front })
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let inference = InterceptedService::new(
-        inference,
-        auth::GrpcAuth(ApiKeyCheck::new(config.api_key.as_deref())),
+    let inference = codec::CountMalformed::new(
+        InterceptedService::new(
+            inference,
+            auth::GrpcAuth(ApiKeyCheck::with_keys(
+                config.api_key.as_deref(),
+                &config.api_keys,
+            )),
+        ),
+        config.metrics.clone(),
     );
 
     // Draining closes the listener at once: a balancer then gets "connection refused" and tries

@@ -6,7 +6,7 @@
 //! `validate`.
 
 use crate::front::{FrontError, RawRequest};
-use crate::types::{CachePolicy, ChatMessage, Completion, FinishReason, Source};
+use crate::types::{echo, CachePolicy, ChatMessage, Completion, FinishReason, Source};
 
 use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
 
@@ -17,7 +17,7 @@ pub struct Options {
     pub stream: bool,
     /// Streamed: end with a usage chunk.
     pub include_usage: bool,
-    /// The caller's end user, logged only.
+    /// The caller's end user: logged (and the session key when no `x-session-id` is sent).
     pub user: Option<String>,
 }
 
@@ -76,7 +76,8 @@ fn message(i: usize, m: RequestMessage) -> Result<ChatMessage, FrontError> {
                         return Err(FrontError::invalid(
                             format!("messages[{i}].content[{j}].type"),
                             format!(
-                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {other:?}"
+                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {:?}",
+                                echo(other)
                             ),
                         ))
                     }
@@ -143,6 +144,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         seed: s.seed,
         stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
         cache_policy,
+        user: s.user.clone(),
         ..RawRequest::default()
     };
     let options = Options {

@@ -7,6 +7,7 @@
 //! | bad JSON, a field out of range          | 400  | invalid_request_error | invalid_value / ...       |
 //! | prompt + max_tokens over the context    | 400  | invalid_request_error | context_length_exceeded   |
 //! | missing or wrong bearer key             | 401  | invalid_request_error | invalid_api_key           |
+//! | `x-qnode-tenant` not the key's tenant   | 403  | permission_error      | tenant_not_allowed        |
 //! | unknown model                           | 404  | invalid_request_error | model_not_found           |
 //! | model queue full (`Retry-After` set)    | 429  | rate_limit_error      | queue_full                |
 //! | Admin-only: already exists              | 409  | invalid_request_error | ...                       |
@@ -26,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::front::{ErrorKind, FrontError};
+use crate::types::echo;
 
 /// One refused or failed HTTP call, ready to be sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +66,7 @@ impl From<FrontError> for ApiError {
         let (status, kind) = match error.kind {
             ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
             ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error"),
+            ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
             ErrorKind::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
             ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "invalid_request_error"),
             ErrorKind::FailedPrecondition => {
@@ -108,8 +111,9 @@ impl ApiError {
             ErrorKind::NotFound,
             "unknown_url",
             format!(
-                "no route for `{path}`: this node serves POST /v1/chat/completions, \
-                 POST /v1/completions, GET /v1/models, GET /health and GET /ready"
+                "no route for `{}`: this node serves POST /v1/chat/completions, \
+                 POST /v1/completions, GET /v1/models, GET /health and GET /ready",
+                echo(path)
             ),
         )
         .into()
@@ -158,17 +162,17 @@ impl From<JsonRejection> for ApiError {
                 "invalid_json",
                 format!(
                     "the body is not valid JSON ({}); send one JSON object",
-                    rejection.body_text()
+                    echo(&rejection.body_text())
                 ),
             ),
             JsonRejection::JsonDataError(_) => (
                 "invalid_value",
                 format!(
                     "the body does not match the OpenAI request schema ({}); fix that field",
-                    rejection.body_text()
+                    echo(&rejection.body_text())
                 ),
             ),
-            _ => ("invalid_body", rejection.body_text()),
+            _ => ("invalid_body", echo(&rejection.body_text()).into_owned()),
         };
         let mut e: ApiError = FrontError::new(ErrorKind::InvalidArgument, code, hint).into();
         // The one status OpenAI's shape has and the error kinds do not.

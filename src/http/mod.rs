@@ -12,8 +12,9 @@
 //! - [`error`]: [`FrontError`] → HTTP status and OpenAI error body, in one place.
 //! - [`sse`]: streamed answers as server-sent events.
 //!
-//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` are accepted
-//! and ignored; `user` is logged only (the cache tenant is the `x-qnode-tenant` header);
+//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` must be 0;
+//! `user` is logged, and is the session key when no `x-session-id` header is sent (the cache
+//! tenant is the `x-qnode-tenant` header);
 //! `x-qnode-timeout-ms` sets a deadline (504 when it passes); `x-request-id` may carry the
 //! caller's id, and every answer carries it back.
 
@@ -33,7 +34,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,10 +43,12 @@ use tracing::Instrument;
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
 use crate::front::{
-    self, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, RawRequest, TENANT_HEADER,
+    self, header_text, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, KeyTenant,
+    RawRequest, SESSION_HEADER, TENANT_HEADER,
 };
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::types::echo;
 
 use convert::Options;
 use error::ApiError;
@@ -65,8 +68,11 @@ const STREAM_BUFFER: usize = 16;
 /// What the HTTP front needs from the node's configuration.
 #[derive(Clone)]
 pub struct HttpConfig {
-    /// `Authorization: Bearer` key for `/v1/*`; `None` leaves them open. Never logged.
+    /// `Authorization: Bearer` key for `/v1/*`; `None` (and no `api_keys`) leaves them open.
+    /// Never logged.
     pub api_key: Option<String>,
+    /// More keys, some bound to a tenant (the same as gRPC's). Never logged.
+    pub api_keys: crate::config::ApiKeys,
     /// Per-request limits, the same the gRPC front checks.
     pub limits: Limits,
     /// The node's metrics, shared with the gRPC front.
@@ -80,6 +86,7 @@ impl HttpConfig {
     pub fn new(config: &Config, metrics: Metrics) -> Self {
         Self {
             api_key: config.server.api_key.clone(),
+            api_keys: config.server.api_keys.clone(),
             limits: config.limits.clone(),
             metrics,
             max_body_bytes: config.server.max_message_bytes,
@@ -91,6 +98,7 @@ impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("api_keys", &self.api_keys)
             .field("limits", &self.limits)
             .field("max_body_bytes", &self.max_body_bytes)
             .finish_non_exhaustive()
@@ -116,7 +124,7 @@ fn unix_now() -> u64 {
 pub fn router(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) -> Router {
     let state = AppState {
         front: Front::new(backend, node, config.limits, config.metrics),
-        auth: ApiKeyCheck::new(config.api_key.as_deref()),
+        auth: ApiKeyCheck::with_keys(config.api_key.as_deref(), &config.api_keys),
         started: unix_now(),
     };
     let api = Router::new()
@@ -152,13 +160,17 @@ pub async fn serve(
         .await
 }
 
-async fn check_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The bearer-key check; the key's tenant goes on to the handler as a request extension.
+async fn check_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match state.auth.check(header) {
-        Ok(()) => next.run(request).await,
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            next.run(request).await
+        }
         Err(e) => ApiError::from(FrontError::from(e)).into_response(),
     }
 }
@@ -204,18 +216,22 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    key: Option<Extension<KeyTenant>>,
     headers: HeaderMap,
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
-    converted_then_generate(state, headers, body, convert::chat, Kind::Chat).await
+    let key = key.map(|Extension(k)| k).unwrap_or_default();
+    converted_then_generate(state, key, headers, body, convert::chat, Kind::Chat).await
 }
 
 async fn completions(
     State(state): State<AppState>,
+    key: Option<Extension<KeyTenant>>,
     headers: HeaderMap,
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
-    converted_then_generate(state, headers, body, convert::completion, Kind::Text).await
+    let key = key.map(|Extension(k)| k).unwrap_or_default();
+    converted_then_generate(state, key, headers, body, convert::completion, Kind::Text).await
 }
 
 /// How one endpoint turns its body into the neutral request.
@@ -224,6 +240,7 @@ type Converter = fn(GenerateBody) -> Result<(RawRequest, Options), FrontError>;
 /// Both generation endpoints: a JSON error or a conversion error answers at once, else generate.
 async fn converted_then_generate(
     state: AppState,
+    key: KeyTenant,
     headers: HeaderMap,
     body: Result<Json<GenerateBody>, JsonRejection>,
     convert: Converter,
@@ -233,7 +250,7 @@ async fn converted_then_generate(
         .map_err(ApiError::from)
         .and_then(|Json(request)| convert(request).map_err(ApiError::from));
     match converted {
-        Ok((wire, options)) => generate(state, headers, wire, options, kind).await,
+        Ok((wire, options)) => generate(state, key, headers, wire, options, kind).await,
         Err(e) => e.into_response(),
     }
 }
@@ -260,6 +277,11 @@ impl Kind {
     }
 }
 
+/// Every value of header `name`, unchecked, for [`CallMeta`].
+fn header_values(headers: &HeaderMap, name: &str) -> Option<String> {
+    header_text(headers.get_all(name).iter().map(HeaderValue::as_bytes))
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
@@ -278,10 +300,12 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Fr
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| {
+            let given = String::from_utf8_lossy(value.as_bytes());
             FrontError::invalid(
                 TIMEOUT_HEADER,
                 format!(
-                    "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {value:?}"
+                    "`{TIMEOUT_HEADER}` must be a whole number of milliseconds. Given: {:?}",
+                    echo(&given)
                 ),
             )
         })?;
@@ -292,6 +316,7 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Fr
 /// gRPC front, the same code), then answer whole or as a stream.
 async fn generate(
     state: AppState,
+    key: KeyTenant,
     headers: HeaderMap,
     raw: RawRequest,
     options: Options,
@@ -305,7 +330,9 @@ async fn generate(
         method: kind.method(),
         arrival,
         request_id: Some(request_id.clone()),
-        tenant: header_str(&headers, TENANT_HEADER).map(str::to_owned),
+        tenant: header_values(&headers, TENANT_HEADER),
+        key_tenant: key.0,
+        session: header_values(&headers, SESSION_HEADER),
         deadline: deadline(&headers, arrival),
     };
     let model = raw.model.clone();

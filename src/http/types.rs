@@ -103,7 +103,8 @@ pub struct GenerateBody {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// The end user, for the log only (the tenant is the `x-qnode-tenant` header).
+    /// The end user: logged, and the session key when no `x-session-id` header is sent (the
+    /// tenant is the `x-qnode-tenant` header). At most 256 bytes.
     #[serde(default)]
     pub user: Option<String>,
     /// Choices to generate; only 1 is served.

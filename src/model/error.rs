@@ -68,7 +68,7 @@ pub enum ModelError {
     #[error("chat template: {0}")]
     Template(String),
     /// A model id that is neither in the manifest nor a path to a file.
-    #[error("model `{id}` not found: {hint}")]
+    #[error("model `{}` not found: {hint}", crate::types::echo(id))]
     ModelNotFound {
         /// What was asked for.
         id: String,

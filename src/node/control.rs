@@ -21,16 +21,22 @@ pub struct WarmupReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No such model on this node.
-    #[error("model `{0}` is not served by this node; ListModels lists the ones that are")]
+    #[error(
+        "model `{}` is not served by this node; ListModels lists the ones that are",
+        crate::types::echo(.0)
+    )]
     UnknownModel(String),
     /// LoadModel of a model already served.
-    #[error("model `{0}` is already served; UnloadModel it first to load it with other settings")]
+    #[error(
+        "model `{}` is already served; UnloadModel it first to load it with other settings",
+        crate::types::echo(.0)
+    )]
     AlreadyLoaded(String),
     /// The id resolves to no file.
     #[error("{0}")]
     NotFound(String),
     /// A setting is out of range.
-    #[error("`{field}` must be {constraint}. Given: {value}")]
+    #[error("`{field}` must be {constraint}. Given: {}", crate::types::echo(value))]
     InvalidArgument {
         /// Field name.
         field: &'static str,

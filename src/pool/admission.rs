@@ -13,8 +13,17 @@
 //! alternative costs, then taking the alternative, never costs more than twice the better of the
 //! two choices in hindsight (the ski-rental bound), and needs no estimate of when `j` frees a
 //! slot. While `j` has a free slot it takes the request at its next step, so the wait is short.
+//!
+//! A request naming its conversation (a session key) looks first at the instance that served
+//! that conversation last, which holds its latest turns: that instance takes it whenever it has
+//! a free slot, even when another is less loaded; another instance leaves it to that one by the
+//! same rule as above, counting the tokens that one holds beyond its own. When the session's
+//! instance lost the prefix (evicted), the prefix probe decides as for any request. The map from
+//! session to instance is bounded ([`MAX_SESSIONS`], least recently served forgotten first) and
+//! keeps a keyed hash of each key, never the key.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -29,11 +38,54 @@ const SCAN: usize = 32;
 const DEFAULT_NS_PER_TOKEN: u64 = 1_500_000;
 /// Steps feeding fewer tokens than this are decode-dominated and do not update the estimate.
 const MIN_PREFILL_TOKENS: usize = 32;
+/// Conversations per model whose last instance is remembered (~100 bytes each).
+pub const MAX_SESSIONS: usize = 16_384;
 
-/// A queued request and the chained keys of its prompt's reusable blocks.
+/// A queued request, the chained keys of its prompt's reusable blocks, and its session's hash.
 struct Queued {
     a: Admitted,
     keys: Vec<BlockKey>,
+    session: Option<u64>,
+}
+
+/// Which instance served each conversation last: a map bounded to `cap` entries, the least
+/// recently served dropped first.
+struct Sessions {
+    cap: usize,
+    tick: u64,
+    last: HashMap<u64, (usize, u64)>,
+    by_age: BTreeMap<u64, u64>,
+}
+
+impl Sessions {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            tick: 0,
+            last: HashMap::new(),
+            by_age: BTreeMap::new(),
+        }
+    }
+
+    /// The instance that served `session` last, if remembered.
+    fn get(&self, session: u64) -> Option<usize> {
+        self.last.get(&session).map(|&(instance, _)| instance)
+    }
+
+    /// `instance` took a turn of `session`.
+    fn served(&mut self, session: u64, instance: usize) {
+        self.tick += 1;
+        if let Some((_, old)) = self.last.insert(session, (instance, self.tick)) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.tick, session);
+        while self.last.len() > self.cap {
+            let Some((_, oldest)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.last.remove(&oldest);
+        }
+    }
 }
 
 /// The queue was full.
@@ -51,6 +103,10 @@ pub struct Admission {
     stores: Vec<Arc<PrefixStore>>,
     /// Moving average of the time per fed token in prefill steps, in nanoseconds.
     ns_per_token: AtomicU64,
+    /// Session → the instance that served it last. Locked after `queue`, never before.
+    sessions: Mutex<Sessions>,
+    /// Keys the session hashes, so callers cannot aim collisions at each other's sessions.
+    hasher: RandomState,
 }
 
 impl Admission {
@@ -66,6 +122,8 @@ impl Admission {
             running: AtomicBool::new(true),
             stores: Vec::new(),
             ns_per_token: AtomicU64::new(DEFAULT_NS_PER_TOKEN),
+            sessions: Mutex::new(Sessions::new(MAX_SESSIONS)),
+            hasher: RandomState::new(),
         }
     }
 
@@ -97,14 +155,20 @@ impl Admission {
         if queue.len() >= self.max_queued {
             return Err(QueueFull);
         }
-        // Only stores of several instances need the keys (to choose between them).
-        let keys = match self.stores.first() {
-            Some(s) if self.stores.len() > 1 && !request.prompt.is_empty() => {
-                s.keys(&request.prompt[..request.prompt.len() - 1])
-            }
-            _ => Vec::new(),
+        // Only stores of several instances need the keys and the session (to choose between
+        // them).
+        let (keys, session) = match self.stores.first() {
+            Some(s) if self.stores.len() > 1 && !request.prompt.is_empty() => (
+                s.keys(&request.prompt[..request.prompt.len() - 1]),
+                request.session.as_ref().map(|k| self.hasher.hash_one(k)),
+            ),
+            _ => (Vec::new(), None),
         };
-        queue.push_back(Queued { a: request, keys });
+        queue.push_back(Queued {
+            a: request,
+            keys,
+            session,
+        });
         let depth = queue.len();
         drop(queue);
         if self.stores.len() > 1 {
@@ -178,14 +242,34 @@ impl Admission {
             .unwrap_or(0);
         let now = Instant::now();
         let mut next_turn: Option<Duration> = None;
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (idx, q) in queue.iter().enumerate().take(SCAN) {
+            // Recomputing `extra` tokens here costs this much; wait no longer than that.
+            let defer = |extra: usize| {
+                let saving = self.time_per_token() * extra as u32;
+                let waited = now.saturating_duration_since(q.a.arrived);
+                (waited < saving).then(|| saving - waited)
+            };
+            if let Some(owner) = q.session.and_then(|s| sessions.get(s)) {
+                if owner == instance {
+                    return Ok(idx);
+                }
+                let held = |i: usize| self.stores.get(i).map_or(0, |s| s.probe(&q.keys));
+                let extra = held(owner).saturating_sub(held(instance));
+                if extra > 0 {
+                    match defer(extra) {
+                        Some(left) => {
+                            next_turn = Some(next_turn.map_or(left, |n| n.min(left)));
+                            continue;
+                        }
+                        None => return Ok(idx),
+                    }
+                }
+                // The session's instance lost its prefix: the probe decides.
+            }
             let (mine, best_other) = self.cached_tokens(instance, &q.keys);
             if best_other > mine {
-                // Recomputing the extra tokens here costs this much; wait no longer than that.
-                let saving = self.time_per_token() * (best_other - mine) as u32;
-                let waited = now.saturating_duration_since(q.a.arrived);
-                if waited < saving {
-                    let left = saving - waited;
+                if let Some(left) = defer(best_other - mine) {
                     next_turn = Some(next_turn.map_or(left, |n| n.min(left)));
                     continue;
                 }
@@ -201,6 +285,17 @@ impl Admission {
             return Ok(idx);
         }
         Err(next_turn)
+    }
+
+    /// `instance` takes `q`: it serves `q`'s session from now on.
+    fn taken(&self, q: Queued, instance: usize) -> Admitted {
+        if let Some(session) = q.session {
+            self.sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .served(session, instance);
+        }
+        q.a
     }
 
     /// Cached prompt tokens of a request in instance `instance`'s store and the most in any
@@ -235,7 +330,7 @@ impl WorkSource for Admission {
         // A busy instance (between steps) leaves unclaimed work to a less loaded one, which is
         // waiting and was woken by the push; an idle one takes it.
         let deferred = match self.pick(&mut queue, instance, free, wait.is_none()) {
-            Ok(idx) => return queue.remove(idx).map(|q| q.a),
+            Ok(idx) => return queue.remove(idx).map(|q| self.taken(q, instance)),
             Err(deferred) => deferred,
         };
         let wait = wait?;
@@ -249,7 +344,7 @@ impl WorkSource for Admission {
             .wait_timeout(queue, wait)
             .unwrap_or_else(|e| e.into_inner());
         match self.pick(&mut queue, instance, free, false) {
-            Ok(idx) => queue.remove(idx).map(|q| q.a),
+            Ok(idx) => queue.remove(idx).map(|q| self.taken(q, instance)),
             Err(_) => None,
         }
     }
@@ -271,5 +366,118 @@ impl WorkSource for Admission {
 
     fn running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::Sampler;
+    use crate::engine::EventStream;
+    use crate::model::kv_cache::KvCache;
+    use crate::types::SamplingParams;
+    use candle_core::Device;
+
+    const BLOCK: usize = 16;
+
+    fn queued(
+        prompt: Vec<u32>,
+        session: Option<&str>,
+        arrived: Instant,
+    ) -> (Admitted, EventStream) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let a = Admitted {
+            request_id: "t".into(),
+            prompt,
+            max_tokens: 1,
+            stop: Vec::new(),
+            sampler: Sampler::new(&SamplingParams::default()),
+            tx,
+            arrived,
+            deadline: None,
+            session: session.map(str::to_owned),
+        };
+        (a, rx)
+    }
+
+    fn kv(len: usize) -> KvCache {
+        KvCache::new(1, 1, 2, len.max(1), &Device::Cpu)
+    }
+
+    /// Two instances, each with an empty prefix store.
+    fn two_instances() -> Admission {
+        let vpp = kv(1).values_per_position();
+        let stores = (0..2)
+            .map(|_| Arc::new(PrefixStore::new("m", BLOCK, vpp, 1 << 20, None)))
+            .collect();
+        Admission::new(16, 2, 8).with_prefix_stores(stores)
+    }
+
+    /// Store the KV of `tokens` in instance `i`'s prefix store.
+    fn hold(admission: &Admission, i: usize, tokens: &[u32]) {
+        let mut cache = kv(tokens.len());
+        cache.reserve(tokens.len()).unwrap();
+        let zeros = [0f32; 2];
+        cache
+            .write_host(0, tokens.len(), |_| &zeros, |_| &zeros)
+            .unwrap();
+        cache.advance(tokens.len());
+        admission.stores[i].insert(tokens, &cache);
+    }
+
+    #[test]
+    fn sessions_forget_the_least_recently_served_first() {
+        let mut s = Sessions::new(2);
+        s.served(1, 0);
+        s.served(2, 1);
+        s.served(1, 1); // 1 is now the most recent
+        s.served(3, 0); // drops 2
+        assert_eq!((s.get(1), s.get(2), s.get(3)), (Some(1), None, Some(0)));
+        assert_eq!((s.last.len(), s.by_age.len()), (2, 2));
+    }
+
+    #[test]
+    fn a_session_goes_back_to_its_instance_even_when_another_is_less_loaded() {
+        let q = two_instances();
+        let now = Instant::now();
+        let (first, _rx1) = queued((0..40).collect(), Some("conv-1"), now);
+        q.push(first).unwrap();
+        // Both idle: instance 1 takes it and now serves conv-1.
+        assert!(q.take(1, 8, None).is_some());
+        // Instance 1 has 1 free slot, instance 0 has 8. A request of no session is left to the
+        // less loaded instance 0; the next turn of conv-1 is taken by instance 1.
+        let (other, _rx2) = queued((100..140).collect(), None, now);
+        q.push(other).unwrap();
+        assert!(q.take(1, 1, None).is_none(), "no session: least loaded");
+        let (turn, _rx3) = queued((0..60).collect(), Some("conv-1"), now);
+        q.push(turn).unwrap();
+        let got = q.take(1, 1, None).expect("conv-1 goes back to instance 1");
+        assert_eq!(got.session.as_deref(), Some("conv-1"));
+        // Instance 0 then takes the session-less one.
+        assert!(q.take(0, 8, None).is_some());
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn another_instance_waits_for_the_session_only_as_long_as_recomputing_costs() {
+        let q = two_instances();
+        q.ns_per_token.store(1_000_000_000, Ordering::Relaxed); // 1 s per token
+        let now = Instant::now();
+        let (first, _rx1) = queued((0..40).collect(), Some("conv-1"), now);
+        q.push(first).unwrap();
+        assert!(q.take(1, 8, None).is_some());
+        hold(&q, 1, &(0..40).collect::<Vec<_>>());
+        // Instance 0 leaves the next turn to instance 1 (32 tokens = 32 s to recompute)...
+        let (fresh, _rx2) = queued((0..60).collect(), Some("conv-1"), now);
+        q.push(fresh).unwrap();
+        assert!(q.take(0, 8, None).is_none(), "recomputing costs 32 s");
+        // ...but takes one that has waited longer than that.
+        let long_ago = now - Duration::from_secs(60);
+        let (old, _rx3) = queued((0..61).collect(), Some("conv-1"), long_ago);
+        q.push(old).unwrap();
+        let got = q.take(0, 8, None).expect("waited beyond the saving");
+        assert_eq!(got.prompt.len(), 61);
+        // It served that turn, so it is conv-1's instance now: it takes the other turn too.
+        assert_eq!(q.take(0, 8, None).map(|a| a.prompt.len()), Some(60));
     }
 }

@@ -513,6 +513,7 @@ impl Backend for ModelPool {
             tx,
             arrived,
             deadline: request.deadline,
+            session: request.session,
         };
         match serving.admission.push(admitted) {
             Ok(depth) => {

@@ -55,6 +55,7 @@ pub(super) fn run(
             tx,
             arrived,
             deadline: Some(arrived + WARM_UP_DEADLINE),
+            session: None,
         };
         admission
             .push(request)

@@ -266,6 +266,7 @@ pub fn request(prompt: &str) -> GenerationRequest {
         deadline: None,
         cache_policy: CachePolicy::Default,
         tenant: None,
+        session: None,
     }
 }
 

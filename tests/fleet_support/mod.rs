@@ -1,6 +1,7 @@
-//! A fleet on loopback for tests/fleet.rs: real `qnode serve` processes, real nginx (Debian's
-//! package, run as the test user with every file in a temp dir) templated from
-//! deploy/nginx/qnode.conf, and a load generator of tonic clients with a bounded retry policy.
+//! A fleet on loopback for tests/fleet.rs and tests/session_affinity.rs: real `qnode serve`
+//! processes, real nginx (Debian's package, run as the test user with every file in a temp dir)
+//! templated from deploy/nginx/qnode.conf, and a load generator of tonic clients with a bounded
+//! retry policy.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
