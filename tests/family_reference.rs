@@ -248,6 +248,7 @@ fn check_engine(family: &'static str) {
                 deadline: None,
                 cache_policy: Default::default(),
                 tenant: None,
+                session: None,
             })
             .unwrap();
         let text = runtime.block_on(async {
