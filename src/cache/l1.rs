@@ -1,6 +1,7 @@
 //! L1: answers in process memory (moka), bounded by bytes, with a TTL from insertion and the
-//! hard max age from generation. moka's TinyLFU admission keeps one-off answers from evicting
-//! popular ones.
+//! hard max age from generation, both read on the cache's [`Clock`] (so tests drive them with a
+//! manual clock; moka's own TTL, on its own clock, only frees the memory of entries nobody asks
+//! for again). moka's TinyLFU admission keeps one-off answers from evicting popular ones.
 
 use std::sync::Arc;
 
@@ -11,9 +12,11 @@ use super::{CacheConfig, CacheKey, CachedAnswer, Clock};
 /// The in-process answer cache. Lookups are synchronous and lock-free enough to run inside
 /// `submit`.
 pub struct L1 {
-    cache: Cache<CacheKey, Arc<CachedAnswer>>,
+    /// Each answer with the clock's time of its insertion.
+    cache: Cache<CacheKey, (u64, Arc<CachedAnswer>)>,
     clock: Arc<dyn Clock>,
     max_age_ms: u64,
+    ttl_ms: u64,
 }
 
 impl L1 {
@@ -21,21 +24,23 @@ impl L1 {
     pub fn new(config: &CacheConfig, clock: Arc<dyn Clock>) -> Self {
         let cache = Cache::builder()
             .max_capacity(config.l1_max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<CachedAnswer>| v.weight())
+            .weigher(|_k: &CacheKey, v: &(u64, Arc<CachedAnswer>)| v.1.weight())
             .time_to_live(config.l1_ttl)
             .build();
         Self {
             cache,
             clock,
             max_age_ms: config.max_age.as_millis() as u64,
+            ttl_ms: config.l1_ttl.as_millis() as u64,
         }
     }
 
     /// The answer under `key`, unless absent, expired by TTL, or past the hard max age (then it
     /// is dropped).
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
-        let answer = self.cache.get(key)?;
-        if answer.is_expired(self.clock.now_ms(), self.max_age_ms) {
+        let (inserted, answer) = self.cache.get(key)?;
+        let now = self.clock.now_ms();
+        if now.saturating_sub(inserted) >= self.ttl_ms || answer.is_expired(now, self.max_age_ms) {
             self.cache.invalidate(key);
             return None;
         }
@@ -44,8 +49,9 @@ impl L1 {
 
     /// Stores `answer`, unless it is already past the max age.
     pub fn insert(&self, key: CacheKey, answer: Arc<CachedAnswer>) {
-        if !answer.is_expired(self.clock.now_ms(), self.max_age_ms) {
-            self.cache.insert(key, answer);
+        let now = self.clock.now_ms();
+        if !answer.is_expired(now, self.max_age_ms) {
+            self.cache.insert(key, (now, answer));
         }
     }
 
@@ -106,30 +112,26 @@ mod tests {
         assert!(l1.get(&k).is_none());
     }
 
-    /// The TTL is moka's own (it reads its own clock, not the injected one), so the "still there"
-    /// check is made only when less than the TTL provably passed since the insert; the "gone"
-    /// check follows a sleep longer than the TTL. Nothing depends on a sleep being short.
     #[test]
-    fn ttl_expires_entries() {
-        const TTL: Duration = Duration::from_millis(100);
+    fn ttl_expires_entries_on_the_cache_clock() {
         let config = CacheConfig {
-            l1_ttl: TTL,
+            l1_ttl: Duration::from_secs(60),
             ..CacheConfig::default()
         };
         let clock = ManualClock::new();
         let l1 = L1::new(&config, Arc::new(clock.clone()));
         let k = CacheKey([2; 32]);
-        let inserted = std::time::Instant::now();
         l1.insert(k, answer("a", clock.now_ms()));
-        let hit = l1.get(&k).is_some();
-        if inserted.elapsed() < TTL {
-            assert!(hit, "gone before its TTL");
-        } else {
-            eprintln!("skipped the before-TTL check: descheduled for a whole TTL");
-        }
-        std::thread::sleep(TTL + Duration::from_millis(20));
-        // The max age (1 day by default, on the manual clock) is far: only the TTL can expire it.
-        assert!(l1.get(&k).is_none(), "still there after its TTL");
+        clock.advance(Duration::from_millis(59_999));
+        assert!(l1.get(&k).is_some(), "gone before its TTL");
+        clock.advance(Duration::from_millis(1));
+        // The max age (1 day by default) is far: only the TTL can expire it.
+        assert!(l1.get(&k).is_none(), "still there at its TTL");
+        // The TTL counts from insertion, not generation: an old answer inserted now lives a
+        // whole TTL.
+        l1.insert(k, answer("b", clock.now_ms() - 50_000));
+        clock.advance(Duration::from_secs(30));
+        assert!(l1.get(&k).is_some());
     }
 
     #[test]
