@@ -303,6 +303,16 @@ async fn fleet_behind_nginx_loses_no_request() {
         in_flight > 0,
         "S had no call in flight at the drain: nothing was drained"
     );
+    // S reached the end of its graceful drain (every call it held finished) before exiting: a
+    // node that exits or drops its connections mid-drain never logs it. The nginx-side checks
+    // below cannot tell a unary call cut before its response header from nginx's reuse race.
+    let log = std::fs::read_to_string(&s.log).expect("S's log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("qnode::grpc") && l.trim_end().ends_with(" drained")),
+        "S exited without finishing its drain:\n{}",
+        s.log_tail()
+    );
     // A call cut by the drain would come back to the client as a broken connection, which it
     // retries (then succeeds elsewhere), so a retry must be explained, by one of two races that
     // are not calls lost:
