@@ -273,7 +273,7 @@ fn scores(
     assert!(qt.len() >= lane_groups * hd * LANES && k.len() >= keys * hd);
     assert!(p.len() >= keys * lane_groups * LANES);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above.
         unsafe { scores_avx2(qt, hd, lane_groups, k, keys, scale, p) };
         return;
@@ -394,8 +394,9 @@ fn softmax_lanes(
 ) {
     assert!(keys == 0 || (keys - 1) * mp + at + LANES <= p.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 present; every row `j < keys` holds 8 floats from `at` (checked above).
+    if avx2_fma() {
+        // SAFETY: AVX2 and FMA present; every row `j < keys` holds 8 floats from `at` (checked
+        // above).
         unsafe { softmax_avx2(p, mp, at, keys, first, end, sums) };
         return;
     }
@@ -428,7 +429,7 @@ fn softmax_lanes(
 /// [`softmax_lanes`] on AVX2: masks from integer compares, [`exp_one`]'s arithmetic lane-wise.
 ///
 /// # Safety
-/// AVX2 present; `(keys - 1) * mp + at + 8 <= p.len()`.
+/// AVX2 and FMA present; `(keys - 1) * mp + at + 8 <= p.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(
@@ -521,9 +522,7 @@ fn weighted_values(
     assert!(o.len() >= m * hd && first.len() >= m && end.len() >= m);
     assert!(p.len() >= keys * mp && m <= mp);
     #[cfg(target_arch = "x86_64")]
-    let simd = hd.is_multiple_of(64)
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma");
+    let simd = hd.is_multiple_of(64) && avx2_fma();
     for t0 in (0..keys).step_by(V_TILE) {
         let t1 = (t0 + V_TILE).min(keys);
         for r in 0..m {
@@ -586,6 +585,12 @@ unsafe fn values_avx2(
             }
         }
     }
+}
+
+/// Whether the AVX2 + FMA kernels may run (every `*_avx2` function here enables both).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// The first position a query at `pos` sees (its sliding window's start, else 0).
