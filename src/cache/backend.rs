@@ -426,20 +426,13 @@ async fn sampled(
         }
     };
     let keep = hot && completion.finish_reason != FinishReason::Cancelled;
-    let answer = CachedAnswer {
-        text,
-        finish_reason: completion.finish_reason,
-        prompt_tokens: completion.prompt_tokens,
-        completion_tokens: completion.completion_tokens,
-        created_at_ms: s.clock.now_ms(),
-    };
+    let answer = CachedAnswer::finished(text, &completion, s.clock.now_ms());
     let _ = tx.send(Ok(GenerationEvent::Finished(completion))).await;
     if keep {
-        let bytes = entry::encode(&key, &digest, &answer, &s.secret);
-        if bytes.len() <= s.config.max_value_bytes
-            && l2.add_variant(&key, bytes, s.config.max_age, want).await
-        {
-            s.metrics.hot_promotions.inc();
+        if let Some(bytes) = s.sealed(&key, &digest, &answer) {
+            if l2.add_variant(&key, bytes, s.config.max_age, want).await {
+                s.metrics.hot_promotions.inc();
+            }
         }
     }
 }
@@ -494,6 +487,12 @@ impl Shared {
                 None
             }
         }
+    }
+
+    /// `answer` as a signed Redis value, unless it is over `max_value_bytes`.
+    fn sealed(&self, key: &CacheKey, digest: &str, answer: &CachedAnswer) -> Option<Vec<u8>> {
+        let bytes = entry::encode(key, digest, answer, &self.secret);
+        (bytes.len() <= self.config.max_value_bytes).then_some(bytes)
     }
 
     fn reject(&self, key: &CacheKey, why: entry::EnvelopeError) {
@@ -628,13 +627,7 @@ async fn drive(
         s.flights.finish(&key, &flight);
         return;
     }
-    let answer = Arc::new(CachedAnswer {
-        text,
-        finish_reason: completion.finish_reason,
-        prompt_tokens: completion.prompt_tokens,
-        completion_tokens: completion.completion_tokens,
-        created_at_ms: s.clock.now_ms(),
-    });
+    let answer = Arc::new(CachedAnswer::finished(text, &completion, s.clock.now_ms()));
     // L1 before the caller sees `Finished` and before leaving the table: whoever asks next
     // either joins or hits.
     s.l1.insert(key, answer.clone());
@@ -659,10 +652,9 @@ async fn store_if_hot(
     if count < s.config.hot_threshold {
         return;
     }
-    let bytes = entry::encode(key, digest, answer, &s.secret);
-    if bytes.len() > s.config.max_value_bytes {
+    let Some(bytes) = s.sealed(key, digest, answer) else {
         return;
-    }
+    };
     let ttl = s.config.max_age.saturating_sub(Duration::from_millis(
         s.clock.now_ms().saturating_sub(answer.created_at_ms),
     ));

@@ -30,6 +30,17 @@ pub struct CachedAnswer {
 }
 
 impl CachedAnswer {
+    /// The answer of a generation that finished with `completion`, produced at `now_ms`.
+    pub fn finished(text: String, completion: &crate::engine::Completion, now_ms: u64) -> Self {
+        Self {
+            text,
+            finish_reason: completion.finish_reason,
+            prompt_tokens: completion.prompt_tokens,
+            completion_tokens: completion.completion_tokens,
+            created_at_ms: now_ms,
+        }
+    }
+
     /// Bytes this entry counts for against `l1_max_bytes`.
     pub fn weight(&self) -> u32 {
         u32::try_from(self.text.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
