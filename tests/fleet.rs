@@ -15,10 +15,8 @@ mod fleet_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cache_support::RedisServer;
 use fleet_support::{
-    asks, channel, free_port, nginx_config, write_node_config, Load, Nginx, NodeSetup,
-    QnodeProcess, Stats,
+    asks, channel, free_port, nginx_config, Load, Nginx, NodeSetup, QnodeProcess, Stats,
 };
 use qnode::grpc::proto;
 use tonic::Code;
@@ -82,17 +80,7 @@ fn grpcurl_generate(port: u16) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_behind_nginx_loses_no_request() {
-    common::model_file("smollm2");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let redis = RedisServer::start();
-    write_node_config(dir.path());
-    let redis_url = redis.url();
-    let models_dir = common::repo_root().join("models");
-    let setup = NodeSetup {
-        dir: dir.path(),
-        redis_url: &redis_url,
-        models_dir: &models_dir,
-    };
+    let setup = NodeSetup::new();
     let (pa, pb, ps) = (free_port(), free_port(), free_port());
     let started = Instant::now();
     let mut a = QnodeProcess::start(&setup, "a", pa, false);
@@ -107,12 +95,12 @@ async fn fleet_behind_nginx_loses_no_request() {
         .expect("deploy/nginx/qnode.conf");
     let (p1, p2) = (free_port(), free_port());
     let plain = Nginx::start(
-        &dir.path().join("nginx-plain"),
+        &setup.path().join("nginx-plain"),
         p1,
         &nginx_config(&deploy, p1, [pa, pb, ps], false, false),
     );
     let resend = Nginx::start(
-        &dir.path().join("nginx-non-idempotent"),
+        &setup.path().join("nginx-non-idempotent"),
         p2,
         &nginx_config(&deploy, p2, [pa, pb, ps], false, true),
     );
@@ -359,7 +347,6 @@ async fn fleet_behind_nginx_loses_no_request() {
         failed_lines.join("\n"),
         errors.join("\n")
     );
-    drop(redis);
 }
 
 #[test]

@@ -11,8 +11,7 @@ mod fleet_support;
 
 use std::time::Duration;
 
-use cache_support::RedisServer;
-use fleet_support::{channel, free_port, write_node_config, NodeSetup, QnodeProcess};
+use fleet_support::{channel, free_port, NodeSetup, QnodeProcess};
 use qnode::grpc::proto;
 use qnode::grpc::proto::inference_client::InferenceClient;
 
@@ -31,17 +30,7 @@ fn message(role: &str, content: &str) -> proto::ChatMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_metrics_move_by_exactly_what_each_turn_reports() {
-    common::model_file("smollm2");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let redis = RedisServer::start();
-    write_node_config(dir.path());
-    let redis_url = redis.url();
-    let models = common::repo_root().join("models");
-    let setup = NodeSetup {
-        dir: dir.path(),
-        redis_url: &redis_url,
-        models_dir: &models,
-    };
+    let setup = NodeSetup::new();
     let port = free_port();
     let mut node = QnodeProcess::start(&setup, "prefix", port, false);
     node.wait_up(Duration::from_secs(120)).await;
@@ -114,5 +103,4 @@ async fn prefix_metrics_move_by_exactly_what_each_turn_reports() {
         );
         history.push(message("assistant", &answer.text));
     }
-    drop(redis);
 }

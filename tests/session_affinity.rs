@@ -12,9 +12,8 @@ mod fleet_support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cache_support::RedisServer;
 use fleet_support::QnodeProcess;
-use fleet_support::{channel, free_port, nginx_config, write_node_config, Nginx, NodeSetup};
+use fleet_support::{channel, free_port, nginx_config, Nginx, NodeSetup};
 use qnode::grpc::proto;
 use qnode::grpc::proto::inference_client::InferenceClient;
 use tonic::transport::Channel;
@@ -102,17 +101,7 @@ async fn nodes_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_stays_on_its_node_and_reuses_its_history() {
-    common::model_file("smollm2");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let redis = RedisServer::start();
-    write_node_config(dir.path());
-    let redis_url = redis.url();
-    let models_dir = common::repo_root().join("models");
-    let setup = NodeSetup {
-        dir: dir.path(),
-        redis_url: &redis_url,
-        models_dir: &models_dir,
-    };
+    let setup = NodeSetup::new();
     let (pa, pb) = (free_port(), free_port());
     let started = Instant::now();
     let mut a = QnodeProcess::start(&setup, "a", pa, false);
@@ -127,7 +116,7 @@ async fn a_conversation_stays_on_its_node_and_reuses_its_history() {
     let port = free_port();
     // The standby line stays commented out: only A and B are in the upstream.
     let nginx = Nginx::start(
-        &dir.path().join("nginx"),
+        &setup.path().join("nginx"),
         port,
         &nginx_config(&deploy, port, [pa, pb, free_port()], false, false),
     );
@@ -194,5 +183,4 @@ async fn a_conversation_stays_on_its_node_and_reuses_its_history() {
         nodes, both,
         "12 calls without a session landed on {nodes:?}"
     );
-    drop(redis);
 }

@@ -48,11 +48,31 @@ pub struct QnodeProcess {
     pub log: PathBuf,
 }
 
-/// What every node of the fleet shares.
-pub struct NodeSetup<'a> {
-    pub dir: &'a Path,
-    pub redis_url: &'a str,
-    pub models_dir: &'a Path,
+/// What every node of the fleet shares: a temp dir holding the node config (and logs), one real
+/// `redis-server`, and the fetched models. Nodes started from it must be dropped before it.
+pub struct NodeSetup {
+    pub dir: tempfile::TempDir,
+    pub redis: crate::cache_support::RedisServer,
+    pub models_dir: PathBuf,
+}
+
+impl NodeSetup {
+    /// Checks the model is fetched, writes the config, starts Redis.
+    pub fn new() -> Self {
+        crate::common::model_file("smollm2");
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_node_config(dir.path());
+        Self {
+            dir,
+            redis: crate::cache_support::RedisServer::start(),
+            models_dir: crate::common::repo_root().join("models"),
+        }
+    }
+
+    /// The shared directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 impl QnodeProcess {
@@ -60,19 +80,19 @@ impl QnodeProcess {
     /// written by [`write_node_config`]); `standby` adds `--role standby`.
     pub fn start(setup: &NodeSetup, name: &'static str, port: u16, standby: bool) -> Self {
         let metrics_port = free_port();
-        let log = setup.dir.join(format!("{name}.log"));
+        let log = setup.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qnode"));
         cmd.arg("serve")
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .arg("--threads-per-instance=1")
-            .arg(format!("--redis-url={}", setup.redis_url))
+            .arg(format!("--redis-url={}", setup.redis.url()))
             .arg(format!(
                 "--config={}",
-                setup.dir.join("qnode.toml").display()
+                setup.path().join("qnode.toml").display()
             ))
-            .env("QNODE_MODELS_DIR", setup.models_dir)
+            .env("QNODE_MODELS_DIR", &setup.models_dir)
             .env("QNODE_CACHE_REDIS_SECRET", "fleet-test-secret-0123456789")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
