@@ -28,6 +28,14 @@ use qnode::metrics::Metrics;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// An inference client whose transport leaves deadlines to the server.
+pub type RawClient = proto::inference_client::InferenceClient<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tonic::body::BoxBody,
+    >,
+>;
+
 /// Deterministic test backend; see the module docs.
 pub struct ScriptedBackend {
     ready: Mutex<bool>,
@@ -279,6 +287,23 @@ impl TestServer {
         &self,
     ) -> proto::inference_client::InferenceClient<tonic::transport::Channel> {
         proto::inference_client::InferenceClient::new(self.channel().await)
+    }
+
+    /// A client over plain hyper HTTP/2. tonic's `Channel` enforces a request's `grpc-timeout`
+    /// on the client side too, and its timer starts before the server's, so a deadline test
+    /// through it races the client against the server. This transport only sends the header:
+    /// what the test sees is what the server did.
+    pub fn client_without_local_timeout(&self) -> RawClient {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.enforce_http(true);
+        let transport =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build(connector);
+        proto::inference_client::InferenceClient::with_origin(
+            transport,
+            self.url().parse().expect("server url"),
+        )
     }
 
     /// Sends the shutdown signal (SIGTERM in production).
