@@ -3,14 +3,17 @@
 //! 0, 1,024 and 4,096 positions of history, and decode (one row) of 1 and 8 sequences at 1,024 and
 //! 4,096.
 //!
+//! Each case runs on half-precision caches (the default `kv_dtype`) and on f32 ones.
+//!
 //! Throughput is in elements/s with 2 × heads × head_dim × visible keys per row (the multiply-adds
 //! of `Q·Kᵀ` and `P·V`), i.e. flops/2.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
 use qnode::model::attention::{attend, AttnShape, SeqAttn};
-use qnode::model::kv_cache::HostLayerView;
+use qnode::model::kv_cache::{HostLayerView, KvRows};
 
 const SHAPE: AttnShape = AttnShape {
     n_head: 9,
@@ -64,23 +67,34 @@ fn bench(c: &mut Criterion) {
                 (noise(n, 2 * i as u32 + 1), noise(n, 2 * i as u32 + 2))
             })
             .collect();
+        let half = |x: &[f32]| -> Vec<f16> { x.iter().copied().map(f16::from_f32).collect() };
+        let halves: Vec<(Vec<f16>, Vec<f16>)> =
+            kvs.iter().map(|(k, v)| (half(k), half(v))).collect();
         let q = noise(n_seqs * len * q_stride, 99);
-        let seqs: Vec<SeqAttn> = kvs
+        let seq = |i: usize, k, v| SeqAttn {
+            off: i * len,
+            len,
+            start: history,
+            kv: HostLayerView { k, v, capacity },
+        };
+        let f16_seqs: Vec<SeqAttn> = halves
             .iter()
             .enumerate()
-            .map(|(i, (k, v))| SeqAttn {
-                off: i * len,
-                len,
-                start: history,
-                kv: HostLayerView { k, v, capacity },
-            })
+            .map(|(i, (k, v))| seq(i, KvRows::F16(k), KvRows::F16(v)))
+            .collect();
+        let f32_seqs: Vec<SeqAttn> = kvs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| seq(i, KvRows::F32(k), KvRows::F32(v)))
             .collect();
         let mut out = vec![0f32; n_seqs * len * width];
         let macs: usize = (0..len).map(|i| 2 * nh * hd * (history + i + 1)).sum();
         group.throughput(Throughput::Elements((macs * n_seqs) as u64));
-        group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| pool.install(|| attend(&SHAPE, &q, q_stride, &seqs, &mut out)))
-        });
+        for (dtype, seqs) in [("f16", &f16_seqs), ("f32", &f32_seqs)] {
+            group.bench_function(BenchmarkId::new(dtype, name), |b| {
+                b.iter(|| pool.install(|| attend(&SHAPE, &q, q_stride, seqs, &mut out)))
+            });
+        }
     }
     group.finish();
 }

@@ -16,8 +16,8 @@ const TOKENS: usize = 1024;
 
 fn filled() -> (Vec<u32>, KvCache) {
     let mut cache = KvCache::new(LAYERS, KV_HEADS, HEAD_DIM, 4096, &Device::Cpu);
-    let data: Vec<f32> = (0..cache.values_per_position() * TOKENS)
-        .map(|i| (i % 1000) as f32 * 1e-3)
+    let data: Vec<u8> = (0..cache.bytes_per_position() * TOKENS)
+        .map(|i| (i % 251) as u8)
         .collect();
     cache.push_positions(&data, TOKENS).unwrap();
     ((0..TOKENS as u32).collect(), cache)
@@ -25,20 +25,20 @@ fn filled() -> (Vec<u32>, KvCache) {
 
 fn bench_prefix(c: &mut Criterion) {
     let (tokens, cache) = filled();
-    let vpp = cache.values_per_position();
+    let bpp = cache.bytes_per_position();
     let mut group = c.benchmark_group("prefix_store_1024_tokens");
-    group.throughput(Throughput::Bytes((vpp * TOKENS * 4) as u64));
+    group.throughput(Throughput::Bytes((bpp * TOKENS) as u64));
     group.sample_size(20);
     group.bench_function("insert", |b| {
         b.iter_with_setup(
-            || PrefixStore::new("bench", 16, vpp, 1 << 30, None),
+            || PrefixStore::new("bench", 16, bpp, 1 << 30, None),
             |store| {
                 store.insert(&tokens, &cache);
                 store
             },
         )
     });
-    let store = PrefixStore::new("bench", 16, vpp, 1 << 30, None);
+    let store = PrefixStore::new("bench", 16, bpp, 1 << 30, None);
     store.insert(&tokens, &cache);
     let mut prompt = tokens.clone();
     prompt.push(7);

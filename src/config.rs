@@ -88,6 +88,7 @@ pub enum LogFormat {
     Json,
 }
 
+pub use crate::model::kv_cache::KvDtype;
 pub use crate::model::quantize::Quant;
 
 /// The `[server]` section: network, auth and shutdown.
@@ -285,6 +286,10 @@ pub struct ModelConfig {
     /// conversations' KV kept for the next turn; LRU beyond it); 0 keeps none.
     #[serde(default = "default_kv_cache_mb")]
     pub kv_cache_mb: usize,
+    /// Element type of the KV caches (running sequences and the prefix store): `f16` halves
+    /// their memory (llama.cpp's default), `f32` keeps exactly what the layers computed.
+    #[serde(default)]
+    pub kv_dtype: KvDtype,
 }
 
 fn one() -> usize {
@@ -313,6 +318,7 @@ impl ModelConfig {
             context_length: None,
             quant: Quant::default(),
             kv_cache_mb: default_kv_cache_mb(),
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -428,6 +434,9 @@ pub struct ServeArgs {
     /// KV prefix store budget per model in MiB (0: no prefix reuse). [default: 1024]
     #[arg(long, env = "QNODE_KV_CACHE_MB", value_name = "MIB")]
     pub kv_cache_mb: Option<usize>,
+    /// KV cache element type of every model: f16 or f32. [default: f16]
+    #[arg(long, env = "QNODE_KV_DTYPE", value_name = "TYPE")]
+    pub kv_dtype: Option<KvDtype>,
     /// Time in-flight calls get to finish after shutdown starts, e.g. 30s, 500ms. [default: 30s]
     #[arg(long, env = "QNODE_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
@@ -574,6 +583,9 @@ impl Config {
             }
             if let Some(n) = args.kv_cache_mb {
                 model.kv_cache_mb = n;
+            }
+            if let Some(d) = args.kv_dtype {
+                model.kv_dtype = d;
             }
         }
         Ok(())
@@ -767,6 +779,7 @@ mod tests {
         max_queued = 3
         context_length = 1024
         kv_cache_mb = 64
+        kv_dtype = "f32"
         [limits]
         max_tokens_limit = 100
         default_max_tokens = 50
@@ -808,6 +821,8 @@ mod tests {
         assert_eq!(config.models[1].max_queued, 3);
         assert_eq!(config.models[1].context_length, Some(1024));
         assert_eq!(config.models[1].kv_cache_mb, 64);
+        assert_eq!(config.models[1].kv_dtype, KvDtype::F32);
+        assert_eq!(config.models[0].kv_dtype, KvDtype::F16);
         assert_eq!(config.models[0].kv_cache_mb, 1024, "unset: the default");
         assert_eq!(config.limits.max_tokens_limit, 100);
         assert_eq!(config.server.role, crate::types::Role::Standby);

@@ -78,7 +78,7 @@ pub struct PrefixStats {
 pub struct PrefixStore {
     root: BlockKey,
     block_tokens: usize,
-    values_per_block: usize,
+    bytes_per_block: usize,
     block_bytes: usize,
     budget: usize,
     inner: Mutex<Inner>,
@@ -100,35 +100,36 @@ struct Inner {
 struct Block {
     parent: Option<BlockKey>,
     tokens: Box<[u32]>,
-    /// `[layer][k, v][kv_head][block_tokens][head_dim]`, as `KvCache::read_positions` lays it.
-    data: Arc<[f32]>,
+    /// Raw values `[layer][k, v][kv_head][block_tokens][head_dim]`, as
+    /// `KvCache::read_positions` lays them out.
+    data: Arc<[u8]>,
     children: usize,
     stamp: u64,
 }
 
 impl PrefixStore {
     /// An empty store for a model identified by `identity` (file digest and weight format),
-    /// whose caches hold `values_per_position` values per position
-    /// ([`KvCache::values_per_position`]), holding at most `budget_bytes`.
+    /// whose caches hold `bytes_per_position` bytes per position
+    /// ([`KvCache::bytes_per_position`]), holding at most `budget_bytes`.
     pub fn new(
         identity: &str,
         block_tokens: usize,
-        values_per_position: usize,
+        bytes_per_position: usize,
         budget_bytes: usize,
         metrics: Option<PrefixMetrics>,
     ) -> Self {
         let block_tokens = block_tokens.max(1);
         let mut h = Sha256::new();
-        h.update(b"qnode kv prefix v1\0");
+        h.update(b"qnode kv prefix v2\0");
         h.update(identity.as_bytes());
         h.update((block_tokens as u64).to_le_bytes());
-        h.update((values_per_position as u64).to_le_bytes());
-        let values_per_block = values_per_position * block_tokens;
+        h.update((bytes_per_position as u64).to_le_bytes());
+        let bytes_per_block = bytes_per_position * block_tokens;
         Self {
             root: truncate(h.finalize().as_slice()),
             block_tokens,
-            values_per_block,
-            block_bytes: values_per_block * 4 + block_tokens * 4 + BLOCK_OVERHEAD,
+            bytes_per_block,
+            block_bytes: bytes_per_block + block_tokens * 4 + BLOCK_OVERHEAD,
             budget: budget_bytes,
             inner: Mutex::new(Inner::default()),
             metrics,
@@ -181,7 +182,7 @@ impl PrefixStore {
     /// logits start the generation). Counts the prompt in the hit metrics.
     pub fn restore(&self, prompt: &[u32], cache: &mut KvCache) -> usize {
         let usable = prompt.len().saturating_sub(1) / self.block_tokens;
-        let found: Vec<Arc<[f32]>> = if cache.is_empty() && cache.is_host() && usable > 0 {
+        let found: Vec<Arc<[u8]>> = if cache.is_empty() && cache.is_host() && usable > 0 {
             let mut inner = self.lock();
             inner.clock += 1;
             let stamp = inner.clock;
@@ -273,14 +274,14 @@ impl PrefixStore {
         // Copy outside the lock: the dispatch probes the store meanwhile.
         let mut fresh = Vec::with_capacity(last - first_new);
         for i in first_new..last {
-            let mut data = Vec::with_capacity(self.values_per_block);
+            let mut data = Vec::with_capacity(self.bytes_per_block);
             if cache
                 .read_positions(i * self.block_tokens, self.block_tokens, &mut data)
                 .is_err()
             {
                 break;
             }
-            fresh.push(Arc::<[f32]>::from(data));
+            fresh.push(Arc::<[u8]>::from(data));
         }
         let mut inner = self.lock();
         let mut added = 0;
@@ -397,7 +398,7 @@ impl Inner {
         }
         self.leaves.remove(&(stamp, key));
         let block = self.blocks.remove(&key)?;
-        let freed = block.data.len() * 4 + block.tokens.len() * 4 + BLOCK_OVERHEAD;
+        let freed = block.data.len() + block.tokens.len() * 4 + BLOCK_OVERHEAD;
         self.used -= freed;
         if let Some(p) = block.parent {
             if let Some(pb) = self.blocks.get_mut(&p) {
@@ -444,8 +445,10 @@ mod tests {
         let row = |layer: usize, kv: usize, pos: usize| -> Vec<f32> {
             (0..NKV * HD)
                 .map(|j| {
-                    (layer * 1_000_000 + kv * 100_000 + pos * 100 + j) as f32
-                        + tokens[pos] as f32 * 0.5
+                    // Integers below 2048 are exact in half precision; the mix makes a
+                    // misplaced copy (layer, k/v, position, lane or token) show.
+                    ((layer * 1_301 + kv * 977 + pos * 71 + j * 13 + tokens[pos] as usize * 29)
+                        % 2048) as f32
                 })
                 .collect()
         };
@@ -459,7 +462,7 @@ mod tests {
         c
     }
 
-    fn values(c: &KvCache, n: usize) -> Vec<f32> {
+    fn values(c: &KvCache, n: usize) -> Vec<u8> {
         let mut out = Vec::new();
         c.read_positions(0, n, &mut out).unwrap();
         out
@@ -467,7 +470,7 @@ mod tests {
 
     fn store(budget_blocks: usize) -> PrefixStore {
         let probe = KvCache::new(LAYERS, NKV, HD, 1, &Device::Cpu);
-        let vpp = probe.values_per_position();
+        let vpp = probe.bytes_per_position();
         let one = PrefixStore::new("m", B, vpp, 0, None).block_bytes();
         PrefixStore::new("model-digest:q8_0", B, vpp, budget_blocks * one, None)
     }
@@ -520,7 +523,7 @@ mod tests {
         let t = PrefixStore::new(
             "other-digest:q8_0",
             B,
-            probe.values_per_position(),
+            probe.bytes_per_position(),
             1 << 20,
             None,
         );

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::kv_cache::HostLayerView;
+use super::kv_cache::{HostLayerView, KvRows};
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +99,10 @@ struct Scratch {
     p: Vec<f32>,
     /// Unnormalised outputs `[query][head_dim]`.
     o: Vec<f32>,
+    /// Keys widened from the cache's half precision: `[KEYS][head_dim]`.
+    k: Vec<f32>,
+    /// Values widened likewise: `[V_TILE][head_dim]`.
+    v: Vec<f32>,
 }
 
 thread_local! {
@@ -192,7 +196,13 @@ unsafe fn run_task(
     let hi = first_pos + t.n;
     let lo = first_visible(shape, first_pos);
     let keys = hi - lo;
-    let Scratch { q: qt, p, o } = scratch;
+    let Scratch {
+        q: qt,
+        p,
+        o,
+        k: kbuf,
+        v: vbuf,
+    } = scratch;
 
     qt.clear();
     qt.resize(lane_groups * hd * LANES, 0.0);
@@ -223,11 +233,21 @@ unsafe fn run_task(
     }
 
     let base = t.kvh * s.kv.capacity * hd + lo * hd;
-    let k = &s.kv.k[base..][..keys * hd];
-    let v = &s.kv.v[base..][..keys * hd];
+
     p.clear();
     p.resize(keys * mp, 0.0);
-    scores(qt, hd, lane_groups, k, keys, shape.scale, p);
+    kbuf.resize(KEYS * hd, 0.0);
+    scores(
+        qt,
+        hd,
+        lane_groups,
+        s.kv.k,
+        base,
+        keys,
+        shape.scale,
+        p,
+        kbuf,
+    );
     let mut sums = [0f32; ROWS_PER_TASK * 16];
     for c in 0..lane_groups {
         let lanes = c * LANES..(c + 1) * LANES;
@@ -243,7 +263,8 @@ unsafe fn run_task(
     }
     o.clear();
     o.resize(m * hd, 0.0);
-    weighted_values(p, mp, v, hd, m, &first, &end, o);
+    vbuf.resize(V_TILE * hd, 0.0);
+    weighted_values(p, mp, s.kv.v, base, keys, hd, m, &first, &end, o, vbuf);
     for i in 0..t.n {
         let row = s.off + t.r0 + i;
         for g in 0..group {
@@ -260,31 +281,37 @@ unsafe fn run_task(
 }
 
 /// `p[j * mp + r] = scale · Σ_d q_r[d]·k_j[d]` for every key `j` and query `r`, each sum one FMA
-/// chain over `d` in order (so the same in any lane or block).
+/// chain over `d` in order (so the same in any lane or block). Key `j` is `k[base + j * hd..]`;
+/// keys are widened `KEYS` at a time into `kbuf` (`[KEYS][hd]`), which stays in L1 while every
+/// query passes over it.
+#[allow(clippy::too_many_arguments)]
 fn scores(
     qt: &[f32],
     hd: usize,
     lane_groups: usize,
-    k: &[f32],
+    k: KvRows<'_>,
+    base: usize,
     keys: usize,
     scale: f32,
     p: &mut [f32],
+    kbuf: &mut [f32],
 ) {
-    assert!(qt.len() >= lane_groups * hd * LANES && k.len() >= keys * hd);
-    assert!(p.len() >= keys * lane_groups * LANES);
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above.
-        unsafe { scores_avx2(qt, hd, lane_groups, k, keys, scale, p) };
-        return;
-    }
+    assert!(qt.len() >= lane_groups * hd * LANES && k.len() >= base + keys * hd);
+    assert!(p.len() >= keys * lane_groups * LANES && kbuf.len() >= KEYS * hd);
     let mp = lane_groups * LANES;
     for j0 in (0..keys).step_by(KEYS) {
         let kn = KEYS.min(keys - j0);
+        k.widen(base + j0 * hd, &mut kbuf[..kn * hd]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above.
+            unsafe { scores_avx2(qt, hd, lane_groups, kbuf, j0, kn, scale, p) };
+            continue;
+        }
         for c in 0..lane_groups {
             let qc = &qt[c * hd * LANES..][..hd * LANES];
             for kk in 0..kn {
-                let kj = &k[(j0 + kk) * hd..][..hd];
+                let kj = &kbuf[kk * hd..][..hd];
                 let mut acc = [0f32; LANES];
                 for (d, qd) in qc.chunks_exact(LANES).enumerate() {
                     for l in 0..LANES {
@@ -300,30 +327,31 @@ fn scores(
     }
 }
 
-/// [`scores`] with 8 keys × 8 queries in registers: per `d`, one load of 8 queries, 8 key
-/// broadcasts and 8 FMAs (the same fused chain per score as the portable loop, so the same bits).
+/// [`scores`] of keys `j0..j0 + kn` (widened in `k`, `[kn][hd]`) with 8 keys × 8 queries in
+/// registers: per `d`, one load of 8 queries, 8 key broadcasts and 8 FMAs (the same fused chain
+/// per score as the portable loop, so the same bits).
 ///
 /// # Safety
-/// AVX2 and FMA present; `qt`, `k`, `p` as checked by [`scores`].
+/// AVX2 and FMA present; `qt`, `k`, `p` as checked by [`scores`], `1 <= kn <= KEYS`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn scores_avx2(
     qt: &[f32],
     hd: usize,
     lane_groups: usize,
     k: &[f32],
-    keys: usize,
+    j0: usize,
+    kn: usize,
     scale: f32,
     p: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let mp = lane_groups * LANES;
     let sc = _mm256_set1_ps(scale);
-    for j0 in (0..keys).step_by(KEYS) {
-        let kn = KEYS.min(keys - j0);
+    {
         // A partial group repeats its last key; those scores are not stored.
-        let kp: [*const f32; KEYS] =
-            std::array::from_fn(|kk| k[(j0 + kk.min(kn - 1)) * hd..].as_ptr());
+        let kp: [*const f32; KEYS] = std::array::from_fn(|kk| k[kk.min(kn - 1) * hd..].as_ptr());
         // Pairs of lane groups (prefill) take 4 keys × 16 queries per step: 2 query loads and 4
         // broadcasts per 8 FMAs instead of 1 + 8.
         let mut c = 0;
@@ -506,25 +534,32 @@ fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 }
 
 /// `o_r = Σ_j p[j][r] · v_j` for the `m` queries, each a chain over `j` in order, over value
-/// tiles that stay in L1 while every query passes over them.
+/// tiles (widened into `vbuf`, `[V_TILE][hd]`) that stay in L1 while every query passes over them.
+/// Value `j` is `v[base + j * hd..]`.
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(
     p: &[f32],
     mp: usize,
-    v: &[f32],
+    v: KvRows<'_>,
+    base: usize,
+    keys: usize,
     hd: usize,
     m: usize,
     first: &[u32],
     end: &[u32],
     o: &mut [f32],
+    vbuf: &mut [f32],
 ) {
-    let keys = v.len() / hd.max(1);
+    assert!(v.len() >= base + keys * hd);
     assert!(o.len() >= m * hd && first.len() >= m && end.len() >= m);
-    assert!(p.len() >= keys * mp && m <= mp);
+    assert!(p.len() >= keys * mp && m <= mp && vbuf.len() >= V_TILE * hd);
     #[cfg(target_arch = "x86_64")]
     let simd = hd.is_multiple_of(64) && avx2_fma();
     for t0 in (0..keys).step_by(V_TILE) {
         let t1 = (t0 + V_TILE).min(keys);
+        let tile = &mut vbuf[..(t1 - t0) * hd];
+        v.widen(base + t0 * hd, tile);
+        let tile = &*tile;
         for r in 0..m {
             let (a, b) = ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
             if a >= b {
@@ -533,14 +568,14 @@ fn weighted_values(
             let o_r = &mut o[r * hd..(r + 1) * hd];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: AVX2 + FMA present; j < keys and r < mp keep every access in bounds,
-                // hd is a multiple of 64.
-                unsafe { values_avx2(p, mp, r, v, hd, a, b, o_r) };
+                // SAFETY: AVX2 + FMA present; t0 <= a < b <= t1 <= keys and r < mp keep every
+                // access in bounds, hd is a multiple of 64.
+                unsafe { values_avx2(p, mp, r, tile, t0, hd, a, b, o_r) };
                 continue;
             }
             for j in a..b {
                 let w = p[j * mp + r];
-                for (o, &x) in o_r.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                for (o, &x) in o_r.iter_mut().zip(&tile[(j - t0) * hd..][..hd]) {
                     *o = w.mul_add(x, *o);
                 }
             }
@@ -549,11 +584,11 @@ fn weighted_values(
 }
 
 /// One query's `o_r += Σ_{j in a..b} p[j][r] · v_j`, 64 outputs at a time in 8 registers (the
-/// same fused chain over `j` per output as the portable loop).
+/// same fused chain over `j` per output as the portable loop); `v`'s row 0 is key `t0`.
 ///
 /// # Safety
-/// AVX2 and FMA present; `hd % 64 == 0`; `b * hd <= v.len()`, `(b - 1) * mp + r < p.len()`,
-/// `o_r.len() == hd`.
+/// AVX2 and FMA present; `hd % 64 == 0`; `t0 <= a`, `(b - t0) * hd <= v.len()`,
+/// `(b - 1) * mp + r < p.len()`, `o_r.len() == hd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -562,6 +597,7 @@ unsafe fn values_avx2(
     mp: usize,
     r: usize,
     v: &[f32],
+    t0: usize,
     hd: usize,
     a: usize,
     b: usize,
@@ -575,7 +611,7 @@ unsafe fn values_avx2(
             let mut acc: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(op.add(8 * i)));
             for j in a..b {
                 let w = _mm256_broadcast_ss(&*p.as_ptr().add(j * mp + r));
-                let vp = v.as_ptr().add(j * hd + d0);
+                let vp = v.as_ptr().add((j - t0) * hd + d0);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(8 * i)), *acc);
                 }
@@ -638,6 +674,7 @@ fn exp_one(x: f32) -> f32 {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+    use half::f16;
     use rand::{Rng, SeedableRng};
 
     /// The candle-ops attention of one sequence (what the forward pass ran before this module):
@@ -718,12 +755,12 @@ mod tests {
             .collect();
         // Caches with spare capacity, filled with junk past the last position.
         let caps: Vec<usize> = batch.iter().map(|&(s, l)| s + l + 5).collect();
-        let kvs: Vec<(Vec<f32>, Vec<f32>)> = caps
+        let kvs: Vec<(Vec<f16>, Vec<f16>)> = caps
             .iter()
             .map(|&c| {
-                let mut g = || -> Vec<f32> {
+                let mut g = || -> Vec<f16> {
                     (0..nkv * c * hd)
-                        .map(|_| rng.gen_range(-2.0..2.0))
+                        .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
                         .collect()
                 };
                 (g(), g())
@@ -739,7 +776,11 @@ mod tests {
                     off,
                     len,
                     start,
-                    kv: HostLayerView { k, v, capacity },
+                    kv: HostLayerView {
+                        k: KvRows::F16(k),
+                        v: KvRows::F16(v),
+                        capacity,
+                    },
                 };
                 off += len;
                 s
@@ -752,10 +793,12 @@ mod tests {
             let qs: Vec<f32> = (0..s.len)
                 .flat_map(|i| q[(s.off + i) * q_stride..][..width].to_vec())
                 .collect();
-            let cut = |buf: &[f32]| -> Vec<f32> {
-                (0..nkv)
-                    .flat_map(|h| buf[h * cap * hd..][..total * hd].to_vec())
-                    .collect()
+            let cut = |buf: KvRows<'_>| -> Vec<f32> {
+                let mut out = vec![0f32; nkv * total * hd];
+                for h in 0..nkv {
+                    buf.widen(h * cap * hd, &mut out[h * total * hd..][..total * hd]);
+                }
+                out
             };
             let want = reference(&shape, &qs, s.len, s.start, &cut(s.kv.k), &cut(s.kv.v));
             let got = &out[s.off * width..(s.off + s.len) * width];
@@ -815,8 +858,9 @@ mod tests {
         let width = nh * hd;
         let mut g = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
         let q = g(total * width);
-        let (k, v) = (g(nkv * total * hd), g(nkv * total * hd));
-        let (ok, ov) = (g(nkv * 300 * hd), g(nkv * 300 * hd));
+        let half = |x: Vec<f32>| -> Vec<f16> { x.into_iter().map(f16::from_f32).collect() };
+        let (k, v) = (half(g(nkv * total * hd)), half(g(nkv * total * hd)));
+        let (ok, ov) = (half(g(nkv * 300 * hd)), half(g(nkv * 300 * hd)));
         let oq = g(20 * width);
         let mut out = vec![f32::NAN; total * width];
         let mut start = 0;
@@ -827,8 +871,8 @@ mod tests {
                 len,
                 start,
                 kv: HostLayerView {
-                    k: &k,
-                    v: &v,
+                    k: KvRows::F16(&k),
+                    v: KvRows::F16(&v),
                     capacity: total,
                 },
             }];
@@ -839,8 +883,8 @@ mod tests {
                     len: 20,
                     start: 250,
                     kv: HostLayerView {
-                        k: &ok,
-                        v: &ov,
+                        k: KvRows::F16(&ok),
+                        v: KvRows::F16(&ov),
                         capacity: 300,
                     },
                 });

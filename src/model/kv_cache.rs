@@ -3,11 +3,167 @@
 //! Each sequence owns its cache, so sequences at different positions can share one forward pass
 //! (continuous batching) and join or leave between steps.
 //!
-//! On CPU the buffers are plain `Vec<f32>` laid out `[kv_head][capacity][head_dim]`, written and
-//! read directly by the CPU attention ([`super::attention`]): no tensor op, no allocation per step.
-//! On other devices they are candle tensors of the same shape, used by candle ops.
+//! On CPU the buffers are plain vectors laid out `[kv_head][capacity][head_dim]`, written and read
+//! directly by the CPU attention ([`super::attention`]): no tensor op, no allocation per step.
+//! Their element type is the model's [`KvDtype`]: IEEE half precision by default (llama.cpp's
+//! default cache type), which halves the bytes per position — of every running sequence and of
+//! the prefix store — against f32. A value is rounded once, when written (to nearest even), so a
+//! position's keys and values are the same bits however and whenever they were computed, and
+//! widening them back is exact. On other devices they are f32 candle tensors of the same shape.
+
+use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Element type of a host KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvDtype {
+    /// IEEE half precision: half the memory, keys and values rounded to 11 significant bits.
+    #[default]
+    F16,
+    /// Single precision: exactly what the layer computed (reference comparisons).
+    F32,
+}
+
+impl KvDtype {
+    /// Lower-case name (`f16`, `f32`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::F32 => "f32",
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            other => Err(format!(
+                "unknown KV cache type `{}` (expected f16 or f32)",
+                crate::types::echo(other)
+            )),
+        }
+    }
+}
+
+/// Keys or values of a host cache, in the cache's element type.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a> {
+    /// Half precision.
+    F16(&'a [f16]),
+    /// Single precision.
+    F32(&'a [f32]),
+}
+
+impl KvRows<'_> {
+    /// Stored values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F16(x) => x.len(),
+            Self::F32(x) => x.len(),
+        }
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Widens values `at..at + dst.len()` into `dst`, exactly (F16C-vectorised where present).
+    pub fn widen(&self, at: usize, dst: &mut [f32]) {
+        match self {
+            Self::F16(x) => x[at..at + dst.len()].convert_to_f32_slice(dst),
+            Self::F32(x) => dst.copy_from_slice(&x[at..at + dst.len()]),
+        }
+    }
+}
+
+/// One host buffer of keys or values.
+enum HostBuf {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl HostBuf {
+    fn zeros(dtype: KvDtype, n: usize) -> Self {
+        match dtype {
+            KvDtype::F16 => Self::F16(vec![f16::ZERO; n]),
+            KvDtype::F32 => Self::F32(vec![0.0; n]),
+        }
+    }
+
+    fn rows(&self) -> KvRows<'_> {
+        match self {
+            Self::F16(x) => KvRows::F16(x),
+            Self::F32(x) => KvRows::F32(x),
+        }
+    }
+
+    /// Stores `src` from value `at`, rounded to the element type.
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Self::F16(x) => x[at..at + src.len()].convert_from_f32_slice(src),
+            Self::F32(x) => x[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+
+    /// The raw bytes of values `at..at + n`.
+    fn bytes(&self, at: usize, n: usize) -> &[u8] {
+        match self {
+            Self::F16(x) => bytemuck::cast_slice(&x[at..at + n]),
+            Self::F32(x) => bytemuck::cast_slice(&x[at..at + n]),
+        }
+    }
+
+    /// Overwrites values from `at` with raw bytes read by [`Self::bytes`] from a buffer of the
+    /// same type.
+    fn write_bytes(&mut self, at: usize, src: &[u8]) {
+        match self {
+            Self::F16(x) => {
+                bytemuck::cast_slice_mut(&mut x[at..at + src.len() / 2]).copy_from_slice(src)
+            }
+            Self::F32(x) => {
+                bytemuck::cast_slice_mut(&mut x[at..at + src.len() / 4]).copy_from_slice(src)
+            }
+        }
+    }
+
+    /// A buffer of `n` values holding `len` values per head from `old` (`old_cap` per head).
+    fn regrow(&self, heads: usize, old_cap: usize, new_cap: usize, len: usize, hd: usize) -> Self {
+        fn copy<T: Copy + Default>(
+            old: &[T],
+            heads: usize,
+            oc: usize,
+            nc: usize,
+            n: usize,
+        ) -> Vec<T> {
+            let mut buf = vec![T::default(); heads * nc];
+            for h in 0..heads {
+                buf[h * nc..][..n].copy_from_slice(&old[h * oc..][..n]);
+            }
+            buf
+        }
+        let (oc, nc, n) = (old_cap * hd, new_cap * hd, len * hd);
+        match self {
+            Self::F16(x) => Self::F16(copy(x, heads, oc, nc, n)),
+            Self::F32(x) => Self::F32(copy(x, heads, oc, nc, n)),
+        }
+    }
+}
 
 /// Capacity grows in multiples of this many positions (amortizes the copy on growth).
 const GROW_STEP: usize = 256;
@@ -19,10 +175,9 @@ struct LayerKv {
 }
 
 /// Keys and values of one layer in host memory: `[n_kv_head][capacity][head_dim]` each.
-#[derive(Default)]
 struct HostLayer {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: HostBuf,
+    v: HostBuf,
 }
 
 enum Store {
@@ -38,6 +193,7 @@ pub struct KvCache {
     capacity: usize,
     max_len: usize,
     len: usize,
+    dtype: KvDtype,
     device: Device,
 }
 
@@ -45,15 +201,16 @@ pub struct KvCache {
 #[derive(Clone, Copy)]
 pub struct HostLayerView<'a> {
     /// Keys.
-    pub k: &'a [f32],
+    pub k: KvRows<'a>,
     /// Values.
-    pub v: &'a [f32],
+    pub v: KvRows<'a>,
     /// Positions per head in the buffers (the stride between heads is `capacity * head_dim`).
     pub capacity: usize,
 }
 
 impl KvCache {
-    /// An empty cache for a model with these shapes, holding at most `max_len` positions.
+    /// An empty half-precision cache for a model with these shapes, holding at most `max_len`
+    /// positions.
     pub fn new(
         n_layer: usize,
         n_kv_head: usize,
@@ -61,8 +218,24 @@ impl KvCache {
         max_len: usize,
         device: &Device,
     ) -> Self {
+        Self::with_dtype(n_layer, n_kv_head, head_dim, max_len, KvDtype::F16, device)
+    }
+
+    /// [`Self::new`] storing `dtype` in host memory (device caches are always f32).
+    pub fn with_dtype(
+        n_layer: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        max_len: usize,
+        dtype: KvDtype,
+        device: &Device,
+    ) -> Self {
         let store = if device.is_cpu() {
-            Store::Host((0..n_layer).map(|_| HostLayer::default()).collect())
+            let empty = || HostLayer {
+                k: HostBuf::zeros(dtype, 0),
+                v: HostBuf::zeros(dtype, 0),
+            };
+            Store::Host((0..n_layer).map(|_| empty()).collect())
         } else {
             Store::Device((0..n_layer).map(|_| None).collect())
         };
@@ -73,6 +246,7 @@ impl KvCache {
             capacity: 0,
             max_len,
             len: 0,
+            dtype,
             device: device.clone(),
         }
     }
@@ -122,17 +296,9 @@ impl KvCache {
         let (nkv, hd, len, old_cap) = (self.n_kv_head, self.head_dim, self.len, self.capacity);
         match &mut self.store {
             Store::Host(layers) => {
-                let regrow = |old: &mut Vec<f32>| {
-                    let mut buf = vec![0f32; nkv * new_cap * hd];
-                    for h in 0..nkv {
-                        buf[h * new_cap * hd..][..len * hd]
-                            .copy_from_slice(&old[h * old_cap * hd..][..len * hd]);
-                    }
-                    *old = buf;
-                };
                 for layer in layers.iter_mut() {
-                    regrow(&mut layer.k);
-                    regrow(&mut layer.v);
+                    layer.k = layer.k.regrow(nkv, old_cap, new_cap, len, hd);
+                    layer.v = layer.v.regrow(nkv, old_cap, new_cap, len, hd);
                 }
             }
             Store::Device(layers) => {
@@ -177,8 +343,8 @@ impl KvCache {
             let (kr, vr) = (k_at(i), v_at(i));
             for h in 0..nkv {
                 let dst = (h * cap + len + i) * hd;
-                kv.k[dst..dst + hd].copy_from_slice(&kr[h * hd..(h + 1) * hd]);
-                kv.v[dst..dst + hd].copy_from_slice(&vr[h * hd..(h + 1) * hd]);
+                kv.k.write(dst, &kr[h * hd..(h + 1) * hd]);
+                kv.v.write(dst, &vr[h * hd..(h + 1) * hd]);
             }
         }
         Ok(())
@@ -193,8 +359,8 @@ impl KvCache {
             candle_core::bail!("KV cache has no layer {layer}");
         };
         Ok(HostLayerView {
-            k: &kv.k,
-            v: &kv.v,
+            k: kv.k.rows(),
+            v: kv.v.rows(),
             capacity: self.capacity,
         })
     }
@@ -235,10 +401,13 @@ impl KvCache {
                     |i| &vr[i * nkv * hd..(i + 1) * nkv * hd],
                 )?;
                 let view = self.host_layer(layer)?;
-                let gather = |buf: &[f32]| -> candle_core::Result<Tensor> {
-                    let mut out = Vec::with_capacity(nkv * total * hd);
+                let gather = |buf: KvRows<'_>| -> candle_core::Result<Tensor> {
+                    let mut out = vec![0f32; nkv * total * hd];
                     for h in 0..nkv {
-                        out.extend_from_slice(&buf[h * view.capacity * hd..][..total * hd]);
+                        buf.widen(
+                            h * view.capacity * hd,
+                            &mut out[h * total * hd..][..total * hd],
+                        );
                     }
                     Tensor::from_vec(out, (nkv, total, hd), &self.device)
                 };
@@ -247,24 +416,31 @@ impl KvCache {
         }
     }
 
-    /// Values one position takes in every layer, keys and values: `n_layer * 2 * n_kv_head *
-    /// head_dim` (the size of one position in [`Self::read_positions`]' layout).
-    pub fn values_per_position(&self) -> usize {
+    /// The element type of a host cache.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Bytes one position takes in every layer, keys and values, in a host cache: `n_layer * 2 *
+    /// n_kv_head * head_dim` values (the size of one position in [`Self::read_positions`]'
+    /// layout).
+    pub fn bytes_per_position(&self) -> usize {
         let layers = match &self.store {
             Store::Host(l) => l.len(),
             Store::Device(l) => l.len(),
         };
-        layers * 2 * self.n_kv_head * self.head_dim
+        layers * 2 * self.n_kv_head * self.head_dim * self.dtype.size()
     }
 
-    /// Copy positions `start..start + t` of every layer out of a host cache into `out`, laid out
-    /// `[layer][k, v][kv_head][t][head_dim]` (what [`Self::push_positions`] reads back). The
-    /// prefix store keeps blocks of finished sequences in this form.
+    /// Copy positions `start..start + t` of every layer out of a host cache into `out`, as raw
+    /// values laid out `[layer][k, v][kv_head][t][head_dim]` (what [`Self::push_positions`] of a
+    /// cache of the same type and shape reads back). The prefix store keeps blocks of finished
+    /// sequences in this form.
     pub fn read_positions(
         &self,
         start: usize,
         t: usize,
-        out: &mut Vec<f32>,
+        out: &mut Vec<u8>,
     ) -> candle_core::Result<()> {
         let Store::Host(layers) = &self.store else {
             candle_core::bail!("KV cache is not in host memory");
@@ -277,11 +453,11 @@ impl KvCache {
             );
         }
         let (nkv, hd, cap) = (self.n_kv_head, self.head_dim, self.capacity);
-        out.reserve(layers.len() * 2 * nkv * t * hd);
+        out.reserve(self.bytes_per_position() * t);
         for layer in layers {
             for buf in [&layer.k, &layer.v] {
                 for h in 0..nkv {
-                    out.extend_from_slice(&buf[(h * cap + start) * hd..][..t * hd]);
+                    out.extend_from_slice(buf.bytes((h * cap + start) * hd, t * hd));
                 }
             }
         }
@@ -290,12 +466,12 @@ impl KvCache {
 
     /// Append `t` positions to every layer of a host cache from `data`, laid out as
     /// [`Self::read_positions`] writes it, and advance past them.
-    pub fn push_positions(&mut self, data: &[f32], t: usize) -> candle_core::Result<()> {
-        if data.len() != self.values_per_position() * t {
+    pub fn push_positions(&mut self, data: &[u8], t: usize) -> candle_core::Result<()> {
+        if data.len() != self.bytes_per_position() * t {
             candle_core::bail!(
-                "KV block holds {} values, expected {} for {t} positions",
+                "KV block holds {} bytes, expected {} for {t} positions",
                 data.len(),
-                self.values_per_position() * t
+                self.bytes_per_position() * t
             );
         }
         if !self.is_host() {
@@ -309,12 +485,12 @@ impl KvCache {
         let Store::Host(layers) = &mut self.store else {
             candle_core::bail!("KV cache is not in host memory");
         };
-        let mut chunks = data.chunks_exact(t * hd);
+        let mut chunks = data.chunks_exact(t * hd * self.dtype.size());
         for layer in layers.iter_mut() {
             for buf in [&mut layer.k, &mut layer.v] {
                 for h in 0..nkv {
                     let src = chunks.next().expect("length checked");
-                    buf[(h * cap + len) * hd..][..t * hd].copy_from_slice(src);
+                    buf.write_bytes((h * cap + len) * hd, src);
                 }
             }
         }
@@ -333,6 +509,11 @@ impl KvCache {
             Store::Host(l) => l.len(),
             Store::Device(l) => l.len(),
         };
-        2 * layers * self.n_kv_head * self.capacity * self.head_dim * 4
+        let elem = if self.is_host() {
+            self.dtype.size()
+        } else {
+            std::mem::size_of::<f32>()
+        };
+        2 * layers * self.n_kv_head * self.capacity * self.head_dim * elem
     }
 }

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::chat_template::{render_without_template, ChatTemplate};
 use super::gguf::GgufFile;
 use super::hparams::HParams;
+use super::kv_cache::KvDtype;
 use super::quantize::Quant;
 use super::tokenizer::GgufTokenizer;
 use super::transformer::Transformer;
@@ -37,6 +38,17 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Sets the element type of the KV caches its sequences get (before it is shared).
+    ///
+    /// # Panics
+    /// When the weights are already shared with another owner (a caller bug).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        Arc::get_mut(&mut self.transformer)
+            .expect("KV type set on a freshly loaded model")
+            .set_kv_dtype(dtype);
+        self
+    }
+
     /// Load `path` as model `id`, converting matrices to `quant`.
     pub fn load(id: &str, path: &Path, quant: Quant, device: &Device) -> Result<Self, ModelError> {
         let started = Instant::now();

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::attention::{self, AttnShape, SeqAttn};
 use super::gguf::GgufFile;
 use super::hparams::{Activation, ArchSpec, HParams, RopeStyle, SUPPORTED_ROPE_SCALING};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvDtype};
 use super::linear::{Linear, MultiLinear};
 use super::quantize::{read_converted, Quant};
 use super::ModelError;
@@ -86,6 +86,8 @@ pub struct Transformer {
     final_norm: Norm,
     output: Linear,
     device: Device,
+    /// Element type of the host KV caches this model's sequences get.
+    kv_dtype: KvDtype,
 }
 
 impl Transformer {
@@ -223,6 +225,7 @@ impl Transformer {
             final_norm,
             output,
             device: device.clone(),
+            kv_dtype: KvDtype::default(),
         })
     }
 
@@ -251,13 +254,24 @@ impl Transformer {
         }
     }
 
+    /// Store host KV caches as `dtype` from now on (f16 unless set).
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+        self.kv_dtype = dtype;
+    }
+
+    /// Element type of the host KV caches.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
     /// A fresh KV cache for one sequence of at most `max_len` positions.
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(
+        KvCache::with_dtype(
             self.hp.n_layer,
             self.hp.n_kv_head,
             self.hp.head_dim,
             max_len,
+            self.kv_dtype,
             &self.device,
         )
     }

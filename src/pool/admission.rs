@@ -406,7 +406,7 @@ mod tests {
 
     /// Two instances, each with an empty prefix store.
     fn two_instances() -> Admission {
-        let vpp = kv(1).values_per_position();
+        let vpp = kv(1).bytes_per_position();
         let stores = (0..2)
             .map(|_| Arc::new(PrefixStore::new("m", BLOCK, vpp, 1 << 20, None)))
             .collect();

@@ -334,12 +334,15 @@ impl ModelPool {
 
     fn start(&self, entry: &Entry) -> Result<Arc<Serving>, ModelError> {
         let cfg = &entry.config;
-        let model = Arc::new(LoadedModel::load(
-            &entry.resolved.id,
-            &entry.resolved.path,
-            cfg.quant,
-            &self.device,
-        )?);
+        let model = Arc::new(
+            LoadedModel::load(
+                &entry.resolved.id,
+                &entry.resolved.path,
+                cfg.quant,
+                &self.device,
+            )?
+            .with_kv_dtype(cfg.kv_dtype),
+        );
         let native = model.hparams().context_length;
         let context_length = cfg
             .context_length
@@ -349,13 +352,18 @@ impl ModelPool {
         let budget = self.kv_cache_mb(&entry.resolved.id, cfg.kv_cache_mb) << 20;
         let admission = if budget > 0 && self.device.is_cpu() {
             let probe = model.transformer.new_cache(1);
-            let identity = format!("{}:{}", model.file_digest, model.quant.as_str());
+            let identity = format!(
+                "{}:{}:kv-{}",
+                model.file_digest,
+                model.quant.as_str(),
+                model.transformer.kv_dtype().as_str()
+            );
             let stores = (0..cfg.instances)
                 .map(|_| {
                     Arc::new(PrefixStore::new(
                         &identity,
                         DEFAULT_BLOCK_TOKENS,
-                        probe.values_per_position(),
+                        probe.bytes_per_position(),
                         budget / cfg.instances.max(1),
                         Some(self.metrics.prefix(&entry.resolved.id)),
                     ))
