@@ -13,7 +13,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use qnode::model::attention::{attend, AttnShape, SeqAttn};
-use qnode::model::kv_cache::{HostLayerView, KvRows};
+use qnode::model::kv_cache::{key_index, HostLayerView, KvRows, KEY_TILE};
 
 const SHAPE: AttnShape = AttnShape {
     n_head: 9,
@@ -60,11 +60,27 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
     for (name, len, history, n_seqs) in CASES {
-        let capacity = history + len;
+        let capacity = (history + len).next_multiple_of(KEY_TILE);
         let kvs: Vec<(Vec<f32>, Vec<f32>)> = (0..n_seqs)
             .map(|i| {
                 let n = nkv * capacity * hd;
                 (noise(n, 2 * i as u32 + 1), noise(n, 2 * i as u32 + 2))
+            })
+            .collect();
+        // Keys in the cache's tiled layout (their values do not matter here).
+        let kvs: Vec<(Vec<f32>, Vec<f32>)> = kvs
+            .into_iter()
+            .map(|(k, v)| {
+                let mut t = vec![0f32; k.len()];
+                for h in 0..nkv {
+                    for pos in 0..capacity {
+                        for d in 0..hd {
+                            t[key_index(capacity, hd, h, pos, d)] =
+                                k[(h * capacity + pos) * hd + d];
+                        }
+                    }
+                }
+                (t, v)
             })
             .collect();
         let half = |x: &[f32]| -> Vec<f16> { x.iter().copied().map(f16::from_f32).collect() };

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::kv_cache::{HostLayerView, KvRows};
+use super::kv_cache::{HostLayerView, KvRows, KEY_TILE};
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -232,39 +232,87 @@ unsafe fn run_task(
         }
     }
 
-    let base = t.kvh * s.kv.capacity * hd + lo * hd;
-
-    p.clear();
-    p.resize(keys * mp, 0.0);
-    kbuf.resize(KEYS * hd, 0.0);
-    scores(
-        qt,
-        hd,
-        lane_groups,
-        s.kv.k,
-        base,
-        keys,
-        shape.scale,
-        p,
-        kbuf,
-    );
+    let head = t.kvh * s.kv.capacity * hd;
     let mut sums = [0f32; ROWS_PER_TASK * 16];
-    for c in 0..lane_groups {
-        let lanes = c * LANES..(c + 1) * LANES;
-        softmax_lanes(
-            p,
-            mp,
-            c * LANES,
-            keys,
-            first[lanes.clone()].try_into().expect("LANES"),
-            end[lanes.clone()].try_into().expect("LANES"),
-            (&mut sums[lanes]).try_into().expect("LANES"),
-        );
-    }
+    kbuf.resize(2 * KEY_TILE * hd, 0.0);
+    vbuf.resize(V_TILE * hd, 0.0);
     o.clear();
     o.resize(m * hd, 0.0);
-    vbuf.resize(V_TILE * hd, 0.0);
-    weighted_values(p, mp, s.kv.v, base, keys, hd, m, &first, &end, o, vbuf);
+    let span = KeySpan {
+        k: s.kv.k,
+        head,
+        lo,
+        keys,
+    };
+    if m <= DECODE_QUERIES && simd() {
+        // One new token (or two of a 2-head group): keys in lanes. Scores land query-major,
+        // `p[r * stride + off + j]` for key `lo + j`, `off` aligning tiles to the row.
+        let off = lo % KEY_TILE;
+        let stride = (off + keys).next_multiple_of(KEY_TILE);
+        p.clear();
+        p.resize(m * stride, 0.0);
+        decode_scores(qt, hd, m, span, shape.scale, p, stride, kbuf);
+        for r in 0..m {
+            let row = &mut p[r * stride..(r + 1) * stride];
+            softmax_row(row, off + first[r] as usize, off + end[r] as usize);
+        }
+        // The same sums as the lane-wise softmax: in key order, masked keys adding +0.
+        for j in 0..stride {
+            for (r, sum) in sums.iter_mut().enumerate().take(m) {
+                *sum += p[r * stride + j];
+            }
+        }
+        let probs = Probs {
+            p: &p[off..],
+            per_key: 1,
+            per_query: stride,
+        };
+        weighted_values(
+            probs,
+            s.kv.v,
+            head + lo * hd,
+            keys,
+            hd,
+            m,
+            &first,
+            &end,
+            o,
+            vbuf,
+        );
+    } else {
+        p.clear();
+        p.resize(keys * mp, 0.0);
+        scores(qt, hd, lane_groups, span, shape.scale, p, kbuf);
+        for c in 0..lane_groups {
+            let lanes = c * LANES..(c + 1) * LANES;
+            softmax_lanes(
+                p,
+                mp,
+                c * LANES,
+                keys,
+                first[lanes.clone()].try_into().expect("LANES"),
+                end[lanes.clone()].try_into().expect("LANES"),
+                (&mut sums[lanes]).try_into().expect("LANES"),
+            );
+        }
+        let probs = Probs {
+            p,
+            per_key: mp,
+            per_query: 1,
+        };
+        weighted_values(
+            probs,
+            s.kv.v,
+            head + lo * hd,
+            keys,
+            hd,
+            m,
+            &first,
+            &end,
+            o,
+            vbuf,
+        );
+    }
     for i in 0..t.n {
         let row = s.off + t.r0 + i;
         for g in 0..group {
@@ -280,42 +328,67 @@ unsafe fn run_task(
     }
 }
 
-/// `p[j * mp + r] = scale · Σ_d q_r[d]·k_j[d]` for every key `j` and query `r`, each sum one FMA
-/// chain over `d` in order (so the same in any lane or block). Key `j` is `k[base + j * hd..]`;
-/// keys are widened `KEYS` at a time into `kbuf` (`[KEYS][hd]`), which stays in L1 while every
+/// The keys one task attends: positions `lo..lo + keys` of the tiled key buffer of one head,
+/// which starts at `k[head..]`.
+#[derive(Clone, Copy)]
+struct KeySpan<'a> {
+    k: KvRows<'a>,
+    head: usize,
+    lo: usize,
+    keys: usize,
+}
+
+impl KeySpan<'_> {
+    /// The key tiles covering the span, with the part of each inside it: `(tile start position,
+    /// first position, end position)`.
+    fn tiles(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (lo, hi) = (self.lo, self.lo + self.keys);
+        (lo / KEY_TILE..hi.div_ceil(KEY_TILE)).map(move |t| {
+            let t0 = t * KEY_TILE;
+            (t0, lo.max(t0), hi.min(t0 + KEY_TILE))
+        })
+    }
+
+    /// Widens the tile starting at position `t0` into `dst` (`[hd][KEY_TILE]`).
+    fn widen_tile(&self, t0: usize, hd: usize, dst: &mut [f32]) {
+        self.k.widen(self.head + t0 * hd, &mut dst[..KEY_TILE * hd]);
+    }
+}
+
+/// `p[j * mp + r] = scale · Σ_d q_r[d]·k_j[d]` for every key `j` (position `lo + j`) and query
+/// `r`, each sum one FMA chain over `d` in order (so the same in any lane, block or path). Keys
+/// are widened a tile at a time into `kbuf` (`[hd][KEY_TILE]`), which stays in L1 while every
 /// query passes over it.
-#[allow(clippy::too_many_arguments)]
 fn scores(
     qt: &[f32],
     hd: usize,
     lane_groups: usize,
-    k: KvRows<'_>,
-    base: usize,
-    keys: usize,
+    span: KeySpan<'_>,
     scale: f32,
     p: &mut [f32],
     kbuf: &mut [f32],
 ) {
-    assert!(qt.len() >= lane_groups * hd * LANES && k.len() >= base + keys * hd);
-    assert!(p.len() >= keys * lane_groups * LANES && kbuf.len() >= KEYS * hd);
+    assert!(qt.len() >= lane_groups * hd * LANES && kbuf.len() >= KEY_TILE * hd);
+    assert!(p.len() >= span.keys * lane_groups * LANES);
     let mp = lane_groups * LANES;
-    for j0 in (0..keys).step_by(KEYS) {
-        let kn = KEYS.min(keys - j0);
-        k.widen(base + j0 * hd, &mut kbuf[..kn * hd]);
+    for (t0, a, b) in span.tiles() {
+        span.widen_tile(t0, hd, kbuf);
+        let (j0, kn, lane0) = (a - span.lo, b - a, a - t0);
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above.
-            unsafe { scores_avx2(qt, hd, lane_groups, kbuf, j0, kn, scale, p) };
+            // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above, and
+            // `lane0 + kn <= KEY_TILE`.
+            unsafe { scores_avx2(qt, hd, lane_groups, kbuf, lane0, j0, kn, scale, p) };
             continue;
         }
         for c in 0..lane_groups {
             let qc = &qt[c * hd * LANES..][..hd * LANES];
             for kk in 0..kn {
-                let kj = &kbuf[kk * hd..][..hd];
                 let mut acc = [0f32; LANES];
                 for (d, qd) in qc.chunks_exact(LANES).enumerate() {
+                    let kd = kbuf[d * KEY_TILE + lane0 + kk];
                     for l in 0..LANES {
-                        acc[l] = qd[l].mul_add(kj[d], acc[l]);
+                        acc[l] = qd[l].mul_add(kd, acc[l]);
                     }
                 }
                 let dst = &mut p[(j0 + kk) * mp + c * LANES..][..LANES];
@@ -327,12 +400,14 @@ fn scores(
     }
 }
 
-/// [`scores`] of keys `j0..j0 + kn` (widened in `k`, `[kn][hd]`) with 8 keys × 8 queries in
-/// registers: per `d`, one load of 8 queries, 8 key broadcasts and 8 FMAs (the same fused chain
-/// per score as the portable loop, so the same bits).
+/// [`scores`] of the `kn` keys in lanes `lane0..lane0 + kn` of one widened tile `k`
+/// (`[hd][KEY_TILE]`), keys `j0..j0 + kn` of the span, with 8 keys × 8 queries in registers: per
+/// `d`, one load of 8 queries, 8 key broadcasts and 8 FMAs (the same fused chain per score as
+/// the portable loop, so the same bits).
 ///
 /// # Safety
-/// AVX2 and FMA present; `qt`, `k`, `p` as checked by [`scores`], `1 <= kn <= KEYS`.
+/// AVX2 and FMA present; `qt`, `k`, `p` as checked by [`scores`], `1 <= kn`,
+/// `lane0 + kn <= KEY_TILE`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -341,6 +416,7 @@ unsafe fn scores_avx2(
     hd: usize,
     lane_groups: usize,
     k: &[f32],
+    lane0: usize,
     j0: usize,
     kn: usize,
     scale: f32,
@@ -349,61 +425,211 @@ unsafe fn scores_avx2(
     use std::arch::x86_64::*;
     let mp = lane_groups * LANES;
     let sc = _mm256_set1_ps(scale);
-    {
-        // A partial group repeats its last key; those scores are not stored.
-        let kp: [*const f32; KEYS] = std::array::from_fn(|kk| k[kk.min(kn - 1) * hd..].as_ptr());
-        // Pairs of lane groups (prefill) take 4 keys × 16 queries per step: 2 query loads and 4
-        // broadcasts per 8 FMAs instead of 1 + 8.
-        let mut c = 0;
-        while c + 2 <= lane_groups {
-            let q0 = qt[c * hd * LANES..].as_ptr();
-            let q1 = qt[(c + 1) * hd * LANES..].as_ptr();
-            for h in 0..KEYS / 4 {
-                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-                for d in 0..hd {
-                    // SAFETY: d < hd: within query groups c, c + 1 and within each key row.
-                    unsafe {
-                        let a = _mm256_loadu_ps(q0.add(d * LANES));
-                        let b = _mm256_loadu_ps(q1.add(d * LANES));
-                        for kk in 0..4 {
-                            let kd = _mm256_broadcast_ss(&*kp[h * 4 + kk].add(d));
-                            acc[0][kk] = _mm256_fmadd_ps(a, kd, acc[0][kk]);
-                            acc[1][kk] = _mm256_fmadd_ps(b, kd, acc[1][kk]);
-                        }
-                    }
-                }
-                for (g, acc) in acc.iter().enumerate() {
-                    for (kk, a) in acc.iter().enumerate() {
-                        let key = h * 4 + kk;
-                        if key < kn {
-                            let at = (j0 + key) * mp + (c + g) * LANES;
-                            let dst = p[at..][..LANES].as_mut_ptr();
-                            // SAFETY: 8 floats in bounds (slice above).
-                            unsafe { _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc)) };
-                        }
-                    }
-                }
-            }
-            c += 2;
-        }
-        for c in c..lane_groups {
-            let qc = qt[c * hd * LANES..].as_ptr();
-            let mut acc = [_mm256_setzero_ps(); KEYS];
+    // A partial tile repeats its last key; those scores are not stored.
+    let kl: [usize; KEYS] = std::array::from_fn(|kk| lane0 + kk.min(kn - 1));
+    let kb = k.as_ptr();
+    // Pairs of lane groups (prefill) take 4 keys × 16 queries per step: 2 query loads and 4
+    // broadcasts per 8 FMAs instead of 1 + 8.
+    let mut c = 0;
+    while c + 2 <= lane_groups {
+        let q0 = qt[c * hd * LANES..].as_ptr();
+        let q1 = qt[(c + 1) * hd * LANES..].as_ptr();
+        for h in 0..KEYS / 4 {
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
             for d in 0..hd {
-                // SAFETY: d < hd: within query group c and within each key row.
+                // SAFETY: d < hd: within query groups c, c + 1 and within the tile.
                 unsafe {
-                    let qd = _mm256_loadu_ps(qc.add(d * LANES));
-                    for kk in 0..KEYS {
-                        let kd = _mm256_broadcast_ss(&*kp[kk].add(d));
-                        acc[kk] = _mm256_fmadd_ps(qd, kd, acc[kk]);
+                    let a = _mm256_loadu_ps(q0.add(d * LANES));
+                    let b = _mm256_loadu_ps(q1.add(d * LANES));
+                    for kk in 0..4 {
+                        let kd = _mm256_broadcast_ss(&*kb.add(d * KEY_TILE + kl[h * 4 + kk]));
+                        acc[0][kk] = _mm256_fmadd_ps(a, kd, acc[0][kk]);
+                        acc[1][kk] = _mm256_fmadd_ps(b, kd, acc[1][kk]);
                     }
                 }
             }
-            for (kk, a) in acc.iter().enumerate().take(kn) {
-                let dst = p[(j0 + kk) * mp + c * LANES..][..LANES].as_mut_ptr();
-                // SAFETY: 8 floats in bounds (slice above).
-                unsafe { _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc)) };
+            for (g, acc) in acc.iter().enumerate() {
+                for (kk, a) in acc.iter().enumerate() {
+                    let key = h * 4 + kk;
+                    if key < kn {
+                        let at = (j0 + key) * mp + (c + g) * LANES;
+                        let dst = p[at..][..LANES].as_mut_ptr();
+                        // SAFETY: 8 floats in bounds (slice above).
+                        unsafe { _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc)) };
+                    }
+                }
             }
+        }
+        c += 2;
+    }
+    for c in c..lane_groups {
+        let qc = qt[c * hd * LANES..].as_ptr();
+        let mut acc = [_mm256_setzero_ps(); KEYS];
+        for d in 0..hd {
+            // SAFETY: d < hd: within query group c and within the tile.
+            unsafe {
+                let qd = _mm256_loadu_ps(qc.add(d * LANES));
+                for kk in 0..KEYS {
+                    let kd = _mm256_broadcast_ss(&*kb.add(d * KEY_TILE + kl[kk]));
+                    acc[kk] = _mm256_fmadd_ps(qd, kd, acc[kk]);
+                }
+            }
+        }
+        for (kk, a) in acc.iter().enumerate().take(kn) {
+            let dst = p[(j0 + kk) * mp + c * LANES..][..LANES].as_mut_ptr();
+            // SAFETY: 8 floats in bounds (slice above).
+            unsafe { _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc)) };
+        }
+    }
+}
+
+/// Whether the keys-in-lanes kernels may run.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// Scores of `m <= DECODE_QUERIES` queries (lane group 0 of `qt`) with keys in lanes:
+/// `p[r * stride + pos - lo / KEY_TILE * KEY_TILE]` for every position of every tile covering the
+/// span (positions outside it get junk the softmax masks). Each score is the same FMA chain over
+/// `d` as in [`scores`] (`q·k + acc` either way), so the same bits.
+#[allow(clippy::too_many_arguments)]
+fn decode_scores(
+    qt: &[f32],
+    hd: usize,
+    m: usize,
+    span: KeySpan<'_>,
+    scale: f32,
+    p: &mut [f32],
+    stride: usize,
+    kbuf: &mut [f32],
+) {
+    let base = span.lo / KEY_TILE * KEY_TILE;
+    assert!(m <= DECODE_QUERIES && qt.len() >= hd * LANES && kbuf.len() >= 2 * KEY_TILE * hd);
+    assert!(p.len() >= m * stride && base + stride >= span.lo + span.keys);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
+        let tiles: Vec<usize> = span.tiles().map(|(t0, _, _)| t0).collect();
+        for pair in tiles.chunks(2) {
+            span.widen_tile(pair[0], hd, &mut kbuf[..KEY_TILE * hd]);
+            if let Some(&t1) = pair.get(1) {
+                span.widen_tile(t1, hd, &mut kbuf[KEY_TILE * hd..]);
+            }
+            let at = pair[0] - base;
+            // SAFETY: AVX2 and FMA present; `kbuf` holds two widened tiles, `at + 16 <= stride`
+            // or only one tile is stored, rows of `p` hold `stride` floats.
+            unsafe { decode_pair_avx2(qt, hd, m, kbuf, pair.len(), scale, p, stride, at) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qt, hd, m, span, scale, p, stride, kbuf);
+        unreachable!("keys in lanes runs only where simd() holds");
+    }
+}
+
+/// Most query vectors per task that take the keys-in-lanes path (2 tiles × this many
+/// accumulators stay in registers).
+const DECODE_QUERIES: usize = 4;
+
+/// Scores of the `tiles` (1 or 2) widened tiles in `k` for `m` queries, stored from column `at`
+/// of each query's row of `p`.
+///
+/// # Safety
+/// AVX2 and FMA present; `m <= DECODE_QUERIES`; `qt` holds `hd * LANES` floats, `k` `tiles`
+/// widened tiles; row `r < m` of `p` (`stride` floats) holds columns `at..at + 8 * tiles`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_pair_avx2(
+    qt: &[f32],
+    hd: usize,
+    m: usize,
+    k: &[f32],
+    tiles: usize,
+    scale: f32,
+    p: &mut [f32],
+    stride: usize,
+    at: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; DECODE_QUERIES];
+    let (kb, qb) = (k.as_ptr(), qt.as_ptr());
+    // SAFETY: per the contract; d < hd keeps every load inside the tiles and the query group.
+    unsafe {
+        for d in 0..hd {
+            let k0 = _mm256_loadu_ps(kb.add(d * KEY_TILE));
+            let k1 = _mm256_loadu_ps(kb.add((hd + d) * KEY_TILE));
+            for (r, acc) in acc.iter_mut().enumerate().take(m) {
+                let qd = _mm256_broadcast_ss(&*qb.add(d * LANES + r));
+                acc[0] = _mm256_fmadd_ps(qd, k0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(qd, k1, acc[1]);
+            }
+        }
+        let sc = _mm256_set1_ps(scale);
+        for (r, acc) in acc.iter().enumerate().take(m) {
+            for (i, a) in acc.iter().enumerate().take(tiles) {
+                let dst = p.as_mut_ptr().add(r * stride + at + i * KEY_TILE);
+                _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc));
+            }
+        }
+    }
+}
+
+/// One query's softmax numerators in place over its row of scores: columns `a..b` become
+/// `exp(score − max)` (the same `exp` as the lane-wise softmax, so the same bits), the others 0.
+fn softmax_row(row: &mut [f32], a: usize, b: usize) {
+    assert!(row.len().is_multiple_of(LANES) && a < b && b <= row.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
+        // SAFETY: AVX2 and FMA present; the row is whole vectors (checked above).
+        unsafe { softmax_row_avx2(row, a, b) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("keys in lanes runs only where simd() holds");
+}
+
+/// [`softmax_row`] on AVX2.
+///
+/// # Safety
+/// AVX2 and FMA present; `row.len()` a multiple of 8; `a < b <= row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the contract, every load and store below is in bounds.
+    unsafe {
+        let (lo, hi) = (_mm256_set1_epi32(a as i32), _mm256_set1_epi32(b as i32));
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let valid = |c: usize| {
+            let j = _mm256_add_epi32(idx, _mm256_set1_epi32(c as i32));
+            _mm256_castsi256_ps(_mm256_andnot_si256(
+                _mm256_cmpgt_epi32(lo, j),
+                _mm256_cmpgt_epi32(hi, j),
+            ))
+        };
+        let base = row.as_mut_ptr();
+        let (c0, c1) = (a / LANES * LANES, b.div_ceil(LANES) * LANES);
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in (c0..c1).step_by(LANES) {
+            let x = _mm256_loadu_ps(base.add(c));
+            max = _mm256_blendv_ps(max, _mm256_max_ps(max, x), valid(c));
+        }
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+        let max = _mm256_set1_ps(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        for c in (0..row.len()).step_by(LANES) {
+            let x = base.add(c);
+            if c + LANES <= c0 || c >= c1 {
+                _mm256_storeu_ps(x, _mm256_setzero_ps());
+                continue;
+            }
+            let y = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x), max)), valid(c));
+            _mm256_storeu_ps(x, y);
         }
     }
 }
@@ -533,13 +759,28 @@ fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(e, _mm256_castsi256_ps(bits))
 }
 
+/// Probabilities of the keys for each query: key `j`, query `r` at `p[j * per_key + r *
+/// per_query]` (key-major from the lane-wise softmax, query-major from the keys-in-lanes one).
+#[derive(Clone, Copy)]
+struct Probs<'a> {
+    p: &'a [f32],
+    per_key: usize,
+    per_query: usize,
+}
+
+impl Probs<'_> {
+    #[inline(always)]
+    fn at(&self, j: usize, r: usize) -> usize {
+        j * self.per_key + r * self.per_query
+    }
+}
+
 /// `o_r = Σ_j p[j][r] · v_j` for the `m` queries, each a chain over `j` in order, over value
 /// tiles (widened into `vbuf`, `[V_TILE][hd]`) that stay in L1 while every query passes over them.
 /// Value `j` is `v[base + j * hd..]`.
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(
-    p: &[f32],
-    mp: usize,
+    p: Probs<'_>,
     v: KvRows<'_>,
     base: usize,
     keys: usize,
@@ -552,7 +793,8 @@ fn weighted_values(
 ) {
     assert!(v.len() >= base + keys * hd);
     assert!(o.len() >= m * hd && first.len() >= m && end.len() >= m);
-    assert!(p.len() >= keys * mp && m <= mp && vbuf.len() >= V_TILE * hd);
+    assert!(keys == 0 || m == 0 || p.p.len() > p.at(keys - 1, m - 1));
+    assert!(vbuf.len() >= V_TILE * hd);
     #[cfg(target_arch = "x86_64")]
     let simd = hd.is_multiple_of(64) && avx2_fma();
     for t0 in (0..keys).step_by(V_TILE) {
@@ -568,13 +810,13 @@ fn weighted_values(
             let o_r = &mut o[r * hd..(r + 1) * hd];
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: AVX2 + FMA present; t0 <= a < b <= t1 <= keys and r < mp keep every
-                // access in bounds, hd is a multiple of 64.
-                unsafe { values_avx2(p, mp, r, tile, t0, hd, a, b, o_r) };
+                // SAFETY: AVX2 + FMA present; t0 <= a < b <= t1 <= keys and r < m keep every
+                // access in bounds (checked above), hd is a multiple of 64.
+                unsafe { values_avx2(p, r, tile, t0, hd, a, b, o_r) };
                 continue;
             }
             for j in a..b {
-                let w = p[j * mp + r];
+                let w = p.p[p.at(j, r)];
                 for (o, &x) in o_r.iter_mut().zip(&tile[(j - t0) * hd..][..hd]) {
                     *o = w.mul_add(x, *o);
                 }
@@ -588,13 +830,12 @@ fn weighted_values(
 ///
 /// # Safety
 /// AVX2 and FMA present; `hd % 64 == 0`; `t0 <= a`, `(b - t0) * hd <= v.len()`,
-/// `(b - 1) * mp + r < p.len()`, `o_r.len() == hd`.
+/// `p.at(b - 1, r) < p.p.len()`, `o_r.len() == hd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn values_avx2(
-    p: &[f32],
-    mp: usize,
+    p: Probs<'_>,
     r: usize,
     v: &[f32],
     t0: usize,
@@ -610,7 +851,7 @@ unsafe fn values_avx2(
             let op = o_r.as_mut_ptr().add(d0);
             let mut acc: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(op.add(8 * i)));
             for j in a..b {
-                let w = _mm256_broadcast_ss(&*p.as_ptr().add(j * mp + r));
+                let w = _mm256_broadcast_ss(&*p.p.as_ptr().add(p.at(j, r)));
                 let vp = v.as_ptr().add((j - t0) * hd + d0);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(8 * i)), *acc);
@@ -673,6 +914,7 @@ fn exp_one(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kv_cache::key_index;
     use candle_core::{Device, Tensor};
     use half::f16;
     use rand::{Rng, SeedableRng};
@@ -742,6 +984,19 @@ mod tests {
             .unwrap()
     }
 
+    /// Row-major keys `[nkv][cap][hd]` in the cache's tiled layout.
+    fn tiled(rows: &[f16], nkv: usize, cap: usize, hd: usize) -> Vec<f16> {
+        let mut out = vec![f16::ZERO; rows.len()];
+        for h in 0..nkv {
+            for pos in 0..cap {
+                for d in 0..hd {
+                    out[key_index(cap, hd, h, pos, d)] = rows[(h * cap + pos) * hd + d];
+                }
+            }
+        }
+        out
+    }
+
     /// A ragged batch `(start, len)` per sequence against the reference, sequence by sequence.
     fn check(shape: AttnShape, batch: &[(usize, usize)], seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -753,9 +1008,13 @@ mod tests {
         let q: Vec<f32> = (0..rows * q_stride)
             .map(|_| rng.gen_range(-2.0..2.0))
             .collect();
-        // Caches with spare capacity, filled with junk past the last position.
-        let caps: Vec<usize> = batch.iter().map(|&(s, l)| s + l + 5).collect();
-        let kvs: Vec<(Vec<f16>, Vec<f16>)> = caps
+        // Caches with spare capacity, filled with junk past the last position; keys row-major
+        // for the reference and tiled for the kernel.
+        let caps: Vec<usize> = batch
+            .iter()
+            .map(|&(s, l)| (s + l + 5).next_multiple_of(KEY_TILE))
+            .collect();
+        let kvs: Vec<(Vec<f16>, Vec<f16>, Vec<f16>)> = caps
             .iter()
             .map(|&c| {
                 let mut g = || -> Vec<f16> {
@@ -763,7 +1022,8 @@ mod tests {
                         .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
                         .collect()
                 };
-                (g(), g())
+                let (k, v) = (g(), g());
+                (tiled(&k, nkv, c, hd), k, v)
             })
             .collect();
         let mut off = 0;
@@ -771,7 +1031,7 @@ mod tests {
             .iter()
             .zip(&kvs)
             .zip(&caps)
-            .map(|((&(start, len), (k, v)), &capacity)| {
+            .map(|((&(start, len), (k, _, v)), &capacity)| {
                 let s = SeqAttn {
                     off,
                     len,
@@ -788,7 +1048,7 @@ mod tests {
             .collect();
         let mut out = vec![f32::NAN; rows * width];
         attend(&shape, &q, q_stride, &seqs, &mut out);
-        for (s, &cap) in seqs.iter().zip(&caps) {
+        for ((s, &cap), (_, k_rows, _)) in seqs.iter().zip(&caps).zip(&kvs) {
             let total = s.start + s.len;
             let qs: Vec<f32> = (0..s.len)
                 .flat_map(|i| q[(s.off + i) * q_stride..][..width].to_vec())
@@ -800,7 +1060,14 @@ mod tests {
                 }
                 out
             };
-            let want = reference(&shape, &qs, s.len, s.start, &cut(s.kv.k), &cut(s.kv.v));
+            let want = reference(
+                &shape,
+                &qs,
+                s.len,
+                s.start,
+                &cut(KvRows::F16(k_rows)),
+                &cut(s.kv.v),
+            );
             let got = &out[s.off * width..(s.off + s.len) * width];
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -859,8 +1126,11 @@ mod tests {
         let mut g = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
         let q = g(total * width);
         let half = |x: Vec<f32>| -> Vec<f16> { x.into_iter().map(f16::from_f32).collect() };
-        let (k, v) = (half(g(nkv * total * hd)), half(g(nkv * total * hd)));
-        let (ok, ov) = (half(g(nkv * 300 * hd)), half(g(nkv * 300 * hd)));
+        let cap = total.next_multiple_of(KEY_TILE);
+        let (k, v) = (half(g(nkv * cap * hd)), half(g(nkv * cap * hd)));
+        let k = tiled(&k, nkv, cap, hd);
+        let (ok, ov) = (half(g(nkv * 304 * hd)), half(g(nkv * 304 * hd)));
+        let ok = tiled(&ok, nkv, 304, hd);
         let oq = g(20 * width);
         let mut out = vec![f32::NAN; total * width];
         let mut start = 0;
@@ -873,7 +1143,7 @@ mod tests {
                 kv: HostLayerView {
                     k: KvRows::F16(&k),
                     v: KvRows::F16(&v),
-                    capacity: total,
+                    capacity: cap,
                 },
             }];
             if with_other {
@@ -885,7 +1155,7 @@ mod tests {
                     kv: HostLayerView {
                         k: KvRows::F16(&ok),
                         v: KvRows::F16(&ov),
-                        capacity: 300,
+                        capacity: 304,
                     },
                 });
             }

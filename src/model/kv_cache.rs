@@ -60,6 +60,18 @@ impl FromStr for KvDtype {
     }
 }
 
+/// Positions per key tile. Host caches store keys `[kv_head][capacity / KEY_TILE][head_dim]
+/// [KEY_TILE]` (capacity is a multiple of it), so the attention of one new token can score eight
+/// cached keys per SIMD register; values stay `[kv_head][capacity][head_dim]`.
+pub const KEY_TILE: usize = 8;
+
+/// Where value `d` of the key at `pos` of head `h` lies in a tiled key buffer of `cap` positions
+/// per head.
+#[inline]
+pub fn key_index(cap: usize, hd: usize, h: usize, pos: usize, d: usize) -> usize {
+    (h * cap + pos - pos % KEY_TILE) * hd + d * KEY_TILE + pos % KEY_TILE
+}
+
 /// Keys or values of a host cache, in the cache's element type.
 #[derive(Clone, Copy)]
 pub enum KvRows<'a> {
@@ -83,6 +95,14 @@ impl KvRows<'_> {
         self.len() == 0
     }
 
+    /// Value `i`, widened.
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Self::F16(x) => x[i].to_f32(),
+            Self::F32(x) => x[i],
+        }
+    }
+
     /// Widens values `at..at + dst.len()` into `dst`, exactly (F16C-vectorised where present).
     pub fn widen(&self, at: usize, dst: &mut [f32]) {
         match self {
@@ -90,6 +110,18 @@ impl KvRows<'_> {
             Self::F32(x) => dst.copy_from_slice(&x[at..at + dst.len()]),
         }
     }
+}
+
+/// Positions `start..start + t` of head `h` in a buffer of `cap` positions per head, `hd` values
+/// of `size` bytes each per position.
+#[derive(Clone, Copy)]
+struct RowSpan {
+    size: usize,
+    cap: usize,
+    hd: usize,
+    h: usize,
+    start: usize,
+    t: usize,
 }
 
 /// One host buffer of keys or values.
@@ -121,23 +153,87 @@ impl HostBuf {
         }
     }
 
-    /// The raw bytes of values `at..at + n`.
-    fn bytes(&self, at: usize, n: usize) -> &[u8] {
+    /// Stores `src` as the key of head `h` at `pos` (tiled layout, `cap` positions per head).
+    fn write_key(&mut self, cap: usize, hd: usize, h: usize, pos: usize, src: &[f32]) {
+        let at = |d: usize| key_index(cap, hd, h, pos, d);
         match self {
-            Self::F16(x) => bytemuck::cast_slice(&x[at..at + n]),
-            Self::F32(x) => bytemuck::cast_slice(&x[at..at + n]),
+            Self::F16(x) => {
+                let mut row = [f16::ZERO; 64];
+                for (c, chunk) in src.chunks(64).enumerate() {
+                    let row = &mut row[..chunk.len()];
+                    row.convert_from_f32_slice(chunk);
+                    for (i, &y) in row.iter().enumerate() {
+                        x[at(c * 64 + i)] = y;
+                    }
+                }
+            }
+            Self::F32(x) => {
+                for (d, &y) in src.iter().enumerate() {
+                    x[at(d)] = y;
+                }
+            }
         }
     }
 
-    /// Overwrites values from `at` with raw bytes read by [`Self::bytes`] from a buffer of the
-    /// same type.
-    fn write_bytes(&mut self, at: usize, src: &[u8]) {
+    fn raw(&self) -> &[u8] {
         match self {
-            Self::F16(x) => {
-                bytemuck::cast_slice_mut(&mut x[at..at + src.len() / 2]).copy_from_slice(src)
+            Self::F16(x) => bytemuck::cast_slice(x),
+            Self::F32(x) => bytemuck::cast_slice(x),
+        }
+    }
+
+    fn raw_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::F16(x) => bytemuck::cast_slice_mut(x),
+            Self::F32(x) => bytemuck::cast_slice_mut(x),
+        }
+    }
+
+    /// Appends to `out` the raw values of positions `start..start + t` of head `h`, row-major
+    /// (`[t][hd]`) whatever the buffer's layout: as stored for values and for whole key tiles
+    /// (the same bytes), gathered from the tiles otherwise.
+    fn read_rows(&self, keys: bool, at: RowSpan, out: &mut Vec<u8>) {
+        let RowSpan {
+            size,
+            cap,
+            hd,
+            h,
+            start,
+            t,
+        } = at;
+        let raw = self.raw();
+        if !keys || (start % KEY_TILE == 0 && t % KEY_TILE == 0) {
+            out.extend_from_slice(&raw[(h * cap + start) * hd * size..][..t * hd * size]);
+            return;
+        }
+        for pos in start..start + t {
+            for d in 0..hd {
+                out.extend_from_slice(&raw[key_index(cap, hd, h, pos, d) * size..][..size]);
             }
-            Self::F32(x) => {
-                bytemuck::cast_slice_mut(&mut x[at..at + src.len() / 4]).copy_from_slice(src)
+        }
+    }
+
+    /// Writes positions `start..start + t` of head `h` from raw values laid out as
+    /// [`Self::read_rows`] gives them.
+    fn write_rows(&mut self, keys: bool, at: RowSpan, src: &[u8]) {
+        let RowSpan {
+            size,
+            cap,
+            hd,
+            h,
+            start,
+            t,
+        } = at;
+        let raw = self.raw_mut();
+        if !keys || (start % KEY_TILE == 0 && t % KEY_TILE == 0) {
+            raw[(h * cap + start) * hd * size..][..t * hd * size].copy_from_slice(src);
+            return;
+        }
+        let mut elems = src.chunks_exact(size);
+        for pos in start..start + t {
+            for d in 0..hd {
+                let e = elems.next().expect("length checked");
+                raw[key_index(cap, hd, h, pos, d) * size..][..size].copy_from_slice(e);
             }
         }
     }
@@ -197,7 +293,8 @@ pub struct KvCache {
     device: Device,
 }
 
-/// Read access to one layer of a host cache: `[n_kv_head][capacity][head_dim]` keys and values.
+/// Read access to one layer of a host cache: keys in [`KEY_TILE`]-position tiles (see
+/// [`key_index`]), values `[n_kv_head][capacity][head_dim]`.
 #[derive(Clone, Copy)]
 pub struct HostLayerView<'a> {
     /// Keys.
@@ -292,12 +389,15 @@ impl KvCache {
             .max(self.capacity * 2)
             .div_ceil(GROW_STEP)
             .saturating_mul(GROW_STEP)
-            .min(self.max_len);
+            .min(self.max_len)
+            .next_multiple_of(KEY_TILE);
         let (nkv, hd, len, old_cap) = (self.n_kv_head, self.head_dim, self.len, self.capacity);
         match &mut self.store {
             Store::Host(layers) => {
+                // Whole key tiles: the last one may be partly written.
+                let key_len = len.next_multiple_of(KEY_TILE);
                 for layer in layers.iter_mut() {
-                    layer.k = layer.k.regrow(nkv, old_cap, new_cap, len, hd);
+                    layer.k = layer.k.regrow(nkv, old_cap, new_cap, key_len, hd);
                     layer.v = layer.v.regrow(nkv, old_cap, new_cap, len, hd);
                 }
             }
@@ -342,9 +442,8 @@ impl KvCache {
         for i in 0..t {
             let (kr, vr) = (k_at(i), v_at(i));
             for h in 0..nkv {
-                let dst = (h * cap + len + i) * hd;
-                kv.k.write(dst, &kr[h * hd..(h + 1) * hd]);
-                kv.v.write(dst, &vr[h * hd..(h + 1) * hd]);
+                kv.k.write_key(cap, hd, h, len + i, &kr[h * hd..(h + 1) * hd]);
+                kv.v.write((h * cap + len + i) * hd, &vr[h * hd..(h + 1) * hd]);
             }
         }
         Ok(())
@@ -401,17 +500,22 @@ impl KvCache {
                     |i| &vr[i * nkv * hd..(i + 1) * nkv * hd],
                 )?;
                 let view = self.host_layer(layer)?;
-                let gather = |buf: KvRows<'_>| -> candle_core::Result<Tensor> {
+                let cap = view.capacity;
+                let gather = |buf: KvRows<'_>, keys: bool| -> candle_core::Result<Tensor> {
                     let mut out = vec![0f32; nkv * total * hd];
                     for h in 0..nkv {
-                        buf.widen(
-                            h * view.capacity * hd,
-                            &mut out[h * total * hd..][..total * hd],
-                        );
+                        let dst = &mut out[h * total * hd..][..total * hd];
+                        if keys {
+                            for (i, x) in dst.iter_mut().enumerate() {
+                                *x = buf.get(key_index(cap, hd, h, i / hd, i % hd));
+                            }
+                        } else {
+                            buf.widen(h * cap * hd, dst);
+                        }
                     }
                     Tensor::from_vec(out, (nkv, total, hd), &self.device)
                 };
-                Ok((gather(view.k)?, gather(view.v)?))
+                Ok((gather(view.k, true)?, gather(view.v, false)?))
             }
         }
     }
@@ -453,11 +557,20 @@ impl KvCache {
             );
         }
         let (nkv, hd, cap) = (self.n_kv_head, self.head_dim, self.capacity);
+        let size = self.dtype.size();
         out.reserve(self.bytes_per_position() * t);
         for layer in layers {
-            for buf in [&layer.k, &layer.v] {
+            for (buf, keys) in [(&layer.k, true), (&layer.v, false)] {
                 for h in 0..nkv {
-                    out.extend_from_slice(buf.bytes((h * cap + start) * hd, t * hd));
+                    let at = RowSpan {
+                        size,
+                        cap,
+                        hd,
+                        h,
+                        start,
+                        t,
+                    };
+                    buf.read_rows(keys, at, out);
                 }
             }
         }
@@ -485,12 +598,21 @@ impl KvCache {
         let Store::Host(layers) = &mut self.store else {
             candle_core::bail!("KV cache is not in host memory");
         };
-        let mut chunks = data.chunks_exact(t * hd * self.dtype.size());
+        let size = self.dtype.size();
+        let mut chunks = data.chunks_exact(t * hd * size);
         for layer in layers.iter_mut() {
-            for buf in [&mut layer.k, &mut layer.v] {
+            for (buf, keys) in [(&mut layer.k, true), (&mut layer.v, false)] {
                 for h in 0..nkv {
                     let src = chunks.next().expect("length checked");
-                    buf.write_bytes((h * cap + len) * hd, src);
+                    let at = RowSpan {
+                        size,
+                        cap,
+                        hd,
+                        h,
+                        start: len,
+                        t,
+                    };
+                    buf.write_rows(keys, at, src);
                 }
             }
         }
@@ -515,5 +637,92 @@ impl KvCache {
             std::mem::size_of::<f32>()
         };
         2 * layers * self.n_kv_head * self.capacity * self.head_dim * elem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYERS: usize = 2;
+    const NKV: usize = 2;
+    const HD: usize = 8;
+
+    /// A cache of `n` positions whose every key and value is distinct and exact in f16.
+    fn filled(dtype: KvDtype, n: usize) -> KvCache {
+        let mut c = KvCache::with_dtype(LAYERS, NKV, HD, 1000, dtype, &Device::Cpu);
+        c.reserve(n).unwrap();
+        let row = |layer: usize, kv: usize, pos: usize| -> Vec<f32> {
+            (0..NKV * HD)
+                .map(|j| ((layer * 2 + kv) * 512 + pos * 16 + j) as f32 / 4.0)
+                .collect()
+        };
+        for layer in 0..LAYERS {
+            let ks: Vec<Vec<f32>> = (0..n).map(|p| row(layer, 0, p)).collect();
+            let vs: Vec<Vec<f32>> = (0..n).map(|p| row(layer, 1, p)).collect();
+            c.write_host(layer, n, |i| &ks[i], |i| &vs[i]).unwrap();
+        }
+        c.advance(n);
+        c
+    }
+
+    #[test]
+    fn keys_are_tiled_and_blocks_round_trip_aligned_or_not() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let src = filled(dtype, 27);
+            let view = src.host_layer(1).unwrap();
+            // Key of layer 1, head 1, position 13, value 5.
+            let want = ((2 * 512 + 13 * 16 + HD + 5) as f32) / 4.0;
+            assert_eq!(view.k.get(key_index(view.capacity, HD, 1, 13, 5)), want);
+            // Blocks of 8 (whole tiles, copied as stored) and of 3 (gathered).
+            for block in [8, 3] {
+                let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+                let mut start = 0;
+                while start + block <= 24 {
+                    let mut data = Vec::new();
+                    src.read_positions(start, block, &mut data).unwrap();
+                    assert_eq!(data.len(), block * src.bytes_per_position());
+                    dst.push_positions(&data, block).unwrap();
+                    start += block;
+                }
+                for layer in 0..LAYERS {
+                    let (a, b) = (
+                        src.host_layer(layer).unwrap(),
+                        dst.host_layer(layer).unwrap(),
+                    );
+                    for h in 0..NKV {
+                        for pos in 0..24 {
+                            for d in 0..HD {
+                                let (i, j) = (
+                                    key_index(a.capacity, HD, h, pos, d),
+                                    key_index(b.capacity, HD, h, pos, d),
+                                );
+                                assert_eq!(a.k.get(i), b.k.get(j), "{dtype:?} block {block}");
+                                let (i, j) = (
+                                    (h * a.capacity + pos) * HD + d,
+                                    (h * b.capacity + pos) * HD + d,
+                                );
+                                assert_eq!(a.v.get(i), b.v.get(j), "{dtype:?} block {block}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn growing_keeps_a_partial_key_tile() {
+        let mut c = filled(KvDtype::F16, 5);
+        let before = c
+            .host_layer(0)
+            .unwrap()
+            .k
+            .get(key_index(c.capacity, HD, 1, 4, 7));
+        assert_eq!(c.capacity, 256);
+        c.reserve(300).unwrap();
+        let view = c.host_layer(0).unwrap();
+        assert!(view.capacity >= 305 && view.capacity.is_multiple_of(KEY_TILE));
+        assert_eq!(view.k.get(key_index(view.capacity, HD, 1, 4, 7)), before);
     }
 }
