@@ -317,3 +317,78 @@ async fn session_key_is_the_header_else_user() {
     }
     assert_eq!(front.backend.submitted.lock().unwrap().len(), before);
 }
+
+/// A body without `temperature` (or with `null`) samples at OpenAI's default 1.0, as the OpenAI
+/// clients gateways use expect; greedy only when asked for with `"temperature":0`.
+#[tokio::test]
+async fn missing_temperature_is_openai_default_not_greedy() {
+    let front = ready_front().await;
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let url = format!("{}{path}", front.url);
+        let input = if path == "/v1/completions" {
+            r#""prompt":"hi""#
+        } else {
+            r#""messages":[{"role":"user","content":"hi"}]"#
+        };
+        for (extra, want) in [
+            ("", 1.0),
+            (r#","temperature":null"#, 1.0),
+            (r#","temperature":0"#, 0.0),
+        ] {
+            let body = format!(r#"{{"model":"smollm2",{input}{extra}}}"#);
+            let (code, out) = post(&url, &body, &[]).await;
+            assert_eq!(code, 200, "{out}");
+            let sampling = front.backend.last_submitted().sampling;
+            assert_eq!(sampling.temperature, want, "{path} {body}");
+            assert_eq!(sampling.seed, None);
+            assert_eq!(sampling.is_deterministic(), want == 0.0, "{body}");
+        }
+    }
+}
+
+/// `top_k`, `min_p` and `repetition_penalty` (vLLM / llama.cpp server style) reach the engine, and
+/// are checked by the same code as gRPC's fields: the same messages, naming the field.
+#[tokio::test]
+async fn vllm_sampling_fields_reach_the_engine_and_are_checked_as_on_grpc() {
+    let front = ready_front().await;
+    let url = format!("{}/v1/chat/completions", front.url);
+    let with = |extra: &str| {
+        format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+    };
+    let (code, out) = post(
+        &url,
+        &with(r#","top_k":40,"min_p":0.05,"repetition_penalty":1.1"#),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 200, "{out}");
+    let s = front.backend.last_submitted().sampling;
+    assert_eq!((s.top_k, s.min_p, s.repetition_penalty), (40, 0.05, 1.1));
+    let before = front.backend.submitted.lock().unwrap().len();
+    for (extra, param, message) in [
+        (
+            r#","top_k":5000"#,
+            "top_k",
+            "`top_k` must be <= 1000. Given: 5000",
+        ),
+        (
+            r#","min_p":1.5"#,
+            "min_p",
+            "`min_p` must be in [0, 1]. Given: 1.5",
+        ),
+        (
+            r#","repetition_penalty":0"#,
+            "repetition_penalty",
+            "`repetition_penalty` must be in (0, 2]. Given: 0",
+        ),
+    ] {
+        let (code, out) = post(&url, &with(extra), &[]).await;
+        assert_eq!(code, 400, "{extra}: {out}");
+        let body: serde_json::Value =
+            serde_json::from_str(out.rsplit("\r\n\r\n").next().unwrap()).unwrap();
+        assert_eq!(body["error"]["param"], param, "{out}");
+        let got = body["error"]["message"].as_str().unwrap();
+        assert!(got.contains(message), "{extra}: {got}");
+    }
+    assert_eq!(front.backend.submitted.lock().unwrap().len(), before);
+}

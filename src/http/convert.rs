@@ -10,6 +10,10 @@ use crate::types::{echo, CachePolicy, ChatMessage, Completion, FinishReason, Sou
 
 use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
 
+/// `temperature` when the body leaves it out (or sends `null`), as OpenAI's API reference says.
+/// Sampled without a `seed`, so not cached as an exact answer (see the README's cache section).
+pub const OPENAI_DEFAULT_TEMPERATURE: f32 = 1.0;
+
 /// What a request wants beyond the neutral request: how to answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
@@ -136,7 +140,9 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
-        temperature: s.temperature,
+        // OpenAI's default, not the node's (greedy): gateways that leave it out expect samples,
+        // and a greedy default would serve every identical conversation one cached reply.
+        temperature: Some(s.temperature.unwrap_or(OPENAI_DEFAULT_TEMPERATURE)),
         top_p: s.top_p,
         top_k: s.top_k,
         min_p: s.min_p,
@@ -257,7 +263,11 @@ mod tests {
                 "stop":["a","b"],"stream_options":{"include_usage":true}}"#,
         )
         .unwrap();
-        assert_eq!(wire.temperature, None);
+        assert_eq!(
+            wire.temperature,
+            Some(OPENAI_DEFAULT_TEMPERATURE),
+            "OpenAI's default, not greedy"
+        );
         assert_eq!(wire.max_tokens, None);
         assert_eq!(wire.seed, None);
         assert_eq!(wire.stop, vec!["a".to_owned(), "b".to_owned()]);

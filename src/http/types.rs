@@ -85,7 +85,7 @@ pub struct GenerateBody {
     /// Upper bound on generated tokens.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    /// In [0, 2]; 0 is greedy. Absent: the node's default (greedy).
+    /// In [0, 2]; 0 is greedy. Absent: OpenAI's default, 1.0 (sampled).
     #[serde(default)]
     pub temperature: Option<f32>,
     /// Nucleus mass in (0, 1].
