@@ -351,6 +351,26 @@ impl Default for Limits {
     }
 }
 
+/// What the OpenAI front does with a non-text content part (an image) of a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NonTextParts {
+    /// Serve the text parts; the answer carries an `x-qnode-warning` header and a line is
+    /// logged. Gateways forwarding a chat picture expect a reply, not a failed turn.
+    #[default]
+    Drop,
+    /// Refuse the request with a 400 naming the part.
+    Reject,
+}
+
+/// The `[openai]` section: how the OpenAI HTTP front treats what a text model cannot serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiSection {
+    /// Non-text content parts: `drop` (default) or `reject`.
+    pub non_text_parts: NonTextParts,
+}
+
 /// Everything the node needs to start, validated.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -363,6 +383,8 @@ pub struct Config {
     pub limits: Limits,
     /// The answer cache (L1 in process always; L2 Redis when `redis_url` is set).
     pub cache: crate::cache::CacheConfig,
+    /// The OpenAI HTTP front.
+    pub openai: OpenAiSection,
 }
 
 impl Default for Config {
@@ -372,6 +394,7 @@ impl Default for Config {
             models: vec![ModelConfig::new(DEFAULT_MODEL)],
             limits: Limits::default(),
             cache: crate::cache::CacheConfig::default(),
+            openai: OpenAiSection::default(),
         }
     }
 }
@@ -471,6 +494,15 @@ pub struct ServeArgs {
     /// Where the models run: cpu, or cuda (a build with `--features cuda`). [default: cpu]
     #[arg(long, env = "QNODE_DEVICE", value_enum, value_name = "DEVICE")]
     pub device: Option<DeviceKind>,
+    /// OpenAI front: what an image (any non-text content part) in a chat message does: drop
+    /// (serve the text, with an `x-qnode-warning` header) or reject (400). [default: drop]
+    #[arg(
+        long,
+        env = "QNODE_OPENAI_NON_TEXT_PARTS",
+        value_enum,
+        value_name = "WHAT"
+    )]
+    pub openai_non_text_parts: Option<NonTextParts>,
 }
 
 impl Config {
@@ -547,6 +579,9 @@ impl Config {
         }
         if let Some(device) = args.device {
             server.device = device;
+        }
+        if let Some(what) = args.openai_non_text_parts {
+            self.openai.non_text_parts = what;
         }
         if let Some(url) = &args.redis_url {
             self.cache.redis_url = Some(url.clone());
@@ -829,6 +864,36 @@ mod tests {
         assert_eq!(config.cache.prewarm_top_k, 0);
         // Unset fields of a section keep their defaults.
         assert_eq!(config.limits.max_stop_strings, 8);
+    }
+
+    #[test]
+    fn openai_non_text_parts_from_file_env_twin_and_flag() {
+        let config = Config::from_args_with_cores(&parse(&[]), 4).unwrap();
+        assert_eq!(
+            config.openai.non_text_parts,
+            NonTextParts::Drop,
+            "the default"
+        );
+        let f = file("[openai]\nnon_text_parts = \"reject\"\n");
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        let config = Config::from_args_with_cores(&args, 4).unwrap();
+        assert_eq!(config.openai.non_text_parts, NonTextParts::Reject);
+        let args = ServeArgs {
+            openai_non_text_parts: Some(NonTextParts::Drop),
+            ..args
+        };
+        let config = Config::from_args_with_cores(&args, 4).unwrap();
+        assert_eq!(
+            config.openai.non_text_parts,
+            NonTextParts::Drop,
+            "the flag wins"
+        );
+        let flag = parse(&["--openai-non-text-parts", "reject"]);
+        assert_eq!(flag.openai_non_text_parts, Some(NonTextParts::Reject));
+        assert!(Config::from_toml("[openai]\nnon_text_parts = \"keep\"\n").is_err());
     }
 
     #[test]

@@ -22,21 +22,32 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// The node's collectors. Cheap to clone (every field is a handle onto shared state).
+///
+/// What the model computed (prompt and generated tokens, batch sizes, queue depth) is counted
+/// by the pool (`pool::metrics`); what callers were served, by the fronts here; the cache's own
+/// hits and misses by `cache::metrics`. All share this registry and the `qnode_` prefix.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Finished Inference calls by `model`, `method` and gRPC `code` (e.g. `Ok`, `InvalidArgument`).
+    /// Finished calls of both fronts by `model`, `method` and gRPC `code` (e.g. `Ok`,
+    /// `InvalidArgument`); refused malformed bodies under model `-`.
     pub requests: IntCounterVec,
-    /// Whole-call latency in seconds by `model` and `method`.
+    /// Whole-call latency in seconds by `model` and `method`, every answer and error.
     pub request_duration: HistogramVec,
-    /// Time to the first generated text in seconds by `model`.
+    /// Arrival to first text, in seconds, by `model`: answers the model generated only (cache
+    /// hits have [`Metrics::cache_hit_duration`]).
     pub time_to_first_token: HistogramVec,
-    /// Generated tokens by `model`.
-    pub generated_tokens: IntCounterVec,
-    /// Inference calls being served now.
+    /// Time waiting for a batch slot, in seconds, by `model`: answers the model generated only.
+    pub queue_time: HistogramVec,
+    /// Whole-call latency of answers served from a cache, in seconds, by `model` and `level`
+    /// (`l1`, `l2`).
+    pub cache_hit_duration: HistogramVec,
+    /// Completion tokens sent to callers by `model` and `source` (`model`, `cache_l1`,
+    /// `cache_l2`); callers joined to another's generation count here under `model`, and once
+    /// each (the model computed them once: `qnode_generated_tokens_total`).
+    pub served_tokens: IntCounterVec,
+    /// Calls being served now (both fronts).
     pub in_flight: IntGauge,
-    /// Requests waiting for a batch slot by `model`; the pool sets it.
-    pub queued: IntGaugeVec,
     /// 1 for the node's current lifecycle `state` (loading, warming, ready, standby, draining), 0 for
     /// the others.
     pub node_state: IntGaugeVec,
@@ -49,52 +60,69 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Finished Inference calls by model, method and gRPC code",
+                "Finished calls by model, method and gRPC code (both fronts)",
             ),
             &["model", "method", "code"],
         )?;
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Inference call latency")
+            HistogramOpts::new("request_duration_seconds", "Whole-call latency")
                 .buckets(LATENCY_BUCKETS.to_vec()),
             &["model", "method"],
         )?;
         let time_to_first_token = HistogramVec::new(
             HistogramOpts::new(
                 "time_to_first_token_seconds",
-                "From call arrival to the first generated text",
+                "From call arrival to the first generated text, answers the model generated",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["model"],
         )?;
-        let generated_tokens = IntCounterVec::new(
-            Opts::new("generated_tokens_total", "Tokens generated"),
+        let queue_time = HistogramVec::new(
+            HistogramOpts::new(
+                "queue_time_seconds",
+                "Time waiting for a batch slot, answers the model generated",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["model"],
         )?;
-        let in_flight = IntGauge::new("in_flight_requests", "Inference calls being served")?;
-        let queued = IntGaugeVec::new(
-            Opts::new("queued_requests", "Requests waiting for a batch slot"),
-            &["model"],
+        let cache_hit_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cache_hit_duration_seconds",
+                "Whole-call latency of answers served from a cache",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "level"],
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_duration.clone()))?;
-        registry.register(Box::new(time_to_first_token.clone()))?;
-        registry.register(Box::new(generated_tokens.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
+        let served_tokens = IntCounterVec::new(
+            Opts::new(
+                "served_tokens_total",
+                "Completion tokens sent to callers, by where the answer came from",
+            ),
+            &["model", "source"],
+        )?;
+        let in_flight = IntGauge::new("in_flight_requests", "Calls being served")?;
         let node_state = IntGaugeVec::new(
             Opts::new("node_state", "1 for the node's current lifecycle state"),
             &["state"],
         )?;
-        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(time_to_first_token.clone()))?;
+        registry.register(Box::new(queue_time.clone()))?;
+        registry.register(Box::new(cache_hit_duration.clone()))?;
+        registry.register(Box::new(served_tokens.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(node_state.clone()))?;
         Ok(Self {
             registry,
             requests,
             request_duration,
             time_to_first_token,
-            generated_tokens,
+            queue_time,
+            cache_hit_duration,
+            served_tokens,
             in_flight,
             node_state,
-            queued,
         })
     }
 
@@ -178,16 +206,13 @@ mod tests {
             .requests
             .with_label_values(&["smollm2", "Generate", "Ok"])
             .inc();
-        metrics.queued.with_label_values(&["smollm2"]).set(3);
+        metrics.in_flight.set(3);
         let text = metrics.render();
         assert!(
             text.contains(r#"qnode_requests_total{code="Ok",method="Generate",model="smollm2"} 1"#),
             "{text}"
         );
-        assert!(
-            text.contains(r#"qnode_queued_requests{model="smollm2"} 3"#),
-            "{text}"
-        );
+        assert!(text.contains("qnode_in_flight_requests 3"), "{text}");
     }
 
     #[test]

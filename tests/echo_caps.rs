@@ -117,11 +117,14 @@ async fn http_echoes_at_most_128_characters() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let metrics = Metrics::new().unwrap();
+    // Refused, not dropped, so a non-text part's type is echoed in a 400.
+    let mut config = Config::default();
+    config.openai.non_text_parts = qnode::config::NonTextParts::Reject;
     tokio::spawn(http::serve(
         listener,
         Arc::clone(&backend) as Arc<dyn Backend>,
         Node::ready(&metrics),
-        HttpConfig::new(&Config::default(), metrics),
+        HttpConfig::new(&config, metrics),
         std::future::pending(),
     ));
     let chat = format!("{url}/v1/chat/completions");

@@ -124,6 +124,15 @@ async fn http_ask(
     let body = format!(
         r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{prompt}"}}],"max_tokens":32,"temperature":0{extra}}}"#
     );
+    http_post(fronts, body, tenant).await
+}
+
+/// `POST /v1/chat/completions` of `body` as `tenant`: (HTTP status, parsed body).
+async fn http_post(
+    fronts: &Fronts,
+    body: String,
+    tenant: Option<&str>,
+) -> (u16, serde_json::Value) {
     let mut args = vec![
         "-s".to_string(),
         "-w".into(),
@@ -263,4 +272,29 @@ async fn http_never_ignores_a_cache_policy() {
         (400, &serde_json::json!("cache_policy")),
         "{body}"
     );
+}
+
+/// An OpenAI body without `temperature` samples (OpenAI's default 1.0, no seed), so it is not an
+/// exact answer to cache: asked twice, it is generated twice. With `"temperature":0` the second
+/// ask is an L1 hit. (Hot sampled questions are served from `cache.sampled_variants`, which needs
+/// Redis: tests/cache_levels.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_without_temperature_is_sampled_and_not_cached() {
+    let f = start().await;
+    let body = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"tell me a story"}}],"max_tokens":32}}"#
+    );
+    for n in 1..=2 {
+        let (_, source) = http_answer(http_post(&f, body.clone(), None).await);
+        assert_eq!(source, "qnode-model", "ask {n} of a sampled request");
+        assert_eq!(f.model.count(), n);
+    }
+    let greedy = body.replace(r#""max_tokens":32"#, r#""max_tokens":32,"temperature":0"#);
+    let (_, first) = http_answer(http_post(&f, greedy.clone(), None).await);
+    let (_, second) = http_answer(http_post(&f, greedy, None).await);
+    assert_eq!(
+        (first.as_str(), second.as_str()),
+        ("qnode-model", "qnode-cache-l1")
+    );
+    assert_eq!(f.model.count(), 3);
 }

@@ -42,13 +42,16 @@ async fn metrics_count_calls_by_model_and_code() {
         r#"qnode_requests_total{code="Ok",method="Generate",model="smollm2"} 1"#,
         r#"qnode_requests_total{code="InvalidArgument",method="Generate",model="smollm2"} 1"#,
         r#"qnode_requests_total{code="NotFound",method="Generate",model="-"} 1"#,
-        r#"qnode_generated_tokens_total{model="smollm2"} 3"#,
+        // Served, not generated: the scripted backend is no model, so the pool's
+        // `qnode_generated_tokens_total` (what the model computed) does not move.
+        r#"qnode_served_tokens_total{model="smollm2",source="model"} 3"#,
         r#"qnode_time_to_first_token_seconds_count{model="smollm2"} 1"#,
         r#"qnode_request_duration_seconds_count{method="Generate",model="smollm2"} 2"#,
         "qnode_in_flight_requests 0",
     ] {
         assert!(page.contains(line), "missing {line}\n{page}");
     }
+    assert!(!page.contains("qnode_generated_tokens_total"), "{page}");
     assert!(http_get(metrics_addr, "/other")
         .await
         .starts_with("HTTP/1.1 404"));

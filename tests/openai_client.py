@@ -105,7 +105,38 @@ c = real.completions.create(model="smollm2", prompt="The capital of France is", 
 ensure(c.object == "text_completion" and "Paris" in c.choices[0].text, 'c.object == "text_completion" and "Paris" in c.choices[0].text', c)
 ids = [m.id for m in real.models.list()]
 ensure(ids == ["smollm2"], 'ids == ["smollm2"]', ids)
+m = real.models.retrieve("smollm2")
+ensure(m.id == "smollm2" and m.object == "model", "models.retrieve", m)
+expect(openai.NotFoundError, lambda: real.models.retrieve("nope"), 404, "nope", "smollm2")
 check("completions and models")
+
+# A batch of prompts (LangChain sends up to 20): one choice per prompt, by `index`, each the same
+# text as that prompt asked alone; usage summed; streamed, the choices interleave by index.
+prompts = ["The capital of France is", "1, 2, 3, 4,", "Water is made of"]
+alone = [
+    real.completions.create(model="smollm2", prompt=p, max_tokens=6, temperature=0)
+    for p in prompts
+]
+b = real.completions.create(model="smollm2", prompt=prompts, max_tokens=6, temperature=0)
+ensure(sorted(c.index for c in b.choices) == [0, 1, 2], "one choice per prompt", b.choices)
+by_index = {c.index: c.text for c in b.choices}
+ensure(by_index == {i: a.choices[0].text for i, a in enumerate(alone)}, "each choice answers its prompt", by_index, [a.choices[0].text for a in alone])
+ensure(len(set(by_index.values())) == 3, "three different answers", by_index)
+ensure(b.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone), "prompt tokens summed", b.usage)
+ensure(b.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone), "completion tokens summed", b.usage)
+ensure(b.system_fingerprint is not None and b.system_fingerprint.startswith("qnode-"), "system_fingerprint", b)
+streamed, finishes, usage = {}, {}, None
+for chunk in real.completions.create(model="smollm2", prompt=prompts, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        streamed[c.index] = streamed.get(c.index, "") + c.text
+        if c.finish_reason:
+            finishes[c.index] = c.finish_reason
+ensure(streamed == by_index, "streamed batch == unary batch", streamed, by_index)
+ensure(sorted(finishes) == [0, 1, 2], "a finish per prompt", finishes)
+ensure(usage is not None and usage.completion_tokens == b.usage.completion_tokens, "streamed usage summed", usage)
+check("completions batch")
 
 # Errors → the client's exception types.
 expect(

@@ -158,6 +158,7 @@ async fn openai_clients_against_the_real_model() {
         "chat streaming with usage",
         "seeded stream == unary",
         "completions and models",
+        "completions batch",
         "errors: 404, 400, 401, 503",
         "429 with Retry-After",
         "mid-stream failure",

@@ -36,6 +36,9 @@ pub trait StepObserver: Send + Sync + 'static {
     /// One forward step over `batch` sequences feeding `tokens` tokens took `busy`; `sampled`
     /// tokens were generated.
     fn on_step(&self, instance: usize, batch: usize, tokens: usize, sampled: usize, busy: Duration);
+    /// Of the step's `tokens`, `prompt_tokens` were prompt tokens the model computed (prefill;
+    /// those restored from the prefix store are not fed, so not counted).
+    fn on_prefill(&self, _instance: usize, _prompt_tokens: usize) {}
 }
 
 impl StepObserver for () {
@@ -142,10 +145,11 @@ impl Instance {
             // Everything a step does, its observer included, is inside the guard: a panic fails
             // the batch's requests with INTERNAL and the instance goes on with an empty batch.
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let (batch, tokens, sampled) = pool.install(|| self.step())?;
+                let (batch, tokens, prefilled, sampled) = pool.install(|| self.step())?;
                 let busy = started.elapsed();
                 self.observer
                     .on_step(self.settings.index, batch, tokens, sampled, busy);
+                self.observer.on_prefill(self.settings.index, prefilled);
                 self.source.on_step(self.settings.index, tokens, busy);
                 Ok::<(), crate::model::ModelError>(())
             }));
@@ -219,10 +223,12 @@ impl Instance {
         }
     }
 
-    /// One forward over the live batch; returns (sequences, tokens fed, tokens sampled).
-    fn step(&mut self) -> Result<(usize, usize, usize), crate::model::ModelError> {
+    /// One forward over the live batch; returns (sequences, tokens fed, prompt tokens fed,
+    /// tokens sampled).
+    fn step(&mut self) -> Result<(usize, usize, usize, usize), crate::model::ModelError> {
         let mut budget = self.settings.prefill_chunk.max(1);
         let mut chosen = Vec::with_capacity(self.live.len());
+        let mut prefilled = 0;
         for (i, seq) in self.live.iter().enumerate() {
             if seq.in_prefill() {
                 if budget == 0 {
@@ -230,6 +236,7 @@ impl Instance {
                 }
                 let n = seq.next_input(budget).len();
                 budget -= n;
+                prefilled += n;
                 chosen.push((i, n));
             } else {
                 chosen.push((i, 1));
@@ -268,7 +275,7 @@ impl Instance {
             let seq = self.live.swap_remove(i);
             self.recycle(seq);
         }
-        Ok((batch, fed, sampled))
+        Ok((batch, fed, prefilled, sampled))
     }
 
     fn fail_all(&mut self, why: String) {

@@ -14,7 +14,7 @@ use super::validate;
 use crate::engine::{EngineError, EventStream};
 use crate::metrics::Metrics;
 use crate::node::{CallGuard, Node};
-use crate::types::{Completion, ErrorKind, GenerationEvent, ModelInfo};
+use crate::types::{Completion, ErrorKind, GenerationEvent, ModelInfo, Source};
 
 /// How long a failed stream waits for buffer room to deliver its final error.
 const FINAL_ERROR_WAIT: Duration = Duration::from_millis(500);
@@ -78,7 +78,8 @@ pub struct Call {
     model_label: String,
     method: &'static str,
     metrics: Metrics,
-    first_token_seen: bool,
+    /// Arrival to the first text, once seen.
+    first_token: Option<Duration>,
     span: tracing::Span,
 }
 
@@ -119,7 +120,7 @@ impl Call {
             model_label,
             method,
             metrics,
-            first_token_seen: false,
+            first_token: None,
             span,
         }
     }
@@ -140,9 +141,33 @@ impl Call {
             .with_label_values(&[&self.model_label, self.method])
             .observe(self.arrival.elapsed().as_secs_f64());
         if let Some(c) = completion {
-            m.generated_tokens
-                .with_label_values(&[&self.model_label])
+            let model = self.model_label.as_str();
+            let (source, level) = match c.source {
+                Source::Model => ("model", None),
+                Source::CacheL1 => ("cache_l1", Some("l1")),
+                Source::CacheL2 | Source::CacheVariant(_) => ("cache_l2", Some("l2")),
+            };
+            m.served_tokens
+                .with_label_values(&[model, source])
                 .inc_by(u64::from(c.completion_tokens));
+            match level {
+                // Only model work goes into the model's latency histograms: sub-millisecond
+                // cache hits would hide a slow model.
+                None => {
+                    m.queue_time
+                        .with_label_values(&[model])
+                        .observe(c.timings.queue.as_secs_f64());
+                    if let Some(first) = self.first_token {
+                        m.time_to_first_token
+                            .with_label_values(&[model])
+                            .observe(first.as_secs_f64());
+                    }
+                }
+                Some(level) => m
+                    .cache_hit_duration
+                    .with_label_values(&[model, level])
+                    .observe(self.arrival.elapsed().as_secs_f64()),
+            }
         }
         tracing::info!(
             code,
@@ -158,13 +183,11 @@ impl Call {
         self.record(code, None);
     }
 
+    /// Notes when the first text came; it goes into the TTFT histogram at the end, once the
+    /// answer's source is known.
     fn saw_text(&mut self) {
-        if !self.first_token_seen {
-            self.first_token_seen = true;
-            self.metrics
-                .time_to_first_token
-                .with_label_values(&[&self.model_label])
-                .observe(self.arrival.elapsed().as_secs_f64());
+        if self.first_token.is_none() {
+            self.first_token = Some(self.arrival.elapsed());
         }
     }
 

@@ -5,10 +5,15 @@
 //! batch of prompts); every range (temperature, max_tokens, stop, roles, empty text) is left to
 //! `validate`.
 
+use crate::config::NonTextParts;
 use crate::front::{FrontError, RawRequest};
 use crate::types::{echo, CachePolicy, ChatMessage, Completion, FinishReason, Source};
 
 use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
+
+/// `temperature` when the body leaves it out (or sends `null`), as OpenAI's API reference says.
+/// Sampled without a `seed`, so not cached as an exact answer (see the README's cache section).
+pub const OPENAI_DEFAULT_TEMPERATURE: f32 = 1.0;
 
 /// What a request wants beyond the neutral request: how to answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,49 +24,83 @@ pub struct Options {
     pub include_usage: bool,
     /// The caller's end user: logged (and the session key when no `x-session-id` is sent).
     pub user: Option<String>,
+    /// Non-text content parts left out of the messages (`openai.non_text_parts = "drop"`).
+    pub dropped_parts: usize,
 }
 
-/// A chat request as the neutral request.
-pub fn chat(mut body: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
+/// A chat request as the neutral request; non-text content parts are dropped (and counted in
+/// [`Options::dropped_parts`]) or refused, as `non_text` says.
+pub fn chat(
+    mut body: GenerateBody,
+    non_text: NonTextParts,
+) -> Result<(RawRequest, Options), FrontError> {
+    let mut dropped = 0;
     let messages = body
         .messages
         .take()
         .ok_or_else(|| FrontError::invalid("messages", "`messages` is required"))?
         .into_iter()
         .enumerate()
-        .map(|(i, m)| message(i, m))
+        .map(|(i, m)| message(i, m, non_text, &mut dropped))
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut wire, options) = sampling(body)?;
+    let (mut wire, mut options) = sampling(body)?;
     wire.messages = messages;
+    options.dropped_parts = dropped;
     Ok((wire, options))
 }
 
-/// A legacy completion request as the neutral request.
-pub fn completion(mut body: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
-    let prompt = match body.prompt.take() {
+/// The content of a message whose parts were all non-text and dropped.
+pub const OMITTED: &str = "[non-text content omitted]";
+
+/// Most prompts in one `/v1/completions` body (LangChain batches up to 20).
+pub const MAX_PROMPTS: usize = 64;
+
+/// A legacy completion request as one neutral request per prompt (a list of prompts is a batch:
+/// one choice each, in order).
+pub fn completion(mut body: GenerateBody) -> Result<(Vec<RawRequest>, Options), FrontError> {
+    let prompts = match body.prompt.take() {
         None => return Err(FrontError::invalid("prompt", "`prompt` is required")),
-        Some(Prompt::One(p)) => p,
-        Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
-        Some(Prompt::Many(v)) => {
+        Some(Prompt::One(p)) => vec![p],
+        Some(Prompt::Many(v)) if v.is_empty() || v.len() > MAX_PROMPTS => {
             return Err(FrontError::invalid(
                 "prompt",
                 format!(
-                    "`prompt` must be one string (a list of exactly one is also taken). Given: a list of {}",
+                    "`prompt` must be a string or a list of 1 to {MAX_PROMPTS} strings. Given: a list of {}",
                     v.len()
                 ),
             ))
         }
+        Some(Prompt::Many(v)) => v,
+        Some(Prompt::TokenIds(_) | Prompt::TokenIdLists(_)) => {
+            return Err(FrontError::invalid(
+                "prompt",
+                "`prompt` must be text (a string or a list of strings): this node does not take \
+                 token ids; send the text they encode",
+            ))
+        }
     };
-    let (mut wire, options) = sampling(body)?;
-    wire.prompt = Some(prompt);
-    Ok((wire, options))
+    let (wire, options) = sampling(body)?;
+    let requests = prompts
+        .into_iter()
+        .map(|prompt| RawRequest {
+            prompt: Some(prompt),
+            ..wire.clone()
+        })
+        .collect();
+    Ok((requests, options))
 }
 
-fn message(i: usize, m: RequestMessage) -> Result<ChatMessage, FrontError> {
+fn message(
+    i: usize,
+    m: RequestMessage,
+    non_text: NonTextParts,
+    dropped: &mut usize,
+) -> Result<ChatMessage, FrontError> {
     let content = match m.content {
         None => String::new(),
         Some(Content::Text(text)) => text,
         Some(Content::Parts(parts)) => {
+            let dropped_before = *dropped;
             let mut text = String::new();
             for (j, part) in parts.into_iter().enumerate() {
                 match (part.kind.as_str(), part.text) {
@@ -72,16 +111,23 @@ fn message(i: usize, m: RequestMessage) -> Result<ChatMessage, FrontError> {
                             format!("`messages[{i}].content[{j}].text` is required for a text part"),
                         ))
                     }
+                    (_, _) if non_text == NonTextParts::Drop => *dropped += 1,
                     (other, _) => {
                         return Err(FrontError::invalid(
                             format!("messages[{i}].content[{j}].type"),
                             format!(
-                                "`messages[{i}].content[{j}].type` must be text: this node serves text models. Given: {:?}",
+                                "`messages[{i}].content[{j}].type` must be text: this node serves text models \
+                                 (`openai.non_text_parts = \"drop\"` would serve the text parts). Given: {:?}",
                                 echo(other)
                             ),
                         ))
                     }
                 }
+            }
+            if text.is_empty() && *dropped > dropped_before {
+                // A turn that was only a picture still happened: the model is told so, and
+                // answers it, instead of the whole conversation failing on an empty message.
+                text.push_str(OMITTED);
             }
             text
         }
@@ -136,7 +182,9 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
-        temperature: s.temperature,
+        // OpenAI's default, not the node's (greedy): gateways that leave it out expect samples,
+        // and a greedy default would serve every identical conversation one cached reply.
+        temperature: Some(s.temperature.unwrap_or(OPENAI_DEFAULT_TEMPERATURE)),
         top_p: s.top_p,
         top_k: s.top_k,
         min_p: s.min_p,
@@ -154,6 +202,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
         user: s.user,
+        dropped_parts: 0,
     };
     Ok((wire, options))
 }
@@ -217,7 +266,10 @@ const VARIANT_FINGERPRINTS: [&str; 17] = [
 mod tests {
     use super::*;
     fn chat_json(json: &str) -> Result<(RawRequest, Options), FrontError> {
-        chat(serde_json::from_str::<GenerateBody>(json).expect("parses"))
+        chat(
+            serde_json::from_str::<GenerateBody>(json).expect("parses"),
+            NonTextParts::Reject,
+        )
     }
 
     #[test]
@@ -245,7 +297,8 @@ mod tests {
             Options {
                 stream: true,
                 include_usage: true,
-                user: Some("u1".into())
+                user: Some("u1".into()),
+                dropped_parts: 0,
             }
         );
     }
@@ -257,7 +310,11 @@ mod tests {
                 "stop":["a","b"],"stream_options":{"include_usage":true}}"#,
         )
         .unwrap();
-        assert_eq!(wire.temperature, None);
+        assert_eq!(
+            wire.temperature,
+            Some(OPENAI_DEFAULT_TEMPERATURE),
+            "OpenAI's default, not greedy"
+        );
         assert_eq!(wire.max_tokens, None);
         assert_eq!(wire.seed, None);
         assert_eq!(wire.stop, vec!["a".to_owned(), "b".to_owned()]);
@@ -284,6 +341,23 @@ mod tests {
     }
 
     #[test]
+    fn non_text_parts_are_dropped_and_counted_when_configured() {
+        let json = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"What is "},
+            {"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"this?"}]},
+            {"role":"user","content":[{"type":"input_audio"}]}]}"#;
+        let body: GenerateBody = serde_json::from_str(json).unwrap();
+        let (wire, options) = chat(body, NonTextParts::Drop).unwrap();
+        assert_eq!(wire.messages[0].content, "What is this?");
+        assert_eq!(
+            wire.messages[1].content, OMITTED,
+            "a picture-only turn still happened"
+        );
+        assert_eq!(options.dropped_parts, 2);
+        let e = chat_json(json).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[1].type"));
+    }
+
+    #[test]
     fn null_content_reaches_validation_as_empty() {
         let (wire, _) =
             chat_json(r#"{"model":"m","messages":[{"role":"assistant","content":null}]}"#).unwrap();
@@ -291,23 +365,31 @@ mod tests {
     }
 
     #[test]
-    fn completion_takes_a_string_or_a_list_of_one() {
-        for prompt in [r#""Once""#, r#"["Once"]"#] {
+    fn completion_takes_a_string_or_a_list_of_strings() {
+        let parse = |prompt: &str| {
             let request: GenerateBody = serde_json::from_str(&format!(
                 r#"{{"model":"m","prompt":{prompt},"max_tokens":3}}"#
             ))
             .unwrap();
-            let (wire, _) = completion(request).unwrap();
-            assert_eq!(wire.prompt.as_deref(), Some("Once"));
-            assert!(wire.messages.is_empty());
-            assert_eq!(wire.max_tokens, Some(3));
+            completion(request)
+        };
+        for prompt in [r#""Once""#, r#"["Once"]"#] {
+            let (wires, _) = parse(prompt).unwrap();
+            assert_eq!(wires.len(), 1);
+            assert_eq!(wires[0].prompt.as_deref(), Some("Once"));
+            assert!(wires[0].messages.is_empty());
+            assert_eq!(wires[0].max_tokens, Some(3));
         }
-        let request: GenerateBody =
-            serde_json::from_str(r#"{"model":"m","prompt":["a","b"]}"#).unwrap();
-        assert_eq!(
-            completion(request).unwrap_err().param.as_deref(),
-            Some("prompt")
-        );
+        let (wires, _) = parse(r#"["a","b","c"]"#).unwrap();
+        let prompts: Vec<_> = wires.iter().map(|w| w.prompt.as_deref().unwrap()).collect();
+        assert_eq!(prompts, ["a", "b", "c"]);
+        assert!(wires.iter().all(|w| w.max_tokens == Some(3)));
+        let too_many = format!("[{}]", vec![r#""x""#; MAX_PROMPTS + 1].join(","));
+        for bad in ["[]", too_many.as_str(), "[1,2,3]", "[[1,2],[3]]"] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
+        }
+        assert!(parse("[1,2]").unwrap_err().message.contains("token ids"));
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl ApiError {
             "unknown_url",
             format!(
                 "no route for `{}`: this node serves POST /v1/chat/completions, \
-                 POST /v1/completions, GET /v1/models, GET /health and GET /ready",
+                 POST /v1/completions, GET /v1/models, GET /v1/models/{{id}}, GET /health and \
+                 GET /ready",
                 echo(path)
             ),
         )

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP front (`--http-listen`), so chat gateways that speak the OpenAI API
 //! use a node with no code of their own: `POST /v1/chat/completions`, `POST /v1/completions`,
-//! `GET /v1/models`, plus `GET /health` (liveness) and `GET /ready` (readiness).
+//! `GET /v1/models`, `GET /v1/models/{id}`, plus `GET /health` (liveness) and `GET /ready` (readiness).
 //!
 //! Wire translation only: the JSON body becomes the front's neutral
 //! [`RawRequest`](crate::front::RawRequest), and [`Front::begin`] admits, checks and submits it
@@ -12,7 +12,10 @@
 //! - [`error`]: [`FrontError`] → HTTP status and OpenAI error body, in one place.
 //! - [`sse`]: streamed answers as server-sent events.
 //!
-//! Differences from OpenAI: `n` must be 1; `presence_penalty` and `frequency_penalty` must be 0;
+//! Differences from OpenAI: a body without `temperature` samples at OpenAI's 1.0 (gRPC's default
+//! is greedy); `n` must be 1 (a list of prompts gives one choice each);
+//! `presence_penalty` and `frequency_penalty` must be 0; non-text content parts are dropped with
+//! an [`WARNING_HEADER`] or refused (`openai.non_text_parts`);
 //! `user` is logged, and is the session key when no `x-session-id` header is sent (the cache
 //! tenant is the `x-qnode-tenant` header);
 //! `x-qnode-timeout-ms` sets a deadline (504 when it passes); `x-request-id` may carry the
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,15 +43,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, NonTextParts};
 use crate::engine::Backend;
+use crate::front::ErrorKind;
 use crate::front::{
     self, header_text, new_request_id, ApiKeyCheck, CallMeta, Front, FrontError, KeyTenant,
-    RawRequest, SESSION_HEADER, TENANT_HEADER,
+    RawRequest, ValidationError, SESSION_HEADER, TENANT_HEADER,
 };
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::types::echo;
+use crate::types::{echo, Completion};
 
 use convert::Options;
 use error::ApiError;
@@ -61,6 +65,10 @@ use types::{
 pub const TIMEOUT_HEADER: &str = "x-qnode-timeout-ms";
 /// Header carrying the request id, both ways.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Header saying what the node left out of a request it served (`dropped 1 non-text content
+/// part(s): ...`); OpenAI's clients ignore unknown headers, gateways may log it.
+pub const WARNING_HEADER: &str = "x-qnode-warning";
 
 /// Events buffered between a stream's forwarding task and its HTTP body.
 const STREAM_BUFFER: usize = 16;
@@ -79,6 +87,8 @@ pub struct HttpConfig {
     pub metrics: Metrics,
     /// Largest request body, in bytes (the gRPC front's message limit).
     pub max_body_bytes: usize,
+    /// What a non-text content part of a chat message does (`openai.non_text_parts`).
+    pub non_text_parts: NonTextParts,
 }
 
 impl HttpConfig {
@@ -90,6 +100,7 @@ impl HttpConfig {
             limits: config.limits.clone(),
             metrics,
             max_body_bytes: config.server.max_message_bytes,
+            non_text_parts: config.openai.non_text_parts,
         }
     }
 }
@@ -101,6 +112,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("api_keys", &self.api_keys)
             .field("limits", &self.limits)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("non_text_parts", &self.non_text_parts)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +123,43 @@ struct AppState {
     auth: ApiKeyCheck,
     /// Unix seconds at start, the `created` of every model.
     started: u64,
+    /// What a non-text content part of a chat message does.
+    non_text_parts: NonTextParts,
+}
+
+impl AppState {
+    /// A body that is not the JSON asked for (bad syntax, a wrong type, no JSON content type,
+    /// over the size limit): refused, and counted as gRPC's malformed protobuf is, under model
+    /// `-` (the body named none we could read).
+    fn malformed(&self, kind: Kind, rejection: JsonRejection) -> Response {
+        let error = ApiError::from(rejection);
+        self.count_refusal(kind, "-", ErrorKind::InvalidArgument, &error.message);
+        error.into_response()
+    }
+
+    /// A body that parsed but asks for something refused before submission (`n`: 2, `tools`, a
+    /// batch too big, ...): counted under its model when served, else `-`.
+    fn refused(&self, kind: Kind, model: &str, error: FrontError) -> Response {
+        let served = self.front.models().iter().any(|m| m.id == model);
+        let label = if served { model } else { "-" };
+        self.count_refusal(kind, label, error.kind, &error.message);
+        ApiError::from(error).into_response()
+    }
+
+    fn count_refusal(&self, kind: Kind, model: &str, error: ErrorKind, message: &str) {
+        let code = error.label();
+        self.front
+            .metrics()
+            .requests
+            .with_label_values(&[model, kind.method(), code])
+            .inc();
+        tracing::info!(
+            method = kind.method(),
+            code,
+            message,
+            "refused a request body"
+        );
+    }
 }
 
 fn unix_now() -> u64 {
@@ -126,11 +175,14 @@ pub fn router(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) ->
         front: Front::new(backend, node, config.limits, config.metrics),
         auth: ApiKeyCheck::with_keys(config.api_key.as_deref(), &config.api_keys),
         started: unix_now(),
+        non_text_parts: config.non_text_parts,
     };
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
+        // A wildcard: ids may hold a `/` (`org/model`), as OpenAI's fine-tune ids do `:`.
+        .route("/v1/models/*id", get(retrieve_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
     Router::new()
         .route("/health", get(health))
@@ -214,6 +266,29 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// `GET /v1/models/{id}`: one entry of the list, or a 404 `model_not_found` naming the ids
+/// served (the id echoed capped).
+async fn retrieve_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let models = state.front.models();
+    match models.iter().find(|m| m.id == id) {
+        Some(m) => Json(Model {
+            id: m.id.clone(),
+            object: "model",
+            created: state.started,
+            owned_by: "qnode",
+        })
+        .into_response(),
+        None => {
+            let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            let error = ValidationError::UnknownModel {
+                model: id,
+                served: served.join(", "),
+            };
+            ApiError::from(FrontError::from(error)).into_response()
+        }
+    }
+}
+
 async fn chat_completions(
     State(state): State<AppState>,
     key: Option<Extension<KeyTenant>>,
@@ -221,7 +296,15 @@ async fn chat_completions(
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
     let key = key.map(|Extension(k)| k).unwrap_or_default();
-    converted_then_generate(state, key, headers, body, convert::chat, Kind::Chat).await
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return state.malformed(Kind::Chat, rejection),
+    };
+    let model = body.model.clone();
+    match convert::chat(body, state.non_text_parts) {
+        Ok((wire, options)) => generate(state, key, headers, vec![wire], options, Kind::Chat).await,
+        Err(e) => state.refused(Kind::Chat, &model, e),
+    }
 }
 
 async fn completions(
@@ -231,27 +314,14 @@ async fn completions(
     body: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
     let key = key.map(|Extension(k)| k).unwrap_or_default();
-    converted_then_generate(state, key, headers, body, convert::completion, Kind::Text).await
-}
-
-/// How one endpoint turns its body into the neutral request.
-type Converter = fn(GenerateBody) -> Result<(RawRequest, Options), FrontError>;
-
-/// Both generation endpoints: a JSON error or a conversion error answers at once, else generate.
-async fn converted_then_generate(
-    state: AppState,
-    key: KeyTenant,
-    headers: HeaderMap,
-    body: Result<Json<GenerateBody>, JsonRejection>,
-    convert: Converter,
-    kind: Kind,
-) -> Response {
-    let converted = body
-        .map_err(ApiError::from)
-        .and_then(|Json(request)| convert(request).map_err(ApiError::from));
-    match converted {
-        Ok((wire, options)) => generate(state, key, headers, wire, options, kind).await,
-        Err(e) => e.into_response(),
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => return state.malformed(Kind::Text, rejection),
+    };
+    let model = body.model.clone();
+    match convert::completion(body) {
+        Ok((wires, options)) => generate(state, key, headers, wires, options, Kind::Text).await,
+        Err(e) => state.refused(Kind::Text, &model, e),
     }
 }
 
@@ -312,13 +382,37 @@ fn deadline(headers: &HeaderMap, arrival: Instant) -> Result<Option<Instant>, Fr
     Ok(Some(arrival + Duration::from_millis(ms)))
 }
 
-/// Translate the headers, [`Front::begin`] the call (admit, validate, submit: the steps of the
-/// gRPC front, the same code), then answer whole or as a stream.
+/// An error of prompt `i` of a batch: says which prompt.
+fn in_batch(mut error: FrontError, i: usize) -> FrontError {
+    error.message = format!("prompt[{i}]: {}", error.message);
+    if error.param.as_deref() == Some("prompt") {
+        error.param = Some(format!("prompt[{i}]"));
+    }
+    error
+}
+
+/// `system_fingerprint` of a batch: its prompts' common source, else `qnode-mixed`.
+fn batch_fingerprint<'a>(mut completions: impl Iterator<Item = &'a Completion>) -> &'static str {
+    let first = completions
+        .next()
+        .map(|c| convert::fingerprint(c.source))
+        .unwrap_or("qnode-model");
+    if completions.all(|c| convert::fingerprint(c.source) == first) {
+        first
+    } else {
+        "qnode-mixed"
+    }
+}
+
+/// Translate the headers, [`Front::begin`] one call per request (admit, validate, submit: the
+/// steps of the gRPC front, the same code), then answer whole or as a stream. `raws` holds one
+/// request, or a batch of prompts (`/v1/completions`): all are submitted before any is awaited,
+/// so the pool batches them, and each is one call in the metrics.
 async fn generate(
     state: AppState,
     key: KeyTenant,
     headers: HeaderMap,
-    raw: RawRequest,
+    raws: Vec<RawRequest>,
     options: Options,
     kind: Kind,
 ) -> Response {
@@ -335,39 +429,89 @@ async fn generate(
         session: header_values(&headers, SESSION_HEADER),
         deadline: deadline(&headers, arrival),
     };
-    let model = raw.model.clone();
-    let (mut call, events) = match state.front.begin(meta, raw) {
-        Ok(begun) => begun,
-        Err(e) => return with_request_id(ApiError::from(e).into_response(), &request_id),
-    };
-    let span = call.span().clone();
-    if let Some(user) = &options.user {
-        tracing::info!(parent: &span, user = ?user, "OpenAI user");
+    let model = raws.first().map(|r| r.model.clone()).unwrap_or_default();
+    let batch = raws.len() > 1;
+    let mut begun = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.into_iter().enumerate() {
+        match state.front.begin(meta.clone(), raw) {
+            Ok(call) => begun.push(call),
+            Err(mut e) => {
+                if batch {
+                    e = in_batch(e, i);
+                    // Dropping their events cancels the prompts already submitted.
+                    let sibling = FrontError::new(
+                        ErrorKind::Cancelled,
+                        "batch_refused",
+                        format!("prompt[{i}] of the same batch was refused"),
+                    );
+                    for (call, _) in &begun {
+                        call.refused(&sibling);
+                    }
+                }
+                return with_request_id(ApiError::from(e).into_response(), &request_id);
+            }
+        }
+    }
+    if let (Some(user), Some((call, _))) = (&options.user, begun.first()) {
+        tracing::info!(parent: call.span(), user = ?user, "OpenAI user");
+    }
+    let warning = (options.dropped_parts > 0).then(|| {
+        format!(
+            "dropped {} non-text content part(s): this node serves text models",
+            options.dropped_parts
+        )
+    });
+    if let (Some(warning), Some((call, _))) = (&warning, begun.first()) {
+        tracing::info!(parent: call.span(), dropped = options.dropped_parts, "{warning}");
     }
     let id = kind.id(&request_id);
     let created = unix_now();
+    let node = Arc::clone(state.front.node());
     let response = if options.stream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let node = Arc::clone(state.front.node());
-        match kind {
-            Kind::Chat => {
-                let spelling = sse::ChatStream {
-                    id,
-                    created,
-                    model,
-                    include_usage: options.include_usage,
-                    sent_role: false,
-                };
-                tokio::spawn(front::forward(call, events, tx, node, spelling).instrument(span));
+        let text = sse::TextStream {
+            id,
+            created,
+            model,
+            include_usage: options.include_usage,
+        };
+        match (kind, begun.len()) {
+            (Kind::Chat, _) => {
+                for (call, events) in begun {
+                    let span = call.span().clone();
+                    let spelling = sse::ChatStream {
+                        id: text.id.clone(),
+                        created,
+                        model: text.model.clone(),
+                        include_usage: options.include_usage,
+                        sent_role: false,
+                    };
+                    let forward = front::forward(call, events, tx.clone(), node.clone(), spelling);
+                    tokio::spawn(forward.instrument(span));
+                }
             }
-            Kind::Text => {
-                let spelling = sse::TextStream {
-                    id,
-                    created,
-                    model,
-                    include_usage: options.include_usage,
-                };
-                tokio::spawn(front::forward(call, events, tx, node, spelling).instrument(span));
+            (Kind::Text, 1) => {
+                for (call, events) in begun {
+                    let span = call.span().clone();
+                    let forward =
+                        front::forward(call, events, tx.clone(), node.clone(), text.clone());
+                    tokio::spawn(forward.instrument(span));
+                }
+            }
+            (Kind::Text, _) => {
+                let mut prompts = Vec::with_capacity(begun.len());
+                for (index, (call, events)) in begun.into_iter().enumerate() {
+                    let (piece_tx, piece_rx) = mpsc::channel(STREAM_BUFFER);
+                    let span = call.span().clone();
+                    let spelling = sse::IndexedText {
+                        text: text.clone(),
+                        index: index as u32,
+                    };
+                    let forward = front::forward(call, events, piece_tx, node.clone(), spelling);
+                    tokio::spawn(forward.instrument(span));
+                    prompts.push(piece_rx);
+                }
+                tokio::spawn(sse::merge(text, prompts, tx));
             }
         }
         (
@@ -379,13 +523,39 @@ async fn generate(
         )
             .into_response()
     } else {
-        let result = front::collect(&mut call, events, state.front.node())
-            .instrument(span)
-            .await;
-        match result {
-            Err(e) => ApiError::from(e).into_response(),
-            Ok((text, completion)) => match kind {
-                Kind::Chat => Json(ChatCompletion {
+        let collected = begun.into_iter().map(|(mut call, events)| {
+            let node = Arc::clone(&node);
+            async move {
+                let span = call.span().clone();
+                front::collect(&mut call, events, &node)
+                    .instrument(span)
+                    .await
+            }
+        });
+        // All run to their end (each is counted); the first failure answers for the batch.
+        let mut answers = Vec::new();
+        let mut failure = None;
+        for (i, result) in futures::future::join_all(collected)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match result {
+                Ok(answer) => answers.push(answer),
+                Err(e) if failure.is_none() => {
+                    failure = Some(if batch { in_batch(e, i) } else { e });
+                }
+                Err(_) => {}
+            }
+        }
+        match (failure, kind) {
+            (Some(e), _) => ApiError::from(e).into_response(),
+            (None, Kind::Chat) => {
+                let Some((text, completion)) = answers.pop() else {
+                    let e = FrontError::new(ErrorKind::Internal, "internal_error", "no answer");
+                    return with_request_id(ApiError::from(e).into_response(), &request_id);
+                };
+                Json(ChatCompletion {
                     id,
                     object: "chat.completion",
                     created,
@@ -401,25 +571,39 @@ async fn generate(
                     usage: convert::usage(&completion),
                     system_fingerprint: convert::fingerprint(completion.source),
                 })
-                .into_response(),
-                Kind::Text => Json(TextCompletion {
+                .into_response()
+            }
+            (None, Kind::Text) => {
+                let usage = sse::summed_usage(answers.iter().map(|(_, c)| c));
+                let system_fingerprint = Some(batch_fingerprint(answers.iter().map(|(_, c)| c)));
+                let choices = answers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, (text, c))| TextChoice {
+                        index: index as u32,
+                        text,
+                        finish_reason: Some(convert::finish_reason(c.finish_reason)),
+                        logprobs: None,
+                    })
+                    .collect();
+                Json(TextCompletion {
                     id,
                     object: "text_completion",
                     created,
                     model,
-                    choices: vec![TextChoice {
-                        index: 0,
-                        text,
-                        finish_reason: Some(convert::finish_reason(completion.finish_reason)),
-                        logprobs: None,
-                    }],
-                    usage: Some(convert::usage(&completion)),
+                    choices,
+                    usage: Some(usage),
+                    system_fingerprint,
                 })
-                .into_response(),
-            },
+                .into_response()
+            }
         }
     };
-    with_request_id(response, &request_id)
+    let mut response = with_request_id(response, &request_id);
+    if let Some(value) = warning.and_then(|w| HeaderValue::from_str(&w).ok()) {
+        response.headers_mut().insert(WARNING_HEADER, value);
+    }
+    response
 }
 
 fn with_request_id(mut response: Response, request_id: &str) -> Response {

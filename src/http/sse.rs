@@ -12,8 +12,11 @@ use serde::Serialize;
 
 use super::convert::{finish_reason, usage};
 use super::error::ApiError;
-use super::types::{ChatCompletionChunk, ChunkChoice, Delta, TextChoice, TextCompletion};
+use super::types::{
+    ChatCompletionChunk, ChunkChoice, Delta, PromptTokensDetails, TextChoice, TextCompletion, Usage,
+};
 use crate::front::{Call, FrontError, Step, StreamFront};
+use crate::types::Completion;
 
 /// What goes down the HTTP body: one or more whole events.
 pub type Item = Result<Bytes, Infallible>;
@@ -27,8 +30,12 @@ fn event(value: &impl Serialize) -> String {
 const DONE: &str = "data: [DONE]\n\n";
 
 fn failure(error: &FrontError) -> Item {
+    Ok(failure_event(error))
+}
+
+fn failure_event(error: &FrontError) -> Bytes {
     let error = ApiError::from(error.clone());
-    Ok(Bytes::from(format!("data: {}\n\n", error.body_json())))
+    Bytes::from(format!("data: {}\n\n", error.body_json()))
 }
 
 /// `chat.completion.chunk` events.
@@ -112,6 +119,7 @@ fn closing(mut last: String, usage_chunk: Option<String>) -> String {
 }
 
 /// `text_completion` events (`/v1/completions`).
+#[derive(Clone)]
 pub struct TextStream {
     /// `cmpl-<request id>`.
     pub id: String,
@@ -132,6 +140,7 @@ impl TextStream {
             model: self.model.clone(),
             choices,
             usage,
+            system_fingerprint: None,
         })
     }
 }
@@ -173,4 +182,127 @@ impl StreamFront for TextStream {
     fn failed(&mut self, _call: &Call, error: &FrontError) -> Item {
         failure(error)
     }
+}
+
+/// What one prompt of a streamed batch sends to [`merge`].
+pub enum Piece {
+    /// A whole `data:` event for the client.
+    Event(Bytes),
+    /// The prompt is answered (its finish chunk went out as an [`Piece::Event`] before).
+    Finished(Completion),
+    /// The prompt failed: the error event; the whole stream ends with it.
+    Failed(Bytes),
+}
+
+/// `text_completion` events of one prompt of a batch (`/v1/completions` with a list of prompts):
+/// its choices carry the prompt's `index`; the usage chunk and `[DONE]` are [`merge`]'s.
+pub struct IndexedText {
+    /// The stream's spelling (id, created, model); its `include_usage` is ignored here.
+    pub text: TextStream,
+    /// The prompt's position in `prompt`.
+    pub index: u32,
+}
+
+impl StreamFront for IndexedText {
+    type Item = Piece;
+
+    fn step(&mut self, _call: &Call, step: &Step) -> Vec<Piece> {
+        let (text, finish) = match step {
+            Step::Delta(text) if text.is_empty() => return Vec::new(),
+            Step::Delta(text) => (text.clone(), None),
+            Step::Finished(c) => (String::new(), Some(finish_reason(c.finish_reason))),
+        };
+        let choice = TextChoice {
+            index: self.index,
+            text,
+            finish_reason: finish,
+            logprobs: None,
+        };
+        let mut pieces = vec![Piece::Event(Bytes::from(
+            self.text.chunk(vec![choice], None),
+        ))];
+        if let Step::Finished(c) = step {
+            pieces.push(Piece::Finished(c.clone()));
+        }
+        pieces
+    }
+
+    fn failed(&mut self, _call: &Call, error: &FrontError) -> Piece {
+        Piece::Failed(failure_event(error))
+    }
+}
+
+/// The token counts of a batch: every prompt's, summed.
+pub fn summed_usage<'a>(completions: impl IntoIterator<Item = &'a Completion>) -> Usage {
+    let mut total = Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
+    };
+    for c in completions {
+        let u = usage(c);
+        total.prompt_tokens = total.prompt_tokens.saturating_add(u.prompt_tokens);
+        total.completion_tokens = total.completion_tokens.saturating_add(u.completion_tokens);
+        total.total_tokens = total.total_tokens.saturating_add(u.total_tokens);
+        let cached = &mut total.prompt_tokens_details.cached_tokens;
+        *cached = cached.saturating_add(u.prompt_tokens_details.cached_tokens);
+    }
+    total
+}
+
+/// Interleaves the events of a batch's prompts, as they come, into one stream; when every prompt
+/// is answered, the summed usage chunk (when asked for) and `[DONE]`. The first failure ends the
+/// stream with its error event, and returning drops every prompt's channel, which cancels the
+/// others (as does the client leaving).
+pub async fn merge(
+    text: TextStream,
+    prompts: Vec<tokio::sync::mpsc::Receiver<Piece>>,
+    tx: tokio::sync::mpsc::Sender<Item>,
+) {
+    use tokio_stream::StreamExt;
+    let n = prompts.len();
+    let mut pieces = tokio_stream::StreamMap::new();
+    for (i, rx) in prompts.into_iter().enumerate() {
+        pieces.insert(i, tokio_stream::wrappers::ReceiverStream::new(rx));
+    }
+    let mut finished = Vec::with_capacity(n);
+    loop {
+        let piece = tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            piece = pieces.next() => piece,
+        };
+        let bytes = match piece {
+            None => break,
+            Some((_, Piece::Finished(c))) => {
+                finished.push(c);
+                continue;
+            }
+            Some((_, Piece::Event(bytes))) => bytes,
+            Some((_, Piece::Failed(bytes))) => {
+                let _ = tx.send(Ok(bytes)).await;
+                return;
+            }
+        };
+        if tx.send(Ok(bytes)).await.is_err() {
+            return;
+        }
+    }
+    if finished.len() < n {
+        // A prompt's loop ended without a result or an error (a bug): not an answer.
+        let error = FrontError::new(
+            crate::types::ErrorKind::Internal,
+            "internal_error",
+            "a prompt of the batch ended without a result",
+        );
+        let _ = tx.send(failure(&error)).await;
+        return;
+    }
+    let usage_chunk = text
+        .include_usage
+        .then(|| text.chunk(Vec::new(), Some(summed_usage(&finished))));
+    let _ = tx
+        .send(Ok(Bytes::from(closing(String::new(), usage_chunk))))
+        .await;
 }

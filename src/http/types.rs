@@ -85,7 +85,7 @@ pub struct GenerateBody {
     /// Upper bound on generated tokens.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    /// In [0, 2]; 0 is greedy. Absent: the node's default (greedy).
+    /// In [0, 2]; 0 is greedy. Absent: OpenAI's default, 1.0 (sampled).
     #[serde(default)]
     pub temperature: Option<f32>,
     /// Nucleus mass in (0, 1].
@@ -220,14 +220,19 @@ impl GenerateBody {
     }
 }
 
-/// `prompt` of a legacy completion: a string, or a list holding exactly one.
+/// `prompt` of a legacy completion: a string, or a list of strings answered one choice each.
+/// Token ids are read only to be refused by name (this node takes text).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     /// The prompt.
     One(String),
-    /// A batch of prompts; only a batch of one is served.
+    /// A batch of prompts: one choice per prompt, `index` = its position.
     Many(Vec<String>),
+    /// One prompt as token ids (refused).
+    TokenIds(Vec<u32>),
+    /// Several prompts as token ids (refused).
+    TokenIdLists(Vec<Vec<u32>>),
 }
 
 /// Token counts of a finished call.
@@ -333,7 +338,7 @@ pub struct ChatCompletionChunk {
 /// One choice of a legacy completion (streamed or not).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TextChoice {
-    /// Always 0.
+    /// The position of its prompt in `prompt` (0 for a single prompt).
     pub index: u32,
     /// The text (the whole answer, or the delta of a chunk).
     pub text: String,
@@ -359,6 +364,10 @@ pub struct TextCompletion {
     /// On a whole answer and on the usage chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// On a whole answer: where it came from, as chat's (`qnode-mixed` when the prompts of a
+    /// batch were answered from different places).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<&'static str>,
 }
 
 /// One entry of `GET /v1/models`.

@@ -107,6 +107,8 @@ pub struct Admission {
     sessions: Mutex<Sessions>,
     /// Keys the session hashes, so callers cannot aim collisions at each other's sessions.
     hasher: RandomState,
+    /// Set to the queue's length on every change (`qnode_queue_depth`), under the queue's lock.
+    depth: Option<prometheus::IntGauge>,
 }
 
 impl Admission {
@@ -124,6 +126,21 @@ impl Admission {
             ns_per_token: AtomicU64::new(DEFAULT_NS_PER_TOKEN),
             sessions: Mutex::new(Sessions::new(MAX_SESSIONS)),
             hasher: RandomState::new(),
+            depth: None,
+        }
+    }
+
+    /// Report the queue's length to `gauge` whenever it changes, so it returns to 0 when the
+    /// instances have taken everything.
+    pub fn with_depth_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        gauge.set(0);
+        self.depth = Some(gauge);
+        self
+    }
+
+    fn publish(&self, queue: &VecDeque<Queued>) {
+        if let Some(g) = &self.depth {
+            g.set(queue.len() as i64);
         }
     }
 
@@ -153,6 +170,7 @@ impl Admission {
             queue.retain(|q| !q.a.tx.is_closed());
         }
         if queue.len() >= self.max_queued {
+            self.publish(&queue);
             return Err(QueueFull);
         }
         // Only stores of several instances need the keys and the session (to choose between
@@ -170,6 +188,7 @@ impl Admission {
             session,
         });
         let depth = queue.len();
+        self.publish(&queue);
         drop(queue);
         if self.stores.len() > 1 {
             // The preferred instance must see it, not just any one.
@@ -214,7 +233,9 @@ impl Admission {
         let taken = {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             self.running.store(false, Ordering::Relaxed);
-            queue.drain(..).map(|q| q.a).collect()
+            let taken = queue.drain(..).map(|q| q.a).collect();
+            self.publish(&queue);
+            taken
         };
         self.ready.notify_all();
         taken
@@ -232,6 +253,7 @@ impl Admission {
         yield_to_idler: bool,
     ) -> Result<usize, Option<Duration>> {
         queue.retain(|q| !q.a.tx.is_closed());
+        self.publish(queue);
         let best_other_free = self
             .free_slots
             .iter()
@@ -330,7 +352,11 @@ impl WorkSource for Admission {
         // A busy instance (between steps) leaves unclaimed work to a less loaded one, which is
         // waiting and was woken by the push; an idle one takes it.
         let deferred = match self.pick(&mut queue, instance, free, wait.is_none()) {
-            Ok(idx) => return queue.remove(idx).map(|q| self.taken(q, instance)),
+            Ok(idx) => {
+                let q = queue.remove(idx);
+                self.publish(&queue);
+                return q.map(|q| self.taken(q, instance));
+            }
             Err(deferred) => deferred,
         };
         let wait = wait?;
@@ -344,7 +370,11 @@ impl WorkSource for Admission {
             .wait_timeout(queue, wait)
             .unwrap_or_else(|e| e.into_inner());
         match self.pick(&mut queue, instance, free, false) {
-            Ok(idx) => queue.remove(idx).map(|q| self.taken(q, instance)),
+            Ok(idx) => {
+                let q = queue.remove(idx);
+                self.publish(&queue);
+                q.map(|q| self.taken(q, instance))
+            }
             Err(_) => None,
         }
     }

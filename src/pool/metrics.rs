@@ -30,6 +30,12 @@ pub struct PoolMetrics {
     pub prefix_hit_tokens: IntCounterVec,
     /// Prompt tokens of every sequence started, by model (hit ratio = hits / this).
     pub prefix_prompt_tokens: IntCounterVec,
+    /// Tokens the model generated, by model: cancelled streams' included; cache hits and
+    /// callers joined to another's generation never reach the model, so are not.
+    pub generated_tokens: IntCounterVec,
+    /// Prompt tokens the model computed (prefill), by model; not those restored from the prefix
+    /// store, nor any of a cache hit.
+    pub prompt_tokens: IntCounterVec,
 }
 
 impl PoolMetrics {
@@ -90,6 +96,22 @@ impl PoolMetrics {
             ),
             &["model"],
         )?;
+        let generated_tokens = IntCounterVec::new(
+            Opts::new(
+                "generated_tokens_total",
+                "Tokens the model generated (cancelled calls included, cache hits not)",
+            ),
+            &["model"],
+        )?;
+        let prompt_tokens = IntCounterVec::new(
+            Opts::new(
+                "prompt_tokens_total",
+                "Prompt tokens the model computed (prefill; prefix-store reuse and cache hits not)",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(generated_tokens.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(prefix_bytes.clone()))?;
         registry.register(Box::new(prefix_blocks.clone()))?;
         registry.register(Box::new(prefix_evictions.clone()))?;
@@ -109,6 +131,8 @@ impl PoolMetrics {
             prefix_evictions,
             prefix_hit_tokens,
             prefix_prompt_tokens,
+            generated_tokens,
+            prompt_tokens,
         })
     }
 
@@ -166,5 +190,18 @@ impl StepObserver for ModelObserver {
             .instance_tokens
             .with_label_values(&labels)
             .inc_by(sampled as u64);
+        self.metrics
+            .generated_tokens
+            .with_label_values(&[&self.model])
+            .inc_by(sampled as u64);
+    }
+
+    fn on_prefill(&self, _instance: usize, prompt_tokens: usize) {
+        if prompt_tokens > 0 {
+            self.metrics
+                .prompt_tokens
+                .with_label_values(&[&self.model])
+                .inc_by(prompt_tokens as u64);
+        }
     }
 }

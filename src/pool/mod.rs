@@ -347,7 +347,12 @@ impl ModelPool {
         let context_length = cfg
             .context_length
             .map_or(native, |c| (c as usize).min(native));
-        let admission = Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch);
+        let admission = Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch)
+            .with_depth_gauge(
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[&entry.resolved.id]),
+            );
         // Each instance keeps its own share of the model's prefix budget.
         let budget = self.kv_cache_mb(&entry.resolved.id, cfg.kv_cache_mb) << 20;
         let admission = if budget > 0 && self.device.is_cpu() {
@@ -524,13 +529,8 @@ impl Backend for ModelPool {
             session: request.session,
         };
         match serving.admission.push(admitted) {
-            Ok(depth) => {
-                self.metrics
-                    .queue_depth
-                    .with_label_values(&[&request.model])
-                    .set(depth as i64);
-                Ok(rx)
-            }
+            // The admission queue keeps `qnode_queue_depth` itself.
+            Ok(_) => Ok(rx),
             Err(_) => Err(EngineError::QueueFull {
                 model: request.model,
                 max_queued: serving.admission.max_queued(),

@@ -187,6 +187,11 @@ impl QnodeProcess {
             .sum()
     }
 
+    /// This node's whole /metrics page.
+    pub fn scrape(&self) -> String {
+        http_get(self.metrics_port, "/metrics")
+    }
+
     /// One counter or gauge on this node's /metrics, summed over its labels (0 when absent).
     pub fn metric(&self, name: &str) -> u64 {
         let text = http_get(self.metrics_port, "/metrics");
