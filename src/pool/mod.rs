@@ -70,15 +70,25 @@ impl Serving {
     /// `c` compiled over this model's vocabulary (built on first use).
     fn compile(&self, c: &OutputConstraint) -> Result<Constraint, EngineError> {
         let space = self.token_space.get_or_init(|| {
-            let started = Instant::now();
-            let space = TokenSpace::from_tokenizer(&self.model.tokenizer);
-            tracing::info!(
-                model = %self.model.id,
-                build_ms = started.elapsed().as_millis() as u64,
-                ok = space.is_ok(),
-                "constraint token space built"
-            );
-            space.map_err(|e| e.to_string())
+            let build = || {
+                let started = Instant::now();
+                let space = TokenSpace::from_tokenizer(&self.model.tokenizer);
+                tracing::info!(
+                    model = %self.model.id,
+                    build_ms = started.elapsed().as_millis() as u64,
+                    ok = space.is_ok(),
+                    "constraint token space built"
+                );
+                space.map_err(|e| e.to_string())
+            };
+            // Up to ~1.5 s for Gemma 3's 262k tokens, once: on a tokio worker, hand its other
+            // tasks to the rest of the runtime meanwhile, so other callers do not wait on it.
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(build)
+                }
+                _ => build(),
+            }
         });
         let space = space
             .as_ref()
