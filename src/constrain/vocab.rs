@@ -3,7 +3,8 @@
 //!
 //! - Byte-level BPE (`gpt2`): a piece is written in GPT-2's byte-to-character alphabet
 //!   (`Ġ` = space); each character maps back to one byte.
-//! - SentencePiece (`llama`): `▁` is a space, `<0xNN>` pieces are one raw byte.
+//! - SentencePiece (`llama`): `▁` is a space, `<0xNN>` pieces are one raw byte (Gemma's `<0xFF>`
+//!   is the lone byte 0xFF, which toktrie reads as a byte, not as a special marker).
 //! - Control and unknown tokens (`<|im_end|>`, `<unk>`) are special: toktrie marks them with a
 //!   leading `0xFF` so that no grammar over text can ever produce them; EOS is allowed separately,
 //!   exactly when the grammar accepts.
