@@ -54,6 +54,7 @@ fn request(prompt: String, policy: CachePolicy) -> GenerationRequest {
         cache_policy: policy,
         tenant: None,
         session: None,
+        constraint: None,
     }
 }
 

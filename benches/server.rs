@@ -34,6 +34,7 @@ fn engine_request(max_tokens: u32) -> GenerationRequest {
         cache_policy: Default::default(),
         tenant: None,
         session: None,
+        constraint: None,
     }
 }
 

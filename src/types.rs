@@ -88,6 +88,34 @@ pub struct GenerationRequest {
     /// the pool prefers the instance that served its last turn, which holds its KV. Not part
     /// of the cache key (it does not change the output).
     pub session: Option<String>,
+    /// A grammar the output must follow (constrained decoding); `None` for free text. Part of
+    /// the cache key.
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// A grammar the generated text must follow: every token that would leave it is masked before
+/// sampling, so the output always parses (unless `max_tokens` or a stop string cuts it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputConstraint {
+    /// The grammar.
+    pub grammar: Grammar,
+    /// The request field it came from (`response_format`, `json_schema`), named by errors.
+    /// Not part of the cache key.
+    pub field: String,
+}
+
+/// The grammars a request can ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grammar {
+    /// One JSON object, any keys (OpenAI's `json_object`).
+    JsonObject,
+    /// One JSON value valid against this JSON Schema, given as JSON text. Object properties are
+    /// written in the schema's order.
+    JsonSchema(String),
+    /// Text matching this regular expression (Rust `regex` syntax) as a whole.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect (`start: ...`).
+    Lark(String),
 }
 
 /// How the answer cache treats one request. Only deterministic requests are cached at all (unless

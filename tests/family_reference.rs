@@ -256,6 +256,7 @@ fn check_engine(family: &'static str) {
                 cache_policy: Default::default(),
                 tenant: None,
                 session: None,
+                constraint: None,
             })
             .unwrap();
         let text = runtime.block_on(async {

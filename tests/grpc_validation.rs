@@ -289,6 +289,9 @@ async fn valid_request_reaches_backend_with_every_field() {
         cache_policy: proto::CachePolicy::Bypass as i32,
         request_id: "req-42".into(),
         session_id: "conv-9".into(),
+        constraint: Some(proto::generate_request::Constraint::JsonSchema(
+            r#"{"type":"object"}"#.into(),
+        )),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
@@ -319,6 +322,7 @@ async fn valid_request_reaches_backend_with_every_field() {
         cache_policy,
         tenant,
         session,
+        constraint,
     } = server.backend.last_submitted();
     assert_eq!(request_id, "req-42");
     assert_eq!(model, "smollm2");
@@ -352,6 +356,13 @@ async fn valid_request_reaches_backend_with_every_field() {
     assert_eq!(cache_policy, qnode::engine::CachePolicy::Bypass);
     assert_eq!(tenant.as_deref(), Some("tenant-7"));
     assert_eq!(session.as_deref(), Some("conv-9"));
+    assert_eq!(
+        constraint,
+        Some(qnode::types::OutputConstraint {
+            grammar: qnode::types::Grammar::JsonSchema(r#"{"type":"object"}"#.into()),
+            field: "json_schema".into(),
+        })
+    );
 
     // The other cache policies and the prompt form reach it too.
     for (policy, want) in [

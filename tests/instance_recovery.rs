@@ -40,6 +40,7 @@ fn admit(queue: &Admission, model: &LoadedModel, prompt: &str, max_tokens: usize
         arrived: Instant::now(),
         deadline: None,
         session: None,
+        constraint: None,
     };
     queue.push(request).expect("queue has room");
     rx

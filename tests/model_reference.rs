@@ -207,6 +207,7 @@ fn smollm2_q8_0_matches_llama_cpp_q8_0_forced_and_through_the_engine() {
                 cache_policy: Default::default(),
                 tenant: None,
                 session: None,
+                constraint: None,
             })
             .unwrap();
         let (text, done) = runtime.block_on(async {

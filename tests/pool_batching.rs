@@ -93,6 +93,7 @@ fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> Generatio
         cache_policy: Default::default(),
         tenant: None,
         session: None,
+        constraint: None,
     }
 }
 

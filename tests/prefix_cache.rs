@@ -41,6 +41,7 @@ fn request(model: &str, input: PromptInput, max_tokens: u32) -> GenerationReques
         cache_policy: Default::default(),
         tenant: None,
         session: None,
+        constraint: None,
     }
 }
 

@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::engine::{GenerationRequest, PromptInput};
+use crate::types::Grammar;
 
 /// What identifies the weights and template that produced an answer. The backend's owner gives
 /// one per model id; a new file (different digest) never serves answers of the old one.
@@ -65,6 +66,12 @@ mod tag {
     pub const STOP: u8 = 29;
     pub const TENANT: u8 = 30;
     pub const NO_TENANT: u8 = 31;
+    // Output constraints; absent from an unconstrained request's key (so keys from before
+    // constraints existed stay valid), and never equal to one another.
+    pub const JSON_OBJECT: u8 = 40;
+    pub const JSON_SCHEMA: u8 = 41;
+    pub const REGEX: u8 = 42;
+    pub const LARK: u8 = 43;
 }
 
 /// Version of the key layout, hashed first.
@@ -131,6 +138,14 @@ pub fn cache_key(identity: &ModelIdentity, req: &GenerationRequest, normalize: b
         Some(t) => h.field(tag::TENANT, t.as_bytes()),
         None => h.field(tag::NO_TENANT, &[]),
     }
+    // The grammar, not the field it came from: the same schema over gRPC and HTTP is one answer.
+    match req.constraint.as_ref().map(|c| &c.grammar) {
+        None => {}
+        Some(Grammar::JsonObject) => h.field(tag::JSON_OBJECT, &[]),
+        Some(Grammar::JsonSchema(schema)) => h.field(tag::JSON_SCHEMA, schema.as_bytes()),
+        Some(Grammar::Regex(rx)) => h.field(tag::REGEX, rx.as_bytes()),
+        Some(Grammar::Lark(g)) => h.field(tag::LARK, g.as_bytes()),
+    }
     CacheKey(h.0.finalize().into())
 }
 
@@ -173,6 +188,7 @@ mod tests {
             cache_policy: CachePolicy::Default,
             tenant: None,
             session: None,
+            constraint: None,
         }
     }
 
@@ -200,6 +216,28 @@ mod tests {
                 Box::new(|r| r.input = PromptInput::Text("hello!".into())),
             ),
             ("model", Box::new(|r| r.model = "other".into())),
+            (
+                "json_object",
+                Box::new(|r| r.constraint = constrained(Grammar::JsonObject)),
+            ),
+            (
+                "json_schema",
+                Box::new(|r| r.constraint = constrained(Grammar::JsonSchema("{}".into()))),
+            ),
+            (
+                "other json_schema",
+                Box::new(|r| {
+                    r.constraint = constrained(Grammar::JsonSchema(r#"{"type":"object"}"#.into()))
+                }),
+            ),
+            (
+                "regex",
+                Box::new(|r| r.constraint = constrained(Grammar::Regex("{}".into()))),
+            ),
+            (
+                "lark",
+                Box::new(|r| r.constraint = constrained(Grammar::Lark("{}".into()))),
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         for (name, change) in variants {
@@ -214,6 +252,22 @@ mod tests {
             assert_ne!(k, base, "{name} must change the key");
             assert!(seen.insert(k), "{name} collides with another variant");
         }
+    }
+
+    fn constrained(grammar: Grammar) -> Option<crate::types::OutputConstraint> {
+        Some(crate::types::OutputConstraint {
+            grammar,
+            field: "response_format".into(),
+        })
+    }
+
+    #[test]
+    fn the_constraint_field_name_does_not_change_the_key() {
+        let mut http = request();
+        http.constraint = constrained(Grammar::JsonSchema("{}".into()));
+        let mut grpc = http.clone();
+        grpc.constraint.as_mut().unwrap().field = "json_schema".into();
+        assert_eq!(key(&http), key(&grpc));
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         cache_policy: Default::default(),
         tenant: None,
         session: None,
+        constraint: None,
     };
     let mut events = pool.submit(request)?;
     let mut stdout = std::io::stdout().lock();

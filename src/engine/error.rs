@@ -14,6 +14,15 @@ pub enum EngineError {
     /// A request field is out of range; the message names the field, limit and value given.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The output constraint (JSON schema, regex, grammar) cannot be compiled; the message names
+    /// the request field and says why.
+    #[error("{message}")]
+    InvalidConstraint {
+        /// The request field at fault (`response_format`, `json_schema`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Prompt plus `max_tokens` does not fit in the context window.
     #[error(
         "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) must be <= the context length {context_length}"
@@ -76,6 +85,7 @@ impl EngineError {
         match self {
             EngineError::UnknownModel(_) => ErrorKind::NotFound,
             EngineError::InvalidArgument(_)
+            | EngineError::InvalidConstraint { .. }
             | EngineError::ContextOverflow { .. }
             | EngineError::Template(_) => ErrorKind::InvalidArgument,
             EngineError::QueueFull { retry_after, .. } => ErrorKind::ResourceExhausted {
@@ -96,7 +106,9 @@ impl EngineError {
     pub fn reason(&self) -> &'static str {
         match self {
             EngineError::UnknownModel(_) => "model_not_found",
-            EngineError::InvalidArgument(_) | EngineError::Template(_) => "invalid_value",
+            EngineError::InvalidArgument(_)
+            | EngineError::InvalidConstraint { .. }
+            | EngineError::Template(_) => "invalid_value",
             EngineError::ContextOverflow { .. } => "context_length_exceeded",
             EngineError::QueueFull { .. } => "queue_full",
             EngineError::NotReady(_) => "model_not_ready",

@@ -8,6 +8,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use super::prefix::PrefixStore;
 use super::sequence::{Admitted, Exit, Sequence};
 use super::EngineError;
@@ -244,6 +246,7 @@ impl Instance {
         }
         let logits = {
             let mut steps = Vec::with_capacity(chosen.len());
+            let mut masks = Vec::new();
             let mut rest: &mut [Sequence] = &mut self.live;
             let mut base = 0;
             for &(i, n) in &chosen {
@@ -251,10 +254,23 @@ impl Instance {
                 let (seq, tail) = tail.split_first_mut().expect("index in range");
                 rest = tail;
                 base = i + 1;
-                let (tokens, cache) = seq.step_parts(n);
+                let (tokens, cache, constraint) = seq.step_parts(n);
                 steps.push(SeqStep { tokens, cache });
+                masks.extend(constraint);
             }
-            self.model.transformer.forward(&mut steps)?
+            if masks.is_empty() {
+                self.model.transformer.forward(&mut steps)?
+            } else {
+                // The next-token masks of constrained sequences depend only on the tokens
+                // already sampled: compute them in parallel with each other and beside the
+                // forward pass, on this instance's compute threads (idle ones steal the work).
+                let transformer = &self.model.transformer;
+                let (logits, ()) = rayon::join(
+                    || transformer.forward(&mut steps),
+                    || masks.par_iter_mut().for_each(|c| c.prepare()),
+                );
+                logits?
+            }
         };
         let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let fed: usize = chosen.iter().map(|&(_, n)| n).sum();

@@ -12,6 +12,7 @@ use super::prefix::PrefixStore;
 use super::sampler::Sampler;
 use super::stop::StopMatcher;
 use super::{Completion, EngineError, FinishReason, GenerationEvent, Source, Timings};
+use crate::constrain::Constraint;
 use crate::model::kv_cache::KvCache;
 use crate::model::tokenizer::GgufTokenizer;
 
@@ -39,6 +40,9 @@ pub struct Admitted {
     /// The conversation it continues, if the caller named one: dispatch prefers the instance
     /// that served the conversation last.
     pub session: Option<String>,
+    /// The grammar the output must follow, compiled; `None` for free text (which then costs
+    /// nothing here).
+    pub constraint: Option<Constraint>,
 }
 
 /// Why a sequence left the batch.
@@ -149,14 +153,18 @@ impl Sequence {
         }
     }
 
-    /// The tokens to feed (see [`Self::next_input`]) and the cache they go into.
-    pub fn step_parts(&mut self, n: usize) -> (&[u32], &mut KvCache) {
+    /// The tokens to feed (see [`Self::next_input`]), the cache they go into, and the
+    /// constraint whose mask this step's logits need (only when feeding `n` tokens ends the
+    /// prompt or continues decoding), so the mask can be computed beside the forward pass.
+    pub fn step_parts(&mut self, n: usize) -> (&[u32], &mut KvCache, Option<&mut Constraint>) {
         let start = if self.in_prefill() {
             self.prefilled
         } else {
             self.tokens.len() - 1
         };
-        (&self.tokens[start..start + n], &mut self.cache)
+        let samples = !self.in_prefill() || self.prefilled + n >= self.prompt_len;
+        let constraint = self.req.constraint.as_mut().filter(|_| samples);
+        (&self.tokens[start..start + n], &mut self.cache, constraint)
     }
 
     /// Record that `n` tokens were fed. Returns true when the logits of this step are to be
@@ -181,7 +189,19 @@ impl Sequence {
     /// Sample from this sequence's logits row and deliver the result. Returns `Some(exit)` when
     /// the sequence is over.
     pub fn on_logits(&mut self, logits: &mut [f32], tok: &GgufTokenizer) -> Option<Exit> {
-        let token = self.req.sampler.sample(logits, &self.tokens);
+        let mut complete = false;
+        let token = match self.req.constraint.as_mut() {
+            None => self.req.sampler.sample(logits, &self.tokens),
+            Some(c) => {
+                match constrained_sample(c, &mut self.req.sampler, logits, &self.tokens, tok) {
+                    Ok((token, done)) => {
+                        complete = done;
+                        token
+                    }
+                    Err(e) => return Some(self.fail(EngineError::Internal(e.to_string()))),
+                }
+            }
+        };
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
         }
@@ -197,6 +217,10 @@ impl Sequence {
         self.pending.push_str(&step.text);
         if step.stopped {
             return Some(self.finish(FinishReason::Stop));
+        }
+        if complete {
+            // The grammar can take nothing more: the answer is whole.
+            return Some(self.finish_with_tail(tok, FinishReason::Stop));
         }
         if self.generated() >= self.req.max_tokens || self.cache.len() + 1 >= self.cache.max_len() {
             return Some(self.finish_with_tail(tok, FinishReason::Length));
@@ -278,6 +302,28 @@ impl Sequence {
         send_tail(self.req.tx.clone(), pending, Err(err));
         Exit::Failed
     }
+}
+
+/// Sample under a constraint: mask the logits, sample, and advance the grammar. Returns the
+/// token and whether the grammar is now complete. A stop id is sampled only where the grammar
+/// accepts; the grammar is not advanced past it (the sequence ends there).
+fn constrained_sample(
+    c: &mut Constraint,
+    sampler: &mut Sampler,
+    logits: &mut [f32],
+    history: &[u32],
+    tok: &GgufTokenizer,
+) -> Result<(u32, bool), crate::constrain::ConstrainError> {
+    c.apply(logits)?;
+    let mut token = sampler.sample(logits, history);
+    if !c.allows(token) {
+        // Only when every allowed logit was -inf or NaN (the sampler's argmax fallback).
+        token = c.first_allowed().unwrap_or(token);
+    }
+    if tok.is_stop(token) {
+        return Ok((token, false));
+    }
+    Ok((token, c.advance(token)?))
 }
 
 /// Deliver the final text and event; falls back to a thread only when the channel is full.

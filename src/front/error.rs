@@ -58,6 +58,7 @@ impl From<EngineError> for FrontError {
         let param = match &error {
             EngineError::UnknownModel(_) => Some("model"),
             EngineError::ContextOverflow { .. } => Some("messages"),
+            EngineError::InvalidConstraint { field, .. } => Some(field.as_str()),
             _ => None,
         };
         Self {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::types::{CachePolicy, ChatMessage};
+use crate::types::{CachePolicy, ChatMessage, OutputConstraint};
 
 use super::error::FrontError;
 
@@ -40,6 +40,8 @@ pub struct RawRequest {
     pub session_id: Option<String>,
     /// OpenAI `user`: logged, and the session key when no other is given.
     pub user: Option<String>,
+    /// The grammar the output must follow (OpenAI `response_format`, gRPC `constraint`).
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl Default for RawRequest {
@@ -59,6 +61,7 @@ impl Default for RawRequest {
             cache_policy: Ok(CachePolicy::Default),
             session_id: None,
             user: None,
+            constraint: None,
         }
     }
 }

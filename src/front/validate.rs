@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use super::request::RawRequest;
 use crate::config::Limits;
-use crate::types::{echo, ChatMessage, GenerationRequest, ModelInfo, PromptInput, SamplingParams};
+use crate::types::{
+    echo, ChatMessage, GenerationRequest, Grammar, ModelInfo, OutputConstraint, PromptInput,
+    SamplingParams,
+};
 
 /// Roles the chat templates of the served models understand.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -21,6 +24,8 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub const MAX_TENANT_BYTES: usize = 128;
 /// Longest session key (`session_id`, `x-session-id`, OpenAI `user`), in bytes.
 pub const MAX_SESSION_BYTES: usize = 256;
+/// Largest JSON schema, regex or grammar of an output constraint, in bytes.
+pub const MAX_CONSTRAINT_BYTES: usize = 64 * 1024;
 /// Header (gRPC metadata) naming the conversation a call continues.
 pub const SESSION_HEADER: &str = "x-session-id";
 
@@ -144,6 +149,9 @@ pub fn validate(
         Some(n) => n,
     };
     check_stop(&wire.stop, limits)?;
+    if let Some(c) = &wire.constraint {
+        check_constraint(c)?;
+    }
     let cache_policy = match wire.cache_policy {
         Ok(policy) => policy,
         Err(given) => {
@@ -165,7 +173,42 @@ pub fn validate(
         cache_policy,
         tenant,
         session,
+        constraint: wire.constraint,
     })
+}
+
+/// A schema or grammar's size and shape; whether it compiles is known at submit, where the
+/// model's vocabulary is.
+fn check_constraint(c: &OutputConstraint) -> Result<(), ValidationError> {
+    let text = match &c.grammar {
+        Grammar::JsonObject => return Ok(()),
+        Grammar::JsonSchema(t) | Grammar::Regex(t) | Grammar::Lark(t) => t,
+    };
+    if text.len() > MAX_CONSTRAINT_BYTES {
+        return Err(out_of_range(
+            c.field.as_str(),
+            format!("<= {MAX_CONSTRAINT_BYTES} bytes"),
+            format!("{} bytes", text.len()),
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err(ValidationError::Empty {
+            field: c.field.clone(),
+        });
+    }
+    if let Grammar::JsonSchema(t) = &c.grammar {
+        match serde_json::from_str::<serde_json::Value>(t) {
+            Ok(serde_json::Value::Object(_) | serde_json::Value::Bool(_)) => {}
+            _ => {
+                return Err(out_of_range(
+                    c.field.as_str(),
+                    "a JSON Schema (a JSON object)",
+                    quoted(t),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `value` as the caller would recognise it: capped, quoted and escaped, so control bytes show.

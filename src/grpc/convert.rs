@@ -5,8 +5,8 @@ use super::proto;
 use crate::front::RawRequest;
 use crate::node::NodeState;
 use crate::types::{
-    CachePolicy, ChatMessage, Completion, FinishReason, ModelInfo, ModelState, Role, Source,
-    Timings,
+    CachePolicy, ChatMessage, Completion, FinishReason, Grammar, ModelInfo, ModelState,
+    OutputConstraint, Role, Source, Timings,
 };
 
 /// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
@@ -42,8 +42,25 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         cache_policy,
         session_id: Some(wire.session_id).filter(|s| !s.is_empty()),
         user: None,
+        constraint: wire.constraint.and_then(constraint),
     };
     (raw, request_id)
+}
+
+/// The `constraint` oneof as the neutral constraint; `json_object: false` is free text.
+fn constraint(c: proto::generate_request::Constraint) -> Option<OutputConstraint> {
+    use proto::generate_request::Constraint as C;
+    let (grammar, field) = match c {
+        C::JsonSchema(schema) => (Grammar::JsonSchema(schema), "json_schema"),
+        C::JsonObject(false) => return None,
+        C::JsonObject(true) => (Grammar::JsonObject, "json_object"),
+        C::Regex(rx) => (Grammar::Regex(rx), "regex"),
+        C::Lark(grammar) => (Grammar::Lark(grammar), "lark"),
+    };
+    Some(OutputConstraint {
+        grammar,
+        field: field.to_owned(),
+    })
 }
 
 pub(crate) fn finish_reason(reason: FinishReason) -> proto::FinishReason {

@@ -75,9 +75,10 @@ mod tests {
             EngineError::DeadlineExceeded(_) => 9,
             EngineError::NotCached => 10,
             EngineError::Internal(_) => 11,
+            EngineError::InvalidConstraint { .. } => 12,
         }
     }
-    const VARIANTS: usize = 12;
+    const VARIANTS: usize = 13;
 
     /// Every variant, with the code proto/qnode/v1/inference.proto gives it.
     #[test]
@@ -97,6 +98,13 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (EngineError::Template("t".into()), Code::InvalidArgument),
+            (
+                EngineError::InvalidConstraint {
+                    field: "json_schema".into(),
+                    message: "`json_schema` is not a valid JSON schema: x".into(),
+                },
+                Code::InvalidArgument,
+            ),
             (
                 EngineError::QueueFull {
                     model: "m".into(),

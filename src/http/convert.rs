@@ -7,7 +7,11 @@
 
 use crate::config::NonTextParts;
 use crate::front::{FrontError, RawRequest};
-use crate::types::{echo, CachePolicy, ChatMessage, Completion, FinishReason, Source};
+use serde_json::Value;
+
+use crate::types::{
+    echo, CachePolicy, ChatMessage, Completion, FinishReason, Grammar, OutputConstraint, Source,
+};
 
 use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
 
@@ -179,6 +183,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         Some(other) => Err(other.to_owned()),
     };
     let stream = s.stream.unwrap_or(false);
+    let constraint = response_format(s.response_format)?;
     let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
@@ -193,6 +198,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         stop: s.stop.map(|stop| stop.into_vec()).unwrap_or_default(),
         cache_policy,
         user: s.user.clone(),
+        constraint,
         ..RawRequest::default()
     };
     let options = Options {
@@ -205,6 +211,104 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         dropped_parts: 0,
     };
     Ok((wire, options))
+}
+
+/// `response_format` as an output constraint: absent or `{"type":"text"}` is free text,
+/// `{"type":"json_object"}` any JSON object, `{"type":"json_schema","json_schema":{"name":..,
+/// "schema":{..},"strict":..}}` JSON valid against `schema`. Output is constrained whatever
+/// `strict` says (a guarantee costs nothing more than a hope).
+fn response_format(v: Option<Value>) -> Result<Option<OutputConstraint>, FrontError> {
+    const TYPES: &str = "one of `text`, `json_object`, `json_schema`";
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(obj)) => obj,
+        Some(other) => {
+            return Err(FrontError::invalid(
+                "response_format",
+                format!(
+                    "`response_format` must be an object such as {{\"type\": \"json_object\"}}. Given: {}",
+                    echo(&other.to_string())
+                ),
+            ))
+        }
+    };
+    let constraint = |grammar, field: &str| {
+        Ok(Some(OutputConstraint {
+            grammar,
+            field: field.to_owned(),
+        }))
+    };
+    match obj.get("type") {
+        Some(Value::String(t)) if t == "text" => Ok(None),
+        Some(Value::String(t)) if t == "json_object" => {
+            constraint(Grammar::JsonObject, "response_format")
+        }
+        Some(Value::String(t)) if t == "json_schema" => {
+            let field = "response_format.json_schema";
+            let Some(Value::Object(spec)) = obj.get("json_schema") else {
+                return Err(FrontError::invalid(
+                    field,
+                    format!("`{field}` (an object with `name` and `schema`) is required for type `json_schema`"),
+                ));
+            };
+            for (key, ok) in [
+                (
+                    "name",
+                    matches!(
+                        spec.get("name"),
+                        None | Some(Value::Null | Value::String(_))
+                    ),
+                ),
+                (
+                    "strict",
+                    matches!(
+                        spec.get("strict"),
+                        None | Some(Value::Null | Value::Bool(_))
+                    ),
+                ),
+                (
+                    "description",
+                    matches!(
+                        spec.get("description"),
+                        None | Some(Value::Null | Value::String(_))
+                    ),
+                ),
+            ] {
+                if !ok {
+                    let what = if key == "strict" {
+                        "a boolean"
+                    } else {
+                        "a string"
+                    };
+                    return Err(FrontError::invalid(
+                        format!("{field}.{key}"),
+                        format!("`{field}.{key}` must be {what}"),
+                    ));
+                }
+            }
+            match spec.get("schema") {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => constraint(
+                    Grammar::JsonSchema(schema.to_string()),
+                    "response_format.json_schema.schema",
+                ),
+                _ => Err(FrontError::invalid(
+                    "response_format.json_schema.schema",
+                    "`response_format.json_schema.schema` (a JSON Schema object) is required",
+                )),
+            }
+        }
+        Some(other) => Err(FrontError::invalid(
+            "response_format.type",
+            format!(
+                "`response_format.type` must be {TYPES}. Given: {}",
+                echo(&other.to_string())
+            ),
+        )),
+        None => Err(FrontError::invalid(
+            "response_format.type",
+            format!("`response_format.type` is required: {TYPES}"),
+        )),
+    }
 }
 
 /// OpenAI's `finish_reason`. A cancelled generation never reaches a client (it left), so it reads
@@ -428,8 +532,8 @@ mod tests {
             ),
             (r#""tool_choice":"required""#, "tool_choice"),
             (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
+                r#""response_format":{"type":"xml"}"#,
+                "response_format.type",
             ),
             (r#""logprobs":true"#, "logprobs"),
             (r#""top_logprobs":3"#, "top_logprobs"),
@@ -448,6 +552,54 @@ mod tests {
         // Their "off" values are served.
         let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
         assert!(chat_json(json).is_ok());
+    }
+
+    #[test]
+    fn response_format_becomes_an_output_constraint() {
+        let with = |format: &str| {
+            chat_json(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"response_format":{format}}}"#
+            ))
+        };
+        assert_eq!(with(r#"{"type":"text"}"#).unwrap().0.constraint, None);
+        assert_eq!(with("null").unwrap().0.constraint, None);
+        assert_eq!(
+            with(r#"{"type":"json_object"}"#).unwrap().0.constraint,
+            Some(OutputConstraint {
+                grammar: Grammar::JsonObject,
+                field: "response_format".into()
+            })
+        );
+        let schema = r#"{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}}}}}"#;
+        assert_eq!(
+            with(schema).unwrap().0.constraint,
+            Some(OutputConstraint {
+                grammar: Grammar::JsonSchema(
+                    r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#.into()
+                ),
+                field: "response_format.json_schema.schema".into()
+            })
+        );
+        for (format, param) in [
+            (r#""json_object""#, "response_format"),
+            (r#"{"kind":"json_object"}"#, "response_format.type"),
+            (r#"{"type":"json_schema"}"#, "response_format.json_schema"),
+            (
+                r#"{"type":"json_schema","json_schema":{"name":"p"}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"type":"json_schema","json_schema":{"schema":"{}"}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"type":"json_schema","json_schema":{"strict":"yes","schema":{}}}"#,
+                "response_format.json_schema.strict",
+            ),
+        ] {
+            let err = with(format).expect_err(format);
+            assert_eq!(err.param.as_deref(), Some(param), "{format}: {err:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The OpenAI JSON shapes this front reads and writes, as OpenAI's API reference defines them.
 //!
 //! Every OpenAI request field is either honoured or, when set to something the node cannot do
-//! (`tools`, `response_format`, `logprobs`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
+//! (`tools`, `logprobs`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
 //! refused with a 400 naming it. Fields OpenAI does not define are ignored (clients and SDKs add
 //! their own); `null` reads as absent everywhere.
 
@@ -145,7 +145,8 @@ pub struct GenerateBody {
     /// See `tools`.
     #[serde(default)]
     pub parallel_tool_calls: Option<serde_json::Value>,
-    /// See `tools`.
+    /// `text`, `json_object` or `json_schema`: the output is constrained to it (read by
+    /// `convert`, which names the field at fault).
     #[serde(default)]
     pub response_format: Option<serde_json::Value>,
     /// See `tools`; `false` is served.
@@ -178,7 +179,7 @@ impl GenerateBody {
             Some(Value::Object(o)) => o.is_empty(),
             _ => false,
         };
-        let fields: [(&'static str, bool); 12] = [
+        let fields: [(&'static str, bool); 11] = [
             ("tools", off(&self.tools)),
             (
                 "tool_choice",
@@ -193,12 +194,6 @@ impl GenerateBody {
                 "parallel_tool_calls",
                 off(&self.parallel_tool_calls)
                     || self.parallel_tool_calls == Some(Value::Bool(true)),
-            ),
-            (
-                "response_format",
-                off(&self.response_format)
-                    || self.response_format.as_ref().and_then(|f| f.get("type"))
-                        == Some(&Value::from("text")),
             ),
             ("logprobs", off(&self.logprobs)),
             (

@@ -426,6 +426,7 @@ mod tests {
             arrived,
             deadline: None,
             session: session.map(str::to_owned),
+            constraint: None,
         };
         (a, rx)
     }

@@ -56,6 +56,7 @@ pub(super) fn run(
             arrived,
             deadline: Some(arrived + WARM_UP_DEADLINE),
             session: None,
+            constraint: None,
         };
         admission
             .push(request)

@@ -267,6 +267,7 @@ pub fn request(prompt: &str) -> GenerationRequest {
         cache_policy: CachePolicy::Default,
         tenant: None,
         session: None,
+        constraint: None,
     }
 }
 
