@@ -52,8 +52,11 @@ SCHEMAS = {
             "location": {
                 "type": "object",
                 "properties": {
-                    "lat": {"type": "number", "minimum": -90, "maximum": 90},
-                    "lon": {"type": "number", "minimum": -180, "maximum": 180},
+                    # Whole degrees: with an unbounded `number` SmolLM2 can loop on digits
+                    # ("180.0000…") until max_tokens, which cuts the JSON (README: structured
+                    # output). Numbers stay covered by "array".
+                    "lat": {"type": "integer", "minimum": -90, "maximum": 90},
+                    "lon": {"type": "integer", "minimum": -180, "maximum": 180},
                 },
                 "required": ["lat", "lon"],
                 "additionalProperties": False,
