@@ -244,7 +244,7 @@ unsafe fn run_task(
         lo,
         keys,
     };
-    if m <= DECODE_QUERIES && simd() {
+    let probs = if m <= DECODE_QUERIES && simd() {
         // One new token (or two of a 2-head group): keys in lanes. Scores land query-major,
         // `p[r * stride + off + j]` for key `lo + j`, `off` aligning tiles to the row.
         let off = lo % KEY_TILE;
@@ -262,23 +262,11 @@ unsafe fn run_task(
                 *sum += p[r * stride + j];
             }
         }
-        let probs = Probs {
+        Probs {
             p: &p[off..],
             per_key: 1,
             per_query: stride,
-        };
-        weighted_values(
-            probs,
-            s.kv.v,
-            head + lo * hd,
-            keys,
-            hd,
-            m,
-            &first,
-            &end,
-            o,
-            vbuf,
-        );
+        }
     } else {
         p.clear();
         p.resize(keys * mp, 0.0);
@@ -295,24 +283,24 @@ unsafe fn run_task(
                 (&mut sums[lanes]).try_into().expect("LANES"),
             );
         }
-        let probs = Probs {
+        Probs {
             p,
             per_key: mp,
             per_query: 1,
-        };
-        weighted_values(
-            probs,
-            s.kv.v,
-            head + lo * hd,
-            keys,
-            hd,
-            m,
-            &first,
-            &end,
-            o,
-            vbuf,
-        );
-    }
+        }
+    };
+    weighted_values(
+        probs,
+        s.kv.v,
+        head + lo * hd,
+        keys,
+        hd,
+        m,
+        &first,
+        &end,
+        o,
+        vbuf,
+    );
     for i in 0..t.n {
         let row = s.off + t.r0 + i;
         for g in 0..group {
