@@ -500,16 +500,20 @@ fn decode_scores(
     #[cfg(target_arch = "x86_64")]
     {
         assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
-        let tiles: Vec<usize> = span.tiles().map(|(t0, _, _)| t0).collect();
-        for pair in tiles.chunks(2) {
-            span.widen_tile(pair[0], hd, &mut kbuf[..KEY_TILE * hd]);
-            if let Some(&t1) = pair.get(1) {
+        // Tiles in pairs, from the one holding `lo` to the end of the span (no allocation per
+        // task: this runs once per head per decoded token).
+        let end = span.lo + span.keys;
+        for t0 in (base..end).step_by(2 * KEY_TILE) {
+            let t1 = t0 + KEY_TILE;
+            let tiles = if t1 < end { 2 } else { 1 };
+            span.widen_tile(t0, hd, &mut kbuf[..KEY_TILE * hd]);
+            if tiles == 2 {
                 span.widen_tile(t1, hd, &mut kbuf[KEY_TILE * hd..]);
             }
-            let at = pair[0] - base;
-            // SAFETY: AVX2 and FMA present; `kbuf` holds two widened tiles, `at + 16 <= stride`
-            // or only one tile is stored, rows of `p` hold `stride` floats.
-            unsafe { decode_pair_avx2(qt, hd, m, kbuf, pair.len(), scale, p, stride, at) };
+            // SAFETY: AVX2 and FMA present; `kbuf` holds the widened tiles, and the row of `p`
+            // (`stride` floats, `stride >= end - base` rounded up to whole tiles) holds columns
+            // `t0 - base .. t0 - base + 8 * tiles`.
+            unsafe { decode_pair_avx2(qt, hd, m, kbuf, tiles, scale, p, stride, t0 - base) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
