@@ -286,10 +286,11 @@ pub struct ModelConfig {
     /// conversations' KV kept for the next turn; LRU beyond it); 0 keeps none.
     #[serde(default = "default_kv_cache_mb")]
     pub kv_cache_mb: usize,
-    /// Element type of the KV caches (running sequences and the prefix store): `f16` halves
-    /// their memory (llama.cpp's default), `f32` keeps exactly what the layers computed.
+    /// Element type of the host KV caches (running sequences and the prefix store): `f16`
+    /// halves their memory (llama.cpp's default), `f32` keeps exactly what the layers computed.
+    /// Unset: `f16` on the CPU; GPU caches are always f32, so `f16` there is refused.
     #[serde(default)]
-    pub kv_dtype: KvDtype,
+    pub kv_dtype: Option<KvDtype>,
 }
 
 fn one() -> usize {
@@ -318,7 +319,7 @@ impl ModelConfig {
             context_length: None,
             quant: Quant::default(),
             kv_cache_mb: default_kv_cache_mb(),
-            kv_dtype: KvDtype::default(),
+            kv_dtype: None,
         }
     }
 }
@@ -620,7 +621,7 @@ impl Config {
                 model.kv_cache_mb = n;
             }
             if let Some(d) = args.kv_dtype {
-                model.kv_dtype = d;
+                model.kv_dtype = Some(d);
             }
         }
         Ok(())
@@ -693,6 +694,13 @@ impl Config {
             at_least(&field("max_queued"), model.max_queued, 1)?;
             if let Some(n) = model.context_length {
                 at_least(&field("context_length"), n as usize, 1)?;
+            }
+            if self.server.device != DeviceKind::Cpu && model.kv_dtype == Some(KvDtype::F16) {
+                return Err(out_of_range(
+                    &field("kv_dtype"),
+                    "f32 or unset on a GPU (device KV caches are f32)",
+                    "f16",
+                ));
             }
             let threads = match model.threads_per_instance {
                 Some(n) => n,
@@ -856,8 +864,8 @@ mod tests {
         assert_eq!(config.models[1].max_queued, 3);
         assert_eq!(config.models[1].context_length, Some(1024));
         assert_eq!(config.models[1].kv_cache_mb, 64);
-        assert_eq!(config.models[1].kv_dtype, KvDtype::F32);
-        assert_eq!(config.models[0].kv_dtype, KvDtype::F16);
+        assert_eq!(config.models[1].kv_dtype, Some(KvDtype::F32));
+        assert_eq!(config.models[0].kv_dtype, None);
         assert_eq!(config.models[0].kv_cache_mb, 1024, "unset: the default");
         assert_eq!(config.limits.max_tokens_limit, 100);
         assert_eq!(config.server.role, crate::types::Role::Standby);
@@ -902,6 +910,23 @@ mod tests {
         assert_eq!(config.models[0].kv_cache_mb, 0);
         let config = Config::from_args_with_cores(&parse(&[]), 4).unwrap();
         assert_eq!(config.models[0].kv_cache_mb, 1024);
+    }
+
+    #[test]
+    fn half_precision_kv_is_refused_on_a_gpu_and_unset_means_the_device_default() {
+        let err =
+            Config::from_args_with_cores(&parse(&["--device", "cuda", "--kv-dtype", "f16"]), 4)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("kv_dtype") && err.contains("f16"), "{err}");
+        let config = Config::from_args_with_cores(&parse(&["--device", "cuda"]), 4).unwrap();
+        assert_eq!(config.models[0].kv_dtype, None);
+        let config =
+            Config::from_args_with_cores(&parse(&["--device", "cuda", "--kv-dtype", "f32"]), 4)
+                .unwrap();
+        assert_eq!(config.models[0].kv_dtype, Some(KvDtype::F32));
+        let config = Config::from_args_with_cores(&parse(&["--kv-dtype", "f16"]), 4).unwrap();
+        assert_eq!(config.models[0].kv_dtype, Some(KvDtype::F16));
     }
 
     #[test]

@@ -222,7 +222,7 @@ fn check_engine(family: &'static str) {
     let first_ties = check_forward_of(family, &model.transformer, reference, false);
     let metrics = qnode::metrics::Metrics::new().unwrap();
     let mut config = qnode::config::ModelConfig::new(tiny(family).path.to_str().unwrap());
-    config.kv_dtype = KvDtype::F32;
+    config.kv_dtype = Some(KvDtype::F32);
     let pool = qnode::pool::ModelPool::new(
         &[config],
         qnode::pool::metrics::PoolMetrics::register(metrics.registry()).unwrap(),

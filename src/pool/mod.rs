@@ -383,7 +383,7 @@ impl ModelPool {
                 cfg.quant,
                 &self.device,
             )?
-            .with_kv_dtype(cfg.kv_dtype),
+            .with_kv_dtype(cfg.kv_dtype.unwrap_or_default()),
         );
         let native = model.hparams().context_length;
         let context_length = cfg
