@@ -124,6 +124,25 @@ struct RowSpan {
     t: usize,
 }
 
+impl RowSpan {
+    /// The span's bytes when they lie row-major in one run: always for values, and for keys
+    /// when the span is whole tiles (a tile run holds the same bytes either way).
+    fn contiguous(&self, keys: bool) -> Option<std::ops::Range<usize>> {
+        let whole_tiles = self.start.is_multiple_of(KEY_TILE) && self.t.is_multiple_of(KEY_TILE);
+        (!keys || whole_tiles).then(|| {
+            let at = (self.h * self.cap + self.start) * self.hd * self.size;
+            at..at + self.t * self.hd * self.size
+        })
+    }
+
+    /// Byte offsets of the span's key values in row-major order, gathered from their tiles.
+    fn key_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.start..self.start + self.t).flat_map(move |pos| {
+            (0..self.hd).map(move |d| key_index(self.cap, self.hd, self.h, pos, d) * self.size)
+        })
+    }
+}
+
 /// One host buffer of keys or values.
 enum HostBuf {
     F16(Vec<f16>),
@@ -190,51 +209,27 @@ impl HostBuf {
     }
 
     /// Appends to `out` the raw values of positions `start..start + t` of head `h`, row-major
-    /// (`[t][hd]`) whatever the buffer's layout: as stored for values and for whole key tiles
-    /// (the same bytes), gathered from the tiles otherwise.
+    /// (`[t][hd]`) whatever the buffer's layout (see [`RowSpan::contiguous`]).
     fn read_rows(&self, keys: bool, at: RowSpan, out: &mut Vec<u8>) {
-        let RowSpan {
-            size,
-            cap,
-            hd,
-            h,
-            start,
-            t,
-        } = at;
         let raw = self.raw();
-        if !keys || (start % KEY_TILE == 0 && t % KEY_TILE == 0) {
-            out.extend_from_slice(&raw[(h * cap + start) * hd * size..][..t * hd * size]);
-            return;
-        }
-        for pos in start..start + t {
-            for d in 0..hd {
-                out.extend_from_slice(&raw[key_index(cap, hd, h, pos, d) * size..][..size]);
-            }
+        match at.contiguous(keys) {
+            Some(bytes) => out.extend_from_slice(&raw[bytes]),
+            None => at
+                .key_offsets()
+                .for_each(|o| out.extend_from_slice(&raw[o..o + at.size])),
         }
     }
 
     /// Writes positions `start..start + t` of head `h` from raw values laid out as
     /// [`Self::read_rows`] gives them.
     fn write_rows(&mut self, keys: bool, at: RowSpan, src: &[u8]) {
-        let RowSpan {
-            size,
-            cap,
-            hd,
-            h,
-            start,
-            t,
-        } = at;
         let raw = self.raw_mut();
-        if !keys || (start % KEY_TILE == 0 && t % KEY_TILE == 0) {
-            raw[(h * cap + start) * hd * size..][..t * hd * size].copy_from_slice(src);
-            return;
-        }
-        let mut elems = src.chunks_exact(size);
-        for pos in start..start + t {
-            for d in 0..hd {
-                let e = elems.next().expect("length checked");
-                raw[key_index(cap, hd, h, pos, d) * size..][..size].copy_from_slice(e);
-            }
+        match at.contiguous(keys) {
+            Some(bytes) => raw[bytes].copy_from_slice(src),
+            None => at
+                .key_offsets()
+                .zip(src.chunks_exact(at.size))
+                .for_each(|(o, e)| raw[o..o + at.size].copy_from_slice(e)),
         }
     }
 
