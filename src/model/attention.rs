@@ -597,13 +597,7 @@ unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) {
     unsafe {
         let (lo, hi) = (_mm256_set1_epi32(a as i32), _mm256_set1_epi32(b as i32));
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let valid = |c: usize| {
-            let j = _mm256_add_epi32(idx, _mm256_set1_epi32(c as i32));
-            _mm256_castsi256_ps(_mm256_andnot_si256(
-                _mm256_cmpgt_epi32(lo, j),
-                _mm256_cmpgt_epi32(hi, j),
-            ))
-        };
+        let valid = |c: usize| in_range(lo, hi, _mm256_add_epi32(idx, _mm256_set1_epi32(c as i32)));
         let base = row.as_mut_ptr();
         let (c0, c1) = (a / LANES * LANES, b.div_ceil(LANES) * LANES);
         let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -692,13 +686,7 @@ unsafe fn softmax_avx2(
     unsafe {
         let f = _mm256_loadu_si256(first.as_ptr().cast());
         let e = _mm256_loadu_si256(end.as_ptr().cast());
-        let valid = |j: usize| {
-            let jv = _mm256_set1_epi32(j as i32);
-            _mm256_castsi256_ps(_mm256_andnot_si256(
-                _mm256_cmpgt_epi32(f, jv),
-                _mm256_cmpgt_epi32(e, jv),
-            ))
-        };
+        let valid = |j: usize| in_range(f, e, _mm256_set1_epi32(j as i32));
         let base = p.as_mut_ptr().add(at);
         let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
         for j in 0..keys {
@@ -714,6 +702,21 @@ unsafe fn softmax_avx2(
         }
         _mm256_storeu_ps(sums.as_mut_ptr(), sum);
     }
+}
+
+/// All-ones lanes where `first <= j < end` (both softmaxes' key masks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn in_range(
+    first: std::arch::x86_64::__m256i,
+    end: std::arch::x86_64::__m256i,
+    j: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_castsi256_ps(_mm256_andnot_si256(
+        _mm256_cmpgt_epi32(first, j),
+        _mm256_cmpgt_epi32(end, j),
+    ))
 }
 
 /// [`exp_one`] on 8 lanes, operation for operation (so the same bits).
