@@ -120,6 +120,7 @@ fn completion(finish_reason: FinishReason, completion_tokens: u32) -> Completion
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for ScriptedBackend {
     fn models(&self) -> Vec<ModelInfo> {
         let ready = *self.ready.lock().unwrap();
@@ -137,7 +138,7 @@ impl Backend for ScriptedBackend {
         }]
     }
 
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         self.submitted.lock().unwrap().push(request.clone());
         let script = match &request.input {
             PromptInput::Text(t) => t.clone(),
