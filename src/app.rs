@@ -59,6 +59,9 @@ pub enum Generator {
         /// Cache identities per model id (empty: nothing is cached).
         identities: HashMap<String, ModelIdentity>,
     },
+    /// Any backend, ready at once, called by the fronts directly with no answer cache in between
+    /// (tests of what the fronts hand to the backend).
+    Uncached(Arc<dyn Backend>),
 }
 
 /// The sockets the node serves on. Bound before [`App::serve`] so a caller (a test at port 0)
@@ -116,7 +119,9 @@ pub struct App {
     config: Config,
     metrics: Metrics,
     node: Arc<Node>,
-    cache: Arc<CachedBackend>,
+    /// What the fronts call: the cache, or the bare backend for [`Generator::Uncached`].
+    backend: Arc<dyn Backend>,
+    cache: Option<Arc<CachedBackend>>,
     pool: Option<Arc<ModelPool>>,
     models: Option<Arc<NodeModels>>,
     health_poll: Duration,
@@ -127,6 +132,15 @@ impl App {
     /// resolved, so a missing one fails here).
     pub fn new(config: Config, generator: Generator) -> Result<Self, AppError> {
         let metrics = Metrics::new()?;
+        let cached = |backend, identities| -> Result<_, AppError> {
+            let cache = Arc::new(CachedBackend::new(
+                backend,
+                identities,
+                config.cache.clone(),
+            )?);
+            cache.metrics().register(metrics.registry())?;
+            Ok(cache)
+        };
         let (node, cache, pool, models) = match generator {
             Generator::Models => {
                 // Created first so `uptime` and `warm_after` count from process start.
@@ -134,32 +148,30 @@ impl App {
                 let device = device(config.server.device)?;
                 let pool_metrics = PoolMetrics::register(metrics.registry())?;
                 let pool = Arc::new(ModelPool::new(&config.models, pool_metrics, device)?);
-                let cache = Arc::new(CachedBackend::new(
-                    Arc::clone(&pool) as Arc<dyn Backend>,
-                    HashMap::new(),
-                    config.cache.clone(),
-                )?);
+                let cache = cached(Arc::clone(&pool) as Arc<dyn Backend>, HashMap::new())?;
                 let models = NodeModels::new(Arc::clone(&pool), Arc::clone(&cache), node.clone());
-                (node, cache, Some(pool), Some(models))
+                (node, Ok(cache), Some(pool), Some(models))
             }
             Generator::Backend {
                 backend,
                 identities,
-            } => {
-                let node = Node::ready(&metrics);
-                let cache = Arc::new(CachedBackend::new(
-                    backend,
-                    identities,
-                    config.cache.clone(),
-                )?);
-                (node, cache, None, None)
-            }
+            } => (
+                Node::ready(&metrics),
+                Ok(cached(backend, identities)?),
+                None,
+                None,
+            ),
+            Generator::Uncached(backend) => (Node::ready(&metrics), Err(backend), None, None),
         };
-        cache.metrics().register(metrics.registry())?;
+        let (backend, cache) = match cache {
+            Ok(cache) => (Arc::clone(&cache) as Arc<dyn Backend>, Some(cache)),
+            Err(bare) => (bare, None),
+        };
         Ok(Self {
             config,
             metrics,
             node,
+            backend,
             cache,
             pool,
             models,
@@ -188,9 +200,9 @@ impl App {
         &self.node
     }
 
-    /// The answer cache, over the generator.
-    pub fn cache(&self) -> &Arc<CachedBackend> {
-        &self.cache
+    /// The answer cache over the generator (`None` for [`Generator::Uncached`]).
+    pub fn cache(&self) -> Option<&Arc<CachedBackend>> {
+        self.cache.as_ref()
     }
 
     /// The model pool, when the generator is [`Generator::Models`].
@@ -210,10 +222,11 @@ impl App {
             config,
             metrics,
             node,
-            cache,
+            backend,
             pool,
             models,
             health_poll,
+            ..
         } = self;
         if let Some(listener) = listeners.metrics {
             if let Ok(addr) = listener.local_addr() {
@@ -237,7 +250,7 @@ impl App {
             };
             tokio::spawn(crate::http::serve(
                 listener,
-                Arc::clone(&cache) as Arc<dyn Backend>,
+                Arc::clone(&backend),
                 Arc::clone(&node),
                 HttpConfig::new(&config, metrics.clone()),
                 drained,
@@ -246,7 +259,7 @@ impl App {
         let mut server_config = ServerConfig::new(&config, metrics);
         server_config.health_poll = health_poll;
         let services = Services {
-            backend: cache,
+            backend,
             node,
             models: models.map(|m| m as Arc<dyn crate::node::ModelControl>),
         };
