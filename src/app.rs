@@ -147,7 +147,12 @@ impl App {
                 let node = Node::new(config.server.role, &metrics);
                 let device = device(config.server.device)?;
                 let pool_metrics = PoolMetrics::register(metrics.registry())?;
-                let pool = Arc::new(ModelPool::new(&config.models, pool_metrics, device)?);
+                let pool = Arc::new(ModelPool::new_in(
+                    &config.server.models_dir,
+                    &config.models,
+                    pool_metrics,
+                    device,
+                )?);
                 let cache = cached(Arc::clone(&pool) as Arc<dyn Backend>, HashMap::new())?;
                 let models = NodeModels::new(Arc::clone(&pool), Arc::clone(&cache), node.clone());
                 (node, Ok(cache), Some(pool), Some(models))

@@ -119,6 +119,21 @@ pub struct ServerSection {
     pub admin_api_key: Option<String>,
     /// Where the models run.
     pub device: DeviceKind,
+    /// Directory holding `<id>/<file>` for manifest ids (relative paths from the working
+    /// directory); `qnode models fetch` downloads there.
+    pub models_dir: PathBuf,
+}
+
+/// The models directory when none is configured.
+pub const DEFAULT_MODELS_DIR: &str = "models";
+
+/// `--models-dir` for the tools that read models without a node config (`qnode generate`,
+/// `qnode models`), with the same env twin as `qnode serve`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelsDirArg {
+    /// Directory holding `<id>/<file>` for manifest ids.
+    #[arg(long, env = "QNODE_MODELS_DIR", value_name = "DIR", default_value = DEFAULT_MODELS_DIR)]
+    pub models_dir: PathBuf,
 }
 
 /// One accepted API key and the tenant it binds, if any.
@@ -253,6 +268,7 @@ impl Default for ServerSection {
             role: crate::types::Role::Active,
             admin_api_key: None,
             device: DeviceKind::Cpu,
+            models_dir: PathBuf::from(DEFAULT_MODELS_DIR),
         }
     }
 }
@@ -409,6 +425,9 @@ pub struct ServeArgs {
     /// gRPC listen address. [default: 127.0.0.1:50051]
     #[arg(long, env = "QNODE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Directory holding `<id>/<file>` for manifest ids. [default: models]
+    #[arg(long, env = "QNODE_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
     /// Model to serve, manifest id or GGUF path; repeat for several (env: comma-separated).
     /// Replaces the file's model list; a file entry with the same id keeps its settings.
     /// [default: smollm2]
@@ -550,6 +569,9 @@ impl Config {
         let server = &mut self.server;
         if let Some(listen) = args.listen {
             server.listen = listen;
+        }
+        if let Some(dir) = &args.models_dir {
+            server.models_dir = dir.clone();
         }
         if let Some(addr) = args.metrics_listen {
             server.metrics_listen = Some(addr);
@@ -975,6 +997,27 @@ mod tests {
         assert_eq!(config.models[0].context_length, Some(1024));
         // The file's limits are untouched by flags that do not name them.
         assert_eq!(config.limits.max_tokens_limit, 100);
+    }
+
+    #[test]
+    fn models_dir_from_file_and_flag() {
+        assert_eq!(
+            Config::from_args_with_cores(&parse(&[]), 4)
+                .unwrap()
+                .server
+                .models_dir,
+            PathBuf::from("models")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qnode.toml");
+        std::fs::write(&path, "[server]\nmodels_dir = \"/srv/models\"\n").unwrap();
+        let path = path.to_str().unwrap();
+        let from_file = Config::from_args_with_cores(&parse(&["--config", path]), 4).unwrap();
+        assert_eq!(from_file.server.models_dir, PathBuf::from("/srv/models"));
+        let from_flag =
+            Config::from_args_with_cores(&parse(&["--config", path, "--models-dir", "/data/m"]), 4)
+                .unwrap();
+        assert_eq!(from_flag.server.models_dir, PathBuf::from("/data/m"));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct GenerateArgs {
     /// Compute threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    dir: qnode::config::ModelsDirArg,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -65,7 +67,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     model.quant = args.quant;
     model.max_batch = 1;
     model.threads_per_instance = args.threads;
-    let pool = Arc::new(ModelPool::new(
+    let pool = Arc::new(ModelPool::new_in(
+        &args.dir.models_dir,
         &[model],
         PoolMetrics::unregistered(),
         Device::Cpu,

@@ -2,11 +2,14 @@
 
 use std::process::ExitCode;
 
-use qnode::model::registry::{models_dir, Manifest};
+use qnode::config::ModelsDirArg;
+use qnode::model::registry::Manifest;
 
 /// Flags of `qnode models`.
 #[derive(clap::Args)]
 pub struct ModelsArgs {
+    #[command(flatten)]
+    dir: ModelsDirArg,
     #[command(subcommand)]
     action: Action,
 }
@@ -23,7 +26,7 @@ enum Action {
 }
 
 pub fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
-    let dir = models_dir();
+    let dir = args.dir.models_dir;
     match args.action {
         Action::List => {
             let manifest = Manifest::builtin();

@@ -53,13 +53,6 @@ impl Manifest {
     }
 }
 
-/// Directory holding `<id>/<file>`: `$QNODE_MODELS_DIR`, else `./models`.
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("QNODE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models"))
-}
-
 /// A model spec resolved to a file on disk, with the id it is served under.
 #[derive(Debug, Clone)]
 pub struct ResolvedModel {

@@ -20,7 +20,7 @@ pub mod prep;
 mod runtime;
 mod warmup;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -168,6 +168,8 @@ pub struct ModelPool {
     prefill_chunk: usize,
     kv_cache_mb: RwLock<std::collections::HashMap<String, usize>>,
     cores: usize,
+    /// Where manifest ids resolve, for models added at run time too.
+    models_dir: PathBuf,
     /// Template rendering, tokenization and grammar compilation, off the runtime's workers.
     prep: Prep,
 }
@@ -177,9 +179,25 @@ fn cores() -> usize {
 }
 
 impl ModelPool {
-    /// Resolve every configured model to a file (fails fast when one is missing). Nothing is
-    /// loaded yet: call [`ModelPool::load_all`] off the async runtime.
+    /// [`ModelPool::new_in`] the default models directory (`./models`).
     pub fn new(
+        models: &[ModelConfig],
+        metrics: PoolMetrics,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        Self::new_in(
+            Path::new(crate::config::DEFAULT_MODELS_DIR),
+            models,
+            metrics,
+            device,
+        )
+    }
+
+    /// Resolve every configured model to a file, manifest ids under `models_dir` (fails fast
+    /// when one is missing). Nothing is loaded yet: call [`ModelPool::load_all`] off the async
+    /// runtime.
+    pub fn new_in(
+        models_dir: &Path,
         models: &[ModelConfig],
         metrics: PoolMetrics,
         device: Device,
@@ -191,7 +209,7 @@ impl ModelPool {
         };
         let total: usize = models.iter().map(|m| m.instances * threads_of(m)).sum();
         let pin = total <= cores;
-        let dir = registry::models_dir();
+        let dir = models_dir.to_path_buf();
         let mut next_core = 0;
         let mut entries = Vec::new();
         for m in models {
@@ -224,6 +242,7 @@ impl ModelPool {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_cache_mb: RwLock::new(std::collections::HashMap::new()),
             cores,
+            models_dir: dir,
             prep: Prep::new(PREP_THREADS).map_err(|e| ModelError::Io {
                 path: PathBuf::from("<prep thread>"),
                 source: e,

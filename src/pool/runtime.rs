@@ -21,7 +21,7 @@ impl ModelPool {
                 cores: self.cores,
             });
         }
-        let resolved = registry::resolve(&config.id, &registry::models_dir())?;
+        let resolved = registry::resolve(&config.id, &self.models_dir)?;
         let entry = Arc::new(Entry {
             resolved,
             config,

@@ -132,7 +132,7 @@ impl Drop for RedisServer {
 /// generation, so a test can tell a fresh answer (new number) from a cached one (old number).
 ///
 /// Prompts steer it: `fail` → an error event; `cancel` → `Finished(Cancelled)`; `big:N` → an
-/// answer of N bytes. Each chunk waits `delay` so concurrent requests overlap.
+/// answer of N bytes; `queue_full` → refused at submit (QueueFull, retry after 1 s), uncounted. Each chunk waits `delay` so concurrent requests overlap.
 pub struct CountingBackend {
     pub generations: AtomicUsize,
     pub cancelled: Arc<AtomicUsize>,
@@ -169,6 +169,14 @@ impl Backend for CountingBackend {
     async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         if request.model != MODEL {
             return Err(EngineError::UnknownModel(request.model));
+        }
+        if matches!(&request.input, PromptInput::Chat(m) if m.iter().any(|m| m.content == "queue_full"))
+        {
+            return Err(EngineError::QueueFull {
+                model: request.model,
+                max_queued: 0,
+                retry_after: Duration::from_secs(1),
+            });
         }
         let n = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         let prompt = match &request.input {
