@@ -154,7 +154,12 @@ impl App {
                     device,
                 )?);
                 let cache = cached(Arc::clone(&pool) as Arc<dyn Backend>, HashMap::new())?;
-                let models = NodeModels::new(Arc::clone(&pool), Arc::clone(&cache), node.clone());
+                let models = NodeModels::with_overrides(
+                    Arc::clone(&pool),
+                    Arc::clone(&cache),
+                    node.clone(),
+                    config.model_overrides.clone(),
+                );
                 (node, Ok(cache), Some(pool), Some(models))
             }
             Generator::Backend {

@@ -37,7 +37,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     /// A duration setting could not be parsed.
-    #[error("`{field}` must be a duration like `30s`, `500ms` or `2m`. Given: {value}")]
+    #[error("`{field}` must be {}. Given: {value}", crate::duration::EXPECTED)]
     Duration {
         /// Setting name.
         field: &'static str,
@@ -107,7 +107,7 @@ pub struct ServerSection {
     /// that tenant and cannot claim another. Never logged.
     pub api_keys: ApiKeys,
     /// How long in-flight calls may run after shutdown begins before they are cut.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "crate::duration::text")]
     pub drain_timeout: Duration,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
@@ -323,7 +323,69 @@ fn default_max_queued() -> usize {
     64
 }
 
+/// Settings laid over a model's: the node-wide flags (`--max-batch`, `--kv-dtype`, ...) and an
+/// Admin `LoadModel` request's fields. `None` leaves the setting as it was.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOverrides {
+    /// Engine instances.
+    pub instances: Option<usize>,
+    /// Threads per instance.
+    pub threads_per_instance: Option<usize>,
+    /// Most sequences per batch.
+    pub max_batch: Option<usize>,
+    /// Most requests waiting.
+    pub max_queued: Option<usize>,
+    /// Context window cap.
+    pub context_length: Option<u32>,
+    /// Weight format.
+    pub quant: Option<Quant>,
+    /// KV prefix store budget, MiB.
+    pub kv_cache_mb: Option<usize>,
+    /// KV cache element type.
+    pub kv_dtype: Option<KvDtype>,
+}
+
+impl ModelOverrides {
+    /// Lays the set fields over `model`.
+    pub fn apply_to(&self, model: &mut ModelConfig) {
+        if let Some(n) = self.instances {
+            model.instances = n;
+        }
+        if let Some(n) = self.threads_per_instance {
+            model.threads_per_instance = Some(n);
+        }
+        if let Some(n) = self.max_batch {
+            model.max_batch = n;
+        }
+        if let Some(n) = self.max_queued {
+            model.max_queued = n;
+        }
+        if let Some(n) = self.context_length {
+            model.context_length = Some(n);
+        }
+        if let Some(q) = self.quant {
+            model.quant = q;
+        }
+        if let Some(n) = self.kv_cache_mb {
+            model.kv_cache_mb = n;
+        }
+        if let Some(d) = self.kv_dtype {
+            model.kv_dtype = Some(d);
+        }
+    }
+}
+
 impl ModelConfig {
+    /// The one way a model's settings are decided, for file entries, flags and Admin
+    /// `LoadModel` alike: `base` (a file entry, or the defaults), then the node's flags
+    /// (`node`), then the caller's own fields (`request`).
+    pub fn resolve(base: ModelConfig, node: &ModelOverrides, request: &ModelOverrides) -> Self {
+        let mut model = base;
+        node.apply_to(&mut model);
+        request.apply_to(&mut model);
+        model
+    }
+
     /// A model with every setting at its default.
     pub fn new(id: impl Into<String>) -> Self {
         Self {
@@ -402,6 +464,10 @@ pub struct Config {
     pub cache: crate::cache::CacheConfig,
     /// The OpenAI HTTP front.
     pub openai: OpenAiSection,
+    /// The node-wide model flags (`--max-batch`, `--kv-dtype`, ...): laid over every configured
+    /// model, and over models added at run time by Admin `LoadModel`.
+    #[serde(skip)]
+    pub model_overrides: ModelOverrides,
 }
 
 impl Default for Config {
@@ -412,6 +478,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: crate::cache::CacheConfig::default(),
             openai: OpenAiSection::default(),
+            model_overrides: ModelOverrides::default(),
         }
     }
 }
@@ -480,7 +547,7 @@ pub struct ServeArgs {
     /// KV cache element type of every model: f16 or f32. [default: f16]
     #[arg(long, env = "QNODE_KV_DTYPE", value_name = "TYPE")]
     pub kv_dtype: Option<KvDtype>,
-    /// Time in-flight calls get to finish after shutdown starts, e.g. 30s, 500ms. [default: 30s]
+    /// Time in-flight calls get to finish after shutdown starts: 30s, 500ms, 2m. [default: 30s]
     #[arg(long, env = "QNODE_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
     /// Log line format. [default: text]
@@ -586,10 +653,11 @@ impl Config {
             server.api_keys = ApiKeys::parse(keys);
         }
         if let Some(text) = &args.drain_timeout {
-            server.drain_timeout = parse_duration(text).ok_or_else(|| ConfigError::Duration {
-                field: "drain_timeout",
-                value: text.clone(),
-            })?;
+            server.drain_timeout =
+                crate::duration::parse(text).ok_or_else(|| ConfigError::Duration {
+                    field: "drain_timeout",
+                    value: text.clone(),
+                })?;
         }
         if let Some(format) = args.log_format {
             server.log_format = format;
@@ -626,26 +694,19 @@ impl Config {
                 })
                 .collect();
         }
-        for model in &mut self.models {
-            if let Some(n) = args.instances {
-                model.instances = n;
-            }
-            if let Some(n) = args.threads_per_instance {
-                model.threads_per_instance = Some(n);
-            }
-            if let Some(n) = args.max_batch {
-                model.max_batch = n;
-            }
-            if let Some(n) = args.max_queued {
-                model.max_queued = n;
-            }
-            if let Some(n) = args.kv_cache_mb {
-                model.kv_cache_mb = n;
-            }
-            if let Some(d) = args.kv_dtype {
-                model.kv_dtype = Some(d);
-            }
-        }
+        self.model_overrides = ModelOverrides {
+            instances: args.instances,
+            threads_per_instance: args.threads_per_instance,
+            max_batch: args.max_batch,
+            max_queued: args.max_queued,
+            kv_cache_mb: args.kv_cache_mb,
+            kv_dtype: args.kv_dtype,
+            ..ModelOverrides::default()
+        };
+        self.models = std::mem::take(&mut self.models)
+            .into_iter()
+            .map(|m| ModelConfig::resolve(m, &self.model_overrides, &ModelOverrides::default()))
+            .collect();
         Ok(())
     }
 
@@ -765,40 +826,6 @@ fn at_least(field: &str, value: usize, min: usize) -> Result<(), ConfigError> {
 /// `--role`: clap conversion lives here, so [`Role`](crate::types::Role) stays free of clap.
 fn parse_role(text: &str) -> Result<crate::types::Role, String> {
     text.parse()
-}
-
-/// Parses `500ms`, `30s`, `2m` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(number)),
-        "" | "s" => Some(Duration::from_secs(number)),
-        "m" => number.checked_mul(60).map(Duration::from_secs),
-        _ => None,
-    }
-}
-
-/// TOML durations: a string such as `"30s"` or an integer number of seconds.
-fn de_duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    match Raw::deserialize(de)? {
-        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(text) => parse_duration(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "`drain_timeout` must be a duration like `30s`, `500ms` or `2m`. Given: {text}"
-            ))
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -1173,15 +1200,32 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("qnode.toml");
         let config = Config::from_file(&path).unwrap();
         assert!(!config.models.is_empty());
+        // The documented [cache] and [openai] values are the defaults, so the file tells the truth.
+        assert_eq!(config.cache, crate::cache::CacheConfig::default());
+        assert_eq!(config.openai, OpenAiSection::default());
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("2h"), None);
-        assert_eq!(parse_duration(""), None);
+    fn every_section_takes_the_one_duration_format() {
+        let f = file("[server]\ndrain_timeout = \"2m\"\n[cache]\nredis_timeout = \"20ms\"\nmax_age = \"1h\"\n");
+        let config = Config::from_file(f.path()).unwrap();
+        assert_eq!(config.server.drain_timeout, Duration::from_secs(120));
+        assert_eq!(config.cache.redis_timeout, Duration::from_millis(20));
+        assert_eq!(config.cache.max_age, Duration::from_secs(3600));
+        // A bare number is refused in every section, naming the format.
+        for text in [
+            "[server]\ndrain_timeout = 30\n",
+            "[cache]\nredis_timeout = 50\n",
+        ] {
+            let err = Config::from_file(file(text).path())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("bare number") && err.contains("\"30s\""),
+                "{err}"
+            );
+        }
+        let err = Config::from_args_with_cores(&parse(&["--drain-timeout", "30"]), 4).unwrap_err();
+        assert!(err.to_string().contains("\"250ms\""), "{err}");
     }
 }

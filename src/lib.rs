@@ -5,6 +5,7 @@
 //! - [`types`]: the crate's vocabulary (messages, prompt input, sampling, the generation request
 //!   and its events, finish reasons, cache policy and source, model info, role, [`types::ErrorKind`]).
 //!   A leaf: it imports nothing of the crate.
+//! - [`duration`]: the one duration format of every setting (`"250ms"`, `"30s"`, `"1h"`). A leaf.
 //! - [`config`]: the one `Config` (TOML file, `QNODE_*` env, flags), validated at start.
 //! - [`model`]: GGUF reading, Q8_0 requantization and writing, the tokenizer and chat template built
 //!   from GGUF metadata, and the forward pass (llama, gemma3) over a ragged batch of sequences, each
@@ -40,6 +41,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod constrain;
+pub mod duration;
 pub mod engine;
 pub mod front;
 pub mod grpc;

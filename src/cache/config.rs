@@ -11,18 +11,18 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// Most sampled answers kept per question (`sampled_variants`).
 pub const MAX_SAMPLED_VARIANTS: usize = 16;
 
-/// Settings of the two-level answer cache. Durations are integer milliseconds in config files.
+/// Settings of the two-level answer cache. Durations are written `"50ms"`, `"30s"`, `"1h"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Upper bound on the bytes of answers held in process (L1), text plus a fixed per-entry cost.
     pub l1_max_bytes: u64,
     /// How long an answer stays in L1 after it was stored there.
-    #[serde(with = "duration_ms")]
+    #[serde(with = "crate::duration::text")]
     pub l1_ttl: Duration,
     /// Hard age limit of an answer since it was generated, whichever level serves it; also the TTL
     /// of the Redis value (a hit does not extend it).
-    #[serde(with = "duration_ms")]
+    #[serde(with = "crate::duration::text")]
     pub max_age: Duration,
     /// `redis://host:port/db` for one server, or `redis+cluster://h1:p1,h2:p2` (or a
     /// comma-separated list of `redis://` URLs) for a Redis Cluster. `None` turns L2 off.
@@ -39,18 +39,18 @@ pub struct CacheConfig {
     /// `hot_window`; `1` stores every answer.
     pub hot_threshold: u64,
     /// Window over which asks are counted for `hot_threshold`.
-    #[serde(with = "duration_ms")]
+    #[serde(with = "crate::duration::text")]
     pub hot_window: Duration,
     /// Most keys kept in the Redis sorted set of hot keys that `prewarm_from_redis` reads.
     pub hot_set_max: usize,
     /// Every Redis call (connecting included) gives up after this long; the request goes on
     /// as a miss.
-    #[serde(with = "duration_ms")]
+    #[serde(with = "crate::duration::text")]
     pub redis_timeout: Duration,
     /// Consecutive Redis failures that open the circuit breaker (Redis is then skipped).
     pub breaker_failures: u32,
     /// How long the breaker stays open before one probe call is let through.
-    #[serde(with = "duration_ms")]
+    #[serde(with = "crate::duration::text")]
     pub breaker_cooldown: Duration,
     /// Characters per `Delta` when a cached answer is replayed (never splits a UTF-8 character).
     pub chunk_chars: usize,
@@ -152,21 +152,6 @@ impl CacheConfig {
     }
 }
 
-/// `Duration` as integer milliseconds, the unit the rest of the node's config uses.
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,14 +161,14 @@ mod tests {
         let c = CacheConfig::default();
         c.validate().unwrap();
         let text = toml::to_string(&c).unwrap();
-        assert!(text.contains("redis_timeout = 50"), "{text}");
+        assert!(text.contains("redis_timeout = \"50ms\""), "{text}");
         let back: CacheConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
     }
 
     #[test]
     fn partial_toml_keeps_defaults() {
-        let c: CacheConfig = toml::from_str("hot_threshold = 3\nredis_timeout = 20").unwrap();
+        let c: CacheConfig = toml::from_str("hot_threshold = 3\nredis_timeout = \"20ms\"").unwrap();
         assert_eq!(c.hot_threshold, 3);
         assert_eq!(c.redis_timeout, Duration::from_millis(20));
         assert_eq!(c.chunk_chars, CacheConfig::default().chunk_chars);

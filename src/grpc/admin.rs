@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::proto::admin_server::Admin;
 use super::status::status;
 use super::{convert, proto};
-use crate::config::{ModelConfig, Quant};
+use crate::config::{ModelOverrides, Quant};
 use crate::front::Front;
 use crate::node::{ControlError, ModelControl};
 
@@ -56,8 +56,11 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A LoadModel request as a model configuration, fields checked.
-fn model_config(request: proto::LoadModelRequest) -> Result<ModelConfig, ControlError> {
+/// A LoadModel request as the model id and the fields it sets, checked. Unset fields keep the
+/// node's defaults and flags (resolved by the model control).
+fn model_overrides(
+    request: proto::LoadModelRequest,
+) -> Result<(String, ModelOverrides), ControlError> {
     let invalid = |field, constraint: &str, value: String| ControlError::InvalidArgument {
         field,
         constraint: constraint.to_string(),
@@ -66,7 +69,7 @@ fn model_config(request: proto::LoadModelRequest) -> Result<ModelConfig, Control
     if request.id.is_empty() {
         return Err(invalid("id", "non-empty", "\"\"".into()));
     }
-    let mut config = ModelConfig::new(request.id);
+    let mut set = ModelOverrides::default();
     if let Some(n) = request.instances {
         if !(1..=MAX_INSTANCES).contains(&n) {
             return Err(invalid(
@@ -75,13 +78,13 @@ fn model_config(request: proto::LoadModelRequest) -> Result<ModelConfig, Control
                 n.to_string(),
             ));
         }
-        config.instances = n as usize;
+        set.instances = Some(n as usize);
     }
     if let Some(n) = request.threads_per_instance {
         if n == 0 {
             return Err(invalid("threads_per_instance", ">= 1", n.to_string()));
         }
-        config.threads_per_instance = Some(n as usize);
+        set.threads_per_instance = Some(n as usize);
     }
     if let Some(n) = request.max_batch {
         if !(1..=MAX_BATCH).contains(&n) {
@@ -91,21 +94,22 @@ fn model_config(request: proto::LoadModelRequest) -> Result<ModelConfig, Control
                 n.to_string(),
             ));
         }
-        config.max_batch = n as usize;
+        set.max_batch = Some(n as usize);
     }
     if let Some(n) = request.context_length {
         if n == 0 {
             return Err(invalid("context_length", ">= 1", n.to_string()));
         }
-        config.context_length = Some(n);
+        set.context_length = Some(n);
     }
-    config.quant = match request.quant.as_str() {
-        "" => Quant::default(),
-        name => name
-            .parse()
-            .map_err(|_| invalid("quant", "`q8_0` or `original`", format!("{name:?}")))?,
+    set.quant = match request.quant.as_str() {
+        "" => None,
+        name => Some(
+            name.parse::<Quant>()
+                .map_err(|_| invalid("quant", "`q8_0` or `original`", format!("{name:?}")))?,
+        ),
     };
-    Ok(config)
+    Ok((request.id, set))
 }
 
 #[tonic::async_trait]
@@ -146,8 +150,8 @@ impl Admin for AdminService {
         request: Request<proto::LoadModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let control = self.control()?;
-        let config = model_config(request.into_inner()).map_err(status)?;
-        let info = control.load_model(config).await.map_err(status)?;
+        let (id, overrides) = model_overrides(request.into_inner()).map_err(status)?;
+        let info = control.load_model(id, overrides).await.map_err(status)?;
         Ok(Response::new(convert::model_info(&info)))
     }
 
@@ -189,7 +193,7 @@ mod tests {
 
     #[test]
     fn load_model_fields_are_checked_and_named() {
-        let bad = |r: proto::LoadModelRequest| model_config(r).unwrap_err().to_string();
+        let bad = |r: proto::LoadModelRequest| model_overrides(r).unwrap_err().to_string();
         let base = || proto::LoadModelRequest {
             id: "smollm2".into(),
             ..Default::default()
@@ -205,16 +209,35 @@ mod tests {
             ..base()
         })
         .contains("`quant`"));
-        let ok = model_config(proto::LoadModelRequest {
+        let (id, set) = model_overrides(proto::LoadModelRequest {
             instances: Some(2),
             max_batch: Some(4),
             quant: "original".into(),
             ..base()
         })
         .unwrap();
+        assert_eq!(id, "smollm2");
         assert_eq!(
-            (ok.instances, ok.max_batch, ok.quant),
-            (2, 4, Quant::Original)
+            (set.instances, set.max_batch, set.quant, set.max_queued),
+            (Some(2), Some(4), Some(Quant::Original), None)
+        );
+        // Unset fields come from the node's flags, the request's fields win over them.
+        let node = crate::config::ModelOverrides {
+            max_batch: Some(16),
+            max_queued: Some(3),
+            kv_cache_mb: Some(0),
+            ..Default::default()
+        };
+        let model =
+            crate::config::ModelConfig::resolve(crate::config::ModelConfig::new(id), &node, &set);
+        assert_eq!(
+            (
+                model.instances,
+                model.max_batch,
+                model.max_queued,
+                model.kv_cache_mb
+            ),
+            (2, 4, 3, 0)
         );
     }
 }

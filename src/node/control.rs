@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::ModelConfig;
+use crate::config::ModelOverrides;
 use crate::engine::ModelInfo;
 use crate::types::ErrorKind;
 
@@ -75,8 +75,13 @@ impl ControlError {
 /// LoadModel, UnloadModel and Warmup.
 #[async_trait::async_trait]
 pub trait ModelControl: Send + Sync + 'static {
-    /// Load, warm and start serving one more model.
-    async fn load_model(&self, config: ModelConfig) -> Result<ModelInfo, ControlError>;
+    /// Load, warm and start serving one more model: `id` with the node's model defaults and
+    /// flags, then `overrides` (the caller's own fields).
+    async fn load_model(
+        &self,
+        id: String,
+        overrides: ModelOverrides,
+    ) -> Result<ModelInfo, ControlError>;
     /// Stop serving `id`; returns how many queued requests were refused.
     async fn unload_model(&self, id: &str) -> Result<usize, ControlError>;
     /// Warm-up generations on every instance of `models` (all when empty), then preload up to

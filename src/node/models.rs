@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::control::{ControlError, ModelControl, WarmupReport};
 use super::Node;
 use crate::cache::{CachedBackend, ModelIdentity};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ModelOverrides};
 use crate::engine::{Backend, ModelInfo};
 use crate::model::ModelError;
 use crate::pool::{ModelPool, PoolError};
@@ -17,6 +17,8 @@ pub struct NodeModels {
     pool: Arc<ModelPool>,
     cache: Arc<CachedBackend>,
     node: Arc<Node>,
+    /// The node's model flags, laid over models added at run time.
+    overrides: ModelOverrides,
 }
 
 impl From<PoolError> for ControlError {
@@ -49,7 +51,23 @@ fn join_error(e: tokio::task::JoinError) -> ControlError {
 impl NodeModels {
     /// Drives `pool` (wrapped by `cache`) for `node`.
     pub fn new(pool: Arc<ModelPool>, cache: Arc<CachedBackend>, node: Arc<Node>) -> Arc<Self> {
-        Arc::new(Self { pool, cache, node })
+        Self::with_overrides(pool, cache, node, ModelOverrides::default())
+    }
+
+    /// As [`NodeModels::new`]; models added by `LoadModel` also get the node's model flags
+    /// (`overrides`, [`crate::config::Config::model_overrides`]), as configured ones did.
+    pub fn with_overrides(
+        pool: Arc<ModelPool>,
+        cache: Arc<CachedBackend>,
+        node: Arc<Node>,
+        overrides: ModelOverrides,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            cache,
+            node,
+            overrides,
+        })
     }
 
     /// Start-up: load every model (node loading), run warm-up generations on every instance and
@@ -93,7 +111,12 @@ impl NodeModels {
 
 #[async_trait::async_trait]
 impl ModelControl for NodeModels {
-    async fn load_model(&self, config: ModelConfig) -> Result<ModelInfo, ControlError> {
+    async fn load_model(
+        &self,
+        id: String,
+        overrides: ModelOverrides,
+    ) -> Result<ModelInfo, ControlError> {
+        let config = ModelConfig::resolve(ModelConfig::new(id), &self.overrides, &overrides);
         let pool = Arc::clone(&self.pool);
         let info = tokio::task::spawn_blocking(move || pool.add_model(config))
             .await

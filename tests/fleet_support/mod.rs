@@ -218,7 +218,7 @@ impl Drop for QnodeProcess {
 pub fn write_node_config(dir: &Path) {
     std::fs::write(
         dir.join("qnode.toml"),
-        "[cache]\nhot_threshold = 1\nredis_timeout = 2000\n\n[server]\ndrain_timeout = \"20s\"\n",
+        "[cache]\nhot_threshold = 1\nredis_timeout = \"2s\"\n\n[server]\ndrain_timeout = \"20s\"\n",
     )
     .expect("write qnode.toml");
 }
