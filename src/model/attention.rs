@@ -234,7 +234,7 @@ unsafe fn run_task(
 
     let head = t.kvh * s.kv.capacity * hd;
     let mut sums = [0f32; ROWS_PER_TASK * 16];
-    kbuf.resize(2 * KEY_TILE * hd, 0.0);
+    kbuf.resize(KEY_TILE * hd, 0.0);
     vbuf.resize(V_TILE * hd, 0.0);
     o.clear();
     o.resize(m * hd, 0.0);
@@ -251,17 +251,13 @@ unsafe fn run_task(
         let stride = (off + keys).next_multiple_of(KEY_TILE);
         p.clear();
         p.resize(m * stride, 0.0);
-        decode_scores(qt, hd, m, span, shape.scale, p, stride, kbuf);
+        decode_scores(qt, hd, m, span, shape.scale, p, stride);
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
             softmax_row(row, off + first[r] as usize, off + end[r] as usize);
         }
         // The same sums as the lane-wise softmax: in key order, masked keys adding +0.
-        for j in 0..stride {
-            for (r, sum) in sums.iter_mut().enumerate().take(m) {
-                *sum += p[r * stride + j];
-            }
-        }
+        row_sums(p, m, stride, &mut sums);
         Probs {
             p: &p[off..],
             per_key: 1,
@@ -345,8 +341,8 @@ impl KeySpan<'_> {
 
 /// `p[j * mp + r] = scale · Σ_d q_r[d]·k_j[d]` for every key `j` (position `lo + j`) and query
 /// `r`, each sum one FMA chain over `d` in order (so the same in any lane, block or path). Keys
-/// are widened a tile at a time into `kbuf` (`[hd][KEY_TILE]`), which stays in L1 while every
-/// query passes over it.
+/// (f16) are widened a tile at a time into `kbuf` (`[hd][KEY_TILE]`) or (f32) read in place; a
+/// tile stays in L1 while every query passes over it.
 fn scores(
     qt: &[f32],
     hd: usize,
@@ -360,13 +356,20 @@ fn scores(
     assert!(p.len() >= span.keys * lane_groups * LANES);
     let mp = lane_groups * LANES;
     for (t0, a, b) in span.tiles() {
-        span.widen_tile(t0, hd, kbuf);
+        // f32 tiles are read in place.
+        let kt: &[f32] = match span.k {
+            KvRows::F32(k) => &k[span.head + t0 * hd..][..KEY_TILE * hd],
+            KvRows::F16(_) => {
+                span.widen_tile(t0, hd, kbuf);
+                kbuf
+            }
+        };
         let (j0, kn, lane0) = (a - span.lo, b - a, a - t0);
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above, and
             // `lane0 + kn <= KEY_TILE`.
-            unsafe { scores_avx2(qt, hd, lane_groups, kbuf, lane0, j0, kn, scale, p) };
+            unsafe { scores_avx2(qt, hd, lane_groups, kt, lane0, j0, kn, scale, p) };
             continue;
         }
         for c in 0..lane_groups {
@@ -374,7 +377,7 @@ fn scores(
             for kk in 0..kn {
                 let mut acc = [0f32; LANES];
                 for (d, qd) in qc.chunks_exact(LANES).enumerate() {
-                    let kd = kbuf[d * KEY_TILE + lane0 + kk];
+                    let kd = kt[d * KEY_TILE + lane0 + kk];
                     for l in 0..LANES {
                         acc[l] = qd[l].mul_add(kd, acc[l]);
                     }
@@ -471,19 +474,42 @@ unsafe fn scores_avx2(
     }
 }
 
-/// Whether the keys-in-lanes kernels may run.
+/// Whether the keys-in-lanes kernels may run: AVX2, FMA and F16C (they read half-precision keys
+/// and values straight from the cache).
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return avx2_fma();
+    return avx2_fma() && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     return false;
+}
+
+/// Calls `$f::<M, HALF>(args...)` with `M` the query count `$m` (1 to [`DECODE_QUERIES`]) and
+/// `HALF` whether the cache holds f16: the accumulators of a fixed query count stay in
+/// registers (a run-time count kept them in memory, and every FMA waited on a store).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_queries {
+    ($f:ident, $m:expr, $half:expr, $args:expr) => {{
+        let a = $args;
+        match ($m, $half) {
+            (1, true) => $f::<1, true>(a),
+            (2, true) => $f::<2, true>(a),
+            (3, true) => $f::<3, true>(a),
+            (4, true) => $f::<4, true>(a),
+            (1, false) => $f::<1, false>(a),
+            (2, false) => $f::<2, false>(a),
+            (3, false) => $f::<3, false>(a),
+            (4, false) => $f::<4, false>(a),
+            (m, _) => unreachable!("{m} queries on the keys-in-lanes path"),
+        }
+    }};
 }
 
 /// Scores of `m <= DECODE_QUERIES` queries (lane group 0 of `qt`) with keys in lanes:
 /// `p[r * stride + pos - lo / KEY_TILE * KEY_TILE]` for every position of every tile covering the
 /// span (positions outside it get junk the softmax masks). Each score is the same FMA chain over
-/// `d` as in [`scores`] (`q·k + acc` either way), so the same bits.
-#[allow(clippy::too_many_arguments)]
+/// `d` as in [`scores`] (`q·k + acc` either way), so the same bits. Keys are read straight from
+/// the cache's tiles (widened on load for f16): with at most 4 queries per key, copying a tile
+/// out first cost more than the full lanes saved.
 fn decode_scores(
     qt: &[f32],
     hd: usize,
@@ -492,82 +518,153 @@ fn decode_scores(
     scale: f32,
     p: &mut [f32],
     stride: usize,
-    kbuf: &mut [f32],
 ) {
     let base = span.lo / KEY_TILE * KEY_TILE;
-    assert!(m <= DECODE_QUERIES && qt.len() >= hd * LANES && kbuf.len() >= 2 * KEY_TILE * hd);
-    assert!(p.len() >= m * stride && base + stride >= span.lo + span.keys);
+    let end = span.lo + span.keys;
+    assert!((1..=DECODE_QUERIES).contains(&m) && qt.len() >= hd * LANES);
+    assert!(p.len() >= m * stride && base + stride >= end);
+    assert!(span.k.len() >= span.head + end.next_multiple_of(KEY_TILE) * hd);
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
-        // Tiles in pairs, from the one holding `lo` to the end of the span (no allocation per
-        // task: this runs once per head per decoded token).
-        let end = span.lo + span.keys;
-        for t0 in (base..end).step_by(2 * KEY_TILE) {
-            let t1 = t0 + KEY_TILE;
-            let tiles = if t1 < end { 2 } else { 1 };
-            span.widen_tile(t0, hd, &mut kbuf[..KEY_TILE * hd]);
-            if tiles == 2 {
-                span.widen_tile(t1, hd, &mut kbuf[KEY_TILE * hd..]);
-            }
-            // SAFETY: AVX2 and FMA present; `kbuf` holds the widened tiles, and the row of `p`
-            // (`stride` floats, `stride >= end - base` rounded up to whole tiles) holds columns
-            // `t0 - base .. t0 - base + 8 * tiles`.
-            unsafe { decode_pair_avx2(qt, hd, m, kbuf, tiles, scale, p, stride, t0 - base) };
-        }
+        assert!(simd(), "keys in lanes needs AVX2, FMA and F16C");
+        let (k, half) = raw(span.k);
+        let args = (
+            qt.as_ptr(),
+            hd,
+            k,
+            span.head,
+            base,
+            end,
+            scale,
+            p.as_mut_ptr(),
+            stride,
+        );
+        // SAFETY: the CPU has AVX2, FMA and F16C; `qt` holds lane group 0, every tile covering
+        // `base..end` lies in the key buffer and every row `r < m` of `p` holds its `stride >=
+        // end - base` columns (all checked above).
+        unsafe { by_queries!(decode_scores_avx2, m, half, args) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qt, hd, m, span, scale, p, stride, kbuf);
+        let _ = (qt, hd, m, span, scale, p, stride);
         unreachable!("keys in lanes runs only where simd() holds");
     }
 }
 
-/// Most query vectors per task that take the keys-in-lanes path (2 tiles × this many
-/// accumulators stay in registers).
+/// A key or value buffer as raw bytes, and whether its values are half precision.
+#[cfg(target_arch = "x86_64")]
+fn raw(x: KvRows<'_>) -> (*const u8, bool) {
+    match x {
+        KvRows::F16(x) => (x.as_ptr().cast(), true),
+        KvRows::F32(x) => (x.as_ptr().cast(), false),
+    }
+}
+
+/// Most query vectors per task that take the keys-in-lanes path.
 const DECODE_QUERIES: usize = 4;
 
-/// Scores of the `tiles` (1 or 2) widened tiles in `k` for `m` queries, stored from column `at`
-/// of each query's row of `p`.
+/// Eight values from element `i` of a cache buffer, widened if `HALF`.
 ///
 /// # Safety
-/// AVX2 and FMA present; `m <= DECODE_QUERIES`; `qt` holds `hd * LANES` floats, `k` `tiles`
-/// widened tiles; row `r < m` of `p` (`stride` floats) holds columns `at..at + 8 * tiles`.
+/// F16C (for `HALF`) and AVX present; elements `i..i + 8` lie in the buffer at `base`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn decode_pair_avx2(
-    qt: &[f32],
-    hd: usize,
-    m: usize,
-    k: &[f32],
-    tiles: usize,
-    scale: f32,
-    p: &mut [f32],
-    stride: usize,
-    at: usize,
-) {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<const HALF: bool>(base: *const u8, i: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; DECODE_QUERIES];
-    let (kb, qb) = (k.as_ptr(), qt.as_ptr());
-    // SAFETY: per the contract; d < hd keeps every load inside the tiles and the query group.
+    // SAFETY: per the contract.
     unsafe {
-        for d in 0..hd {
-            let k0 = _mm256_loadu_ps(kb.add(d * KEY_TILE));
-            let k1 = _mm256_loadu_ps(kb.add((hd + d) * KEY_TILE));
-            for (r, acc) in acc.iter_mut().enumerate().take(m) {
-                let qd = _mm256_broadcast_ss(&*qb.add(d * LANES + r));
-                acc[0] = _mm256_fmadd_ps(qd, k0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(qd, k1, acc[1]);
+        if HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(base.cast::<u16>().add(i).cast()))
+        } else {
+            _mm256_loadu_ps(base.cast::<f32>().add(i))
+        }
+    }
+}
+
+/// Arguments of [`decode_scores_avx2`]: queries (lane group 0), `hd`, key buffer, offset of the
+/// head in it, first tile's position, end of the span, scale, scores, row stride.
+#[cfg(target_arch = "x86_64")]
+type DecodeArgs = (
+    *const f32,
+    usize,
+    *const u8,
+    usize,
+    usize,
+    usize,
+    f32,
+    *mut f32,
+    usize,
+);
+
+/// [`decode_scores`] for `M` queries, `8 / M` tiles (2 to 8) per step so that at least 6 FMA
+/// chains run side by side; a step past the span's end rescores its first tile and does not
+/// store it.
+///
+/// # Safety
+/// As in [`decode_scores`]: AVX2, FMA, F16C; every pointer covers what it is read or written at.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
+    use std::arch::x86_64::*;
+    let (qt, hd, k, head, base, end, scale, p, stride) = a;
+    const MAX_TILES: usize = 8;
+    let tiles = (MAX_TILES / M).clamp(2, MAX_TILES);
+    let sc = _mm256_set1_ps(scale);
+    // SAFETY: per the contract; d < hd keeps every load inside its tile and the query group.
+    unsafe {
+        for t0 in (base..end).step_by(tiles * KEY_TILE) {
+            let at: [usize; MAX_TILES] = std::array::from_fn(|i| {
+                let t = t0 + i * KEY_TILE;
+                head + if t < end { t } else { t0 } * hd
+            });
+            let mut acc = [[_mm256_setzero_ps(); MAX_TILES]; M];
+            for d in 0..hd {
+                let kd: [__m256; MAX_TILES] = std::array::from_fn(|i| {
+                    if i < tiles {
+                        load8::<HALF>(k, at[i] + d * KEY_TILE)
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let qd = _mm256_broadcast_ss(&*qt.add(d * LANES + r));
+                    for i in 0..tiles {
+                        acc[i] = _mm256_fmadd_ps(qd, kd[i], acc[i]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (i, a) in acc.iter().enumerate().take(tiles) {
+                    let t = t0 + i * KEY_TILE;
+                    if t < end {
+                        _mm256_storeu_ps(p.add(r * stride + t - base), _mm256_mul_ps(*a, sc));
+                    }
+                }
             }
         }
-        let sc = _mm256_set1_ps(scale);
-        for (r, acc) in acc.iter().enumerate().take(m) {
-            for (i, a) in acc.iter().enumerate().take(tiles) {
-                let dst = p.as_mut_ptr().add(r * stride + at + i * KEY_TILE);
-                _mm256_storeu_ps(dst, _mm256_mul_ps(*a, sc));
+    }
+}
+
+/// Each of the `m` rows' sum over its `stride` columns, in column order (the order of the
+/// lane-wise softmax's sums, so the same bits), into `sums[..m]`.
+fn row_sums(p: &[f32], m: usize, stride: usize, sums: &mut [f32]) {
+    fn sum<const M: usize>(p: &[f32], stride: usize, sums: &mut [f32]) {
+        let rows: [&[f32]; M] = std::array::from_fn(|r| &p[r * stride..][..stride]);
+        let mut s = [0f32; M];
+        for j in 0..stride {
+            for r in 0..M {
+                s[r] += rows[r][j];
             }
         }
+        sums[..M].copy_from_slice(&s);
+    }
+    match m {
+        1 => sum::<1>(p, stride, sums),
+        2 => sum::<2>(p, stride, sums),
+        3 => sum::<3>(p, stride, sums),
+        4 => sum::<4>(p, stride, sums),
+        _ => unreachable!("{m} queries on the keys-in-lanes path"),
     }
 }
 
@@ -770,9 +867,11 @@ impl Probs<'_> {
     }
 }
 
-/// `o_r = Σ_j p[j][r] · v_j` for the `m` queries, each a chain over `j` in order, over value
-/// tiles (widened into `vbuf`, `[V_TILE][hd]`) that stay in L1 while every query passes over them.
-/// Value `j` is `v[base + j * hd..]`.
+/// `o_r = Σ_j p[j][r] · v_j` for the `m` queries, each a chain over `j` in order, over tiles of
+/// `V_TILE` keys that stay in L1 while every query passes over them. Value `j` is
+/// `v[base + j * hd..]`. Where the SIMD kernels run, f32 values are read in place, and f16 ones
+/// are widened on load when at most [`DECODE_QUERIES`] queries read each (decode); with more, a
+/// tile is widened once into `vbuf` (`[V_TILE][hd]`) and read from there.
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(
     p: Probs<'_>,
@@ -791,7 +890,39 @@ fn weighted_values(
     assert!(keys == 0 || m == 0 || p.p.len() > p.at(keys - 1, m - 1));
     assert!(vbuf.len() >= V_TILE * hd);
     #[cfg(target_arch = "x86_64")]
-    let simd = hd.is_multiple_of(64) && avx2_fma();
+    if hd.is_multiple_of(64) && simd() {
+        let in_place = m <= DECODE_QUERIES || matches!(v, KvRows::F32(_));
+        for t0 in (0..keys).step_by(V_TILE) {
+            let t1 = (t0 + V_TILE).min(keys);
+            // The tile as (buffer, half precision, element of key t0's value).
+            let (src, half, at) = if in_place {
+                let (src, half) = raw(v);
+                (src, half, base + t0 * hd)
+            } else {
+                v.widen(base + t0 * hd, &mut vbuf[..(t1 - t0) * hd]);
+                (vbuf.as_ptr().cast(), false, 0)
+            };
+            for r in 0..m {
+                let (a, b) = ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
+                if a >= b {
+                    continue;
+                }
+                let o_r = &mut o[r * hd..(r + 1) * hd];
+                let args = (p, r, src, at, t0, hd, a, b, o_r);
+                // SAFETY: AVX2, FMA and F16C present; t0 <= a < b <= t1 <= keys and r < m keep
+                // every access in bounds (checked above: values `at..at + (t1 - t0) * hd` lie
+                // in `v`, or in `vbuf` when widened), hd is a multiple of 64.
+                unsafe {
+                    if half {
+                        values_avx2::<true>(args)
+                    } else {
+                        values_avx2::<false>(args)
+                    }
+                };
+            }
+        }
+        return;
+    }
     for t0 in (0..keys).step_by(V_TILE) {
         let t1 = (t0 + V_TILE).min(keys);
         let tile = &mut vbuf[..(t1 - t0) * hd];
@@ -799,19 +930,9 @@ fn weighted_values(
         let tile = &*tile;
         for r in 0..m {
             let (a, b) = ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
-            if a >= b {
-                continue;
-            }
-            let o_r = &mut o[r * hd..(r + 1) * hd];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: AVX2 + FMA present; t0 <= a < b <= t1 <= keys and r < m keep every
-                // access in bounds (checked above), hd is a multiple of 64.
-                unsafe { values_avx2(p, r, tile, t0, hd, a, b, o_r) };
-                continue;
-            }
             for j in a..b {
                 let w = p.p[p.at(j, r)];
+                let o_r = &mut o[r * hd..(r + 1) * hd];
                 for (o, &x) in o_r.iter_mut().zip(&tile[(j - t0) * hd..][..hd]) {
                     *o = w.mul_add(x, *o);
                 }
@@ -820,26 +941,33 @@ fn weighted_values(
     }
 }
 
+/// Arguments of [`values_avx2`]: probabilities, query, value buffer (f16 if `HALF`, else f32),
+/// element of key `t0`'s value in it, `t0`, `hd`, keys `a..b`, the query's output.
+#[cfg(target_arch = "x86_64")]
+type ValuesArgs<'a, 'o> = (
+    Probs<'a>,
+    usize,
+    *const u8,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    &'o mut [f32],
+);
+
 /// One query's `o_r += Σ_{j in a..b} p[j][r] · v_j`, 64 outputs at a time in 8 registers (the
-/// same fused chain over `j` per output as the portable loop); `v`'s row 0 is key `t0`.
+/// same fused chain over `j` per output as the portable loop); key `j`'s value starts at element
+/// `at + (j - t0) * hd` of the buffer.
 ///
 /// # Safety
-/// AVX2 and FMA present; `hd % 64 == 0`; `t0 <= a`, `(b - t0) * hd <= v.len()`,
-/// `p.at(b - 1, r) < p.p.len()`, `o_r.len() == hd`.
+/// AVX2, FMA and F16C present; `hd % 64 == 0`; `t0 <= a`; the buffer holds elements
+/// `at..at + (b - t0) * hd`; `p.at(b - 1, r) < p.p.len()`; `o_r.len() == hd`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn values_avx2(
-    p: Probs<'_>,
-    r: usize,
-    v: &[f32],
-    t0: usize,
-    hd: usize,
-    a: usize,
-    b: usize,
-    o_r: &mut [f32],
-) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_avx2<const HALF: bool>(args: ValuesArgs<'_, '_>) {
     use std::arch::x86_64::*;
+    let (p, r, v, at, t0, hd, a, b, o_r) = args;
     for d0 in (0..hd).step_by(64) {
         // SAFETY: per the contract, every offset below is in bounds.
         unsafe {
@@ -847,9 +975,9 @@ unsafe fn values_avx2(
             let mut acc: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(op.add(8 * i)));
             for j in a..b {
                 let w = _mm256_broadcast_ss(&*p.p.as_ptr().add(p.at(j, r)));
-                let vp = v.as_ptr().add((j - t0) * hd + d0);
+                let vj = at + (j - t0) * hd + d0;
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(8 * i)), *acc);
+                    *acc = _mm256_fmadd_ps(w, load8::<HALF>(v, vj + 8 * i), *acc);
                 }
             }
             for (i, acc) in acc.iter().enumerate() {
@@ -992,7 +1120,16 @@ mod tests {
         out
     }
 
-    /// A ragged batch `(start, len)` per sequence against the reference, sequence by sequence.
+    fn widened(x: &[f16]) -> Vec<f32> {
+        x.iter().map(|x| x.to_f32()).collect()
+    }
+
+    fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// A ragged batch `(start, len)` per sequence against the reference, sequence by sequence,
+    /// on f16 caches and on f32 caches holding the same values (which must give the same bits).
     fn check(shape: AttnShape, batch: &[(usize, usize)], seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
@@ -1043,6 +1180,29 @@ mod tests {
             .collect();
         let mut out = vec![f32::NAN; rows * width];
         attend(&shape, &q, q_stride, &seqs, &mut out);
+        // The same values in f32 caches (read in place rather than widened) give the same bits.
+        let wide: Vec<(Vec<f32>, Vec<f32>)> = kvs
+            .iter()
+            .map(|(k, _, v)| (widened(k), widened(v)))
+            .collect();
+        let seqs32: Vec<SeqAttn> = seqs
+            .iter()
+            .zip(&wide)
+            .map(|(s, (k, v))| SeqAttn {
+                kv: HostLayerView {
+                    k: KvRows::F32(k),
+                    v: KvRows::F32(v),
+                    capacity: s.kv.capacity,
+                },
+                ..*s
+            })
+            .collect();
+        let mut out32 = vec![f32::NAN; rows * width];
+        attend(&shape, &q, q_stride, &seqs32, &mut out32);
+        assert!(
+            bits_equal(&out, &out32),
+            "f32 caches changed bits ({batch:?})"
+        );
         for ((s, &cap), (_, k_rows, _)) in seqs.iter().zip(&caps).zip(&kvs) {
             let total = s.start + s.len;
             let qs: Vec<f32> = (0..s.len)
@@ -1114,7 +1274,13 @@ mod tests {
 
     /// One sequence of `total` positions attended in the chunks `cuts` (lengths), each chunk a
     /// separate call, optionally next to an unrelated sequence: the outputs, row by row.
-    fn chunked(shape: AttnShape, total: usize, cuts: &[usize], with_other: bool) -> Vec<f32> {
+    fn chunked(
+        shape: AttnShape,
+        total: usize,
+        cuts: &[usize],
+        with_other: bool,
+        f32_caches: bool,
+    ) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
         let width = nh * hd;
@@ -1127,6 +1293,16 @@ mod tests {
         let (ok, ov) = (half(g(nkv * 304 * hd)), half(g(nkv * 304 * hd)));
         let ok = tiled(&ok, nkv, 304, hd);
         let oq = g(20 * width);
+        let (k32, v32, ok32, ov32) = (widened(&k), widened(&v), widened(&ok), widened(&ov));
+        let pick = |h, w| {
+            if f32_caches {
+                KvRows::F32(w)
+            } else {
+                KvRows::F16(h)
+            }
+        };
+        let (kr, vr) = (pick(&k, &k32), pick(&v, &v32));
+        let (okr, ovr) = (pick(&ok, &ok32), pick(&ov, &ov32));
         let mut out = vec![f32::NAN; total * width];
         let mut start = 0;
         for &len in cuts {
@@ -1136,8 +1312,8 @@ mod tests {
                 len,
                 start,
                 kv: HostLayerView {
-                    k: KvRows::F16(&k),
-                    v: KvRows::F16(&v),
+                    k: kr,
+                    v: vr,
                     capacity: cap,
                 },
             }];
@@ -1148,8 +1324,8 @@ mod tests {
                     len: 20,
                     start: 250,
                     kv: HostLayerView {
-                        k: KvRows::F16(&ok),
-                        v: KvRows::F16(&ov),
+                        k: okr,
+                        v: ovr,
                         capacity: 304,
                     },
                 });
@@ -1172,21 +1348,26 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| {
-            for shape in [shape(9, 3, 64, None), shape(4, 1, 32, Some(24))] {
-                let whole = chunked(shape, 90, &[90], false);
-                for (cuts, other) in [
-                    (&[37, 1, 1, 16, 35][..], false),
-                    (&[5, 80, 1, 1, 1, 1, 1][..], true),
-                    (&[1; 90][..], true),
+            // Group sizes 3, 4, 2 and 1: one decoded row takes each keys-in-lanes kernel.
+            for shape in [
+                shape(9, 3, 64, None),
+                shape(4, 1, 32, Some(24)),
+                shape(4, 2, 64, Some(40)),
+                shape(2, 2, 64, None),
+            ] {
+                let whole = chunked(shape, 90, &[90], false, false);
+                for (cuts, other, f32_caches) in [
+                    (&[37, 1, 1, 16, 35][..], false, false),
+                    (&[5, 80, 1, 1, 1, 1, 1][..], true, false),
+                    (&[1; 90][..], true, false),
+                    (&[90][..], false, true),
+                    (&[1; 90][..], true, true),
                 ] {
-                    let got = chunked(shape, 90, cuts, other);
-                    let same = whole
-                        .iter()
-                        .zip(&got)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    let got = chunked(shape, 90, cuts, other, f32_caches);
                     assert!(
-                        same,
-                        "cuts {cuts:?} (with another sequence: {other}) changed bits"
+                        bits_equal(&whole, &got),
+                        "cuts {cuts:?} (with another sequence: {other}, f32 caches: \
+                         {f32_caches}) changed bits"
                     );
                 }
             }
