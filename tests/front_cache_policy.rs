@@ -286,9 +286,14 @@ async fn http_never_ignores_a_cache_policy() {
 async fn only_if_cached_serves_hits_over_http_across_fronts() {
     let mut f = start().await;
     let only = r#","cache_policy":"only_if_cached""#;
-    let first = grpc_ask(&mut f, "asked on grpc", Some("alpha"), proto::CachePolicy::Default)
-        .await
-        .unwrap();
+    let first = grpc_ask(
+        &mut f,
+        "asked on grpc",
+        Some("alpha"),
+        proto::CachePolicy::Default,
+    )
+    .await
+    .unwrap();
     let (text, source) = http_answer(http_ask(&f, "asked on grpc", Some("alpha"), only).await);
     assert_eq!(
         (text.as_str(), source.as_str()),
