@@ -20,12 +20,13 @@ use tokio::sync::mpsc;
 /// Answers at once with a fixed 600-byte text in 100 deltas: the cache's overhead stands out.
 struct InstantBackend;
 
+#[async_trait::async_trait]
 impl Backend for InstantBackend {
     fn models(&self) -> Vec<ModelInfo> {
         vec![]
     }
 
-    fn submit(&self, _request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, _request: GenerationRequest) -> Result<EventStream, EngineError> {
         let (tx, rx) = mpsc::channel(128);
         for _ in 0..100 {
             let _ = tx.try_send(Ok(GenerationEvent::Delta("token ".into())));
@@ -133,26 +134,40 @@ fn benches(c: &mut Criterion) {
     let _guard = rt.enter();
 
     let local = cache(None, 1);
-    rt.block_on(drain(
-        local
-            .submit(request("warm".into(), CachePolicy::Default))
-            .unwrap(),
-    ));
+    rt.block_on(async {
+        drain(
+            local
+                .submit(request("warm".into(), CachePolicy::Default))
+                .await
+                .unwrap(),
+        )
+        .await
+    });
     c.bench_function("cache_l1_hit_600b_16char_chunks", |b| {
         b.iter(|| {
-            let s = local
-                .submit(request("warm".into(), CachePolicy::Default))
-                .unwrap();
-            rt.block_on(drain(s))
+            rt.block_on(async {
+                drain(
+                    local
+                        .submit(request("warm".into(), CachePolicy::Default))
+                        .await
+                        .unwrap(),
+                )
+                .await
+            })
         })
     });
 
     c.bench_function("cache_bypass_baseline", |b| {
         b.iter(|| {
-            let s = local
-                .submit(request("x".into(), CachePolicy::Bypass))
-                .unwrap();
-            rt.block_on(drain(s))
+            rt.block_on(async {
+                drain(
+                    local
+                        .submit(request("x".into(), CachePolicy::Bypass))
+                        .await
+                        .unwrap(),
+                )
+                .await
+            })
         })
     });
 
@@ -160,28 +175,43 @@ fn benches(c: &mut Criterion) {
     c.bench_function("cache_miss_no_redis", |b| {
         b.iter(|| {
             let prompt = format!("miss {}", n.fetch_add(1, Ordering::Relaxed));
-            let s = local.submit(request(prompt, CachePolicy::Default)).unwrap();
-            rt.block_on(drain(s))
+            rt.block_on(async {
+                drain(
+                    local
+                        .submit(request(prompt, CachePolicy::Default))
+                        .await
+                        .unwrap(),
+                )
+                .await
+            })
         })
     });
 
     let redis = start_redis();
     let url = format!("redis://127.0.0.1:{}/", redis.1);
     let l2 = cache(Some(url.clone()), 1);
-    rt.block_on(drain(
-        l2.submit(request("hot".into(), CachePolicy::Default))
-            .unwrap(),
-    ));
+    rt.block_on(async {
+        drain(
+            l2.submit(request("hot".into(), CachePolicy::Default))
+                .await
+                .unwrap(),
+        )
+        .await
+    });
     while l2.in_flight() > 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
     c.bench_function("cache_l2_hit_600b_localhost", |b| {
         b.iter(|| {
             l2.clear_l1();
-            let s = l2
-                .submit(request("hot".into(), CachePolicy::Default))
-                .unwrap();
-            rt.block_on(drain(s))
+            rt.block_on(async {
+                drain(
+                    l2.submit(request("hot".into(), CachePolicy::Default))
+                        .await
+                        .unwrap(),
+                )
+                .await
+            })
         })
     });
 
@@ -190,8 +220,14 @@ fn benches(c: &mut Criterion) {
     c.bench_function("cache_miss_with_redis_lookup", |b| {
         b.iter(|| {
             let prompt = format!("cold {}", n.fetch_add(1, Ordering::Relaxed));
-            let s = cold.submit(request(prompt, CachePolicy::Default)).unwrap();
-            rt.block_on(drain(s))
+            rt.block_on(async {
+                drain(
+                    cold.submit(request(prompt, CachePolicy::Default))
+                        .await
+                        .unwrap(),
+                )
+                .await
+            })
         })
     });
 }

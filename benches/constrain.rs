@@ -8,6 +8,7 @@
 //! aggregate decode rate of 8 concurrent SmolLM2 streams under a JSON schema against 8 free ones
 //! (interleaved rounds through the real pool, so machine noise hits both alike).
 
+use futures::executor::block_on;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -136,7 +137,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
     let started = Instant::now();
     let streams: Vec<_> = (0..8u64)
         .map(|i| {
-            pool.submit(GenerationRequest {
+            block_on(pool.submit(GenerationRequest {
                 request_id: format!("bench-{i}"),
                 model: "smollm2".into(),
                 input: PromptInput::Chat(vec![ChatMessage {
@@ -155,7 +156,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
                 tenant: None,
                 session: None,
                 constraint: constraint.cloned(),
-            })
+            }))
             .unwrap()
         })
         .collect();

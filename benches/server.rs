@@ -50,7 +50,7 @@ fn wire_request(max_tokens: u32) -> proto::GenerateRequest {
 }
 
 async fn engine_only(pool: &ModelPool, max_tokens: u32) {
-    let mut rx = pool.submit(engine_request(max_tokens)).unwrap();
+    let mut rx = pool.submit(engine_request(max_tokens)).await.unwrap();
     while let Some(ev) = rx.recv().await {
         if let GenerationEvent::Finished(_) = ev.unwrap() {
             return;

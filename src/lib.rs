@@ -28,12 +28,15 @@
 //! - [`http`]: the OpenAI-compatible HTTP front (axum): JSON translation and the one error → OpenAI
 //!   body map.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` listener.
+//! - [`app`]: the composition root: builds every part above from one `Config` and serves
+//!   (`qnode serve` calls [`app::run`]; tests build an [`app::App`] over a stand-in backend).
 //!
 //! A request flows: grpc or http (wire → neutral request) → front (admit, validate, open the call)
 //! → cache → pool (admit, pick an instance) → engine instance thread (prefill, decode with the
 //! other live sequences, sample, detokenize) → events back over a bounded channel per request →
 //! front (deadline, cancel, stream) → wire.
 
+pub mod app;
 pub mod cache;
 pub mod config;
 pub mod constrain;

@@ -43,7 +43,7 @@ async fn load_counted(
                 req.cache_policy = CachePolicy::Bypass;
             }
             async move {
-                match cache.submit(req) {
+                match cache.submit(req).await {
                     Ok(s) => {
                         let c = collect(s).await;
                         c.error.is_some() || c.finished.is_none()

@@ -142,9 +142,12 @@ async fn policies_bypass_refresh_only_if_cached() {
         r
     };
 
-    // OnlyIfCached on a miss never generates.
-    let miss = ask(&cache, with(CachePolicy::OnlyIfCached)).await;
-    assert_eq!(miss.error, Some(EngineError::NotCached));
+    // OnlyIfCached on a miss never generates, and is refused by `submit` itself (after the
+    // Redis lookup), so a front answers with its status, not an error line in a stream.
+    assert_eq!(
+        cache.submit(with(CachePolicy::OnlyIfCached)).await.err(),
+        Some(EngineError::NotCached)
+    );
     assert_eq!(model.count(), 0);
 
     // Bypass generates and stores nothing.
@@ -152,7 +155,7 @@ async fn policies_bypass_refresh_only_if_cached() {
     assert_eq!(model.count(), 1);
     assert!(answer_keys(&redis).is_empty());
     assert_eq!(
-        ask(&cache, with(CachePolicy::OnlyIfCached)).await.error,
+        cache.submit(with(CachePolicy::OnlyIfCached)).await.err(),
         Some(EngineError::NotCached)
     );
 
@@ -171,10 +174,10 @@ async fn policies_bypass_refresh_only_if_cached() {
     assert_eq!(from_l2.text, fresh.text);
     assert_eq!(model.count(), 3);
 
-    // Without Redis, OnlyIfCached refuses in `submit` itself.
+    // Without Redis too.
     let local = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
     assert_eq!(
-        local.submit(with(CachePolicy::OnlyIfCached)).err(),
+        local.submit(with(CachePolicy::OnlyIfCached)).await.err(),
         Some(EngineError::NotCached)
     );
 }
@@ -465,7 +468,7 @@ async fn unknown_models_and_refusals_pass_through() {
     let mut r = request("x");
     r.model = "nope".into();
     assert_eq!(
-        cache.submit(r).err(),
+        cache.submit(r).await.err(),
         Some(EngineError::UnknownModel("nope".into()))
     );
     assert_eq!(cache.models()[0].id, MODEL);

@@ -12,9 +12,13 @@ use qnode::cache::CachedBackend;
 use qnode::engine::{Backend, GenerationEvent, Source};
 
 async fn hundred_identical(cache: &CachedBackend, model: &CountingBackend) {
-    let streams: Vec<_> = (0..100)
-        .map(|_| cache.submit(request("same question")).expect("submit"))
-        .collect();
+    // Submitted together: every caller's `submit` waits for the one admission.
+    let streams: Vec<_> =
+        futures::future::join_all((0..100).map(|_| cache.submit(request("same question"))))
+            .await
+            .into_iter()
+            .map(|r| r.expect("submit"))
+            .collect();
     let results = futures::future::join_all(streams.into_iter().map(collect)).await;
     assert_eq!(model.count(), 1, "exactly one generation");
     let first = &results[0];
@@ -48,7 +52,7 @@ async fn hundred_identical_requests_one_generation_with_redis() {
 async fn a_late_joiner_gets_the_whole_answer() {
     let model = CountingBackend::new(Duration::from_millis(20));
     let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
-    let mut leader = cache.submit(request("long")).unwrap();
+    let mut leader = cache.submit(request("long")).await.unwrap();
     let mut seen = String::new();
     for _ in 0..3 {
         match leader.recv().await {
@@ -56,7 +60,7 @@ async fn a_late_joiner_gets_the_whole_answer() {
             other => panic!("expected a delta, got {other:?}"),
         }
     }
-    let joiner = collect(cache.submit(request("long")).unwrap()).await;
+    let joiner = collect(cache.submit(request("long")).await.unwrap()).await;
     let rest = collect(leader).await;
     assert_eq!(joiner.text, format!("{seen}{}", rest.text));
     assert_eq!(model.count(), 1);
@@ -66,8 +70,8 @@ async fn a_late_joiner_gets_the_whole_answer() {
 async fn the_generation_survives_its_leader_while_followers_listen() {
     let model = CountingBackend::new(Duration::from_millis(20));
     let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
-    let mut leader = cache.submit(request("leader leaves")).unwrap();
-    let follower = cache.submit(request("leader leaves")).unwrap();
+    let mut leader = cache.submit(request("leader leaves")).await.unwrap();
+    let follower = cache.submit(request("leader leaves")).await.unwrap();
     assert!(matches!(
         leader.recv().await,
         Some(Ok(GenerationEvent::Delta(_)))
@@ -80,7 +84,7 @@ async fn the_generation_survives_its_leader_while_followers_listen() {
     assert_eq!(model.cancelled.load(Ordering::SeqCst), 0);
     // Completed, so cached.
     assert_eq!(
-        collect(cache.submit(request("leader leaves")).unwrap())
+        collect(cache.submit(request("leader leaves")).await.unwrap())
             .await
             .finished
             .unwrap()
@@ -93,8 +97,8 @@ async fn the_generation_survives_its_leader_while_followers_listen() {
 async fn the_generation_stops_when_everyone_leaves() {
     let model = CountingBackend::new(Duration::from_millis(20));
     let cache = CachedBackend::new(model.clone(), identities(), config(None)).unwrap();
-    let mut a = cache.submit(request("nobody waits")).unwrap();
-    let b = cache.submit(request("nobody waits")).unwrap();
+    let mut a = cache.submit(request("nobody waits")).await.unwrap();
+    let b = cache.submit(request("nobody waits")).await.unwrap();
     assert!(matches!(
         a.recv().await,
         Some(Ok(GenerationEvent::Delta(_)))
@@ -110,7 +114,7 @@ async fn the_generation_stops_when_everyone_leaves() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Nothing was cached: the next ask generates.
-    let next = collect(cache.submit(request("nobody waits")).unwrap()).await;
+    let next = collect(cache.submit(request("nobody waits")).await.unwrap()).await;
     assert_eq!(next.finished.unwrap().source, Source::Model);
     assert_eq!(model.count(), 2);
 }
@@ -154,8 +158,8 @@ async fn one_callers_deadline_never_fails_another() {
         } else {
             (req, short)
         };
-        let a = cache.submit(first).unwrap();
-        let b = cache.submit(second).unwrap();
+        let a = cache.submit(first).await.unwrap();
+        let b = cache.submit(second).await.unwrap();
         let (a, b) = futures::future::join(collect(a), collect(b)).await;
         let (short, patient) = if short_leads { (a, b) } else { (b, a) };
         assert!(

@@ -24,6 +24,7 @@
 
 mod common;
 
+use futures::executor::block_on;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -244,21 +245,20 @@ fn check_engine(family: &'static str) {
     {
         let prompt = case["prompt"].as_str().unwrap();
         let want = ids(&case["completion_ids"]);
-        let mut rx = pool
-            .submit(GenerationRequest {
-                request_id: format!("family {prompt}"),
-                model: id.clone(),
-                input: PromptInput::Text(prompt.to_string()),
-                sampling: Default::default(),
-                max_tokens: want.len() as u32,
-                stop: vec![],
-                deadline: None,
-                cache_policy: Default::default(),
-                tenant: None,
-                session: None,
-                constraint: None,
-            })
-            .unwrap();
+        let mut rx = block_on(pool.submit(GenerationRequest {
+            request_id: format!("family {prompt}"),
+            model: id.clone(),
+            input: PromptInput::Text(prompt.to_string()),
+            sampling: Default::default(),
+            max_tokens: want.len() as u32,
+            stop: vec![],
+            deadline: None,
+            cache_policy: Default::default(),
+            tenant: None,
+            session: None,
+            constraint: None,
+        }))
+        .unwrap();
         let text = runtime.block_on(async {
             let mut text = String::new();
             loop {

@@ -5,14 +5,10 @@
 
 mod grpc_support;
 
-use std::time::Duration;
-
 use grpc_support::{request, ScriptedBackend, TestServer};
 use qnode::config::Config;
 use qnode::grpc::proto;
 use qnode::grpc::proto::admin_client::AdminClient;
-use qnode::grpc::ServerConfig;
-use qnode::metrics::Metrics;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -25,14 +21,12 @@ fn with_auth<T>(message: T, value: &str) -> tonic::Request<T> {
 }
 
 /// A server whose keys come from the node `Config` (`server.api_key`, `server.admin_api_key`),
-/// through `ServerConfig::new` as in `qnode serve`, so the admin key's default is the real one.
+/// built by the composition root as in `qnode serve`, so the admin key's default is the real one.
 async fn server_with_keys(api_key: Option<&str>, admin_key: Option<&str>) -> TestServer {
     let mut node = Config::default();
     node.server.api_key = api_key.map(str::to_owned);
     node.server.admin_api_key = admin_key.map(str::to_owned);
-    let mut config = ServerConfig::new(&node, Metrics::new().unwrap());
-    config.health_poll = Duration::from_millis(10);
-    TestServer::start_with(ScriptedBackend::new(true), config).await
+    TestServer::start_with(ScriptedBackend::new(true), node).await
 }
 
 async fn keyed_server() -> TestServer {

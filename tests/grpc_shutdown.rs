@@ -7,6 +7,7 @@ mod grpc_support;
 use std::time::Duration;
 
 use grpc_support::{request, test_config, ScriptedBackend, TestServer};
+use qnode::app::AppError;
 use qnode::grpc::ServerError;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -86,7 +87,7 @@ async fn in_flight_streams_complete_and_new_calls_are_refused() {
 #[tokio::test]
 async fn calls_still_running_at_the_drain_timeout_are_cut() {
     let mut config = test_config();
-    config.drain_timeout = Duration::from_millis(200);
+    config.server.drain_timeout = Duration::from_millis(200);
     let mut server = TestServer::start_with(ScriptedBackend::new(true), config).await;
     let mut client = server.client().await;
     let mut stream = client
@@ -99,7 +100,13 @@ async fn calls_still_running_at_the_drain_timeout_are_cut() {
     server.begin_shutdown();
     let result = server.join().await;
     assert!(
-        matches!(result, Err(ServerError::DrainTimedOut { in_flight: 1, .. })),
+        matches!(
+            result,
+            Err(AppError::Server(ServerError::DrainTimedOut {
+                in_flight: 1,
+                ..
+            }))
+        ),
         "{result:?}"
     );
     server.backend.wait_cancelled(1).await;

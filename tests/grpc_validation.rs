@@ -247,7 +247,7 @@ async fn backend_refusals_map_to_their_codes() {
 #[tokio::test]
 async fn oversize_message_gets_a_clean_status_and_the_connection_survives() {
     let mut config = grpc_support::test_config();
-    config.max_message_bytes = 64 * 1024;
+    config.server.max_message_bytes = 64 * 1024;
     let server = TestServer::start_with(grpc_support::ScriptedBackend::new(true), config).await;
     let mut client = server.client().await;
     let status = client

@@ -1,6 +1,7 @@
 //! Continuous batching and admission on a tiny generated model: many requests complete, outputs do
 //! not depend on the batch, a full queue refuses at once, a cancelled request frees its slot.
 
+use futures::executor::block_on;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,8 +125,7 @@ fn many_concurrent_requests_complete_with_their_lengths() {
     let streams: Vec<_> = (0..24)
         .map(|i| {
             let max = 4 + (i % 5) as u32 * 7;
-            let rx = pool
-                .submit(request(&format!("the request {i}"), max, seeded(i)))
+            let rx = block_on(pool.submit(request(&format!("the request {i}"), max, seeded(i))))
                 .unwrap();
             (max, rx)
         })
@@ -150,11 +150,12 @@ fn output_does_not_depend_on_the_batch() {
     ];
     let timed = |prompt: &str, max: u32, sampling: SamplingParams| {
         let before = Instant::now();
-        let rx = pool.submit(request(prompt, max, sampling)).unwrap();
+        let rx = block_on(pool.submit(request(prompt, max, sampling))).unwrap();
         (before, Instant::now(), rx)
     };
     for (prompt, sampling) in cases {
-        let alone = collect(pool.submit(request(prompt, 40, sampling.clone())).unwrap()).unwrap();
+        let alone =
+            collect(block_on(pool.submit(request(prompt, 40, sampling.clone()))).unwrap()).unwrap();
         // The same request again, this time among 7 others at different positions, some joining
         // while it decodes.
         let others: Vec<_> = (0..4)
@@ -201,11 +202,11 @@ fn full_queue_refuses_at_once() {
     let mut refused = None;
     // At most max_batch requests can be running and max_queued waiting: one more must be refused.
     for i in 0..(max_batch + max_queued + 1) {
-        match pool.submit(request(
+        match block_on(pool.submit(request(
             &format!("long {i}"),
             400,
             SamplingParams::default(),
-        )) {
+        ))) {
             Ok(rx) => accepted.push(rx),
             Err(e) => {
                 refused = Some(e);
@@ -237,14 +238,14 @@ fn cancelled_request_frees_its_slot() {
     let pool = tiny_pool_observed(dir.path(), 1, 1, 1, metrics.clone());
     let long = || request("the long one", 500, SamplingParams::default());
     // Greedy is deterministic: left alone, this request decodes all its 500 tokens.
-    let (_, whole) = collect(pool.submit(long()).unwrap()).unwrap();
+    let (_, whole) = collect(block_on(pool.submit(long())).unwrap()).unwrap();
     assert_eq!(
         (whole.finish_reason, whole.completion_tokens),
         (FinishReason::Length, 500)
     );
 
     let base = sampled(&metrics);
-    let mut first = pool.submit(long()).unwrap();
+    let mut first = block_on(pool.submit(long())).unwrap();
     // Wait until it is generating, then walk away.
     match first.blocking_recv() {
         Some(Ok(GenerationEvent::Delta(_))) => {}
@@ -257,11 +258,9 @@ fn cancelled_request_frees_its_slot() {
         at_drop < 499,
         "the request was nearly done ({at_drop} of 500 tokens) before the cancel, so this proves nothing"
     );
-    let (_, next) = collect(
-        pool.submit(request("the next", 5, SamplingParams::default()))
-            .unwrap(),
-    )
-    .unwrap();
+    let (_, next) =
+        collect(block_on(pool.submit(request("the next", 5, SamplingParams::default()))).unwrap())
+            .unwrap();
     assert!(next.completion_tokens >= 1);
     // Everything sampled since the drop, less the next request's own tokens, was decoded for the
     // cancelled one: at most the step that was running when it left.
@@ -283,7 +282,7 @@ fn prompt_over_the_context_is_refused_with_the_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let pool = tiny_pool(dir.path(), 1, 1, 4);
     let long = "a".repeat(qnode::model::tiny::CONTEXT);
-    match pool.submit(request(&long, 10, SamplingParams::default())) {
+    match block_on(pool.submit(request(&long, 10, SamplingParams::default()))) {
         Err(EngineError::ContextOverflow {
             prompt_tokens,
             max_tokens,
@@ -305,7 +304,7 @@ fn unknown_model_is_not_found() {
     let mut r = request("x", 1, SamplingParams::default());
     r.model = "nope".into();
     assert_eq!(
-        pool.submit(r).map(|_| ()),
+        block_on(pool.submit(r)).map(|_| ()),
         Err(EngineError::UnknownModel("nope".into()))
     );
     pool.shutdown();

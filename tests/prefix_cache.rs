@@ -6,6 +6,7 @@
 
 mod common;
 
+use futures::executor::block_on;
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -56,7 +57,7 @@ fn collect(mut rx: EventStream) -> Result<(String, Completion), EngineError> {
 }
 
 fn generate(pool: &ModelPool, model: &str, input: PromptInput, max_tokens: u32) -> String {
-    collect(pool.submit(request(model, input, max_tokens)).unwrap())
+    collect(block_on(pool.submit(request(model, input, max_tokens))).unwrap())
         .unwrap()
         .0
 }
@@ -94,7 +95,7 @@ fn smollm2_conversation_reuses_its_history_and_answers_the_same() {
         let input = PromptInput::Chat(history.clone());
         let before = with.prefix_stats("smollm2").unwrap();
         let (got, done) =
-            collect(with.submit(request("smollm2", input.clone(), 32)).unwrap()).unwrap();
+            collect(block_on(with.submit(request("smollm2", input.clone(), 32))).unwrap()).unwrap();
         let after = with.prefix_stats("smollm2").unwrap();
         let want = generate(&without, "smollm2", input, 32);
         assert_eq!(got, want, "turn {turn}: a reused prefix changed the answer");
@@ -177,7 +178,7 @@ fn concurrent_sequences_sharing_a_prefix_answer_the_same() {
     let before = hits(&with, "smollm2");
     let streams: Vec<_> = questions
         .iter()
-        .map(|q| with.submit(request("smollm2", chat(q), 24)).unwrap())
+        .map(|q| block_on(with.submit(request("smollm2", chat(q), 24))).unwrap())
         .collect();
     let got: Vec<String> = streams.into_iter().map(|s| collect(s).unwrap().0).collect();
     let hit = hits(&with, "smollm2") - before;

@@ -10,13 +10,11 @@ mod grpc_support;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use grpc_support::{request, ScriptedBackend, TestServer};
 use qnode::config::{ApiKeys, Config};
 use qnode::engine::Backend;
 use qnode::grpc::proto::inference_client::InferenceClient;
-use qnode::grpc::ServerConfig;
 use qnode::http::{self, HttpConfig};
 use qnode::metrics::Metrics;
 use qnode::node::Node;
@@ -82,9 +80,7 @@ fn submissions(backend: &ScriptedBackend) -> usize {
 
 #[tokio::test]
 async fn grpc_refuses_bad_tenants_and_holds_bound_keys_to_theirs() {
-    let mut config = ServerConfig::new(&node_config(), Metrics::new().unwrap());
-    config.health_poll = Duration::from_millis(10);
-    let server = TestServer::start_with(ScriptedBackend::new(true), config).await;
+    let server = TestServer::start_with(ScriptedBackend::new(true), node_config()).await;
     let mut client = server.client().await;
 
     for bad in ["café", "租户", "two words"] {

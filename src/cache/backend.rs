@@ -1,11 +1,13 @@
 //! `CachedBackend`: the answer cache as a decorator over any [`Backend`].
 //!
-//! `submit` stays synchronous and non-blocking. An L1 hit is answered inside `submit` from a
+//! `submit` resolves once admission is settled. An L1 hit is answered inside `submit` from a
 //! pre-filled channel (no task, no Redis); with Redis configured the ask is also noted, and the
 //! notes are added to the fleet's hot counts in batches (every [`ASK_FLUSH`]) by a spawned task,
 //! which promotes an L1 answer to Redis when its key turns hot — so a question one node answers
-//! from memory still becomes hot for the fleet. Anything else runs in spawned tasks: the Redis
-//! lookup, the generation (single flight), the fill of both levels.
+//! from memory still becomes hot for the fleet. A miss starts (or joins) a single flight whose
+//! driver task does the Redis lookup and the inner `submit`; every caller's `submit` awaits the
+//! flight's settlement, so a refusal (queue full, prompt too long) is its `Err` with or without
+//! Redis. The generation and the fill of both levels run in that task. Needs a tokio runtime.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,9 +36,7 @@ use crate::engine::{
 ///
 /// Behaviour worth knowing at the call site:
 /// - Requests for a model without a [`ModelIdentity`] pass straight through, uncached.
-/// - When L2 is configured and L1 misses, the Redis lookup runs before the inner `submit`, so a
-///   refusal by the inner backend (queue full, prompt too long) arrives as the stream's first
-///   item instead of as `submit`'s `Err`. Without L2 it comes from `submit` as usual.
+/// - A refusal by the inner backend is `submit`'s `Err` for the leader and every joiner.
 /// - Joiners of a single flight get `Source::Model` (the answer was generated now, once).
 pub struct CachedBackend {
     shared: Arc<Shared>,
@@ -181,12 +181,13 @@ impl CachedBackend {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for CachedBackend {
     fn models(&self) -> Vec<ModelInfo> {
         self.shared.inner.models()
     }
 
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         let s = &self.shared;
         let policy = request.cache_policy;
         let identity = s
@@ -198,33 +199,22 @@ impl Backend for CachedBackend {
         let Some(identity) = identity else {
             return match policy {
                 CachePolicy::OnlyIfCached => Err(EngineError::NotCached),
-                _ => s.inner.submit(request),
+                _ => s.inner.submit(request).await,
             };
         };
         let cacheable = request.sampling.is_deterministic() || s.config.cache_nondeterministic;
         match (policy, cacheable) {
-            (CachePolicy::Bypass, _) => return s.inner.submit(request),
+            (CachePolicy::Bypass, _) => return s.inner.submit(request).await,
             (CachePolicy::OnlyIfCached, false) => return Err(EngineError::NotCached),
-            (CachePolicy::Default, false)
-                if s.config.sampled_variants > 0
-                    && tokio::runtime::Handle::try_current().is_ok() =>
-            {
+            (CachePolicy::Default, false) if s.config.sampled_variants > 0 => {
                 if let Some(l2) = s.l2.clone() {
                     let key = cache_key(&identity, &request, s.config.normalize);
-                    let (tx, rx) = mpsc::channel(32);
-                    tokio::spawn(sampled(
-                        s.clone(),
-                        l2,
-                        key,
-                        identity.file_digest.clone(),
-                        request,
-                        tx,
-                    ));
-                    return Ok(rx);
+                    return sampled(s.clone(), l2, key, identity.file_digest.clone(), request)
+                        .await;
                 }
-                return s.inner.submit(request);
+                return s.inner.submit(request).await;
             }
-            (_, false) => return s.inner.submit(request),
+            (_, false) => return s.inner.submit(request).await,
             _ => {}
         }
         let started = Instant::now();
@@ -243,19 +233,12 @@ impl Backend for CachedBackend {
             }
             s.metrics.miss("l1");
         }
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(EngineError::Internal(
-                "CachedBackend::submit must run inside a tokio runtime".into(),
-            ));
-        }
         let digest = identity.file_digest.clone();
         if policy == CachePolicy::OnlyIfCached {
             let Some(l2) = s.l2.clone() else {
                 return Err(EngineError::NotCached);
             };
-            let (tx, rx) = mpsc::channel(1);
-            tokio::spawn(only_if_cached(s.clone(), l2, key, digest, tx, started));
-            return Ok(rx);
+            return only_if_cached(s, &l2, key, &digest, started).await;
         }
         let caller = Caller {
             arrival: started,
@@ -267,47 +250,32 @@ impl Backend for CachedBackend {
         let mut request = request;
         request.deadline = None;
         let (flight, stream) = match s.flights.join_or_lead(key, caller) {
-            Joined::Follow(stream) => {
+            Joined::Follow(flight, stream) => {
                 s.metrics.singleflight_joins.inc();
+                flight.admitted().await?;
                 return Ok(stream);
             }
             Joined::Lead(flight, stream) => (flight, stream),
         };
-        match s.l2.clone() {
-            Some(l2) => {
-                tokio::spawn(lookup_then_generate(
-                    s.clone(),
-                    l2,
-                    key,
-                    digest,
-                    flight,
-                    request,
-                    started,
-                ));
-            }
-            None => {
-                // No L2: submit now, so refusals come back from `submit` itself.
-                s.metrics.generations.inc();
-                match s.inner.submit(request) {
-                    Ok(inner) => {
-                        tokio::spawn(drive(s.clone(), key, digest, flight, inner, None));
-                    }
-                    Err(e) => {
-                        flight.push([Err(e.clone())], true);
-                        s.flights.finish(&key, &flight);
-                        return Err(e);
-                    }
-                }
-            }
-        }
+        // Driven by its own task (it outlives this caller when others join), which settles the
+        // flight once the lookup or the inner `submit` has answered.
+        tokio::spawn(lead(
+            s.clone(),
+            key,
+            digest,
+            flight.clone(),
+            request,
+            started,
+        ));
+        flight.admitted().await?;
         Ok(stream)
     }
 }
 
-/// Notes an ask that L1 answered, for the next batch of Redis counts (nothing without Redis or
-/// outside a runtime). Schedules the batch's flush when none is pending.
+/// Notes an ask that L1 answered, for the next batch of Redis counts (nothing without Redis).
+/// Schedules the batch's flush when none is pending.
 fn note_ask(s: &Arc<Shared>, key: CacheKey, digest: &str) {
-    if s.l2.is_none() || tokio::runtime::Handle::try_current().is_err() {
+    if s.l2.is_none() {
         return;
     }
     let mut notes = s.asks.lock().unwrap_or_else(|e| e.into_inner());
@@ -360,8 +328,7 @@ async fn sampled(
     key: CacheKey,
     digest: String,
     request: GenerationRequest,
-    tx: mpsc::Sender<Result<GenerationEvent, EngineError>>,
-) {
+) -> Result<EventStream, EngineError> {
     let started = Instant::now();
     let want = s.config.sampled_variants;
     let (count, kept) = l2.lookup_variants(&key).await.unwrap_or((0, Vec::new()));
@@ -383,23 +350,28 @@ async fn sampled(
             let (i, answer) = &valid[rand::Rng::gen_range(&mut rand::thread_rng(), 0..valid.len())];
             s.metrics.hit("l2");
             let source = Source::CacheVariant(*i as u32 + 1);
-            for event in replay::events(answer, s.config.chunk_chars, source, started.elapsed()) {
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            return;
+            return Ok(prefilled(answer, s.config.chunk_chars, source, started));
         }
     }
     s.metrics.miss("l2");
     s.metrics.generations.inc();
-    let mut inner = match s.inner.submit(request) {
-        Ok(inner) => inner,
-        Err(e) => {
-            let _ = tx.send(Err(e)).await;
-            return;
-        }
-    };
+    let inner = s.inner.submit(request).await?;
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(keep_variant(s, l2, key, digest, hot, inner, tx));
+    Ok(rx)
+}
+
+/// Forwards a sampled generation to its caller; when its question is hot, adds the finished
+/// answer to the fleet's kept variants.
+async fn keep_variant(
+    s: Arc<Shared>,
+    l2: Arc<L2>,
+    key: CacheKey,
+    digest: String,
+    hot: bool,
+    mut inner: EventStream,
+    tx: mpsc::Sender<Result<GenerationEvent, EngineError>>,
+) {
     let mut text = String::new();
     let completion = loop {
         let event = tokio::select! {
@@ -430,7 +402,10 @@ async fn sampled(
     let _ = tx.send(Ok(GenerationEvent::Finished(completion))).await;
     if keep {
         if let Some(bytes) = s.sealed(&key, &digest, &answer) {
-            if l2.add_variant(&key, bytes, s.config.max_age, want).await {
+            if l2
+                .add_variant(&key, bytes, s.config.max_age, s.config.sampled_variants)
+                .await
+            {
                 s.metrics.hot_promotions.inc();
             }
         }
@@ -511,71 +486,86 @@ impl Shared {
     }
 }
 
+/// `OnlyIfCached` after an L1 miss: Redis's answer, or `NotCached`.
 async fn only_if_cached(
-    s: Arc<Shared>,
-    l2: Arc<L2>,
+    s: &Shared,
+    l2: &L2,
     key: CacheKey,
-    digest: String,
-    tx: mpsc::Sender<Result<GenerationEvent, EngineError>>,
+    digest: &str,
     started: Instant,
-) {
+) -> Result<EventStream, EngineError> {
     let found = l2.lookup(&key, true, false).await;
-    match s.check_l2(&key, &digest, found.value) {
-        Some(answer) => {
-            let answer = Arc::new(answer);
-            s.l1.insert(key, answer.clone());
-            let events = replay::events(
-                &answer,
-                s.config.chunk_chars,
-                Source::CacheL2,
-                started.elapsed(),
-            );
-            for event in events {
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-        }
-        None => {
-            let _ = tx.send(Err(EngineError::NotCached)).await;
-        }
+    let answer = s
+        .check_l2(&key, digest, found.value)
+        .ok_or(EngineError::NotCached)?;
+    let answer = Arc::new(answer);
+    s.l1.insert(key, answer.clone());
+    s.publish_l1_bytes();
+    Ok(prefilled(
+        &answer,
+        s.config.chunk_chars,
+        Source::CacheL2,
+        started,
+    ))
+}
+
+/// Settles a flight with an error if its driver ends (or panics) before settling it, so no
+/// caller waits on an admission that will never come.
+struct SettleOnDrop(Arc<Flight>);
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.0.settle(Err(EngineError::Internal(
+            "the shared generation ended before it was admitted".into(),
+        )));
     }
 }
 
-async fn lookup_then_generate(
+/// Drives a new flight: the Redis lookup (when L2 is configured and the policy reads), else the
+/// inner `submit`; settles the flight with the outcome, then pumps the generation.
+async fn lead(
     s: Arc<Shared>,
-    l2: Arc<L2>,
     key: CacheKey,
     digest: String,
     flight: Arc<Flight>,
     request: GenerationRequest,
     started: Instant,
 ) {
+    let _settle = SettleOnDrop(flight.clone());
     let read = request.cache_policy != CachePolicy::Refresh;
-    let found = l2.lookup(&key, read, true).await;
-    if read {
-        if let Some(answer) = s.check_l2(&key, &digest, found.value) {
-            let answer = Arc::new(answer);
-            s.l1.insert(key, answer.clone());
-            s.publish_l1_bytes();
-            let events = replay::events(
-                &answer,
-                s.config.chunk_chars,
-                Source::CacheL2,
-                started.elapsed(),
-            );
-            flight.push(events.into_iter().map(Ok), true);
-            s.flights.finish(&key, &flight);
-            return;
+    let mut count = None;
+    if let Some(l2) = s.l2.clone() {
+        let found = l2.lookup(&key, read, true).await;
+        count = found.count;
+        if read {
+            if let Some(answer) = s.check_l2(&key, &digest, found.value) {
+                let answer = Arc::new(answer);
+                s.l1.insert(key, answer.clone());
+                s.publish_l1_bytes();
+                let events = replay::events(
+                    &answer,
+                    s.config.chunk_chars,
+                    Source::CacheL2,
+                    started.elapsed(),
+                );
+                flight.settle(Ok(()));
+                flight.push(events.into_iter().map(Ok), true);
+                s.flights.finish(&key, &flight);
+                return;
+            }
+        }
+        if s.flights.abandon_if_unwatched(&key, &flight) {
+            return; // everyone left during the lookup
         }
     }
-    if s.flights.abandon_if_unwatched(&key, &flight) {
-        return; // everyone left during the lookup
-    }
     s.metrics.generations.inc();
-    match s.inner.submit(request) {
-        Ok(inner) => drive(s, key, digest, flight, inner, found.count).await,
+    match s.inner.submit(request).await {
+        Ok(inner) => {
+            flight.settle(Ok(()));
+            drive(s, key, digest, flight, inner, count).await;
+        }
         Err(e) => {
+            flight.settle(Err(e.clone()));
             flight.push([Err(e)], true);
             s.flights.finish(&key, &flight);
         }

@@ -38,6 +38,9 @@ pub struct Flight {
     log: Mutex<Log>,
     /// Bumped on each append; its receivers are the live subscribers.
     notify: watch::Sender<usize>,
+    /// Whether the generation was admitted (or answered from Redis): `None` until the driver
+    /// knows. Every caller's `submit` waits for it, so a refusal is their `Err`.
+    admitted: watch::Sender<Option<Result<(), EngineError>>>,
 }
 
 impl Flight {
@@ -45,7 +48,33 @@ impl Flight {
         Arc::new(Self {
             log: Mutex::new(Log::default()),
             notify: watch::channel(0).0,
+            admitted: watch::channel(None).0,
         })
+    }
+
+    /// Records whether the generation was admitted; only the first call counts.
+    pub fn settle(&self, outcome: Result<(), EngineError>) {
+        self.admitted.send_if_modified(|v| {
+            let first = v.is_none();
+            if first {
+                *v = Some(outcome);
+            }
+            first
+        });
+    }
+
+    /// Resolves once the flight is settled: `Ok` when its generation runs (or its answer was
+    /// found), else the refusal every subscriber shares.
+    pub async fn admitted(&self) -> Result<(), EngineError> {
+        let mut rx = self.admitted.subscribe();
+        // The sender lives in `self`, so `wait_for` cannot see it closed.
+        let settled = rx.wait_for(Option::is_some).await;
+        match settled.as_deref() {
+            Ok(Some(outcome)) => outcome.clone(),
+            _ => Err(EngineError::Internal(
+                "single flight lost its driver".into(),
+            )),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
@@ -154,10 +183,10 @@ async fn forward(
 
 /// Whether the caller leads a new flight or joined one.
 pub enum Joined {
-    /// A new flight: the caller must drive it and call [`Flights::finish`].
+    /// A new flight: the caller must drive it, settle it and call [`Flights::finish`].
     Lead(Arc<Flight>, EventStream),
-    /// An existing flight.
-    Follow(EventStream),
+    /// An existing flight (wait for [`Flight::admitted`] before answering).
+    Follow(Arc<Flight>, EventStream),
 }
 
 /// The flights in progress, by key.
@@ -177,7 +206,7 @@ impl Flights {
     pub fn join_or_lead(&self, key: CacheKey, caller: Caller) -> Joined {
         let mut map = self.lock();
         if let Some(flight) = map.get(&key) {
-            return Joined::Follow(flight.subscribe(caller));
+            return Joined::Follow(flight.clone(), flight.subscribe(caller));
         }
         let flight = Flight::new();
         let stream = flight.subscribe(caller);

@@ -111,7 +111,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         session: None,
         constraint: None,
     };
-    let mut events = pool.submit(request)?;
+    let mut events = futures::executor::block_on(pool.submit(request))?;
     let mut stdout = std::io::stdout().lock();
     let done = loop {
         match events.blocking_recv() {

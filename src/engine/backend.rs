@@ -10,11 +10,16 @@ pub type EventStream = mpsc::Receiver<Result<GenerationEvent, EngineError>>;
 
 /// Something that turns validated requests into generations.
 ///
-/// `submit` never blocks: it checks the request against the model (template, prompt length,
-/// queue bound) and returns at once with a stream, or with the reason it was refused.
+/// `submit` settles admission: it resolves once the request is checked against the model
+/// (template, tokenization, prompt length, grammar, queue bound) with a stream, or with the
+/// reason it was refused. A refusal is always its `Err`, never the stream's first item, so a
+/// front can still answer with its own status (HTTP 429 + Retry-After, not an SSE error line
+/// after a 200). It never waits for the generation itself, and never blocks a runtime worker:
+/// tokenization runs on the pool's own threads.
+#[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// The models this node serves, with their limits and state.
     fn models(&self) -> Vec<ModelInfo>;
     /// Start a generation.
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError>;
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError>;
 }

@@ -107,7 +107,7 @@ impl Front {
     /// lifecycle), open the [`Call`] (id, span, metric labels), validate, submit. A refusal after
     /// admission is logged and counted here; one at admission is not (the node said no before
     /// the call existed).
-    pub fn begin(
+    pub async fn begin(
         &self,
         meta: CallMeta,
         raw: RawRequest,
@@ -125,22 +125,27 @@ impl Front {
             meta.method,
             self.metrics.clone(),
         );
-        let submitted = meta
-            .deadline
-            .and_then(|deadline| {
-                let caller = validate::Caller {
-                    request_id,
-                    deadline,
-                    tenant: meta.tenant,
-                    key_tenant: meta.key_tenant,
-                    session: meta.session,
-                };
-                validate::validate(raw, &models, &self.limits, caller).map_err(FrontError::from)
-            })
-            .and_then(|request| {
-                let _entered = call.span().enter();
-                self.backend.submit(request).map_err(FrontError::from)
-            });
+        let validated = meta.deadline.and_then(|deadline| {
+            let caller = validate::Caller {
+                request_id,
+                deadline,
+                tenant: meta.tenant,
+                key_tenant: meta.key_tenant,
+                session: meta.session,
+            };
+            validate::validate(raw, &models, &self.limits, caller).map_err(FrontError::from)
+        });
+        let submitted = match validated {
+            Ok(request) => {
+                use tracing::Instrument;
+                self.backend
+                    .submit(request)
+                    .instrument(call.span().clone())
+                    .await
+                    .map_err(FrontError::from)
+            }
+            Err(e) => Err(e),
+        };
         match submitted {
             Ok(events) => Ok((call, events)),
             Err(error) => {

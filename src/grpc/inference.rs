@@ -30,7 +30,7 @@ pub(crate) struct InferenceService {
 
 impl InferenceService {
     /// The wire request and its metadata, handed to [`Front::begin`].
-    fn begin(
+    async fn begin(
         &self,
         request: Request<proto::GenerateRequest>,
         method: &'static str,
@@ -59,7 +59,7 @@ impl InferenceService {
             key_tenant: key_tenant.and_then(|k| k.0),
             deadline: Ok(deadline),
         };
-        Ok(self.front.begin(meta, raw)?)
+        Ok(self.front.begin(meta, raw).await?)
     }
 }
 
@@ -69,7 +69,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        let (mut call, events) = self.begin(request, "Generate")?;
+        let (mut call, events) = self.begin(request, "Generate").await?;
         let span = call.span().clone();
         let (text, completion) = front::collect(&mut call, events, self.front.node())
             .instrument(span)
@@ -87,7 +87,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (call, events) = self.begin(request, "GenerateStream")?;
+        let (call, events) = self.begin(request, "GenerateStream").await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let node = Arc::clone(self.front.node());
         let span = call.span().clone();

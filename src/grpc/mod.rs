@@ -77,7 +77,7 @@ impl ServerConfig {
             max_message_bytes: config.server.max_message_bytes,
             limits: config.limits.clone(),
             metrics,
-            health_poll: Duration::from_millis(250),
+            health_poll: HEALTH_POLL,
         }
     }
 }
@@ -98,6 +98,9 @@ impl std::fmt::Debug for ServerConfig {
             .finish_non_exhaustive()
     }
 }
+
+/// How often gRPC health re-reads the models' states by default.
+pub const HEALTH_POLL: Duration = Duration::from_millis(250);
 
 /// Why the server stopped other than by a clean drain.
 #[derive(Debug, thiserror::Error)]

@@ -433,7 +433,7 @@ async fn generate(
     let batch = raws.len() > 1;
     let mut begun = Vec::with_capacity(raws.len());
     for (i, raw) in raws.into_iter().enumerate() {
-        match state.front.begin(meta.clone(), raw) {
+        match state.front.begin(meta.clone(), raw).await {
             Ok(call) => begun.push(call),
             Err(mut e) => {
                 if batch {

@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod metrics;
+pub mod prep;
 mod runtime;
 mod warmup;
 
@@ -40,6 +41,7 @@ use crate::types::OutputConstraint;
 
 use admission::Admission;
 use metrics::PoolMetrics;
+use prep::{Prep, PrepError, PREP_THREADS};
 
 /// Events buffered per request before the instance holds text back for a slow reader.
 const EVENT_BUFFER: usize = 64;
@@ -67,7 +69,8 @@ struct Serving {
 }
 
 impl Serving {
-    /// `c` compiled over this model's vocabulary (built on first use).
+    /// `c` compiled over this model's vocabulary (built on first use). Blocking: runs on a
+    /// preparation thread.
     fn compile(&self, c: &OutputConstraint) -> Result<Constraint, EngineError> {
         let space = self.token_space.get_or_init(|| {
             let build = || {
@@ -81,14 +84,8 @@ impl Serving {
                 );
                 space.map_err(|e| e.to_string())
             };
-            // Up to ~1.5 s for Gemma 3's 262k tokens, once: on a tokio worker, hand its other
-            // tasks to the rest of the runtime meanwhile, so other callers do not wait on it.
-            match tokio::runtime::Handle::try_current() {
-                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(build)
-                }
-                _ => build(),
-            }
+            // Up to ~1.5 s for Gemma 3's 262k tokens, once, on a preparation thread.
+            build()
         });
         let space = space
             .as_ref()
@@ -171,6 +168,8 @@ pub struct ModelPool {
     prefill_chunk: usize,
     kv_cache_mb: RwLock<std::collections::HashMap<String, usize>>,
     cores: usize,
+    /// Template rendering, tokenization and grammar compilation, off the runtime's workers.
+    prep: Prep,
 }
 
 fn cores() -> usize {
@@ -225,6 +224,10 @@ impl ModelPool {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_cache_mb: RwLock::new(std::collections::HashMap::new()),
             cores,
+            prep: Prep::new(PREP_THREADS).map_err(|e| ModelError::Io {
+                path: PathBuf::from("<prep thread>"),
+                source: e,
+            })?,
         })
     }
 
@@ -472,6 +475,7 @@ impl ModelPool {
         for h in handles {
             let _ = h.join();
         }
+        self.prep.shutdown();
     }
 
     /// The loaded model behind `id`, once ready (for tools, the cache's identity and tests).
@@ -528,46 +532,41 @@ fn info(e: &Entry) -> ModelInfo {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for ModelPool {
     fn models(&self) -> Vec<ModelInfo> {
         self.entries().iter().map(|e| info(e)).collect()
     }
 
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         let arrived = Instant::now();
         let serving = self.ready(&request.model)?;
         if !serving.admission.running() {
             return Err(EngineError::ShuttingDown(request.model));
         }
-        let prompt = serving
-            .model
-            .prompt_tokens(&request.input)
-            .map_err(|e| match e {
-                ModelError::Template(m) => EngineError::Template(m),
-                other => EngineError::InvalidArgument(other.to_string()),
-            })?;
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "prompt renders to no tokens".into(),
-            ));
-        }
-        let max_tokens = request.max_tokens as usize;
-        if prompt.len() + max_tokens > serving.context_length {
-            return Err(EngineError::ContextOverflow {
-                prompt_tokens: prompt.len(),
-                max_tokens,
-                context_length: serving.context_length,
-            });
-        }
-        let constraint = match &request.constraint {
-            Some(c) => Some(serving.compile(c)?),
-            None => None,
+        let model = request.model.clone();
+        let (request, prompt, constraint) = {
+            let serving = Arc::clone(&serving);
+            self.prep
+                .run(move || prepare(&serving, &request).map(|(p, c)| (request, p, c)))
+                .await
+                .map_err(|e| match e {
+                    // Node-wide: thousands of prompts wait for tokenization.
+                    PrepError::Full => EngineError::QueueFull {
+                        model,
+                        max_queued: prep::PREP_QUEUE,
+                        retry_after: RETRY_AFTER,
+                    },
+                    PrepError::Gone => EngineError::Internal(
+                        "request preparation failed (tokenizer thread gone)".into(),
+                    ),
+                })??
         };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let admitted = Admitted {
             request_id: request.request_id,
+            max_tokens: request.max_tokens as usize,
             prompt,
-            max_tokens,
             stop: request.stop,
             sampler: Sampler::new(&request.sampling),
             tx,
@@ -586,4 +585,37 @@ impl Backend for ModelPool {
             }),
         }
     }
+}
+
+/// What `submit` computes before queueing, on a preparation thread: the prompt's tokens
+/// (checked against the context window) and the compiled output constraint.
+fn prepare(
+    serving: &Serving,
+    request: &GenerationRequest,
+) -> Result<(Vec<u32>, Option<Constraint>), EngineError> {
+    let prompt = serving
+        .model
+        .prompt_tokens(&request.input)
+        .map_err(|e| match e {
+            ModelError::Template(m) => EngineError::Template(m),
+            other => EngineError::InvalidArgument(other.to_string()),
+        })?;
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidArgument(
+            "prompt renders to no tokens".into(),
+        ));
+    }
+    let max_tokens = request.max_tokens as usize;
+    if prompt.len() + max_tokens > serving.context_length {
+        return Err(EngineError::ContextOverflow {
+            prompt_tokens: prompt.len(),
+            max_tokens,
+            context_length: serving.context_length,
+        });
+    }
+    let constraint = match &request.constraint {
+        Some(c) => Some(serving.compile(c)?),
+        None => None,
+    };
+    Ok((prompt, constraint))
 }

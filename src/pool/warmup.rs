@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TryRecvError;
 
 use super::admission::Admission;
 use super::EVENT_BUFFER;
@@ -18,8 +17,6 @@ use crate::model::loaded::LoadedModel;
 const WARM_UP_TOKENS: usize = 4;
 /// A warm-up that takes longer than this is reported as failed.
 const WARM_UP_DEADLINE: Duration = Duration::from_secs(120);
-/// How often the warm-up looks for its generations' events.
-const POLL: Duration = Duration::from_millis(1);
 
 /// The prompt every warm-up runs through the model's chat template (raw text when it has none).
 fn prompt(model: &LoadedModel) -> Vec<u32> {
@@ -67,16 +64,16 @@ pub(super) fn run(
             })?;
         receivers.push(rx);
     }
-    // Polled, not `blocking_recv`: this may run on a thread that drives a tokio runtime (a test
-    // or a tool calling `load_all`), where tokio refuses to block.
+    // `futures`' executor, not `blocking_recv`: this may run on a thread that drives a tokio
+    // runtime (a test or a tool calling `load_all`), where tokio refuses to block. The engine
+    // ends each generation by its deadline, so the wait is bounded.
     for mut rx in receivers {
         loop {
-            match rx.try_recv() {
-                Ok(Ok(GenerationEvent::Delta(_))) => {}
-                Ok(Ok(GenerationEvent::Finished(_))) => break,
-                Ok(Err(e)) => return Err(e),
-                Err(TryRecvError::Empty) => std::thread::sleep(POLL),
-                Err(TryRecvError::Disconnected) => {
+            match futures::executor::block_on(rx.recv()) {
+                Some(Ok(GenerationEvent::Delta(_))) => {}
+                Some(Ok(GenerationEvent::Finished(_))) => break,
+                Some(Err(e)) => return Err(e),
+                None => {
                     return Err(EngineError::Internal(
                         "warm-up generation ended without a result".into(),
                     ))

@@ -153,6 +153,7 @@ impl CountingBackend {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for CountingBackend {
     fn models(&self) -> Vec<ModelInfo> {
         vec![ModelInfo {
@@ -165,7 +166,7 @@ impl Backend for CountingBackend {
         }]
     }
 
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         if request.model != MODEL {
             return Err(EngineError::UnknownModel(request.model));
         }
@@ -303,7 +304,7 @@ pub async fn collect(mut stream: EventStream) -> Collected {
 /// Submits and collects; panics on a refusal. Returns once the cache's background work for the
 /// request (the Redis write) is done too, so the test can look at Redis.
 pub async fn ask(cache: &CachedBackend, req: GenerationRequest) -> Collected {
-    let out = collect(cache.submit(req).expect("submit")).await;
+    let out = collect(cache.submit(req).await.expect("submit")).await;
     settle(cache).await;
     out
 }

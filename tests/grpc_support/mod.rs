@@ -18,12 +18,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use qnode::app::{App, AppError, Generator, Listeners};
 use qnode::config::Config;
 use qnode::engine::{
     Backend, Completion, EngineError, EventStream, FinishReason, GenerationEvent,
     GenerationRequest, ModelInfo, ModelState, PromptInput, Source, Timings,
 };
-use qnode::grpc::{self, proto, ServerConfig, ServerError, Services};
+use qnode::grpc::proto;
 use qnode::metrics::Metrics;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -120,6 +121,7 @@ fn completion(finish_reason: FinishReason, completion_tokens: u32) -> Completion
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for ScriptedBackend {
     fn models(&self) -> Vec<ModelInfo> {
         let ready = *self.ready.lock().unwrap();
@@ -137,7 +139,7 @@ impl Backend for ScriptedBackend {
         }]
     }
 
-    fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
+    async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         self.submitted.lock().unwrap().push(request.clone());
         let script = match &request.input {
             PromptInput::Text(t) => t.clone(),
@@ -237,29 +239,34 @@ pub struct TestServer {
     pub backend: Arc<ScriptedBackend>,
     pub metrics: Metrics,
     shutdown: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<Result<(), ServerError>>>,
+    handle: Option<JoinHandle<Result<(), AppError>>>,
 }
 
-/// The server config tests start from: defaults, fast health polling.
-pub fn test_config() -> ServerConfig {
-    let mut config = ServerConfig::new(&Config::default(), Metrics::new().unwrap());
-    config.health_poll = Duration::from_millis(10);
-    config
+/// The node config tests start from: the defaults.
+pub fn test_config() -> Config {
+    Config::default()
 }
 
 impl TestServer {
-    /// Starts `run` on 127.0.0.1:0 with a Ready backend and default config.
+    /// Starts the node on 127.0.0.1:0 with a Ready backend and default config.
     pub async fn start() -> Self {
         Self::start_with(ScriptedBackend::new(true), test_config()).await
     }
 
-    pub async fn start_with(backend: Arc<ScriptedBackend>, config: ServerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    /// Starts the node built by the composition root (`qnode::app`, as `qnode serve` does) from
+    /// `config`, over `backend` with no answer cache in between, health polled every 10 ms.
+    pub async fn start_with(backend: Arc<ScriptedBackend>, config: Config) -> Self {
+        let listeners = Listeners::local(false, false).await.unwrap();
+        let (addr, _, _) = listeners.addrs();
+        let app = App::new(
+            config,
+            Generator::Uncached(Arc::clone(&backend) as Arc<dyn Backend>),
+        )
+        .expect("the test node builds")
+        .with_health_poll(Duration::from_millis(10));
+        let metrics = app.metrics().clone();
         let (tx, rx) = oneshot::channel::<()>();
-        let metrics = config.metrics.clone();
-        let services = Services::ready(Arc::clone(&backend) as Arc<dyn Backend>, &config.metrics);
-        let handle = tokio::spawn(grpc::run(listener, services, config, async {
+        let handle = tokio::spawn(app.serve(listeners, async {
             let _ = rx.await;
         }));
         Self {
@@ -314,7 +321,7 @@ impl TestServer {
     }
 
     /// The result `run` returned.
-    pub fn join(&mut self) -> impl Future<Output = Result<(), ServerError>> {
+    pub fn join(&mut self) -> impl Future<Output = Result<(), AppError>> {
         let handle = self.handle.take().expect("joined once");
         async move {
             tokio::time::timeout(Duration::from_secs(20), handle)
