@@ -50,7 +50,7 @@ fn tokenizer(file: &str) -> GgufTokenizer {
         .join(file);
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (run `python3 models/fetch.py all`)",
+            "{}: {e} (`bash scripts/test.sh` fetches the models, or `python3 models/fetch.py all`)",
             path.display()
         )
     });

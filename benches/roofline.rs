@@ -46,7 +46,9 @@ fn main() {
         .find_map(|a| a.strip_prefix("threads=")?.parse().ok())
         .unwrap_or(2usize);
     if !Path::new(MODEL).exists() {
-        eprintln!("{MODEL} is missing: run `python3 models/fetch.py` first");
+        eprintln!(
+            "{MODEL} is missing: `bash scripts/test.sh` fetches it (or `python3 models/fetch.py all`)"
+        );
         std::process::exit(2);
     }
     println!("# Roofline report");

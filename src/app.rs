@@ -253,7 +253,7 @@ impl App {
             let hot_answers = config.cache.prewarm_top_k;
             tokio::spawn(async move { models.start(hot_answers).await });
         }
-        if let Some(listener) = listeners.http {
+        let http = listeners.http.map(|listener| {
             let drained = {
                 let node = Arc::clone(&node);
                 async move { node.drain_requested().await }
@@ -264,8 +264,9 @@ impl App {
                 Arc::clone(&node),
                 HttpConfig::new(&config, metrics.clone()),
                 drained,
-            ));
-        }
+            ))
+        });
+        let drain_timeout = config.server.drain_timeout;
         let mut server_config = ServerConfig::new(&config, metrics);
         server_config.health_poll = health_poll;
         let services = Services {
@@ -274,6 +275,13 @@ impl App {
             models: models.map(|m| m as Arc<dyn crate::node::ModelControl>),
         };
         let served = grpc::run(listeners.grpc, services, server_config, shutdown).await;
+        // An HTTP call leaves the node's count once its last event is queued for the response
+        // body, so the node can be idle while SSE bodies are still being written: let the HTTP
+        // server finish its graceful shutdown (each connection closes once its response is out)
+        // before the process exits, or a stream loses its tail (tests/signals.rs saw it).
+        if let (Ok(()), Some(http)) = (&served, http) {
+            let _ = tokio::time::timeout(drain_timeout, http).await;
+        }
         // In-flight calls are done (or cut); let the instances finish their batch and exit.
         if let Some(pool) = pool {
             let _ = tokio::task::spawn_blocking(move || pool.shutdown()).await;

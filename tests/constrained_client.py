@@ -148,30 +148,29 @@ ensure(any(len(v) > 1 for v in distinct.values()), "seeds give different answers
 check(f"json_schema: {len(answers)} answers over {len(SCHEMAS)} schemas parse and validate")
 
 # The pydantic path of the client: `parse` sends a strict json_schema and parses the answer.
+# pydantic is a dependency of the openai package, so it is always there: no skip.
+import pydantic  # noqa: E402
+
+
+class City(pydantic.BaseModel):
+    # Bounded strings: a 135M model left free in a string may never close it.
+    name: str = pydantic.Field(max_length=24)
+    country: str = pydantic.Field(max_length=24)
+    population: int = pydantic.Field(ge=0, le=100_000_000)
+
 try:
-    import pydantic
-
-    class City(pydantic.BaseModel):
-        # Bounded strings: a 135M model left free in a string may never close it.
-        name: str = pydantic.Field(max_length=24)
-        country: str = pydantic.Field(max_length=24)
-        population: int = pydantic.Field(ge=0, le=100_000_000)
-
-    try:
-        parsed = client.chat.completions.parse(
-            model="smollm2",
-            messages=[{"role": "user", "content": "Tell me about Paris as JSON."}],
-            response_format=City,
-            temperature=0,
-            max_tokens=120,
-        )
-    except openai.LengthFinishReasonError as e:
-        raise CheckFailed(f"parse hit max_tokens: {e.completion.choices[0].message.content!r}")
-    city = parsed.choices[0].message.parsed
-    ensure(isinstance(city, City), "parsed into the pydantic model", parsed)
-    check(f"client.chat.completions.parse -> {city!r}")
-except ImportError:
-    print("skip parse: pydantic not installed", flush=True)
+    parsed = client.chat.completions.parse(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Tell me about Paris as JSON."}],
+        response_format=City,
+        temperature=0,
+        max_tokens=120,
+    )
+except openai.LengthFinishReasonError as e:
+    raise CheckFailed(f"parse hit max_tokens: {e.completion.choices[0].message.content!r}")
+city = parsed.choices[0].message.parsed
+ensure(isinstance(city, City), "parsed into the pydantic model", parsed)
+check(f"client.chat.completions.parse -> {city!r}")
 
 # json_object: any object, greedy and sampled.
 for seed in [None, 5, 6]:

@@ -4,8 +4,9 @@
 //!
 //! - Tenants (`x-qnode-tenant`, gRPC metadata and HTTP header) never see each other's answers, on
 //!   either front, while one tenant's answer is shared between the fronts.
-//! - `CACHE_POLICY_ONLY_IF_CACHED` serves a hit and never generates on a miss, which fails with
-//!   the status the proto promises (NOT_FOUND).
+//! - `CACHE_POLICY_ONLY_IF_CACHED` (gRPC) and `"cache_policy":"only_if_cached"` (HTTP) serve a
+//!   hit and never generate on a miss, which fails with the status the proto promises
+//!   (FAILED_PRECONDITION; HTTP 412 `not_cached`).
 //! - The HTTP front has no cache policy field: one sent there must be honoured or refused, never
 //!   silently ignored.
 
@@ -229,7 +230,11 @@ async fn only_if_cached_serves_hits_and_never_generates() {
     // A miss (another question, or the same one for another tenant) generates nothing.
     for (prompt, tenant) in [("never asked", Some("alpha")), (q, Some("beta")), (q, None)] {
         let miss = grpc_ask(&mut f, prompt, tenant, only).await;
-        assert!(miss.is_err(), "{prompt:?} {tenant:?}: {miss:?}");
+        assert_eq!(
+            miss.as_ref().map_err(|s| s.code()).err(),
+            Some(Code::FailedPrecondition),
+            "{prompt:?} {tenant:?}: {miss:?}"
+        );
     }
     assert_eq!(f.model.count(), 1, "ONLY_IF_CACHED generated");
 }
@@ -272,6 +277,48 @@ async fn http_never_ignores_a_cache_policy() {
         (400, &serde_json::json!("cache_policy")),
         "{body}"
     );
+}
+
+/// ONLY_IF_CACHED over HTTP serves what either front cached, for its own tenant only: a hit is the
+/// cached text (`qnode-cache-l1`), another tenant's ask of the same question is a 412 miss, and a
+/// gRPC ONLY_IF_CACHED ask is served what HTTP cached. Nothing beyond the first ask generates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_if_cached_serves_hits_over_http_across_fronts() {
+    let mut f = start().await;
+    let only = r#","cache_policy":"only_if_cached""#;
+    let first = grpc_ask(
+        &mut f,
+        "asked on grpc",
+        Some("alpha"),
+        proto::CachePolicy::Default,
+    )
+    .await
+    .unwrap();
+    let (text, source) = http_answer(http_ask(&f, "asked on grpc", Some("alpha"), only).await);
+    assert_eq!(
+        (text.as_str(), source.as_str()),
+        (first.text.as_str(), "qnode-cache-l1")
+    );
+    let (code, body) = http_ask(&f, "asked on grpc", Some("beta"), only).await;
+    assert_eq!(
+        (code, &body["error"]["code"]),
+        (412, &serde_json::json!("not_cached")),
+        "another tenant's ONLY_IF_CACHED ask: {body}"
+    );
+    let (cached, _) = http_answer(http_ask(&f, "asked on http", Some("beta"), "").await);
+    let hit = grpc_ask(
+        &mut f,
+        "asked on http",
+        Some("beta"),
+        proto::CachePolicy::OnlyIfCached,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (hit.cache_level, hit.text.as_str()),
+        (CacheLevel::L1 as i32, cached.as_str())
+    );
+    assert_eq!(f.model.count(), 2, "ONLY_IF_CACHED generated");
 }
 
 /// An OpenAI body without `temperature` samples (OpenAI's default 1.0, no seed), so it is not an

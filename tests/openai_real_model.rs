@@ -168,19 +168,39 @@ async fn openai_clients_against_the_real_model() {
             "{check} not passed:\n{out}"
         );
     }
-    // Its checks are explicit: an `assert` would vanish under `python3 -O` / PYTHONOPTIMIZE.
-    let source = std::fs::read_to_string(&script).unwrap();
-    assert!(
-        !source
-            .lines()
-            .any(|l| l.trim_start().starts_with("assert ")),
-        "tests/openai_client.py uses `assert`: use ensure()"
-    );
-
     // The shared metrics counted the HTTP calls under their own method label.
     let text = metrics.render();
     assert!(
         text.contains(r#"method="chat.completions""#) && text.contains(r#"method="completions""#),
         "{text}"
+    );
+}
+
+/// Every Python check script of the suite checks explicitly: an `assert` vanishes under
+/// `python3 -O` / PYTHONOPTIMIZE, and the script would pass whatever the server answered.
+#[test]
+fn python_check_scripts_never_use_assert() {
+    let dir = common::repo_root().join("tests");
+    let mut scripts = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "py") {
+            continue;
+        }
+        scripts += 1;
+        let source = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in source.lines().enumerate() {
+            let code = line.trim_start();
+            assert!(
+                !(code.starts_with("assert ") || code.starts_with("assert(")),
+                "{}:{}: `{code}`: use ensure() (python3 -O strips `assert`)",
+                path.display(),
+                n + 1
+            );
+        }
+    }
+    assert!(
+        scripts >= 3,
+        "found only {scripts} Python scripts in tests/"
     );
 }

@@ -262,6 +262,16 @@ fn cancelled_request_frees_its_slot() {
         collect(block_on(pool.submit(request("the next", 5, SamplingParams::default()))).unwrap())
             .unwrap();
     assert!(next.completion_tokens >= 1);
+    // The slot was free at once: the next request did not wait for the cancelled one's remaining
+    // tokens (timed from the same request decoded whole, alone), not even for half of them.
+    let rest = whole.timings.total.mul_f64((500 - at_drop) as f64 / 500.0);
+    assert!(
+        next.timings.queue < rest / 2,
+        "the next request waited {:?} for the slot; the cancelled request's remaining {} tokens \
+         take about {rest:?}: the slot was held after the cancel",
+        next.timings.queue,
+        500 - at_drop
+    );
     // Everything sampled since the drop, less the next request's own tokens, was decoded for the
     // cancelled one: at most the step that was running when it left.
     let after_cancel = sampled(&metrics) - base - at_drop - next.completion_tokens as u64;

@@ -2,8 +2,12 @@
 //! binary with the real SmolLM2: the node drains as the README says (the listener closes at once,
 //! streams already running on both fronts finish whole), then exits 0.
 //!
-//! "In flight" is not assumed from timing: the node's own log line `draining: listener closed`
-//! carries the number of calls it still had, and the test requires it to be the calls it opened.
+//! A call still running when `drain_timeout` runs out is cut with UNAVAILABLE, the node logs how
+//! many it cut and exits 1 (README: a non-zero exit shows a too-short drain timeout).
+//!
+//! "In flight" is not assumed from timing: the node's own log lines (`draining: listener closed`,
+//! `drain timeout: cutting calls still running`) carry the number of calls it still had, and the
+//! test requires it to be the calls it opened.
 
 mod common;
 
@@ -41,6 +45,11 @@ struct Serve {
 
 impl Serve {
     fn start() -> Self {
+        Self::start_with_drain_timeout("60s")
+    }
+
+    /// `qnode serve` with `--drain-timeout=drain_timeout`.
+    fn start_with_drain_timeout(drain_timeout: &str) -> Self {
         common::model_file("smollm2");
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
@@ -52,7 +61,7 @@ impl Serve {
             .arg(format!("--listen={grpc}"))
             .arg(format!("--http-listen={http}"))
             .arg("--threads-per-instance=1")
-            .arg("--drain-timeout=60s")
+            .arg(format!("--drain-timeout={drain_timeout}"))
             .env("QNODE_MODELS_DIR", common::repo_root().join("models"))
             .env("RUST_LOG", "info")
             .env_remove("QNODE_API_KEY")
@@ -120,13 +129,15 @@ impl Serve {
 
     /// The `in_flight=N` of the node's `draining: listener closed` line, once it is logged.
     async fn drained_with(&self) -> usize {
+        self.in_flight_logged("draining: listener closed").await
+    }
+
+    /// The `in_flight=N` of the first log line containing `needle`, once it is logged.
+    async fn in_flight_logged(&self, needle: &str) -> usize {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
-            if let Some(line) = log
-                .lines()
-                .find(|l| l.contains("draining: listener closed"))
-            {
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
                 let n = line
                     .split("in_flight=")
                     .nth(1)
@@ -137,7 +148,7 @@ impl Serve {
             }
             assert!(
                 Instant::now() < deadline,
-                "no drain logged 30 s after the signal:\n{log}"
+                "no {needle:?} logged 30 s after the signal:\n{log}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -290,6 +301,54 @@ async fn sigterm_drains_both_fronts_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_drains_and_exits_0() {
     signal_drains_and_exits_0(libc::SIGINT, false).await;
+}
+
+/// README: calls still running at `drain_timeout` are cut (UNAVAILABLE), the count is logged and
+/// the process exits 1. The drain timeout (10 ms) is far below what the rest of a 48-token stream
+/// takes on any CPU, so the stream is still running when it runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_cuts_the_calls_left_and_exits_1() {
+    let mut node = Serve::start_with_drain_timeout("10ms");
+    node.wait_serving().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = InferenceClient::new(channel)
+        .generate_stream(long_request())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.expect("a first chunk").unwrap();
+    assert!(first.finish_reason.is_none(), "finished at the first chunk");
+
+    node.signal(libc::SIGTERM);
+    assert_eq!(node.drained_with().await, 1, "in flight at the drain");
+    let cut = node
+        .in_flight_logged("drain timeout: cutting calls still running")
+        .await;
+    assert_eq!(cut, 1, "calls cut at the drain timeout");
+    // The stream ends in an error, never in a clean finish.
+    let mut outcome = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => assert!(
+                c.finish_reason.is_none(),
+                "the stream finished although the drain timeout cut it: {c:?}"
+            ),
+            Err(status) => {
+                outcome = Some(status);
+                break;
+            }
+        }
+    }
+    let status = outcome.expect("the cut stream ended without an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    let exit = node.wait_exit().await;
+    assert_eq!(exit.code(), Some(1), "exit status {exit}:\n{}", node.log());
+    eprintln!("drain timeout cut {cut} call; {exit}; the client got {status:?}");
 }
 
 /// `text` without ANSI escape sequences (`ESC [ ... letter`).

@@ -49,7 +49,7 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot start redis-server ({e}): the cache tests need a real Redis; \
-                     run `apt-get install -y redis-server`"
+                     `bash scripts/test.sh` installs it (or `apt-get install -y redis-server`)"
                 )
             });
         let server = Self {

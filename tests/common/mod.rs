@@ -19,7 +19,7 @@ pub fn model_file(id: &str) -> PathBuf {
     let path = repo_root().join("models").join(id).join(file);
     assert!(
         path.exists(),
-        "{} is missing: run `python3 models/fetch.py all` first",
+        "{} is missing: `bash scripts/test.sh` fetches it (or `python3 models/fetch.py all`)",
         path.display()
     );
     path

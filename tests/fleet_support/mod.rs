@@ -430,7 +430,10 @@ fn nginx_binary() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    panic!("nginx is missing: the fleet test needs it; run `apt-get install -y nginx-light`")
+    panic!(
+        "nginx is missing: the fleet test needs it; `bash scripts/test.sh` installs it \
+         (or `apt-get install -y nginx-light`)"
+    )
 }
 
 /// The client's retry policy, as docs/deploy.md recommends for a gateway.
