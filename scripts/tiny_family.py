@@ -5,7 +5,7 @@ llama.cpp reference outputs that tests/family_reference.rs compares qnode agains
     python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
     python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
 
-FAMILY: qwen2 | qwen3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
+FAMILY: qwen2 | qwen3 | llama3 | phi3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
 byte-identical file on any machine (weights come from an integer hash of the tensor name, written
 straight as Q8_0 blocks or as F32 values that are exact in binary), so the tests regenerate the file
 llama.cpp ran and check its sha256 against the one recorded in the reference. `reference` needs
@@ -48,7 +48,59 @@ FAMILIES = {
     # Qwen's ChatML control tokens at their Qwen2.5 ids (151643..151645) with a thinking template.
     "qwen3": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, ffn=128, tied=True,
                   qkv_bias=False, qk_norm=True, rope_base=1_000_000.0, chatml=True),
+    # Llama 3.1 / 3.2 as GGUF files label it: architecture `llama`, `rope.dimension_count`, the
+    # `llama-bpe` pre-tokenizer, Llama 3's control tokens and template, tied head (3.2 1B/3B),
+    # and llama3 RoPE frequency scaling stored as `rope_freqs.weight` (what convert_hf_to_gguf.py
+    # writes; no `rope.scaling.type` key). The factors come from Llama 3.1's formula
+    # (LlamaModel.generate_extra_tensors) with factor 8, low 1, high 4, but an original context
+    # of 64 instead of 8192, so that at these short positions the unscaled, smoothed and /8
+    # frequency bands all exist and matter. The vocabulary is the Qwen header's (Llama 3's own
+    # is not reachable here) with Llama 3's specials at ids 151643..151647.
+    "llama3": dict(arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=256,
+                   tied=True, rope_base=500_000.0, rms_eps=1e-5,
+                   llama3_rope=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=64),
+                   pre="llama-bpe", add_bos=True, bos=151646, eos=151647,
+                   specials={151643: "<|end_of_text|>", 151644: "<|start_header_id|>",
+                             151645: "<|end_header_id|>", 151646: "<|begin_of_text|>",
+                             151647: "<|eot_id|>"},
+                   template="llama3"),
+    # Phi-3 / Phi-3.5 / Phi-4-mini: Q/K/V fused in `attn_qkv`, gate and up fused in `ffn_up`
+    # (gate first), NeoX RoPE over the first 24 of a head's 32 values (Phi-4-mini rotates 3/4),
+    # su/longrope: `rope.scaling.type = longrope`, long and short per-frequency factors and
+    # `rope.scaling.attn_factor`. The original context (1024) is below the context llama.cpp ran
+    # with (2048) and the file's (4096), so both sides apply the long factors. Untied head.
+    # Phi-3's control tokens and template on the Qwen header's vocabulary.
+    "phi3": dict(arch="phi3", layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, ffn=256,
+                 tied=False, rope_base=10_000.0, rms_eps=1e-5, rope_dims=24,
+                 longrope=dict(original_context=1024, attn_factor=1.1902380714238083),
+                 pre="qwen2", add_bos=False, bos=151643, eos=151647,
+                 specials={151643: "<|endoftext|>", 151644: "<|user|>", 151645: "<|assistant|>",
+                           151646: "<|system|>", 151647: "<|end|>"},
+                 template="phi3"),
 }
+
+# Llama 3 Instruct's template (Meta-Llama-3-8B-Instruct's tokenizer_config.json).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+# Phi-3-mini-4k-instruct's template.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "phi3": PHI3_TEMPLATE}
 
 # Qwen3's template, reduced to what a chat gateway sends (no tools): ChatML turns, and an empty
 # think block when `enable_thinking` is false.
@@ -190,7 +242,32 @@ def f32(name, n, center, spread):
 
 # --- writing ----------------------------------------------------------------------------------
 
+def llama3_rope_factors(head_dim, base, factor, low_freq_factor, high_freq_factor,
+                        original_max_position_embeddings):
+    """Llama 3.1's per-frequency RoPE divisors, as convert_hf_to_gguf.py computes them
+    (LlamaModel.generate_extra_tensors, in float32 as torch does)."""
+    import math
+    freqs = 1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                         / np.float32(head_dim)))
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    out = []
+    for freq in freqs.astype(np.float32):
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = ((original_max_position_embeddings / wavelen - low_freq_factor)
+                      / (high_freq_factor - low_freq_factor))
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write(family, out, header):
+    if "arch" in FAMILIES[family]:
+        return write_family(family, out, header)
     import gguf
 
     cfg = FAMILIES[family]
@@ -270,6 +347,104 @@ def write(family, out, header):
     w.close()
 
 
+def write_family(family, out, header):
+    """The families after qwen2/qwen3 (llama3, phi3): the header's tokenizer with the family's
+    pre-tokenizer, control tokens and template, and the family's own tensor layout."""
+    import gguf
+
+    cfg = FAMILIES[family]
+    kv = read_header(header)
+    meta = {k: (t, s, v) for k, t, s, v in kv}
+    vocab = len(meta["tokenizer.ggml.tokens"][2])
+    arch = cfg["arch"]
+    w = gguf.GGUFWriter(out, arch)
+    T = gguf.GGUFValueType
+    # Not `phi3` in the name: llama.cpp gives every control token of a model whose general.name
+    # contains "phi3" or "phi-3" the rstrip attribute (whitespace after it is dropped), which qnode
+    # does not mirror yet.
+    w.add_key_value("general.name", f"qnode tiny {family.replace('phi3', 'phi')} (random weights, "
+                    f"{SEED})", T.STRING)
+    u32 = lambda k, v: w.add_key_value(f"{arch}.{k}", v, T.UINT32)
+    f32v = lambda k, v: w.add_key_value(f"{arch}.{k}", v, T.FLOAT32)
+    hd, hidden, ffn = cfg["head_dim"], cfg["hidden"], cfg["ffn"]
+    q_dim, kv_dim = cfg["heads"] * hd, cfg["kv_heads"] * hd
+    rope_dims = cfg.get("rope_dims", hd)
+    u32("block_count", cfg["layers"])
+    u32("context_length", 4096)
+    u32("embedding_length", hidden)
+    u32("feed_forward_length", ffn)
+    u32("attention.head_count", cfg["heads"])
+    u32("attention.head_count_kv", cfg["kv_heads"])
+    u32("rope.dimension_count", rope_dims)
+    if q_dim != hidden:
+        u32("attention.key_length", hd)
+        u32("attention.value_length", hd)
+    f32v("rope.freq_base", cfg["rope_base"])
+    f32v("attention.layer_norm_rms_epsilon", cfg["rms_eps"])
+    if "longrope" in cfg:
+        w.add_key_value(f"{arch}.rope.scaling.type", "longrope", T.STRING)
+        u32("rope.scaling.original_context_length", cfg["longrope"]["original_context"])
+        f32v("rope.scaling.attn_factor", cfg["longrope"]["attn_factor"])
+    for key, t, sub, value in kv:
+        if not key.startswith("tokenizer."):
+            continue
+        if key == "tokenizer.ggml.tokens":
+            value = list(value)
+            for i, name in cfg["specials"].items():
+                value[i] = name
+        elif key == "tokenizer.ggml.pre":
+            value = cfg["pre"]
+        elif key == "tokenizer.ggml.bos_token_id":
+            value = cfg["bos"]
+        elif key == "tokenizer.ggml.eos_token_id":
+            value = cfg["eos"]
+        elif key == "tokenizer.ggml.add_bos_token":
+            value = cfg["add_bos"]
+        elif key == "tokenizer.chat_template":
+            value = TEMPLATES[cfg["template"]]
+        w.add_key_value(key, value, T(t), T(sub) if sub is not None else None)
+
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def mat(name, rows, cols, std):
+        w.add_tensor(name, q8_0(name, rows, cols, std), raw_dtype=Q8)
+
+    mat("token_embd.weight", vocab, hidden, 1.0)
+    w.add_tensor("output_norm.weight", f32("output_norm.weight", hidden, 1.0, 0.25))
+    if not cfg["tied"]:
+        mat("output.weight", vocab, hidden, 0.4)
+    if "llama3_rope" in cfg:
+        w.add_tensor("rope_freqs.weight",
+                     llama3_rope_factors(hd, cfg["rope_base"], **cfg["llama3_rope"]))
+    if "longrope" in cfg:
+        # Exact in binary: long factors 1..12.5 (the low frequencies stretched most, as Phi-3's),
+        # short ones close to 1.
+        k = np.arange(rope_dims // 2, dtype=np.float64)
+        w.add_tensor("rope_factors_long.weight", (1.0 + k * k / 8.0).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", (1.0 + k / 64.0).astype(np.float32))
+    for i in range(cfg["layers"]):
+        p = lambda n: f"blk.{i}.{n}"
+        w.add_tensor(p("attn_norm.weight"), f32(p("attn_norm.weight"), hidden, 1.0, 0.25))
+        if arch == "phi3":
+            mat(p("attn_qkv.weight"), q_dim + 2 * kv_dim, hidden, 0.25)
+        else:
+            mat(p("attn_q.weight"), q_dim, hidden, 0.25)
+            mat(p("attn_k.weight"), kv_dim, hidden, 0.25)
+            mat(p("attn_v.weight"), kv_dim, hidden, 0.15)
+        mat(p("attn_output.weight"), hidden, q_dim, 0.12)
+        w.add_tensor(p("ffn_norm.weight"), f32(p("ffn_norm.weight"), hidden, 1.0, 0.25))
+        if arch == "phi3":
+            mat(p("ffn_up.weight"), 2 * ffn, hidden, 0.2)
+        else:
+            mat(p("ffn_gate.weight"), ffn, hidden, 0.2)
+            mat(p("ffn_up.weight"), ffn, hidden, 0.2)
+        mat(p("ffn_down.weight"), hidden, ffn, 0.12)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -287,53 +462,86 @@ def _post(port, path, body):
         return json.loads(r.read())
 
 
+class _Server:
+    """llama-server on `model` with a context of `ctx` (one slot, f32 caches, no flash
+    attention), on a free port, for the `with` block."""
+
+    def __init__(self, model, ctx, llama_bin, log):
+        self.model, self.ctx, self.llama_bin, self.log = model, ctx, llama_bin, log
+
+    def __enter__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, LD_LIBRARY_PATH=self.llama_bin)
+        self.proc = subprocess.Popen(
+            [os.path.join(self.llama_bin, "llama-server"), "-m", self.model, "-t", "2", "-c",
+             str(self.ctx), "-np", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--host",
+             "127.0.0.1", "--port", str(self.port), "--no-webui"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health") as r:
+                    if r.status == 200:
+                        return self.port
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        sys.exit(open(self.log).read())
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _greedy(port):
+    greedy = []
+    for prompt in PROMPTS:
+        ids = _post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"]
+        r = _post(port, "/completion", {
+            "prompt": ids, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1,
+            "n_probs": N_PROBS, "cache_prompt": False, "seed": 0, "return_tokens": True,
+        })
+        # The server leaves out of `completion_probabilities` a token whose text ends inside a
+        # UTF-8 character (server-context.cpp, process_token): align the probabilities with every
+        # generated token (`tokens`), null where they were left out.
+        tokens, probs, tops = r["tokens"], r["completion_probabilities"], []
+        for tok in tokens:
+            if probs and probs[0]["id"] == tok:
+                p = probs.pop(0)
+                tops.append([[t["id"], t["logprob"]] for t in p["top_logprobs"]])
+            else:
+                tops.append(None)
+        assert not probs, "probabilities out of order with the tokens"
+        greedy.append({
+            "prompt": prompt,
+            "prompt_ids": ids,
+            "completion_ids": tokens,
+            "completion_text": r["content"],
+            # llama.cpp's log-softmax over the raw logits: the top N_PROBS at each step (null
+            # where the server did not report them).
+            "top_logprobs": tops,
+        })
+    return greedy
+
+
 def reference(family, out, header, llama_bin):
+    cfg = FAMILIES[family]
+    extra = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, f"tiny-{family}.gguf")
         write(family, model, header)
         digest = sha256_of(model)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, LD_LIBRARY_PATH=llama_bin)
-        server = subprocess.Popen(
-            [os.path.join(llama_bin, "llama-server"), "-m", model, "-t", "2", "-c", "2048",
-             "-np", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "log"), "w"))
-        try:
-            for _ in range(300):
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.2)
-            else:
-                sys.exit(open(os.path.join(tmp, "log")).read())
+        log = os.path.join(tmp, "log")
+        with _Server(model, 2048, llama_bin, log) as port:
             tokenize = [{"text": t, "ids": _post(port, "/tokenize",
                                                  {"content": t, "add_special": False})["tokens"]}
                         for t in TOKENIZE_TEXTS]
-            greedy = []
-            for prompt in PROMPTS:
-                ids = _post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"]
-                r = _post(port, "/completion", {
-                    "prompt": ids, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1,
-                    "n_probs": N_PROBS, "cache_prompt": False, "seed": 0,
-                })
-                probs = r["completion_probabilities"]
-                greedy.append({
-                    "prompt": prompt,
-                    "prompt_ids": ids,
-                    "completion_ids": [p["id"] for p in probs],
-                    "completion_text": r["content"],
-                    # llama.cpp's log-softmax over the raw logits: the top N_PROBS at each step.
-                    "top_logprobs": [[[t["id"], t["logprob"]] for t in p["top_logprobs"]]
-                                     for p in probs],
-                })
+            greedy = _greedy(port)
             chats = []
             # Qwen3's template reads `enable_thinking`: record both settings.
             kwargs = ([{"enable_thinking": True}, {"enable_thinking": False}]
-                      if FAMILIES[family]["chatml"] else [{}])
+                      if cfg.get("chatml") else [{}])
             for messages in CHATS:
                 for kw in kwargs:
                     r = _post(port, "/apply-template",
@@ -344,19 +552,23 @@ def reference(family, out, header, llama_bin):
                                                     "add_special": True})["tokens"]
                     chats.append({"messages": messages, "kwargs": kw, "prompt": r["prompt"],
                                   "prompt_ids": ids})
-        finally:
-            server.terminate()
-            server.wait()
+        if "longrope" in cfg:
+            # su/longrope: a context up to the original one runs on the short factors.
+            short = cfg["longrope"]["original_context"]
+            with _Server(model, short, llama_bin, log) as port:
+                extra["greedy_short_context"] = {"context": short, "greedy": _greedy(port)}
     ref = {
         "family": family,
-        "made_with": "scripts/tiny_family.py reference: llama.cpp server (/tokenize add_special="
-                     "false; /completion on the prompt's ids with add_special, temperature 0, "
-                     f"top_k 1, n_probs {N_PROBS}; /apply-template)",
+        "made_with": "scripts/tiny_family.py reference: llama.cpp server -c 2048 -np 1 -fa off "
+                     "-ctk f32 -ctv f32 (/tokenize add_special=false; /completion on the prompt's "
+                     f"ids with add_special, temperature 0, top_k 1, n_probs {N_PROBS}; "
+                     "/apply-template)",
         "gguf_sha256": digest,
-        "config": FAMILIES[family],
+        "config": cfg,
         "tokenize": tokenize,
         "greedy": greedy,
         "chat_template": chats,
+        **extra,
     }
     with open(out, "w") as f:
         json.dump(ref, f, ensure_ascii=False, indent=1)

@@ -1,5 +1,7 @@
-//! The families beyond llama/gemma3 (qwen2, qwen3) against llama.cpp, on tiny random-weight GGUF
-//! files that carry the real Qwen tokenizer (152,064 tokens) and real Qwen metadata.
+//! The families beyond SmolLM2/gemma3 (qwen2, qwen3, Llama 3 style `llama`, phi3) against
+//! llama.cpp, on tiny random-weight GGUF files that carry the real Qwen tokenizer (152,064 tokens;
+//! llama3 and phi3 with their own control tokens and pre-tokenizer) and each family's metadata:
+//! Llama 3.1's `rope_freqs.weight`, Phi-3's fused matrices, partial rotary and su/longrope.
 //!
 //! `scripts/tiny_family.py write FAMILY` regenerates the exact file llama.cpp ran (its sha256 is in
 //! the reference, so a changed generator fails here rather than comparing against another model);
@@ -17,8 +19,11 @@
 //!   tokens (requantization of each family's layout: biases, q/k norms, tied and untied heads);
 //! - the raw prompts through the serving engine (pool, sampler, detokenizer) give llama.cpp's text
 //!   up to each prompt's first near-tie;
-//! - a qwen2 file missing a Q/K/V bias, or one carrying Llama 3.1's `rope_freqs.weight`, is refused
-//!   at load naming the tensor.
+//! - phi3 served with a context up to its original one takes the short su/longrope factors, as
+//!   llama.cpp run with that context does;
+//! - a qwen2 file missing a Q/K/V bias, a qwen3 file carrying RoPE factors, llama3 factors of the
+//!   wrong length or value, and a bias the family does not add are refused at load naming the
+//!   tensor.
 //!
 //! Figures print with `cargo test --test family_reference -- --nocapture`.
 
@@ -63,6 +68,55 @@ const CLOSE_TOL: f64 = 0.02;
 /// Largest log-probability difference allowed anywhere.
 const LOGPROB_TOL: f64 = 0.6;
 
+/// The bounds [`check_forward_of`] holds a family to.
+struct Bounds {
+    tie_margin: f32,
+    min_exact: f64,
+    first_tol: f64,
+    min_close_prompts: f64,
+    logprob_tol: f64,
+}
+
+/// qwen2 / qwen3: the constants above. llama3 / phi3 (hidden 128, ffn 256: twice the qwen
+/// models' width), measured: phi3 agrees with llama.cpp to <= 3e-4 at every position of 4 of 5
+/// prompts, llama3 to < 1e-4 in 2 of 5 (so RoPE factors, fused matrices, partial rotary and the
+/// longrope magnitude are computed as llama.cpp computes them: breaking any one of them drops
+/// exact greedy tokens to 1-33 %). Elsewhere log-probs differ by up to 0.30 (phi3), 0.30 (phi3,
+/// short context, 4 of 5 prompts) and 1.24 (llama3), in the 33-token prompt already at the
+/// prefill's output, while llama.cpp's greedy token stays within 0.55 logits of our best. The
+/// cause is not established (the qwen models' rounding-flip explanation is a hypothesis here,
+/// not shown), so these bounds are the measured figures with a margin, not a derived tolerance.
+fn bounds(family: &str) -> Bounds {
+    let wide = family.starts_with("llama3") || family.starts_with("phi3");
+    if wide && family.ends_with("requantized") {
+        // Weights that differ from the file llama.cpp ran (see `check_requantized_from_f32`):
+        // measured 85-86 % exact, llama.cpp's token within 1.79 logits of our best.
+        Bounds {
+            tie_margin: 2.0,
+            min_exact: 0.8,
+            first_tol: f64::INFINITY,
+            min_close_prompts: 0.0,
+            logprob_tol: f64::INFINITY,
+        }
+    } else if wide {
+        Bounds {
+            tie_margin: 0.6,
+            min_exact: 0.8,
+            first_tol: 0.5,
+            min_close_prompts: 0.2,
+            logprob_tol: 1.5,
+        }
+    } else {
+        Bounds {
+            tie_margin: TIE_MARGIN,
+            min_exact: MIN_EXACT,
+            first_tol: FIRST_TOL,
+            min_close_prompts: MIN_CLOSE_PROMPTS,
+            logprob_tol: LOGPROB_TOL,
+        }
+    }
+}
+
 struct Tiny {
     _dir: tempfile::TempDir,
     path: PathBuf,
@@ -74,9 +128,13 @@ struct Tiny {
 fn tiny(family: &'static str) -> &'static Tiny {
     static QWEN2: OnceLock<Tiny> = OnceLock::new();
     static QWEN3: OnceLock<Tiny> = OnceLock::new();
+    static LLAMA3: OnceLock<Tiny> = OnceLock::new();
+    static PHI3: OnceLock<Tiny> = OnceLock::new();
     let cell = match family {
         "qwen2" => &QWEN2,
         "qwen3" => &QWEN3,
+        "llama3" => &LLAMA3,
+        "phi3" => &PHI3,
         other => panic!("no tiny family {other}"),
     };
     cell.get_or_init(|| {
@@ -120,8 +178,16 @@ fn load(family: &'static str) -> (LoadedModel, &'static Value) {
     let model = LoadedModel::load(family, &t.path, Quant::Q8_0, &Device::Cpu)
         .unwrap()
         .with_kv_dtype(KvDtype::F32);
-    assert_eq!(model.hparams().arch.as_str(), family);
+    assert_eq!(model.hparams().arch.as_str(), arch_of(family));
     (model, &t.reference)
+}
+
+/// `general.architecture` of the tiny FAMILY file (Llama 3 files say `llama`).
+fn arch_of(family: &str) -> &str {
+    match family {
+        "llama3" => "llama",
+        other => other,
+    }
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -303,6 +369,7 @@ fn check_forward_of(
     reference: &Value,
     logprobs: bool,
 ) -> Vec<usize> {
+    let b = bounds(family);
     let (mut exact, mut total, mut worst_gap, mut worst_lp) = (0usize, 0usize, 0f32, 0f64);
     let (mut close_prompts, mut prompts) = (0usize, 0usize);
     let mut failures = Vec::new();
@@ -324,7 +391,7 @@ fn check_forward_of(
             if gap != 0.0 {
                 first_tie = first_tie.min(i);
             }
-            if gap > TIE_MARGIN {
+            if gap > b.tie_margin {
                 failures.push(format!(
                     "{prompt:?} token {i}: llama.cpp chose {want_tok}, {gap} logits below our best"
                 ));
@@ -332,15 +399,20 @@ fn check_forward_of(
             if !logprobs {
                 continue;
             }
+            // Null where llama.cpp's server did not report them (a token ending inside a UTF-8
+            // character).
+            let Some(top) = tops[i].as_array() else {
+                continue;
+            };
             let lp = log_softmax(logits);
-            for pair in tops[i].as_array().unwrap() {
+            for pair in top {
                 let (id, theirs) = (
                     pair[0].as_u64().unwrap() as usize,
                     pair[1].as_f64().unwrap(),
                 );
                 let diff = (lp[id] - theirs).abs();
                 prompt_worst = prompt_worst.max(diff);
-                let tol = if i == 0 { FIRST_TOL } else { LOGPROB_TOL };
+                let tol = if i == 0 { b.first_tol } else { b.logprob_tol };
                 if diff > tol {
                     failures.push(format!(
                         "{prompt:?} token {i}: log p({id}) = {:.4}, llama.cpp {theirs:.4} (> {tol})",
@@ -371,19 +443,20 @@ fn check_forward_of(
     );
     assert!(failures.is_empty(), "{family}:\n{}", failures.join("\n"));
     assert!(
-        exact as f64 / total as f64 >= MIN_EXACT,
+        exact as f64 / total as f64 >= b.min_exact,
         "{family}: only {exact}/{total} exact"
     );
     assert!(
-        !logprobs || close_prompts as f64 / prompts as f64 >= MIN_CLOSE_PROMPTS,
+        !logprobs || close_prompts as f64 / prompts as f64 >= b.min_close_prompts,
         "{family}: only {close_prompts}/{prompts} prompts agree within {CLOSE_TOL} throughout"
     );
     first_ties
 }
 
 fn tops_len(reference: &Value) -> usize {
-    reference["greedy"][0]["top_logprobs"][0]
+    reference["greedy"][0]["top_logprobs"]
         .as_array()
+        .and_then(|t| t.iter().find_map(Value::as_array))
         .map_or(0, Vec::len)
 }
 
@@ -479,25 +552,77 @@ fn qwen2_without_a_qkv_bias_is_refused_naming_the_tensor() {
     }
 }
 
+/// An F32 vector tensor.
+fn f32_tensor(values: &[f32]) -> candle_core::quantized::QTensor {
+    let t = candle_core::Tensor::new(values, &Device::Cpu).unwrap();
+    candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap()
+}
+
+fn load_error(path: &std::path::Path) -> String {
+    match LoadedModel::load("t", path, Quant::Q8_0, &Device::Cpu) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{} loaded", path.display()),
+    }
+}
+
 #[test]
-fn llama31_rope_frequency_factors_are_refused() {
+fn rope_factors_a_family_does_not_read_are_refused() {
+    // llama.cpp reads rope_freqs.weight for llama only (and refuses a file with a tensor it does
+    // not load): a qwen3 file carrying Llama 3.1's factors, or Phi-3's long factors, is refused.
     let dir = tempfile::tempdir().unwrap();
-    let factors = candle_core::Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let factors =
-        candle_core::quantized::QTensor::quantize(&factors, candle_core::quantized::GgmlDType::F32)
-            .unwrap();
+    for name in ["rope_freqs.weight", "rope_factors_long.weight"] {
+        let path = rewritten(
+            "qwen3",
+            dir.path(),
+            &[],
+            vec![(name.into(), f32_tensor(&[1.0; 16]))],
+        );
+        let msg = load_error(&path);
+        assert!(
+            msg.contains(name)
+                && msg.contains("not read for qwen3")
+                && msg.contains("supported: rope_freqs.weight for llama"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn llama3_rope_factors_of_the_wrong_length_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
     let path = rewritten(
-        "qwen3",
+        "llama3",
+        dir.path(),
+        &["rope_freqs.weight"],
+        vec![("rope_freqs.weight".into(), f32_tensor(&[1.0; 8]))],
+    );
+    let msg = load_error(&path);
+    assert!(
+        msg.contains("rope_freqs.weight") && msg.contains("expected [16]"),
+        "{msg}"
+    );
+    let path = rewritten(
+        "llama3",
+        dir.path(),
+        &["rope_freqs.weight"],
+        vec![("rope_freqs.weight".into(), f32_tensor(&[0.0; 16]))],
+    );
+    let msg = load_error(&path);
+    assert!(msg.contains("not a positive number"), "{msg}");
+}
+
+#[test]
+fn a_bias_the_family_does_not_add_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = rewritten(
+        "llama3",
         dir.path(),
         &[],
-        vec![("rope_freqs.weight".into(), factors)],
+        vec![("blk.1.attn_output.bias".into(), f32_tensor(&[0.0; 128]))],
     );
-    let err = LoadedModel::load("t", &path, Quant::Q8_0, &Device::Cpu)
-        .err()
-        .expect("a file with rope_freqs.weight loaded");
-    let msg = err.to_string();
+    let msg = load_error(&path);
     assert!(
-        msg.contains("rope_freqs.weight") && msg.contains("supported rope scaling: none"),
+        msg.contains("blk.1.attn_output.bias") && msg.contains("supported: Q/K/V biases for qwen2"),
         "{msg}"
     );
 }
@@ -536,4 +661,71 @@ fn qwen2_requantized_from_f32_matches_llama_cpp_greedy() {
 #[test]
 fn qwen3_requantized_from_f32_matches_llama_cpp_greedy() {
     check_requantized_from_f32("qwen3");
+}
+
+#[test]
+fn llama3_tokenizer_matches_llama_cpp() {
+    check_tokenizer("llama3");
+}
+
+#[test]
+fn llama3_chat_template_matches_llama_cpp() {
+    check_chat_template("llama3");
+}
+
+#[test]
+fn llama3_forward_matches_llama_cpp() {
+    check_forward("llama3");
+}
+
+#[test]
+fn llama3_through_the_engine_matches_llama_cpp_text() {
+    check_engine("llama3");
+}
+
+#[test]
+fn llama3_requantized_from_f32_matches_llama_cpp_greedy() {
+    check_requantized_from_f32("llama3");
+}
+
+#[test]
+fn phi3_tokenizer_matches_llama_cpp() {
+    check_tokenizer("phi3");
+}
+
+#[test]
+fn phi3_chat_template_matches_llama_cpp() {
+    check_chat_template("phi3");
+}
+
+#[test]
+fn phi3_forward_matches_llama_cpp() {
+    check_forward("phi3");
+}
+
+#[test]
+fn phi3_through_the_engine_matches_llama_cpp_text() {
+    check_engine("phi3");
+}
+
+#[test]
+fn phi3_requantized_from_f32_matches_llama_cpp_greedy() {
+    check_requantized_from_f32("phi3");
+}
+
+/// su/longrope picks its factors by the context served: llama.cpp run with a context up to the
+/// original one (1024 for the tiny phi3) applies the short factors, and so does qnode told that
+/// context (`LoadedModel::with_context_length`, which the pool calls with the served context);
+/// the default (native 4096) took the long ones in `phi3_forward_matches_llama_cpp`.
+#[test]
+fn phi3_short_context_takes_the_short_rope_factors_as_llama_cpp() {
+    let t = tiny("phi3");
+    let short = &t.reference["greedy_short_context"];
+    let n_ctx = short["context"].as_u64().unwrap() as usize;
+    let model = LoadedModel::load("phi3", &t.path, Quant::Q8_0, &Device::Cpu)
+        .unwrap()
+        .with_kv_dtype(KvDtype::F32)
+        .with_context_length(n_ctx);
+    let reference = serde_json::json!({ "greedy": short["greedy"] });
+    check_forward_of("phi3 short context", &model.transformer, &reference, true);
 }

@@ -15,6 +15,9 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: llama with per-head RMSNorm on Q and K before NeoX RoPE, no biases.
     Qwen3,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini: llama with NeoX RoPE, Q/K/V fused in one matrix
+    /// (`attn_qkv`), gate and up fused in `ffn_up`, and su/longrope factors.
+    Phi3,
 }
 
 /// How RoPE pairs the values of a head.
@@ -51,6 +54,14 @@ pub struct ArchSpec {
     pub post_norms: bool,
     /// Embeddings are multiplied by `sqrt(hidden)`.
     pub scale_embeddings: bool,
+    /// Gate and up are one matrix, `ffn_up` `[2 * ffn, hidden]`, gate first (Phi-3); otherwise
+    /// `ffn_gate` and `ffn_up`.
+    pub fused_gate_up: bool,
+    /// Values of `{arch}.rope.scaling.type` this family runs, besides `none` and `linear`.
+    pub extra_rope_scaling: &'static [&'static str],
+    /// Reads Llama 3.1's per-frequency RoPE factors (`rope_freqs.weight`), as llama.cpp does for
+    /// this family.
+    pub rope_freqs: bool,
     /// RoPE base when the file has none.
     pub default_rope_base: f64,
     /// Every `n`-th layer is global and the others slide, when the file says nothing; `None`: no
@@ -65,13 +76,22 @@ const LLAMA: ArchSpec = ArchSpec {
     qk_norm: false,
     post_norms: false,
     scale_embeddings: false,
+    fused_gate_up: false,
+    extra_rope_scaling: &[],
+    rope_freqs: false,
     default_rope_base: 10_000.0,
     default_sliding_pattern: None,
 };
 
 impl Arch {
     /// Every family, in the order errors list them.
-    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Gemma3, Arch::Qwen2, Arch::Qwen3];
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Gemma3,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Phi3,
+    ];
 
     /// Name as written in `general.architecture`.
     pub fn as_str(self) -> &'static str {
@@ -80,6 +100,7 @@ impl Arch {
             Self::Gemma3 => "gemma3",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -96,7 +117,13 @@ impl Arch {
     /// What this family changes in the llama block.
     pub fn spec(self) -> ArchSpec {
         match self {
-            Self::Llama => LLAMA,
+            // llama.cpp reads `rope_freqs.weight` (Llama 3.1/3.2 frequency factors) and, with
+            // `rope.scaling.type = longrope`, the long/short factors, for its llama architecture.
+            Self::Llama => ArchSpec {
+                extra_rope_scaling: &["longrope"],
+                rope_freqs: true,
+                ..LLAMA
+            },
             Self::Gemma3 => ArchSpec {
                 rope: RopeStyle::Neox,
                 activation: Activation::GeluTanh,
@@ -117,13 +144,48 @@ impl Arch {
                 qk_norm: true,
                 ..LLAMA
             },
+            Self::Phi3 => ArchSpec {
+                rope: RopeStyle::Neox,
+                fused_gate_up: true,
+                extra_rope_scaling: &["longrope"],
+                ..LLAMA
+            },
         }
     }
 }
 
-/// `{arch}.rope.scaling.type` values qnode computes (the others change RoPE frequencies in ways
-/// the forward pass does not implement, so such files are refused rather than run wrong).
-pub const SUPPORTED_ROPE_SCALING: &str = "none";
+/// How RoPE angles are scaled, from `{arch}.rope.scaling.*` (llama.cpp's rules).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Angles as computed (`none`, or `linear` with factor 1).
+    None,
+    /// Every angle times `1 / factor` (`linear`; also what llama.cpp assumes when the type is
+    /// absent and `rope.scaling.factor` is set).
+    Linear {
+        /// `rope.scaling.factor`.
+        factor: f32,
+    },
+    /// Phi-3's su/longrope: per-frequency factors, `rope_factors_long.weight` when the context a
+    /// sequence may reach is longer than [`RopeConfig::original_context`] (llama.cpp: the context
+    /// it runs with), `rope_factors_short.weight` otherwise; cos and sin times
+    /// `rope.scaling.attn_factor`.
+    LongRope,
+}
+
+/// RoPE hyper-parameters beyond the base.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeConfig {
+    /// Values of a head that are rotated (`rope.dimension_count`), the first ones; the rest pass
+    /// through.
+    pub dims: usize,
+    /// Frequency scaling.
+    pub scaling: RopeScaling,
+    /// cos and sin are multiplied by this (`rope.scaling.attn_factor`, 1 when absent).
+    pub attn_factor: f32,
+    /// `rope.scaling.original_context_length` (the native context when absent): longer contexts
+    /// take the long su/longrope factors.
+    pub original_context: usize,
+}
 
 /// Everything the forward pass needs to know about the shapes of a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +218,8 @@ pub struct HParams {
     pub sliding_window: Option<usize>,
     /// Every `sliding_pattern`-th layer is global; the others use the sliding window.
     pub sliding_pattern: usize,
+    /// RoPE dimensions, scaling and magnitude.
+    pub rope: RopeConfig,
 }
 
 const MAX_LAYERS: usize = 512;
@@ -208,25 +272,7 @@ impl HParams {
         let rms_eps = meta
             .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-6);
-        if let Some(rot) = meta.opt_usize(&key("rope.dimension_count"))? {
-            if rot != head_dim {
-                return Err(bad(
-                    &key("rope.dimension_count"),
-                    format!(
-                        "RoPE over {rot} of a head's {head_dim} values is not supported (supported: \
-                         the whole head, {head_dim})"
-                    ),
-                ));
-            }
-        }
-        if let Some(kind) = meta.opt_str(&key("rope.scaling.type"))? {
-            if kind != "none" {
-                return Err(bad(
-                    &key("rope.scaling.type"),
-                    format!("`{kind}` is not supported (supported: {SUPPORTED_ROPE_SCALING})"),
-                ));
-            }
-        }
+        let rope = rope_config(meta, arch, head_dim, context_length)?;
         let (window, pattern) = match spec.default_sliding_pattern {
             Some(pattern) => (meta.opt_usize(&key("attention.sliding_window"))?, pattern),
             None => (None, 1),
@@ -253,6 +299,7 @@ impl HParams {
                 .opt_usize(&key("attention.sliding_window_pattern"))?
                 .unwrap_or(pattern)
                 .max(1),
+            rope,
         })
     }
 
@@ -265,6 +312,96 @@ impl HParams {
             self.sliding_window
         }
     }
+}
+
+/// `{arch}.rope.*` as llama.cpp reads them (llama-model.cpp `load_hparams`): the scaling type
+/// defaults to `linear`, whose factor defaults to 1; `none` ignores any factor. Types this family
+/// does not run (`yarn`, or anything llama.cpp does not know) are refused naming the key, the value
+/// and what is supported.
+fn rope_config(
+    meta: Meta<'_>,
+    arch: Arch,
+    head_dim: usize,
+    context_length: usize,
+) -> Result<RopeConfig, ModelError> {
+    let name = arch.as_str();
+    let key = |k: &str| format!("{name}.{k}");
+    let spec = arch.spec();
+    let dims = match meta.opt_usize(&key("rope.dimension_count"))? {
+        None => head_dim,
+        Some(rot) if rot == head_dim => rot,
+        // llama.cpp refuses partial rotary for its llama architecture ("invalid n_rot"); Phi-4-mini
+        // (phi3) rotates 3/4 of each head.
+        Some(rot) if arch == Arch::Phi3 && rot > 0 && rot < head_dim && rot % 2 == 0 => rot,
+        Some(rot) => {
+            let supported = if arch == Arch::Phi3 {
+                format!("an even count in 2..={head_dim}")
+            } else {
+                format!("the whole head, {head_dim}")
+            };
+            return Err(bad(
+                &key("rope.dimension_count"),
+                format!(
+                    "RoPE over {rot} of a head's {head_dim} values is not supported for {name} \
+                     (supported: {supported})"
+                ),
+            ));
+        }
+    };
+    let supported = ["none", "linear"]
+        .iter()
+        .chain(spec.extra_rope_scaling)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let supported = if spec.rope_freqs {
+        format!("{supported}; Llama 3 frequency factors in rope_freqs.weight")
+    } else {
+        supported
+    };
+    let kind = meta.opt_str(&key("rope.scaling.type"))?.unwrap_or("linear");
+    let factor = match meta.opt_f64(&key("rope.scaling.factor"))? {
+        Some(f) => Some(f),
+        None => meta.opt_f64(&key("rope.scale_linear"))?,
+    };
+    let scaling = match kind {
+        "none" => RopeScaling::None,
+        "linear" => match factor {
+            None => RopeScaling::None,
+            Some(f) if f == 0.0 || f == 1.0 => RopeScaling::None,
+            Some(f) if f.is_finite() && f > 0.0 => RopeScaling::Linear { factor: f as f32 },
+            Some(f) => {
+                return Err(bad(
+                    &key("rope.scaling.factor"),
+                    format!("{f} is not a positive scaling factor"),
+                ))
+            }
+        },
+        "longrope" if spec.extra_rope_scaling.contains(&"longrope") => RopeScaling::LongRope,
+        other => {
+            return Err(bad(
+                &key("rope.scaling.type"),
+                format!("`{other}` is not supported for {name} (supported: {supported})"),
+            ))
+        }
+    };
+    let attn_factor = meta
+        .opt_f64(&key("rope.scaling.attn_factor"))?
+        .unwrap_or(1.0);
+    if !(attn_factor.is_finite() && attn_factor > 0.0) {
+        return Err(bad(
+            &key("rope.scaling.attn_factor"),
+            format!("{attn_factor} is not a positive factor"),
+        ));
+    }
+    Ok(RopeConfig {
+        dims,
+        scaling,
+        attn_factor: attn_factor as f32,
+        original_context: meta
+            .opt_usize(&key("rope.scaling.original_context_length"))?
+            .unwrap_or(context_length),
+    })
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ModelError {
@@ -331,12 +468,12 @@ mod tests {
             matches!(&err, ModelError::UnsupportedArchitecture { name, .. } if name == "mamba"),
             "{msg}"
         );
-        assert!(msg.contains("llama, gemma3, qwen2, qwen3"), "{msg}");
+        assert!(msg.contains("llama, gemma3, qwen2, qwen3, phi3"), "{msg}");
     }
 
     #[test]
     fn unknown_rope_scaling_names_the_key_and_what_is_supported() {
-        for kind in ["yarn", "linear", "llama3", "longrope"] {
+        for kind in ["yarn", "llama3", "longrope", "dynamic"] {
             let c = content(
                 "qwen2",
                 &[("rope.scaling.type", Value::String(kind.into()))],
@@ -344,16 +481,80 @@ mod tests {
             match read(&c) {
                 Err(ModelError::BadMetadata { key, reason }) => {
                     assert_eq!(key, "qwen2.rope.scaling.type");
-                    assert!(reason.contains(kind) && reason.contains("supported: none"));
+                    assert!(
+                        reason.contains(kind) && reason.contains("supported: none, linear)"),
+                        "{reason}"
+                    );
                 }
                 other => panic!("{kind}: expected BadMetadata, got {other:?}"),
             }
         }
+        let c = content(
+            "llama",
+            &[("rope.scaling.type", Value::String("yarn".into()))],
+        );
+        let msg = read(&c).unwrap_err().to_string();
+        assert!(
+            msg.contains("llama.rope.scaling.type")
+                && msg.contains("`yarn`")
+                && msg.contains(
+                    "supported: none, linear, longrope; Llama 3 frequency factors in rope_freqs.weight"
+                ),
+            "{msg}"
+        );
         let none = content(
             "llama",
             &[("rope.scaling.type", Value::String("none".into()))],
         );
-        assert!(read(&none).is_ok());
+        assert_eq!(read(&none).unwrap().rope.scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn rope_scaling_reads_as_llama_cpp_does() {
+        let f = |v: f32| Value::F32(v);
+        let s = |v: &str| Value::String(v.into());
+        let scaling = |extra: &[(&str, Value)]| read(&content("llama", extra)).unwrap().rope;
+        // No type: llama.cpp assumes linear, with factor 1 unless one is given.
+        assert_eq!(scaling(&[]).scaling, RopeScaling::None);
+        assert_eq!(
+            scaling(&[("rope.scaling.factor", f(4.0))]).scaling,
+            RopeScaling::Linear { factor: 4.0 }
+        );
+        assert_eq!(
+            scaling(&[
+                ("rope.scaling.type", s("linear")),
+                ("rope.scaling.factor", f(2.0))
+            ])
+            .scaling,
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        // `none` ignores a factor.
+        assert_eq!(
+            scaling(&[
+                ("rope.scaling.type", s("none")),
+                ("rope.scaling.factor", f(2.0))
+            ])
+            .scaling,
+            RopeScaling::None
+        );
+        let r = read(&content(
+            "phi3",
+            &[
+                ("rope.scaling.type", s("longrope")),
+                ("rope.scaling.original_context_length", Value::U32(4096)),
+                ("rope.scaling.attn_factor", f(1.5)),
+                ("context_length", Value::U32(131072)),
+            ],
+        ))
+        .unwrap()
+        .rope;
+        assert_eq!(r.scaling, RopeScaling::LongRope);
+        assert_eq!((r.original_context, r.attn_factor), (4096, 1.5));
+        let bad = read(&content("llama", &[("rope.scaling.factor", f(-1.0))]));
+        assert!(
+            matches!(&bad, Err(ModelError::BadMetadata { key, .. }) if key == "llama.rope.scaling.factor"),
+            "{bad:?}"
+        );
     }
 
     #[test]
@@ -368,5 +569,10 @@ mod tests {
         }
         let whole = content("llama", &[("rope.dimension_count", Value::U32(16))]);
         assert!(read(&whole).is_ok());
+        // Phi-4-mini (phi3) rotates part of each head.
+        let phi = content("phi3", &[("rope.dimension_count", Value::U32(12))]);
+        assert_eq!(read(&phi).unwrap().rope.dims, 12);
+        let odd = content("phi3", &[("rope.dimension_count", Value::U32(7))]);
+        assert!(read(&odd).is_err());
     }
 }

@@ -49,6 +49,19 @@ impl LoadedModel {
         self
     }
 
+    /// Sets the context a sequence may reach (before it is shared): with su/longrope factors
+    /// (Phi-3 128k) a context up to the original one takes the short factors, a longer one the
+    /// long factors, as llama.cpp started with that context does. Loading assumes the native one.
+    ///
+    /// # Panics
+    /// When the weights are already shared with another owner (a caller bug).
+    pub fn with_context_length(mut self, n_ctx: usize) -> Self {
+        Arc::get_mut(&mut self.transformer)
+            .expect("context set on a freshly loaded model")
+            .set_context_length(n_ctx);
+        self
+    }
+
     /// Load `path` as model `id`, converting matrices to `quant`.
     pub fn load(id: &str, path: &Path, quant: Quant, device: &Device) -> Result<Self, ModelError> {
         let started = Instant::now();

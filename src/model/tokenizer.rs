@@ -46,6 +46,7 @@ const TYPE_NORMAL: i64 = 1;
 const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
+const TYPE_UNUSED: i64 = 5;
 
 /// SentencePiece's word-boundary marker.
 const SPM_SPACE: &str = "\u{2581}";
@@ -90,6 +91,9 @@ pub struct GgufTokenizer {
     stop_ids: Vec<u32>,
     vocab_size: usize,
     specials: SpecialMatcher,
+    /// Ids of `unused` tokens (type 5, e.g. Qwen's `[PAD151777]`): llama.cpp renders them as
+    /// nothing, so decoding drops them.
+    unused: Vec<u32>,
     /// `inner` with control tokens read as plain text; cloned on first use, since most prompts
     /// carry no control-token text in user content.
     plain: OnceLock<Tokenizer>,
@@ -225,6 +229,12 @@ impl GgufTokenizer {
             stop_ids,
             vocab_size,
             specials,
+            unused: types
+                .iter()
+                .enumerate()
+                .filter(|&(_, &t)| t == TYPE_UNUSED)
+                .map(|(i, _)| i as u32)
+                .collect(),
             plain: OnceLock::new(),
         })
     }
@@ -382,6 +392,19 @@ impl GgufTokenizer {
                 self.vocab_size
             )));
         }
+        let kept: Vec<u32>;
+        let ids = if !self.unused.is_empty()
+            && ids.iter().any(|i| self.unused.binary_search(i).is_ok())
+        {
+            kept = ids
+                .iter()
+                .copied()
+                .filter(|i| self.unused.binary_search(i).is_err())
+                .collect();
+            &kept
+        } else {
+            ids
+        };
         self.inner
             .decode(ids, true)
             .map_err(|e| ModelError::Tokenizer(format!("decoding failed: {e}")))

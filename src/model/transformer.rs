@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttnShape, SeqAttn};
 use super::gguf::GgufFile;
-use super::hparams::{Activation, ArchSpec, HParams, RopeStyle, SUPPORTED_ROPE_SCALING};
+use super::hparams::{Activation, Arch, ArchSpec, HParams, RopeScaling, RopeStyle};
 use super::kv_cache::{KvCache, KvDtype};
 use super::linear::{Linear, MultiLinear};
 use super::quantize::{read_converted, Quant};
@@ -72,13 +72,63 @@ struct Block {
     down: Linear,
     post_ffn_norm: Option<Norm>,
     window: Option<usize>,
-    rope_base: f64,
+    /// Index of this layer's RoPE in [`Transformer::ropes`].
+    rope: usize,
+}
+
+/// RoPE of a layer: ggml's `rope_ext` parameters (ggml-cpu `ggml_rope_cache_init`, `rope_yarn`
+/// without YaRN's extrapolation mix).
+#[derive(Debug, Clone, PartialEq)]
+struct RopeParams {
+    /// Frequency base.
+    base: f64,
+    /// Values of a head rotated (the first `dims`).
+    dims: usize,
+    /// Every angle times this (`1 / rope.scaling.factor` for linear scaling).
+    freq_scale: f32,
+    /// Per-frequency divisors of the angle (`dims / 2`): Llama 3's `rope_freqs.weight`, Phi-3's
+    /// long or short factors.
+    factors: Option<Arc<[f32]>>,
+    /// cos and sin times this (`rope.scaling.attn_factor`).
+    mscale: f32,
+}
+
+/// Per-frequency RoPE factors a file carries; which apply depends on the context (su/longrope).
+#[derive(Debug, Clone, Default)]
+struct RopeFactors {
+    /// `rope_freqs.weight` (Llama 3.1 / 3.2): always applied.
+    freqs: Option<Arc<[f32]>>,
+    /// `rope_factors_long.weight`: contexts longer than the original one.
+    long: Option<Arc<[f32]>>,
+    /// `rope_factors_short.weight`: contexts up to the original one.
+    short: Option<Arc<[f32]>>,
+    /// `rope.scaling.original_context_length`.
+    original_context: usize,
+}
+
+impl RopeFactors {
+    /// The factors llama.cpp applies when it runs with a context of `n_ctx` per sequence
+    /// (`llama_model::get_rope_factors`).
+    fn pick(&self, n_ctx: usize) -> Option<Arc<[f32]>> {
+        if self.freqs.is_some() {
+            return self.freqs.clone();
+        }
+        if n_ctx > self.original_context {
+            self.long.clone()
+        } else {
+            self.short.clone()
+        }
+    }
 }
 
 /// Weights of a model, immutable after load and shared by `Arc` between instances.
 pub struct Transformer {
     hp: HParams,
     spec: ArchSpec,
+    /// RoPE of global layers, then of sliding-window layers.
+    ropes: Vec<RopeParams>,
+    /// The file's per-frequency RoPE factors, for [`Self::set_context_length`].
+    rope_factors: RopeFactors,
     /// Token embeddings; `None` when they are tied to the output head and that head holds them
     /// in our packed form (rows are looked up there, so the matrix is held once).
     embed: Option<Arc<QTensor>>,
@@ -105,17 +155,12 @@ impl Transformer {
         }
         let spec = hp.arch.spec();
         for i in 0..hp.n_layer {
-            names.extend(layer_tensor_names(&spec).map(|part| format!("blk.{i}.{part}")));
+            let fused_qkv = file.has_tensor(&format!("blk.{i}.attn_qkv.weight"));
+            names
+                .extend(layer_tensor_names(&spec, fused_qkv).map(|part| format!("blk.{i}.{part}")));
         }
-        if file.has_tensor("rope_freqs.weight") {
-            return Err(ModelError::BadMetadata {
-                key: "rope_freqs.weight".into(),
-                reason: format!(
-                    "per-frequency RoPE factors (Llama 3.1-style rope scaling) are not supported \
-                     (supported rope scaling: {SUPPORTED_ROPE_SCALING})"
-                ),
-            });
-        }
+        let rope_factors = read_rope_factors(file, hp)?;
+        check_no_ignored_bias(file, hp)?;
         for name in &names {
             if !file.has_tensor(name) {
                 return Err(ModelError::MissingTensor(name.clone()));
@@ -124,8 +169,7 @@ impl Transformer {
         // Each weight is read, converted and packed before the next ones are read, so its
         // QTensor form (dropped once packed) never coexists with every other weight's: the
         // embedding and head first, then the layers in parallel.
-        let take = |name: &str| -> Result<Arc<QTensor>, ModelError> {
-            let t = read_converted(file, name, quant)?;
+        let upload = |t: QTensor| -> Result<Arc<QTensor>, ModelError> {
             let t = if device.is_cpu() {
                 t
             } else {
@@ -135,6 +179,16 @@ impl Transformer {
                 QTensor::quantize_onto(&f, t.dtype(), device)?
             };
             Ok(Arc::new(t))
+        };
+        let take = |name: &str| upload(read_converted(file, name, quant)?);
+        // A fused matrix `[Σ sizes, hidden]` read on the host, split by rows, then uploaded.
+        let take_split = |name: &str, sizes: &[usize]| -> Result<Vec<Arc<QTensor>>, ModelError> {
+            let t = read_converted(file, name, quant)?;
+            check_shape(name, &t, &[sizes.iter().sum(), hp.hidden])?;
+            split_rows(name, &t, sizes)?
+                .into_iter()
+                .map(&upload)
+                .collect()
         };
         let norm =
             |name: &str| -> Result<Norm, ModelError> { Norm::new(take(name)?.dequantize(device)?) };
@@ -162,16 +216,28 @@ impl Transformer {
                     check_shape(&p(part), &t, want)?;
                     Ok(t)
                 };
-                let qkv = MultiLinear::new(&[
-                    shaped("attn_q", &[q_dim, hp.hidden])?,
-                    shaped("attn_k", &[kv_dim, hp.hidden])?,
-                    shaped("attn_v", &[kv_dim, hp.hidden])?,
-                ])?;
+                let qkv = if file.has_tensor(&p("attn_qkv")) {
+                    // Phi-3's fused Q/K/V: rows `[q | k | v]`, split and stacked again (so the
+                    // kernels see the layout they see for separate matrices).
+                    MultiLinear::new(&take_split(&p("attn_qkv"), &[q_dim, kv_dim, kv_dim])?)?
+                } else {
+                    MultiLinear::new(&[
+                        shaped("attn_q", &[q_dim, hp.hidden])?,
+                        shaped("attn_k", &[kv_dim, hp.hidden])?,
+                        shaped("attn_v", &[kv_dim, hp.hidden])?,
+                    ])?
+                };
                 let wo = Linear::new(shaped("attn_output", &[hp.hidden, q_dim])?)?;
-                let gate_up = MultiLinear::new(&[
-                    shaped("ffn_gate", &[hp.ffn, hp.hidden])?,
-                    shaped("ffn_up", &[hp.ffn, hp.hidden])?,
-                ])?;
+                let gate_up = if spec.fused_gate_up {
+                    // Phi-3's `ffn_up` holds gate then up (ggml_swiglu: silu of the first half
+                    // times the second).
+                    MultiLinear::new(&take_split(&p("ffn_up"), &[hp.ffn, hp.ffn])?)?
+                } else {
+                    MultiLinear::new(&[
+                        shaped("ffn_gate", &[hp.ffn, hp.hidden])?,
+                        shaped("ffn_up", &[hp.ffn, hp.hidden])?,
+                    ])?
+                };
                 let down = Linear::new(shaped("ffn_down", &[hp.hidden, hp.ffn])?)?;
                 let norm_if = |on: bool, part: &str| -> Result<Option<Norm>, ModelError> {
                     on.then(|| norm(&p(part))).transpose()
@@ -209,17 +275,28 @@ impl Transformer {
                     gate_up,
                     down,
                     window,
-                    rope_base: if window.is_some() {
-                        hp.rope_base_local
-                    } else {
-                        hp.rope_base
-                    },
+                    rope: usize::from(window.is_some()),
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
+        let factors = rope_factors.pick(hp.context_length);
+        let rope = |base: f64| RopeParams {
+            base,
+            dims: hp.rope.dims,
+            freq_scale: match hp.rope.scaling {
+                RopeScaling::Linear { factor } => 1.0 / factor,
+                RopeScaling::None | RopeScaling::LongRope => 1.0,
+            },
+            factors: factors.clone(),
+            mscale: hp.rope.attn_factor,
+        };
+        // [global layers, sliding-window layers] (Gemma 3 gives the latter their own base).
+        let ropes = vec![rope(hp.rope_base), rope(hp.rope_base_local)];
         Ok(Self {
             hp: hp.clone(),
             spec,
+            ropes,
+            rope_factors,
             embed,
             blocks,
             final_norm,
@@ -227,6 +304,16 @@ impl Transformer {
             device: device.clone(),
             kv_dtype: KvDtype::default(),
         })
+    }
+
+    /// Runs sequences of up to `n_ctx` positions from now on: with su/longrope factors
+    /// (Phi-3 128k), a context longer than the original one takes the long factors, as llama.cpp
+    /// started with `-c n_ctx` does. Loading assumes the model's native context.
+    pub fn set_context_length(&mut self, n_ctx: usize) {
+        let factors = self.rope_factors.pick(n_ctx);
+        for r in &mut self.ropes {
+            r.factors = factors.clone();
+        }
     }
 
     /// Hyper-parameters.
@@ -308,14 +395,13 @@ impl Transformer {
         if self.spec.scale_embeddings {
             x = (x * (hp.hidden as f64).sqrt())?;
         }
-        let mut rope_cache: Vec<(f64, Tensor, Tensor)> = Vec::new();
+        let mut rope_cache: Vec<Option<(Tensor, Tensor)>> = vec![None; self.ropes.len()];
         for (li, block) in self.blocks.iter().enumerate() {
-            let (cos, sin) = match rope_cache.iter().find(|(b, _, _)| *b == block.rope_base) {
-                Some((_, c, s)) => (c.clone(), s.clone()),
+            let (cos, sin) = match &rope_cache[block.rope] {
+                Some((c, s)) => (c.clone(), s.clone()),
                 None => {
-                    let (c, s) =
-                        rope_tables(&positions, hp.head_dim, block.rope_base, &self.device)?;
-                    rope_cache.push((block.rope_base, c.clone(), s.clone()));
+                    let (c, s) = rope_tables(&positions, &self.ropes[block.rope], &self.device)?;
+                    rope_cache[block.rope] = Some((c.clone(), s.clone()));
                     (c, s)
                 }
             };
@@ -377,20 +463,11 @@ impl Transformer {
             let s = (hp.hidden as f64).sqrt() as f32;
             x.iter_mut().for_each(|v| *v *= s);
         }
-        let mut ropes: Vec<(f64, HostRope)> = Vec::new();
+        let mut ropes: Vec<Option<HostRope>> = (0..self.ropes.len()).map(|_| None).collect();
         let mut attn_out = vec![0f32; n_tok * q_dim];
         for (li, block) in self.blocks.iter().enumerate() {
-            if !ropes.iter().any(|(b, _)| *b == block.rope_base) {
-                ropes.push((
-                    block.rope_base,
-                    HostRope::new(positions, hd, block.rope_base),
-                ));
-            }
-            let rope = &ropes
-                .iter()
-                .find(|(b, _)| *b == block.rope_base)
-                .expect("added")
-                .1;
+            let rope = &*ropes[block.rope]
+                .get_or_insert_with(|| HostRope::new(positions, hd, &self.ropes[block.rope]));
 
             // Attention.
             let mut h = x.clone();
@@ -531,16 +608,24 @@ impl Transformer {
         // cos/sin rows were gathered at each token's own position.
         let q = q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
         let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let (q, k) = match self.spec.rope {
-            RopeStyle::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            ),
-            RopeStyle::Neox => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
+        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let dims = self.hp.rope.dims;
+            let part = if dims < hd {
+                x.narrow(3, 0, dims)?.contiguous()?
+            } else {
+                x.clone()
+            };
+            let rotated = match self.spec.rope {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&part, cos, sin)?,
+                RopeStyle::Neox => candle_nn::rotary_emb::rope(&part, cos, sin)?,
+            };
+            if dims < hd {
+                Tensor::cat(&[rotated, x.narrow(3, dims, hd - dims)?], 3)
+            } else {
+                Ok(rotated)
+            }
         };
+        let (q, k) = (rotate(&q)?, rotate(&k)?);
         let (q, k) = (q.squeeze(0)?, k.squeeze(0)?);
         let v = v.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -593,19 +678,19 @@ impl Transformer {
     }
 }
 
-/// Tensors every block of a family has (`blk.N.` omitted).
-fn layer_tensor_names(spec: &ArchSpec) -> impl Iterator<Item = &'static str> {
-    const LLAMA: [&str; 9] = [
-        "attn_norm.weight",
-        "attn_q.weight",
-        "attn_k.weight",
-        "attn_v.weight",
-        "attn_output.weight",
-        "ffn_norm.weight",
-        "ffn_gate.weight",
-        "ffn_up.weight",
-        "ffn_down.weight",
-    ];
+/// Tensors every block of a family has (`blk.N.` omitted); `fused_qkv`: the block stores Q, K
+/// and V as one `attn_qkv` matrix.
+fn layer_tensor_names(spec: &ArchSpec, fused_qkv: bool) -> impl Iterator<Item = &'static str> {
+    let attn: &[&str] = if fused_qkv {
+        &["attn_qkv.weight"]
+    } else {
+        &["attn_q.weight", "attn_k.weight", "attn_v.weight"]
+    };
+    let ffn: &[&str] = if spec.fused_gate_up {
+        &["ffn_up.weight"]
+    } else {
+        &["ffn_gate.weight", "ffn_up.weight"]
+    };
     let bias: &[&str] = if spec.qkv_bias {
         &["attn_q.bias", "attn_k.bias", "attn_v.bias"]
     } else {
@@ -621,11 +706,125 @@ fn layer_tensor_names(spec: &ArchSpec) -> impl Iterator<Item = &'static str> {
     } else {
         &[]
     };
-    LLAMA
-        .into_iter()
-        .chain(bias.iter().copied())
-        .chain(qk_norm.iter().copied())
-        .chain(post.iter().copied())
+    [
+        "attn_norm.weight",
+        "attn_output.weight",
+        "ffn_norm.weight",
+        "ffn_down.weight",
+    ]
+    .into_iter()
+    .chain(attn.iter().copied())
+    .chain(ffn.iter().copied())
+    .chain(bias.iter().copied())
+    .chain(qk_norm.iter().copied())
+    .chain(post.iter().copied())
+}
+
+/// `t` (`[Σ sizes, cols]`) as one matrix per group of rows: a fused matrix taken apart. Rows are
+/// whole blocks in every GGML type, so the split copies bytes and changes no value.
+fn split_rows(name: &str, t: &QTensor, sizes: &[usize]) -> Result<Vec<QTensor>, ModelError> {
+    let (rows, cols) = t.shape().dims2()?;
+    let dtype = t.dtype();
+    if sizes.iter().sum::<usize>() != rows || !cols.is_multiple_of(dtype.block_size()) {
+        return Err(ModelError::BadMetadata {
+            key: name.to_string(),
+            reason: format!("[{rows}, {cols}] cannot be split into row groups {sizes:?}"),
+        });
+    }
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = t.data()?;
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+            start += n;
+            Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                bytes,
+                vec![n, cols],
+                &Device::Cpu,
+            )?)
+        })
+        .collect()
+}
+
+/// The per-frequency RoPE factors `file` carries, as llama.cpp reads them: `rope_freqs.weight`
+/// (Llama 3.1 / 3.2) for llama unless its scaling is `longrope`; `rope_factors_long` /
+/// `rope_factors_short` for phi3, and for llama with `longrope`. A factor tensor the family does
+/// not read is refused naming it (llama.cpp refuses a file with a tensor it does not load), so a
+/// file is never run with its RoPE silently unscaled.
+fn read_rope_factors(file: &GgufFile, hp: &HParams) -> Result<RopeFactors, ModelError> {
+    let spec = hp.arch.spec();
+    let longrope = hp.rope.scaling == RopeScaling::LongRope;
+    let reads_freqs = spec.rope_freqs && !longrope;
+    let reads_long_short = hp.arch == Arch::Phi3 || (hp.arch == Arch::Llama && longrope);
+    let read = |name: &str, reads: bool| -> Result<Option<Arc<[f32]>>, ModelError> {
+        if !file.has_tensor(name) {
+            return Ok(None);
+        }
+        let bad = |reason: String| ModelError::BadMetadata {
+            key: name.to_string(),
+            reason,
+        };
+        if !reads {
+            return Err(bad(format!(
+                "per-frequency RoPE factors are not read for {} with rope.scaling.type `{}` \
+                 (supported: rope_freqs.weight for llama; rope_factors_long/short.weight for \
+                 phi3, and for llama with longrope)",
+                hp.arch.as_str(),
+                match hp.rope.scaling {
+                    RopeScaling::None => "none",
+                    RopeScaling::Linear { .. } => "linear",
+                    RopeScaling::LongRope => "longrope",
+                }
+            )));
+        }
+        let t = file.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        if t.dims() != [hp.rope.dims / 2] {
+            return Err(bad(format!(
+                "shape {:?}, expected [{}] (half the rotated dimensions)",
+                t.dims(),
+                hp.rope.dims / 2
+            )));
+        }
+        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+            return Err(bad(format!("factor {v} is not a positive number")));
+        }
+        Ok(Some(values.into()))
+    };
+    Ok(RopeFactors {
+        freqs: read("rope_freqs.weight", reads_freqs)?,
+        long: read("rope_factors_long.weight", reads_long_short)?,
+        short: read("rope_factors_short.weight", reads_long_short)?,
+        original_context: hp.rope.original_context,
+    })
+}
+
+/// Refuses bias tensors the family's forward pass does not add (an output, MLP or fused-QKV bias,
+/// or Q/K/V biases outside qwen2): ignoring one would run a different model.
+fn check_no_ignored_bias(file: &GgufFile, hp: &HParams) -> Result<(), ModelError> {
+    let spec = hp.arch.spec();
+    let used = |name: &str| -> bool {
+        spec.qkv_bias
+            && name.starts_with("blk.")
+            && ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+                .iter()
+                .any(|b| name.ends_with(&format!(".{b}")))
+    };
+    let mut names: Vec<&String> = file.content().tensor_infos.keys().collect();
+    names.sort();
+    match names.into_iter().find(|n| n.ends_with(".bias") && !used(n)) {
+        Some(name) => Err(ModelError::BadMetadata {
+            key: name.clone(),
+            reason: format!(
+                "bias tensors are not supported for {} (supported: Q/K/V biases for qwen2)",
+                hp.arch.as_str()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_shape(name: &str, t: &QTensor, want: &[usize]) -> Result<(), ModelError> {
@@ -645,15 +844,14 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
 }
 
-/// cos/sin rows `[positions.len(), head_dim / 2]`, computed the way ggml does (f32 running product
+/// cos/sin rows `[positions.len(), dims / 2]`, computed the way ggml does (f32 running product
 /// of the frequency scale), so greedy outputs track llama.cpp's.
 fn rope_tables(
     positions: &[u32],
-    head_dim: usize,
-    base: f64,
+    params: &RopeParams,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let rope = HostRope::new(positions, head_dim, base);
+    let rope = HostRope::new(positions, params.dims, params);
     let shape = (positions.len(), rope.half);
     Ok((
         Tensor::from_vec(rope.cos, shape, device)?,
@@ -726,40 +924,54 @@ fn gelu_tanh(v: f32) -> f32 {
     0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)).tanh())
 }
 
-/// cos/sin of every row's position (`[rows][head_dim / 2]`), for RoPE in place on host rows.
+/// cos/sin of every row's position (`[rows][dims / 2]`), for RoPE in place on host rows.
 struct HostRope {
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Rotated pairs per head (`dims / 2`).
     half: usize,
+    /// Width of a head.
+    head_dim: usize,
 }
 
 impl HostRope {
-    /// The tables ggml computes (f32 running product of the frequency scale): see [`rope_tables`].
-    fn new(positions: &[u32], head_dim: usize, base: f64) -> Self {
-        let half = head_dim / 2;
-        let theta_scale = (base as f32).powf(-2.0 / head_dim as f32);
+    /// The tables ggml computes (`ggml_rope_cache_init` and `rope_yarn` without extrapolation):
+    /// an f32 running product `theta = p * base^(-2i / dims)`, each angle divided by its frequency
+    /// factor and times `freq_scale`, cos and sin times `mscale`. With no factors, no scaling and
+    /// `mscale` 1 every step is exact, so the tables are the unscaled ones bit for bit.
+    fn new(positions: &[u32], head_dim: usize, params: &RopeParams) -> Self {
+        let half = params.dims / 2;
+        let theta_scale = (params.base as f32).powf(-2.0 / params.dims as f32);
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
             let mut theta = p as f32;
-            for _ in 0..half {
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            for i in 0..half {
+                let ff = params.factors.as_ref().map_or(1.0, |f| f[i]);
+                let t = params.freq_scale * (theta / ff);
+                cos.push(t.cos() * params.mscale);
+                sin.push(t.sin() * params.mscale);
                 theta *= theta_scale;
             }
         }
-        Self { cos, sin, half }
+        Self {
+            cos,
+            sin,
+            half,
+            head_dim,
+        }
     }
 
-    /// Rotates every head of `x` (heads of `2 * half` values) at row `row`'s position: pairs
-    /// `(2i, 2i + 1)` (llama, `rope_i`) or `(i, i + half)` (NeoX, gemma3), as candle's kernels.
+    /// Rotates the first `2 * half` values of every head of `x` at row `row`'s position: pairs
+    /// `(2i, 2i + 1)` (llama, `rope_i`) or `(i, i + half)` (NeoX, gemma3), as candle's kernels
+    /// and ggml's `rotate_pairs`; the rest of a head (partial rotary) passes through.
     fn apply(&self, x: &mut [f32], row: usize, neox: bool) {
         let half = self.half;
         let cos = &self.cos[row * half..(row + 1) * half];
         let sin = &self.sin[row * half..(row + 1) * half];
-        for head in x.chunks_exact_mut(2 * half) {
+        for head in x.chunks_exact_mut(self.head_dim) {
             if neox {
-                let (a, b) = head.split_at_mut(half);
+                let (a, b) = head[..2 * half].split_at_mut(half);
                 for i in 0..half {
                     let (x1, x2) = (a[i], b[i]);
                     a[i] = x1 * cos[i] - x2 * sin[i];

@@ -398,19 +398,19 @@ impl ModelPool {
 
     fn start(&self, entry: &Entry) -> Result<Arc<Serving>, ModelError> {
         let cfg = &entry.config;
-        let model = Arc::new(
-            LoadedModel::load(
-                &entry.resolved.id,
-                &entry.resolved.path,
-                cfg.quant,
-                &self.device,
-            )?
-            .with_kv_dtype(cfg.kv_dtype.unwrap_or_default()),
-        );
+        let model = LoadedModel::load(
+            &entry.resolved.id,
+            &entry.resolved.path,
+            cfg.quant,
+            &self.device,
+        )?
+        .with_kv_dtype(cfg.kv_dtype.unwrap_or_default());
         let native = model.hparams().context_length;
         let context_length = cfg
             .context_length
             .map_or(native, |c| (c as usize).min(native));
+        // Phi-3 128k's RoPE factors depend on the context served (llama.cpp: `-c`).
+        let model = Arc::new(model.with_context_length(context_length));
         let admission = Admission::new(cfg.max_queued, cfg.instances, cfg.max_batch)
             .with_depth_gauge(
                 self.metrics
