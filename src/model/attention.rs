@@ -652,6 +652,9 @@ fn row_sums(p: &[f32], m: usize, stride: usize, sums: &mut [f32]) {
     fn sum<const M: usize>(p: &[f32], stride: usize, sums: &mut [f32]) {
         let rows: [&[f32]; M] = std::array::from_fn(|r| &p[r * stride..][..stride]);
         let mut s = [0f32; M];
+        // Column by column across the rows (that order is the point: the same bits as the
+        // lane-wise sums), so an index loop, not an iterator over one row.
+        #[allow(clippy::needless_range_loop)]
         for j in 0..stride {
             for r in 0..M {
                 s[r] += rows[r][j];
