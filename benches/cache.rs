@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use qnode::cache::{CacheConfig, CachedBackend, ModelIdentity};
 use qnode::engine::{
     Backend, CachePolicy, Completion, EngineError, EventStream, FinishReason, GenerationEvent,
-    GenerationRequest, ModelInfo, PromptInput, SamplingParams, Source, Timings,
+    GenerationRequest, ModelInfo, PromptInput, Source, Timings,
 };
 use tokio::sync::mpsc;
 
@@ -45,17 +45,8 @@ impl Backend for InstantBackend {
 
 fn request(prompt: String, policy: CachePolicy) -> GenerationRequest {
     GenerationRequest {
-        request_id: "bench".into(),
-        model: "m".into(),
-        input: PromptInput::Text(prompt),
-        sampling: SamplingParams::default(),
-        max_tokens: 100,
-        stop: vec![],
-        deadline: None,
         cache_policy: policy,
-        tenant: None,
-        session: None,
-        constraint: None,
+        ..GenerationRequest::new("bench", "m", PromptInput::Text(prompt), 100)
     }
 }
 

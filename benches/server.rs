@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qnode::config::Config;
-use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
+use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput};
 use qnode::grpc::proto::inference_client::InferenceClient;
 use qnode::grpc::proto::{self, CachePolicy};
 use qnode::grpc::{self, ServerConfig, Services};
@@ -23,19 +23,12 @@ mod common;
 const PROMPT: &str = "The history of the printing press";
 
 fn engine_request(max_tokens: u32) -> GenerationRequest {
-    GenerationRequest {
-        request_id: "bench".into(),
-        model: "smollm2".into(),
-        input: PromptInput::Text(PROMPT.into()),
-        sampling: SamplingParams::default(),
+    GenerationRequest::new(
+        "bench",
+        "smollm2",
+        PromptInput::Text(PROMPT.into()),
         max_tokens,
-        stop: vec![],
-        deadline: None,
-        cache_policy: Default::default(),
-        tenant: None,
-        session: None,
-        constraint: None,
-    }
+    )
 }
 
 fn wire_request(max_tokens: u32) -> proto::GenerateRequest {

@@ -93,6 +93,32 @@ pub struct GenerationRequest {
     pub constraint: Option<OutputConstraint>,
 }
 
+impl GenerationRequest {
+    /// `input` for `model`, up to `max_tokens`, every other setting at its default (greedy, no
+    /// stop strings, deadline, tenant, session or grammar; default cache policy): what tools,
+    /// tests and benches start from before setting the fields they exercise.
+    pub fn new(
+        request_id: impl Into<String>,
+        model: impl Into<String>,
+        input: PromptInput,
+        max_tokens: u32,
+    ) -> Self {
+        Self {
+            request_id: request_id.into(),
+            model: model.into(),
+            input,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+            deadline: None,
+            cache_policy: CachePolicy::default(),
+            tenant: None,
+            session: None,
+            constraint: None,
+        }
+    }
+}
+
 /// A grammar the generated text must follow: every token that would leave it is masked before
 /// sampling, so the output always parses (unless `max_tokens` or a stop string cuts it).
 #[derive(Debug, Clone, PartialEq, Eq)]

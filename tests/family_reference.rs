@@ -311,19 +311,12 @@ fn check_engine(family: &'static str) {
     {
         let prompt = case["prompt"].as_str().unwrap();
         let want = ids(&case["completion_ids"]);
-        let mut rx = block_on(pool.submit(GenerationRequest {
-            request_id: format!("family {prompt}"),
-            model: id.clone(),
-            input: PromptInput::Text(prompt.to_string()),
-            sampling: Default::default(),
-            max_tokens: want.len() as u32,
-            stop: vec![],
-            deadline: None,
-            cache_policy: Default::default(),
-            tenant: None,
-            session: None,
-            constraint: None,
-        }))
+        let mut rx = block_on(pool.submit(GenerationRequest::new(
+            format!("family {prompt}"),
+            id.clone(),
+            PromptInput::Text(prompt.to_string()),
+            want.len() as u32,
+        )))
         .unwrap();
         let text = runtime.block_on(async {
             let mut text = String::new();

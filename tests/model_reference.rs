@@ -23,7 +23,7 @@ mod common;
 
 use candle_core::Device;
 use futures::executor::block_on;
-use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput, SamplingParams};
+use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput};
 use qnode::model::gguf::GgufFile;
 use qnode::model::hparams::HParams;
 use qnode::model::quantize::Quant;
@@ -206,19 +206,12 @@ fn smollm2_q8_0_matches_llama_cpp_q8_0_forced_and_through_the_engine() {
         .unwrap();
     let (mut whole, mut agreed, mut total) = (0, 0, 0);
     for (case, llama_text) in results.iter().zip(texts) {
-        let mut rx = block_on(pool.submit(GenerationRequest {
-            request_id: format!("reference {}", case.prompt),
-            model: "smollm2".into(),
-            input: PromptInput::Text(case.prompt.clone()),
-            sampling: SamplingParams::default(),
-            max_tokens: case.want.len() as u32,
-            stop: vec![],
-            deadline: None,
-            cache_policy: Default::default(),
-            tenant: None,
-            session: None,
-            constraint: None,
-        }))
+        let mut rx = block_on(pool.submit(GenerationRequest::new(
+            format!("reference {}", case.prompt),
+            "smollm2",
+            PromptInput::Text(case.prompt.clone()),
+            case.want.len() as u32,
+        )))
         .unwrap();
         let (text, done) = runtime.block_on(async {
             let mut text = String::new();

@@ -84,17 +84,8 @@ impl Span {
 
 fn request(prompt: &str, max_tokens: u32, sampling: SamplingParams) -> GenerationRequest {
     GenerationRequest {
-        request_id: prompt.into(),
-        model: "tiny".into(),
-        input: PromptInput::Text(prompt.into()),
         sampling,
-        max_tokens,
-        stop: vec![],
-        deadline: None,
-        cache_policy: Default::default(),
-        tenant: None,
-        session: None,
-        constraint: None,
+        ..GenerationRequest::new(prompt, "tiny", PromptInput::Text(prompt.into()), max_tokens)
     }
 }
 

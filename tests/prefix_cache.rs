@@ -13,7 +13,7 @@ use candle_core::Device;
 use qnode::config::ModelConfig;
 use qnode::engine::{
     Backend, ChatMessage, Completion, EngineError, EventStream, GenerationEvent, GenerationRequest,
-    PromptInput, SamplingParams,
+    PromptInput,
 };
 use qnode::pool::metrics::PoolMetrics;
 use qnode::pool::ModelPool;
@@ -31,19 +31,7 @@ fn pool(id: &str, instances: usize, max_batch: usize, kv_cache_mb: usize) -> Arc
 }
 
 fn request(model: &str, input: PromptInput, max_tokens: u32) -> GenerationRequest {
-    GenerationRequest {
-        request_id: "prefix-test".into(),
-        model: model.into(),
-        input,
-        sampling: SamplingParams::default(),
-        max_tokens,
-        stop: vec![],
-        deadline: None,
-        cache_policy: Default::default(),
-        tenant: None,
-        session: None,
-        constraint: None,
-    }
+    GenerationRequest::new("prefix-test", model, input, max_tokens)
 }
 
 fn collect(mut rx: EventStream) -> Result<(String, Completion), EngineError> {

@@ -165,7 +165,7 @@ pub fn normalize_text(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CachePolicy, ChatMessage, SamplingParams};
+    use crate::engine::{CachePolicy, ChatMessage};
 
     fn identity() -> ModelIdentity {
         ModelIdentity {
@@ -177,19 +177,7 @@ mod tests {
     }
 
     fn request() -> GenerationRequest {
-        GenerationRequest {
-            request_id: "r".into(),
-            model: "m".into(),
-            input: PromptInput::Text("hello".into()),
-            sampling: SamplingParams::default(),
-            max_tokens: 16,
-            stop: vec![],
-            deadline: None,
-            cache_policy: CachePolicy::Default,
-            tenant: None,
-            session: None,
-            constraint: None,
-        }
+        GenerationRequest::new("r", "m", PromptInput::Text("hello".into()), 16)
     }
 
     fn key(r: &GenerationRequest) -> CacheKey {
