@@ -141,7 +141,8 @@ impl App {
             cache.metrics().register(metrics.registry())?;
             Ok(cache)
         };
-        let (node, cache, pool, models) = match generator {
+        // `backend` is what the fronts call: the cache over the generator, or the bare backend.
+        let (node, backend, cache, pool, models) = match generator {
             Generator::Models => {
                 // Created first so `uptime` and `warm_after` count from process start.
                 let node = Node::new(config.server.role, &metrics);
@@ -160,22 +161,29 @@ impl App {
                     node.clone(),
                     config.model_overrides.clone(),
                 );
-                (node, Ok(cache), Some(pool), Some(models))
+                (
+                    node,
+                    cache.clone() as Arc<dyn Backend>,
+                    Some(cache),
+                    Some(pool),
+                    Some(models),
+                )
             }
             Generator::Backend {
                 backend,
                 identities,
-            } => (
-                Node::ready(&metrics),
-                Ok(cached(backend, identities)?),
-                None,
-                None,
-            ),
-            Generator::Uncached(backend) => (Node::ready(&metrics), Err(backend), None, None),
-        };
-        let (backend, cache) = match cache {
-            Ok(cache) => (Arc::clone(&cache) as Arc<dyn Backend>, Some(cache)),
-            Err(bare) => (bare, None),
+            } => {
+                let node = Node::ready(&metrics);
+                let cache = cached(backend, identities)?;
+                (
+                    node,
+                    cache.clone() as Arc<dyn Backend>,
+                    Some(cache),
+                    None,
+                    None,
+                )
+            }
+            Generator::Uncached(backend) => (Node::ready(&metrics), backend, None, None, None),
         };
         Ok(Self {
             config,
