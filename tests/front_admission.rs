@@ -21,12 +21,17 @@ use tonic::Code;
 
 struct Node {
     grpc: InferenceClient<tonic::transport::Channel>,
+    grpc_url: String,
     http: String,
 }
 
 async fn start(redis: Option<&RedisServer>) -> Node {
+    start_with(config(redis)).await
+}
+
+async fn start_with(cache: qnode::cache::CacheConfig) -> Node {
     let node = Config {
-        cache: config(redis),
+        cache,
         ..Config::default()
     };
     let listeners = Listeners::local(true, false).await.unwrap();
@@ -47,6 +52,7 @@ async fn start(redis: Option<&RedisServer>) -> Node {
         .unwrap();
     Node {
         grpc: InferenceClient::new(channel),
+        grpc_url: format!("http://{grpc}"),
         http: format!("http://{}", http.unwrap()),
     }
 }
@@ -54,6 +60,16 @@ async fn start(redis: Option<&RedisServer>) -> Node {
 /// `POST /v1/chat/completions` (streamed when `stream`): (status line, headers, body) as curl
 /// saw them.
 fn http_chat(node: &Node, content: &str, stream: bool) -> (u16, String, String) {
+    http_chat_with(node, content, stream, &[])
+}
+
+/// [`http_chat`] with extra request headers.
+fn http_chat_with(
+    node: &Node,
+    content: &str,
+    stream: bool,
+    headers: &[&str],
+) -> (u16, String, String) {
     let body = format!(
         r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":8,"temperature":0,"stream":{stream}}}"#
     );
@@ -66,6 +82,7 @@ fn http_chat(node: &Node, content: &str, stream: bool) -> (u16, String, String) 
             "-d",
             &body,
         ])
+        .args(headers.iter().flat_map(|h| ["-H", h]))
         .arg(format!("{}/v1/chat/completions", node.http))
         .output()
         .expect("curl runs (bash scripts/test.sh installs it)");
@@ -123,4 +140,56 @@ async fn refused_generation_is_429_without_redis() {
 async fn refused_generation_is_429_with_redis() {
     let redis = RedisServer::start();
     refusals_are_the_fronts_own_status(Some(&redis)).await;
+}
+
+/// A caller's deadline holds while its call waits for admission, not only once it generates:
+/// with Redis frozen (SIGSTOP: the socket accepts, nothing answers) and a 30 s Redis timeout,
+/// the answer-cache lookup would hold each call for 30 s; a 400 ms deadline ends it first, on
+/// both fronts (gRPC through a transport that only sends `grpc-timeout`, so what the test sees
+/// is the server's doing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_cuts_a_call_waiting_for_admission() {
+    let redis = RedisServer::start();
+    let mut cache = config(Some(&redis));
+    cache.redis_timeout = Duration::from_secs(30);
+    let node = start_with(cache).await;
+    redis.pause();
+    let started = std::time::Instant::now();
+
+    let (status, head, body) = http_chat_with(
+        &node,
+        "waits for a frozen redis",
+        false,
+        &["x-qnode-timeout-ms: 400"],
+    );
+    assert_eq!(status, 504, "{head}\n{body}");
+    assert!(body.contains("deadline"), "{body}");
+
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.enforce_http(true);
+    let transport =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+    let mut raw = InferenceClient::with_origin(transport, node.grpc_url.parse().unwrap());
+    let mut request = tonic::Request::new(proto::GenerateRequest {
+        model: MODEL.into(),
+        prompt: Some("also waits for the frozen redis".into()),
+        max_tokens: Some(8),
+        temperature: Some(0.0),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "400m".parse().unwrap());
+    let status = raw.generate(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // Both answers came long before the 30 s lookups could have ended.
+    let waited = started.elapsed();
+    redis.resume();
+    assert!(
+        waited < Duration::from_secs(15),
+        "the calls waited {waited:?}: for Redis, not for their own deadline"
+    );
 }

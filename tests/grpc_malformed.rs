@@ -118,3 +118,65 @@ async fn malformed_requests_are_invalid_argument_and_counted() {
     assert_eq!(count(&server, "GenerateStream"), 1);
     assert_eq!(server.backend.submitted.lock().unwrap().len(), 1);
 }
+
+/// `n` metadata entries of `bytes` each.
+fn with_metadata(body: Vec<u8>, n: usize, bytes: usize) -> tonic::Request<Vec<u8>> {
+    let mut request = tonic::Request::new(body);
+    let value: tonic::metadata::MetadataValue<_> = "v".repeat(bytes).parse().unwrap();
+    for i in 0..n {
+        let name: tonic::metadata::MetadataKey<_> = format!("x-pad-{i:02}").parse().unwrap();
+        request.metadata_mut().insert(name, value.clone());
+    }
+    request
+}
+
+/// Metadata over 16 KiB is RESOURCE_EXHAUSTED with the size and the limit in the message, and
+/// counted — not the HTTP/2 transport's bare refusal (an HTTP 431 that clients report as
+/// UNKNOWN, which it was); a block under the limit is served.
+#[tokio::test]
+async fn oversized_metadata_is_resource_exhausted_and_counted() {
+    let server = TestServer::start().await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        "/qnode.v1.Inference/Generate".parse().unwrap();
+    let needle = r#"qnode_requests_total{code="ResourceExhausted",method="Generate",model="-"} "#;
+    let refused = |server: &TestServer| {
+        server
+            .metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(needle).map(|n| n.parse::<u64>().unwrap()))
+            .unwrap_or(0)
+    };
+
+    // 12 entries of 1,000 bytes: about 12.5 KB, under the limit.
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        with_metadata(generate_request(b"smollm2"), 12, 1000),
+        path.clone(),
+        Raw,
+    )
+    .await
+    .expect("metadata under the limit is served");
+
+    // 40 entries of 1,000 bytes: about 41 KB, over.
+    for entries in [20, 40] {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                with_metadata(generate_request(b"smollm2"), entries, 1000),
+                path.clone(),
+                Raw,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().starts_with("request metadata is ")
+                && status.message().contains("at most 16384"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(refused(&server), 2);
+    assert_eq!(server.backend.submitted.lock().unwrap().len(), 1);
+}

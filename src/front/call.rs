@@ -204,6 +204,23 @@ impl Call {
     }
 }
 
+/// Waits for `submit` (admission: the preparation queue, a Redis lookup, a single flight's
+/// leader), but no longer than the caller's own deadline or the node's hard stop. Dropping the
+/// submission there is safe: a preparation job whose caller has gone is skipped, and a flight's
+/// leader runs on its own task.
+pub(crate) async fn submitted(
+    call: &Call,
+    node: &Node,
+    submit: impl std::future::Future<Output = Result<EventStream, EngineError>>,
+) -> Result<EventStream, CallError> {
+    tokio::select! {
+        biased;
+        () = node.stopped() => Err(CallError::HardStop),
+        () = call.deadline_passed() => Err(call.deadline_error()),
+        result = submit => result.map_err(CallError::Engine),
+    }
+}
+
 /// One step of a generation as a front sees it.
 pub enum Step {
     /// More text.

@@ -138,9 +138,8 @@ impl Front {
         let submitted = match validated {
             Ok(request) => {
                 use tracing::Instrument;
-                self.backend
-                    .submit(request)
-                    .instrument(call.span().clone())
+                let submit = self.backend.submit(request).instrument(call.span().clone());
+                call::submitted(&call, &self.node, submit)
                     .await
                     .map_err(FrontError::from)
             }

@@ -72,6 +72,17 @@ impl<D: Decoder<Error = Status>> Decoder for MalformedIsInvalid<D> {
     }
 }
 
+/// The metric's method label of a gRPC path: Inference's method names are few and static;
+/// anything else is `-`.
+pub(super) fn method_label(path: &str) -> &'static str {
+    match path.rsplit('/').next() {
+        Some("Generate") => "Generate",
+        Some("GenerateStream") => "GenerateStream",
+        Some("ListModels") => "ListModels",
+        _ => "-",
+    }
+}
+
 /// Counts the calls of the wrapped service that [`Codec`] refused as malformed, under model `-`,
 /// their method and `InvalidArgument`, like any other refused call.
 #[derive(Clone)]
@@ -105,13 +116,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The metric's method label: the generated method names are few and static.
-        let method = match request.uri().path().rsplit('/').next() {
-            Some("Generate") => "Generate",
-            Some("GenerateStream") => "GenerateStream",
-            Some("ListModels") => "ListModels",
-            _ => "-",
-        };
+        let method = method_label(request.uri().path());
         let metrics = self.metrics.clone();
         let response = self.inner.call(request);
         Box::pin(async move {

@@ -21,6 +21,7 @@ mod convert;
 mod deadline;
 mod health;
 mod inference;
+mod metadata;
 pub mod proto;
 mod status;
 
@@ -195,21 +196,27 @@ pub async fn run(
         front: front.clone(),
         models,
     });
-    let admin = InterceptedService::new(
-        admin,
-        auth::GrpcAuth(ApiKeyCheck::new(config.admin_api_key.as_deref())),
+    let admin = metadata::MetadataLimit::new(
+        InterceptedService::new(
+            admin,
+            auth::GrpcAuth(ApiKeyCheck::new(config.admin_api_key.as_deref())),
+        ),
+        config.metrics.clone(),
     );
     let inference =
         proto::inference_server::InferenceServer::new(inference::InferenceService { front })
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let inference = codec::CountMalformed::new(
-        InterceptedService::new(
-            inference,
-            auth::GrpcAuth(ApiKeyCheck::with_keys(
-                config.api_key.as_deref(),
-                &config.api_keys,
-            )),
+    let inference = metadata::MetadataLimit::new(
+        codec::CountMalformed::new(
+            InterceptedService::new(
+                inference,
+                auth::GrpcAuth(ApiKeyCheck::with_keys(
+                    config.api_key.as_deref(),
+                    &config.api_keys,
+                )),
+            ),
+            config.metrics.clone(),
         ),
         config.metrics.clone(),
     );
@@ -244,6 +251,7 @@ pub async fn run(
     }
     let incoming = accept_until_drain(listener, Arc::clone(&node));
     let serve = Server::builder()
+        .http2_max_header_list_size(metadata::TRANSPORT_LIMIT)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
