@@ -49,8 +49,9 @@ pub struct BenchArgs {
     /// conversations at once, `--turns` turns each, every turn the whole history.
     #[arg(long)]
     multi_turn: bool,
-    /// `NAME=URL` of an OpenAI-compatible server for `--multi-turn` (repeatable; servers are
-    /// measured interleaved). Default: `qnode=http://127.0.0.1:8080`.
+    /// `NAME=URL` of an OpenAI-compatible server (`http://`) or a qnode gRPC endpoint
+    /// (`grpc://host:port`) for `--multi-turn` (repeatable; servers are measured interleaved).
+    /// Default: `qnode=http://127.0.0.1:8080`.
     #[arg(long = "server")]
     servers: Vec<String>,
     /// Turns per conversation (`--multi-turn`).
@@ -63,6 +64,10 @@ pub struct BenchArgs {
     /// repeatable).
     #[arg(long = "watch-pid")]
     watch_pids: Vec<String>,
+    /// Varies the replayed conversations' text (`--multi-turn`): runs with different salts
+    /// share no history, so a soak of many runs never hits a previous run's prefixes.
+    #[arg(long, default_value_t = 0)]
+    replay_salt: usize,
 }
 
 /// `NAME=VALUE` pairs of a repeatable flag.
@@ -98,6 +103,7 @@ fn replay(args: &BenchArgs) -> anyhow::Result<super::multiturn::Replay> {
         reply_tokens: args.reply_tokens,
         watch,
         timeout: Duration::from_secs(args.timeout_secs),
+        salt: args.replay_salt,
     })
 }
 

@@ -5,7 +5,9 @@
 //! server says it served from its prompt cache, and the memory the server holds meanwhile.
 //!
 //! The same client drives qnode and llama.cpp's `llama-server` (`--server NAME=URL`, several
-//! allowed): servers are measured interleaved, level by level, so machine noise hits both.
+//! allowed): servers are measured interleaved, level by level, so machine noise hits both. A
+//! `grpc://host:port` URL replays the same conversations over qnode's gRPC `GenerateStream`
+//! (the session key as `x-session-id` metadata, which is what a load balancer hashes on).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -34,6 +36,9 @@ pub struct Replay {
     pub watch: Vec<(String, u32)>,
     /// Give up on one request after this long.
     pub timeout: Duration,
+    /// Varies the conversations' text between runs (a soak runs many replays, none repeating
+    /// another's history).
+    pub salt: usize,
 }
 
 /// One turn of one conversation as measured.
@@ -55,8 +60,13 @@ struct Level {
     errors: usize,
     wall: Duration,
     rss_mb: Vec<(String, f64, f64)>,
+    /// `(seconds since the level began, MiB)` of each watched process, every [`RSS_EVERY`].
+    rss_series: Vec<(String, Vec<(f64, f64)>)>,
     load: (Option<f64>, Option<f64>),
 }
+
+/// How often the watched processes' resident memory is sampled.
+const RSS_EVERY: Duration = Duration::from_millis(250);
 
 /// Words user turns are made of (plain English, so token counts look like chat).
 const WORDS: &[&str] = &[
@@ -104,7 +114,8 @@ pub async fn run(replay: Replay) -> anyhow::Result<()> {
         bail!("--multi-turn needs at least one --server, --turns >= 1 and conversations >= 1");
     }
     let mut levels = Vec::new();
-    for (salt, &c) in replay.conversations.iter().enumerate() {
+    for (i, &c) in replay.conversations.iter().enumerate() {
+        let salt = replay.salt * 1000 + i;
         for (name, url) in &replay.servers {
             eprintln!("{name}: {c} conversations x {} turns ...", replay.turns);
             let level = run_level(&replay, name, url, c, salt).await?;
@@ -130,23 +141,28 @@ async fn run_level(
     let watch = replay.watch.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let sampler = tokio::spawn(async move {
+        let began = Instant::now();
         let mut seen: Vec<(String, f64, f64)> = watch
             .iter()
             .map(|(n, _)| (n.clone(), f64::MAX, 0.0))
             .collect();
+        let mut series: Vec<(String, Vec<(f64, f64)>)> =
+            watch.iter().map(|(n, _)| (n.clone(), Vec::new())).collect();
         loop {
-            for ((_, pid), s) in watch.iter().zip(seen.iter_mut()) {
+            let at = began.elapsed().as_secs_f64();
+            for (((_, pid), s), (_, points)) in watch.iter().zip(seen.iter_mut()).zip(&mut series) {
                 if let Some(mb) = rss_mb(*pid) {
                     s.1 = s.1.min(mb);
                     s.2 = s.2.max(mb);
+                    points.push((at, mb));
                 }
             }
             tokio::select! {
                 _ = stop_rx.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(RSS_EVERY) => {}
             }
         }
-        seen
+        (seen, series)
     });
     let load_before = load_average();
     let start = Instant::now();
@@ -170,7 +186,14 @@ async fn run_level(
                     "stream_options": {"include_usage": true},
                     "user": session,
                 });
-                let call = chat_turn(&url, &session, body.to_string());
+                let call = async {
+                    if url.starts_with("grpc://") {
+                        grpc_turn(&url, &session, &replay.model, &history, replay.reply_tokens)
+                            .await
+                    } else {
+                        chat_turn(&url, &session, body.to_string()).await
+                    }
+                };
                 match tokio::time::timeout(replay.timeout, call).await {
                     Ok(Ok((text, sample))) => {
                         history.push(json!({"role": "assistant", "content": text}));
@@ -202,7 +225,7 @@ async fn run_level(
     }
     let wall = start.elapsed();
     let _ = stop_tx.send(true);
-    let rss = sampler.await.unwrap_or_default();
+    let (rss, rss_series) = sampler.await.unwrap_or_default();
     Ok(Level {
         server: name.to_string(),
         conversations: c,
@@ -210,6 +233,7 @@ async fn run_level(
         errors,
         wall,
         rss_mb: rss,
+        rss_series,
         load: (load_before, load_average()),
     })
 }
@@ -249,6 +273,60 @@ async fn chat_turn(url: &str, session: &str, body: String) -> anyhow::Result<(St
     Ok((text, sample))
 }
 
+/// One streamed turn over qnode's gRPC `GenerateStream`: the reply text and its measurements.
+/// The session key goes as `x-session-id` metadata (what deploy/nginx hashes on).
+async fn grpc_turn(
+    url: &str,
+    session: &str,
+    model: &str,
+    history: &[Value],
+    reply_tokens: u32,
+) -> anyhow::Result<(String, TurnSample)> {
+    use qnode::grpc::proto;
+    let start = Instant::now();
+    let endpoint = format!("http://{}", url.trim_start_matches("grpc://"));
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let messages = history
+        .iter()
+        .map(|m| proto::ChatMessage {
+            role: m["role"].as_str().unwrap_or_default().to_string(),
+            content: m["content"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    let mut request = tonic::Request::new(proto::GenerateRequest {
+        model: model.to_string(),
+        messages,
+        max_tokens: Some(reply_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-session-id", session.parse().context("session key")?);
+    let mut stream = proto::inference_client::InferenceClient::new(channel)
+        .generate_stream(request)
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    let mut sample = TurnSample::default();
+    while let Some(chunk) = stream.message().await? {
+        if !chunk.text.is_empty() && sample.ttft.is_none() {
+            sample.ttft = Some(start.elapsed());
+        }
+        text.push_str(&chunk.text);
+        if let Some(u) = chunk.usage {
+            sample.prompt_tokens = u64::from(u.prompt_tokens);
+            sample.completion_tokens = u64::from(u.completion_tokens);
+            sample.cached_tokens = Some(u64::from(u.cached_prompt_tokens));
+        }
+    }
+    sample.latency = start.elapsed();
+    Ok((text, sample))
+}
+
 /// POST `body` and feed every `data:` JSON event of the SSE reply to `on_event`. A minimal
 /// HTTP/1.1 client (one request per connection, chunked or close-delimited bodies), so the
 /// bench needs no HTTP client dependency.
@@ -261,7 +339,7 @@ async fn post_sse(
 ) -> anyhow::Result<()> {
     let host = url
         .strip_prefix("http://")
-        .context("--server URLs must start with http://")?
+        .context("--server URLs must start with http:// (OpenAI) or grpc:// (qnode gRPC)")?
         .trim_end_matches('/');
     let mut stream = TcpStream::connect(host)
         .await
@@ -418,7 +496,7 @@ fn report(replay: &Replay, levels: &[Level]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model `{}`, {} turns, replies of {} greedy tokens, streamed over /v1/chat/completions\n",
+        "model `{}`, {} turns, replies of {} greedy tokens, streamed over /v1/chat/completions (gRPC GenerateStream for grpc:// servers)\n",
         replay.model, replay.turns, replay.reply_tokens
     );
     for level in levels {
@@ -449,6 +527,30 @@ fn report(replay: &Replay, levels: &[Level]) -> String {
             );
         }
         let _ = writeln!(out);
+    }
+    for level in levels {
+        for (name, points) in &level.rss_series {
+            let Some(&(end, _)) = points.last() else {
+                continue;
+            };
+            // About 20 points per level, whatever its length.
+            let every = (end / 20.0).max(RSS_EVERY.as_secs_f64());
+            let mut next = 0.0;
+            let mut line = String::new();
+            for &(at, mb) in points {
+                if at >= next {
+                    let _ = write!(line, " {at:.0}s {mb:.0},");
+                    next = at + every;
+                }
+            }
+            let _ = writeln!(
+                out,
+                "RSS of {name} during {} C={} (s MiB):{}\n",
+                level.server,
+                level.conversations,
+                line.trim_end_matches(',')
+            );
+        }
     }
     let _ = writeln!(
         out,
