@@ -115,8 +115,10 @@ pub async fn run(replay: Replay) -> anyhow::Result<()> {
     }
     let mut levels = Vec::new();
     for (i, &c) in replay.conversations.iter().enumerate() {
-        let salt = replay.salt * 1000 + i;
-        for (name, url) in &replay.servers {
+        for (j, (name, url)) in replay.servers.iter().enumerate() {
+            // Every (level, server) replays its own conversations: two servers that share a
+            // store (qnode's HTTP and gRPC fronts) must not find each other's history.
+            let salt = replay.salt * 1000 + i * 16 + j;
             eprintln!("{name}: {c} conversations x {} turns ...", replay.turns);
             let level = run_level(&replay, name, url, c, salt).await?;
             eprintln!(

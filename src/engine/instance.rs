@@ -17,6 +17,9 @@ use crate::model::kv_cache::KvCache;
 use crate::model::loaded::LoadedModel;
 use crate::model::transformer::SeqStep;
 
+/// Largest cache (in positions) kept for reuse when its sequence ends: a chat turn's size.
+const SPARE_MAX_POSITIONS: usize = 2048;
+
 /// Where an instance gets its work: the pool's admission queue.
 pub trait WorkSource: Send + Sync + 'static {
     /// A queued request for instance `instance`, which has `free` batch slots. With `wait`, block
@@ -308,7 +311,12 @@ impl Instance {
     /// only completed positions, which the prefix store keeps; the cache is reused.
     fn recycle(&mut self, mut seq: Sequence) {
         seq.keep_prefix();
-        if self.spare_caches.len() < self.settings.max_batch {
+        // A spare's buffers stay resident until reused, outside every budget: keep only caches
+        // of chat-turn size. A long sequence's cache is freed; the next long one allocates
+        // exactly what it needs (see `Sequence::new`).
+        if self.spare_caches.len() < self.settings.max_batch
+            && seq.cache.capacity() <= SPARE_MAX_POSITIONS
+        {
             self.spare_caches.push(seq.cache);
         }
     }

@@ -56,6 +56,10 @@ pub enum Exit {
     Failed,
 }
 
+/// Reply positions reserved with the prompt when a sequence starts; a longer reply grows the
+/// cache as it goes.
+const REPLY_RESERVE: usize = 256;
+
 /// A live sequence in an instance's batch.
 pub struct Sequence {
     /// Queue entry it came from.
@@ -85,6 +89,13 @@ impl Sequence {
         cache.clear();
         let stop = StopMatcher::new(&req.stop);
         let tokens = std::mem::take(&mut req.prompt);
+        // One allocation sized to the prompt and a typical reply, before the prefix store fills
+        // the cache block by block: growing as the blocks arrived doubled the buffers three or
+        // four times at long histories (a copy and a zero fill each) and left them up to twice
+        // the size needed. Clamped to the cache's limit, this cannot fail; were it to, the
+        // first step's own `reserve` reports it.
+        let expected = tokens.len() + req.max_tokens.min(REPLY_RESERVE);
+        let _ = cache.reserve(expected.min(cache.max_len()));
         Self {
             prompt_len: tokens.len(),
             tokens,

@@ -353,6 +353,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the buffers hold room for now (grown by [`Self::reserve`]).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Most positions this cache may hold.
     pub fn max_len(&self) -> usize {
         self.max_len
