@@ -660,6 +660,90 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_fields_reach_the_neutral_request() {
+        let (raw, options) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":4}"#,
+        )
+        .unwrap();
+        assert_eq!((raw.logprobs, raw.top_logprobs), (Some(true), Some(4)));
+        assert_eq!(raw.top_logprobs_field, "top_logprobs");
+        assert!(options.logprobs);
+        // Ranges are `validate`'s: a large count passes through to be refused there.
+        let (raw, _) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":99}"#,
+        )
+        .unwrap();
+        assert_eq!((raw.logprobs, raw.top_logprobs), (None, Some(99)));
+        for (extra, field) in [
+            (r#""logprobs":3"#, "logprobs"),
+            (r#""top_logprobs":-1"#, "top_logprobs"),
+            (r#""top_logprobs":"3""#, "top_logprobs"),
+        ] {
+            let json =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
+            let err = chat_json(&json).expect_err(extra);
+            assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
+        }
+        // Legacy completions: `logprobs` is the count, and names its own errors.
+        let legacy = |extra: &str| {
+            completion(
+                serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{extra}}}"#)).unwrap(),
+            )
+        };
+        let (raws, options) = legacy(r#""logprobs":2"#).unwrap();
+        assert_eq!(
+            (raws[0].logprobs, raws[0].top_logprobs),
+            (Some(true), Some(2))
+        );
+        assert_eq!(raws[0].top_logprobs_field, "logprobs");
+        assert!(options.logprobs);
+        let (raws, options) = legacy(r#""logprobs":null"#).unwrap();
+        assert_eq!(raws[0].logprobs, None);
+        assert!(!options.logprobs);
+        for extra in [r#""logprobs":true"#, r#""top_logprobs":2"#] {
+            assert!(legacy(extra).is_err(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn logprobs_in_both_openai_shapes() {
+        let prob = |id: u32, bytes: &[u8], logprob: f32| TokenProb {
+            id,
+            bytes: bytes.to_vec(),
+            logprob,
+        };
+        let entries = vec![
+            TokenLogprob {
+                chosen: prob(1, b" Pa", -0.5),
+                top: vec![prob(1, b" Pa", -0.5), prob(2, b" Lo", -1.5)],
+            },
+            TokenLogprob {
+                chosen: prob(3, &[0xC3], -0.25),
+                top: vec![prob(4, b"ris", -0.125)],
+            },
+        ];
+        let chat = serde_json::to_value(chat_logprobs(&entries)).unwrap();
+        assert_eq!(chat["content"][0]["token"], " Pa");
+        assert_eq!(chat["content"][0]["bytes"], serde_json::json!([32, 80, 97]));
+        assert_eq!(chat["content"][0]["top_logprobs"][1]["token"], " Lo");
+        assert_eq!(
+            chat["content"][1]["token"], "\u{FFFD}",
+            "part of a character"
+        );
+        let mut offset = 0;
+        let text = serde_json::to_value(text_logprobs(&entries, &mut offset)).unwrap();
+        assert_eq!(text["tokens"], serde_json::json!([" Pa", "\u{FFFD}"]));
+        assert_eq!(text["token_logprobs"], serde_json::json!([-0.5, -0.25]));
+        assert_eq!(text["text_offset"], serde_json::json!([0, 3]));
+        assert_eq!(offset, 4, "the next chunk continues");
+        // The chosen token is always among the alternatives.
+        assert_eq!(
+            text["top_logprobs"][1],
+            serde_json::json!({"ris": -0.125, "\u{FFFD}": -0.25})
+        );
+    }
+
+    #[test]
     fn response_format_becomes_an_output_constraint() {
         let with = |format: &str| {
             chat_json(&format!(
