@@ -156,6 +156,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
                 tenant: None,
                 session: None,
                 constraint: constraint.cloned(),
+                logprobs: None,
             }))
             .unwrap()
         })

@@ -1,7 +1,9 @@
 //! Cost of choosing one token from a row of logits, at SmolLM2's (49,152) and Gemma 3's (262,144)
-//! vocabulary sizes: greedy (one pass) and temperature + top-k + top-p sampling.
+//! vocabulary sizes: greedy (one pass) and temperature + top-k + top-p sampling; and what a
+//! request that asks for `logprobs` adds per token (log-softmax over the row, top 5).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use qnode::engine::logprobs::LogprobSpec;
 use qnode::engine::sampler::Sampler;
 use qnode::engine::SamplingParams;
 
@@ -82,5 +84,24 @@ fn samplers(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, samplers);
+/// The per-token work of a `logprobs` request, on top of sampling: the chosen token's value and
+/// its 5 most likely alternatives with their bytes.
+fn logprobs(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_logprobs_top5");
+    for n in VOCABS {
+        let row = logits(n);
+        let spec = LogprobSpec {
+            top: 5,
+            token_bytes: std::sync::Arc::new(
+                (0..n).map(|i| format!("t{i}").into_bytes()).collect(),
+            ),
+        };
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| black_box(spec.entry(black_box(&row), 7)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, samplers, logprobs);
 criterion_main!(benches);

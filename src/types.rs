@@ -91,6 +91,11 @@ pub struct GenerationRequest {
     /// A grammar the output must follow (constrained decoding); `None` for free text. Part of
     /// the cache key.
     pub constraint: Option<OutputConstraint>,
+    /// Per-token log-probabilities: `None` for none (the default, which costs nothing),
+    /// `Some(k)` for the chosen token's plus its `k` (0..=[`MAX_TOP_LOGPROBS`]) most likely
+    /// alternatives, sent as [`GenerationEvent::Logprobs`]. Requests that ask are never served
+    /// from nor stored in the answer cache (its entries hold text only).
+    pub logprobs: Option<u32>,
 }
 
 impl GenerationRequest {
@@ -115,6 +120,7 @@ impl GenerationRequest {
             tenant: None,
             session: None,
             constraint: None,
+            logprobs: None,
         }
     }
 }
@@ -225,11 +231,52 @@ pub struct Completion {
     pub source: Source,
 }
 
-/// What a request's receiver gets, in order: any number of `Delta`s, then one `Finished`.
+/// Most alternatives a request may ask for per token (`top_logprobs`), as OpenAI's limit.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// One token and its log-probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenProb {
+    /// Token id.
+    pub id: u32,
+    /// The token's raw bytes as the tokenizer defines them (may be part of a UTF-8 character;
+    /// a control token's bytes are its name, e.g. `<|im_end|>`).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability: finite, or `-9999.0` for a token the distribution gives
+    /// no mass at all (OpenAI's floor).
+    pub logprob: f32,
+}
+
+/// The log-probabilities of one generated token.
+///
+/// Semantics (as OpenAI's and vLLM's default `raw_logprobs`, after the processors that decide
+/// what may be sampled): the log-softmax of the logits after the output constraint's mask
+/// (masked tokens have no mass) and the repetition penalty, before temperature, top-k, top-p and
+/// min-p. So the values do not depend on `temperature`, and with greedy decoding the chosen token
+/// is the one with the largest log-probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    /// The token generated.
+    pub chosen: TokenProb,
+    /// The most likely tokens, most likely first (ties: lower id first), as many as asked
+    /// (fewer when fewer tokens have any mass). When the chosen token is among them its value
+    /// is bit-for-bit the same as `chosen.logprob`.
+    pub top: Vec<TokenProb>,
+}
+
+/// What a request's receiver gets, in order: any number of `Delta`s (each preceded by a
+/// `Logprobs` when the request asked for them), then one `Finished`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
     /// New text; never splits a UTF-8 character, never includes a stop string.
     Delta(String),
+    /// Only when the request asked ([`GenerationRequest::logprobs`]): the log-probabilities of
+    /// the tokens generated since the last `Logprobs`, in order. Always followed by the `Delta`
+    /// that carries (at least the start of) their text, possibly an empty one at the end; a
+    /// receiver that reads two before a `Delta` appends them. The end-of-turn token is not
+    /// listed (its text is not part of the output); the tokens that held a matched stop string
+    /// are (OpenAI does the same).
+    Logprobs(Vec<TokenLogprob>),
     /// The end, with usage and timings.
     Finished(Completion),
 }

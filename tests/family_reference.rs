@@ -323,6 +323,7 @@ fn check_engine(family: &'static str) {
             loop {
                 match rx.recv().await.expect("stream ended early").unwrap() {
                     GenerationEvent::Delta(t) => text.push_str(&t),
+                    GenerationEvent::Logprobs(_) => {}
                     GenerationEvent::Finished(_) => return text,
                 }
             }

@@ -292,6 +292,8 @@ async fn valid_request_reaches_backend_with_every_field() {
         constraint: Some(proto::generate_request::Constraint::JsonSchema(
             r#"{"type":"object"}"#.into(),
         )),
+        logprobs: true,
+        top_logprobs: Some(3),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
@@ -323,7 +325,9 @@ async fn valid_request_reaches_backend_with_every_field() {
         tenant,
         session,
         constraint,
+        logprobs,
     } = server.backend.last_submitted();
+    assert_eq!(logprobs, Some(3));
     assert_eq!(request_id, "req-42");
     assert_eq!(model, "smollm2");
     assert_eq!(

@@ -41,6 +41,7 @@ fn admit(queue: &Admission, model: &LoadedModel, prompt: &str, max_tokens: usize
         deadline: None,
         session: None,
         constraint: None,
+        logprobs: None,
     };
     queue.push(request).expect("queue has room");
     rx
@@ -50,7 +51,7 @@ fn admit(queue: &Admission, model: &LoadedModel, prompt: &str, max_tokens: usize
 fn outcome(mut rx: EventStream) -> Option<EngineError> {
     loop {
         match rx.blocking_recv().expect("stream ended without a result") {
-            Ok(GenerationEvent::Delta(_)) => continue,
+            Ok(GenerationEvent::Delta(_) | GenerationEvent::Logprobs(_)) => continue,
             Ok(GenerationEvent::Finished(_)) => return None,
             Err(e) => return Some(e),
         }

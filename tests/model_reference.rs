@@ -218,6 +218,7 @@ fn smollm2_q8_0_matches_llama_cpp_q8_0_forced_and_through_the_engine() {
             loop {
                 match rx.recv().await.expect("stream ended early").unwrap() {
                     GenerationEvent::Delta(t) => text.push_str(&t),
+                    GenerationEvent::Logprobs(_) => {}
                     GenerationEvent::Finished(done) => return (text, done),
                 }
             }

@@ -10,6 +10,7 @@ only when all passed, and prints one line per check. Checks are explicit (`ensur
 which `python3 -O` / PYTHONOPTIMIZE strips).
 """
 
+import math
 import sys
 
 import openai
@@ -99,6 +100,74 @@ streamed = "".join(
 )
 ensure(unary == streamed, 'unary == streamed', (unary, streamed))
 check("seeded stream == unary")
+
+# Log-probabilities (greedy): streamed and unary give the same tokens and values; the chosen token
+# is the most likely one; alternatives come most likely first and never hold more than all the
+# mass; the tokens' bytes, joined, are the answer.
+lp_args = dict(model="smollm2", messages=hello, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+r = real.chat.completions.create(**lp_args)
+content = r.choices[0].message.content
+entries = r.choices[0].logprobs.content
+ensure(len(entries) >= 1, "logprobs.content is not empty", r)
+ensure(len(entries) <= r.usage.completion_tokens, "one entry per generated token (end-of-turn not listed)", len(entries), r.usage)
+
+
+def check_entries(entries, content):
+    joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8")
+    ensure(joined == content, "the tokens' bytes joined are the content", joined, content)
+    ensure("".join(e.token for e in entries) == content, "the tokens joined are the content", [e.token for e in entries])
+    for e in entries:
+        ensure(e.token == bytes(e.bytes).decode("utf-8", "replace"), "token is its bytes decoded", e)
+        ensure(len(e.top_logprobs) == 3, "3 alternatives", e)
+        values = [t.logprob for t in e.top_logprobs]
+        ensure(values == sorted(values, reverse=True), "alternatives most likely first", values)
+        ensure(all(v <= 0 for v in values), "log-probabilities are <= 0", values)
+        ensure(sum(math.exp(v) for v in values) <= 1.0001, "the alternatives hold at most all the mass", values)
+        # Greedy: the chosen token is the argmax, with exactly the same value.
+        ensure(e.top_logprobs[0].token == e.token, "greedy picks the most likely token", e)
+        ensure(e.top_logprobs[0].logprob == e.logprob, "the chosen token's value is its alternative's", e)
+
+
+check_entries(entries, content)
+streamed, text = [], ""
+for chunk in real.chat.completions.create(stream=True, **lp_args):
+    if not chunk.choices:
+        continue
+    choice = chunk.choices[0]
+    text += choice.delta.content or ""
+    if choice.logprobs is not None:
+        streamed.extend(choice.logprobs.content)
+    elif choice.delta.content:
+        raise CheckFailed(f"a chunk with text has no logprobs: {chunk}")
+ensure(text == content, "streamed text == unary", text, content)
+check_entries(streamed, text)
+ensure([e.token for e in streamed] == [e.token for e in entries], "streamed tokens == unary", streamed, entries)
+for a, b in zip(streamed, entries):
+    ensure(abs(a.logprob - b.logprob) <= 1e-4, "streamed values == unary", a, b)
+    for x, y in zip(a.top_logprobs, b.top_logprobs):
+        ensure(x.token == y.token and abs(x.logprob - y.logprob) <= 1e-4, "streamed alternatives == unary", x, y)
+# Asked for none: `logprobs` stays null.
+plain = real.chat.completions.create(model="smollm2", messages=hello, max_tokens=2, temperature=0)
+ensure(plain.choices[0].logprobs is None, "no logprobs unless asked", plain)
+# Legacy completions: `logprobs: N`.
+c = real.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+lp = c.choices[0].logprobs
+ensure("".join(lp.tokens) == c.choices[0].text, "legacy tokens joined are the text", lp.tokens, c.choices[0].text)
+ensure(len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), "legacy lists align", lp)
+ensure(lp.text_offset[0] == 0, "offsets start at 0", lp.text_offset)
+for i, tok in enumerate(lp.tokens):
+    ensure(tok in lp.top_logprobs[i] and len(lp.top_logprobs[i]) <= 3, "the chosen token is among the alternatives", lp.top_logprobs[i])
+    ensure(max(lp.top_logprobs[i].values()) == lp.token_logprobs[i], "greedy: chosen is the most likely", lp)
+    if i > 0:
+        ensure(lp.text_offset[i] == lp.text_offset[i - 1] + len(lp.tokens[i - 1]), "offsets advance by the token", lp.text_offset)
+# Refusals, as OpenAI: alternatives without `logprobs: true`, more than 20.
+e = expect(openai.BadRequestError, lambda: real.chat.completions.create(model="smollm2", messages=hello, top_logprobs=3), 400, "top_logprobs", "logprobs: true")
+ensure(e.body["param"] == "top_logprobs", "param names top_logprobs", e.body)
+e = expect(openai.BadRequestError, lambda: real.chat.completions.create(model="smollm2", messages=hello, logprobs=True, top_logprobs=21), 400, "<= 20")
+ensure(e.body["param"] == "top_logprobs", "param names top_logprobs", e.body)
+e = expect(openai.BadRequestError, lambda: real.completions.create(model="smollm2", prompt="x", logprobs=21), 400, "<= 20")
+ensure(e.body["param"] == "logprobs", "param names logprobs", e.body)
+check("chat logprobs")
 
 # Legacy completions and the model list.
 c = real.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)

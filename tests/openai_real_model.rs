@@ -157,6 +157,7 @@ async fn openai_clients_against_the_real_model() {
         "chat completion",
         "chat streaming with usage",
         "seeded stream == unary",
+        "chat logprobs",
         "completions and models",
         "completions batch",
         "errors: 404, 400, 401, 503",

@@ -95,6 +95,7 @@ fn collect(mut rx: EventStream) -> Result<(String, Completion), EngineError> {
     loop {
         match rx.blocking_recv().expect("stream ended without Finished")? {
             GenerationEvent::Delta(t) => text.push_str(&t),
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Finished(done) => return Ok((text, done)),
         }
     }

@@ -190,6 +190,14 @@ impl Backend for CachedBackend {
     async fn submit(&self, request: GenerationRequest) -> Result<EventStream, EngineError> {
         let s = &self.shared;
         let policy = request.cache_policy;
+        if request.logprobs.is_some() {
+            // Entries hold text, not log-probabilities: a request that asks for them neither
+            // reads the cache (a hit could not answer it) nor fills it, nor joins a flight.
+            return match policy {
+                CachePolicy::OnlyIfCached => Err(EngineError::NotCached),
+                _ => s.inner.submit(request).await,
+            };
+        }
         let identity = s
             .identities
             .read()
@@ -386,6 +394,8 @@ async fn keep_variant(
                 }
             }
             Some(Ok(GenerationEvent::Finished(c))) => break c,
+            // Requests that ask for log-probabilities never come through the cache.
+            Some(Ok(GenerationEvent::Logprobs(_))) => {}
             Some(Err(e)) => {
                 let _ = tx.send(Err(e)).await;
                 return;
@@ -599,6 +609,8 @@ async fn drive(
                 flight.push([Ok(GenerationEvent::Delta(d))], false);
             }
             Some(Ok(GenerationEvent::Finished(c))) => break c,
+            // Requests that ask for log-probabilities never come through the cache.
+            Some(Ok(GenerationEvent::Logprobs(_))) => {}
             Some(Err(e)) => {
                 flight.push([Err(e)], true);
                 s.flights.finish(&key, &flight);

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// New tokens per request (greedy; a request may stop earlier at end of sequence).
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    /// Ask for each token's log-probability and this many alternatives (`logprobs` +
+    /// `top_logprobs`, 0..=20), to measure what they cost. Absent: not asked (nothing computed).
+    #[arg(long)]
+    top_logprobs: Option<u32>,
     /// Unmeasured requests sent one at a time before the first level (warms caches and pages).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -231,6 +235,8 @@ fn make_request(args: &BenchArgs, request_id: String, content: String) -> Genera
         temperature: Some(0.0),
         cache_policy: CachePolicy::Bypass.into(),
         request_id,
+        logprobs: args.top_logprobs.is_some(),
+        top_logprobs: args.top_logprobs,
         ..Default::default()
     }
 }
@@ -353,9 +359,13 @@ fn ms(d: Option<Duration>) -> String {
 }
 
 fn print_table(args: &BenchArgs, levels: &[Level]) {
+    let logprobs = match args.top_logprobs {
+        None => "no logprobs".to_owned(),
+        Some(n) => format!("logprobs with top {n}"),
+    };
     println!(
-        "model `{}`, {} requests per level, max_tokens {}, greedy, streaming, cache bypassed\n",
-        args.model, args.requests, args.max_tokens
+        "model `{}`, {} requests per level, max_tokens {}, greedy, streaming, cache bypassed, {}\n",
+        args.model, args.requests, args.max_tokens, logprobs
     );
     println!(
         "| C | ok | errors | aggregate gen tok/s | latency p50 / p95 ms | TTFT p50 / p95 ms \

@@ -113,6 +113,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         tenant: None,
         session: None,
         constraint: None,
+        logprobs: None,
     };
     let mut events = futures::executor::block_on(pool.submit(request))?;
     let mut stdout = std::io::stdout().lock();
@@ -123,6 +124,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 stdout.flush()?;
             }
             Some(Ok(GenerationEvent::Finished(done))) => break done,
+            // Not asked for.
+            Some(Ok(GenerationEvent::Logprobs(_))) => {}
             Some(Err(e)) => anyhow::bail!(e),
             None => anyhow::bail!("generation ended without a result"),
         }

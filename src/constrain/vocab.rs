@@ -15,14 +15,24 @@ use crate::model::tokenizer::{GgufTokenizer, TokenizerKind};
 /// toktrie's marker for special tokens (`TokTrie::SPECIAL_TOKEN_MARKER`).
 const SPECIAL: u8 = 0xFF;
 
-/// The bytes of every id of `tok`, index = id.
+/// The bytes of every id of `tok`, index = id, special tokens marked for toktrie.
 pub fn token_bytes(tok: &GgufTokenizer) -> Vec<Vec<u8>> {
+    bytes_of_ids(tok, true)
+}
+
+/// The bytes of every id of `tok`, index = id, as a caller reads them (`logprobs`): a special
+/// token is its name (`<|im_end|>`), unmarked; a hole in the vocabulary is empty.
+pub fn token_texts(tok: &GgufTokenizer) -> Vec<Vec<u8>> {
+    bytes_of_ids(tok, false)
+}
+
+fn bytes_of_ids(tok: &GgufTokenizer, mark_special: bool) -> Vec<Vec<u8>> {
     let added = tok.inner().get_added_tokens_decoder();
     let to_byte = gpt2_char_to_byte();
     (0..tok.vocab_size() as u32)
         .map(|id| {
             if let Some(t) = added.get(&id) {
-                return if t.special {
+                return if t.special && mark_special {
                     special(&t.content)
                 } else {
                     t.content.as_bytes().to_vec()
@@ -30,7 +40,11 @@ pub fn token_bytes(tok: &GgufTokenizer) -> Vec<Vec<u8>> {
             }
             let Some(piece) = tok.id_to_token(id) else {
                 // A hole in the vocabulary: nothing a grammar can reach.
-                return special(&format!("<qnode-missing-{id}>"));
+                return if mark_special {
+                    special(&format!("<qnode-missing-{id}>"))
+                } else {
+                    Vec::new()
+                };
             };
             match tok.kind() {
                 TokenizerKind::BytePairGpt2 => byte_level(&piece, &to_byte),

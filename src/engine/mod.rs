@@ -5,6 +5,7 @@ pub mod backend;
 pub mod detokenizer;
 pub mod error;
 pub mod instance;
+pub mod logprobs;
 pub mod prefix;
 pub mod sampler;
 pub mod sequence;

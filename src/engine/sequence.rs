@@ -8,6 +8,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::detokenizer::IncrementalDecoder;
+use super::logprobs::LogprobSpec;
 use super::prefix::PrefixStore;
 use super::sampler::Sampler;
 use super::stop::StopMatcher;
@@ -15,6 +16,7 @@ use super::{Completion, EngineError, FinishReason, GenerationEvent, Source, Timi
 use crate::constrain::Constraint;
 use crate::model::kv_cache::KvCache;
 use crate::model::tokenizer::GgufTokenizer;
+use crate::types::TokenLogprob;
 
 /// Sender half of a request's event channel.
 pub type EventSender = Sender<Result<GenerationEvent, EngineError>>;
@@ -43,6 +45,8 @@ pub struct Admitted {
     /// The grammar the output must follow, compiled; `None` for free text (which then costs
     /// nothing here).
     pub constraint: Option<Constraint>,
+    /// Report each token's log-probabilities; `None` (nearly every request) computes nothing.
+    pub logprobs: Option<LogprobSpec>,
 }
 
 /// Why a sequence left the batch.
@@ -79,6 +83,9 @@ pub struct Sequence {
     stop: StopMatcher,
     /// Text produced but not yet accepted by the caller's channel.
     pending: String,
+    /// Log-probabilities of tokens not yet sent (requests that ask only); they go just before
+    /// the text that follows them.
+    pending_logprobs: Vec<TokenLogprob>,
     admitted: Instant,
     first_token: Option<Instant>,
 }
@@ -107,6 +114,7 @@ impl Sequence {
             decoder: IncrementalDecoder::new(),
             stop,
             pending: String::new(),
+            pending_logprobs: Vec::new(),
             admitted: Instant::now(),
             first_token: None,
         }
@@ -213,6 +221,12 @@ impl Sequence {
                 }
             }
         };
+        if let Some(spec) = &self.req.logprobs {
+            // `logits` is the row the token was drawn from: masked and penalized in place.
+            if !tok.is_stop(token) {
+                self.pending_logprobs.push(spec.entry(logits, token));
+            }
+        }
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
         }
@@ -263,6 +277,23 @@ impl Sequence {
         if self.pending.is_empty() {
             return None;
         }
+        if !self.pending_logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            match self
+                .req
+                .tx
+                .try_send(Ok(GenerationEvent::Logprobs(logprobs)))
+            {
+                Ok(()) => {}
+                Err(TrySendError::Full(Ok(GenerationEvent::Logprobs(logprobs)))) => {
+                    // Keep them (and the text after them) for the next step.
+                    self.pending_logprobs = logprobs;
+                    return None;
+                }
+                Err(TrySendError::Full(_)) => return None,
+                Err(TrySendError::Closed(_)) => return Some(Exit::Gone),
+            }
+        }
         let text = std::mem::take(&mut self.pending);
         match self.req.tx.try_send(Ok(GenerationEvent::Delta(text))) {
             Ok(()) => None,
@@ -300,9 +331,10 @@ impl Sequence {
         };
         let tx = self.req.tx.clone();
         let pending = std::mem::take(&mut self.pending);
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
         // The last events must arrive even when the channel is momentarily full: hand them to a
         // detached sender so the batch never waits for a slow reader.
-        send_tail(tx, pending, Ok(GenerationEvent::Finished(done)));
+        send_tail(tx, pending, logprobs, Ok(GenerationEvent::Finished(done)));
         Exit::Done
     }
 
@@ -310,7 +342,7 @@ impl Sequence {
     pub fn fail(&mut self, err: EngineError) -> Exit {
         self.keep_prefix();
         let pending = std::mem::take(&mut self.pending);
-        send_tail(self.req.tx.clone(), pending, Err(err));
+        send_tail(self.req.tx.clone(), pending, Vec::new(), Err(err));
         Exit::Failed
     }
 }
@@ -337,10 +369,20 @@ fn constrained_sample(
     Ok((token, c.advance(token)?))
 }
 
-/// Deliver the final text and event; falls back to a thread only when the channel is full.
-fn send_tail(tx: EventSender, pending: String, last: Result<GenerationEvent, EngineError>) {
-    let mut events = Vec::with_capacity(2);
-    if !pending.is_empty() {
+/// Deliver the final log-probabilities, text and event; falls back to a thread only when the
+/// channel is full. Log-probabilities are always followed by a `Delta`, an empty one if need be.
+fn send_tail(
+    tx: EventSender,
+    pending: String,
+    logprobs: Vec<TokenLogprob>,
+    last: Result<GenerationEvent, EngineError>,
+) {
+    let mut events = Vec::with_capacity(3);
+    let with_logprobs = !logprobs.is_empty();
+    if with_logprobs {
+        events.push(Ok(GenerationEvent::Logprobs(logprobs)));
+    }
+    if !pending.is_empty() || with_logprobs {
         events.push(Ok(GenerationEvent::Delta(pending)));
     }
     events.push(last);

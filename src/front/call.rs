@@ -14,7 +14,7 @@ use super::validate;
 use crate::engine::{EngineError, EventStream};
 use crate::metrics::Metrics;
 use crate::node::{CallGuard, Node};
-use crate::types::{Completion, ErrorKind, GenerationEvent, ModelInfo, Source};
+use crate::types::{Completion, ErrorKind, GenerationEvent, ModelInfo, Source, TokenLogprob};
 
 /// How long a failed stream waits for buffer room to deliver its final error.
 const FINAL_ERROR_WAIT: Duration = Duration::from_millis(500);
@@ -223,29 +223,49 @@ pub(crate) async fn submitted(
 
 /// One step of a generation as a front sees it.
 pub enum Step {
-    /// More text.
-    Delta(String),
+    /// More text, and the log-probabilities of the tokens generated since the last step (empty
+    /// unless the request asked; then the text may be empty too, at the end).
+    Delta(String, Vec<TokenLogprob>),
     /// The end, with usage and timings.
     Finished(Completion),
 }
 
 /// The next step, or why the call ends: a hard stop or the deadline win over a waiting event.
+/// Log-probabilities are joined to the text that follows them.
 async fn next(call: &mut Call, events: &mut EventStream, node: &Node) -> Result<Step, CallError> {
-    let event = tokio::select! {
-        biased;
-        () = node.stopped() => return Err(CallError::HardStop),
-        () = call.deadline_passed() => return Err(call.deadline_error()),
-        event = events.recv() => event,
-    };
-    match event {
-        Some(Ok(GenerationEvent::Delta(delta))) => {
-            call.saw_text();
-            Ok(Step::Delta(delta))
-        }
-        Some(Ok(GenerationEvent::Finished(completion))) => Ok(Step::Finished(completion)),
-        Some(Err(error)) => Err(CallError::Engine(error)),
-        None => Err(CallError::EndedEarly),
+    let mut logprobs = Vec::new();
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = node.stopped() => return Err(CallError::HardStop),
+            () = call.deadline_passed() => return Err(call.deadline_error()),
+            event = events.recv() => event,
+        };
+        return match event {
+            Some(Ok(GenerationEvent::Logprobs(mut more))) => {
+                logprobs.append(&mut more);
+                continue;
+            }
+            Some(Ok(GenerationEvent::Delta(delta))) => {
+                call.saw_text();
+                Ok(Step::Delta(delta, logprobs))
+            }
+            Some(Ok(GenerationEvent::Finished(completion))) => Ok(Step::Finished(completion)),
+            Some(Err(error)) => Err(CallError::Engine(error)),
+            None => Err(CallError::EndedEarly),
+        };
     }
+}
+
+/// A whole answer, as [`collect`] gathers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The text.
+    pub text: String,
+    /// Each generated token's log-probabilities, in order (empty unless asked).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Usage, timings, source.
+    pub completion: Completion,
 }
 
 /// Unary: gathers the deltas into one text, and counts the call. Returning early drops `events`,
@@ -254,18 +274,28 @@ pub async fn collect(
     call: &mut Call,
     mut events: EventStream,
     node: &Node,
-) -> Result<(String, Completion), FrontError> {
+) -> Result<Answer, FrontError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let result = loop {
         match next(call, &mut events, node).await {
-            Ok(Step::Delta(delta)) => text.push_str(&delta),
-            Ok(Step::Finished(completion)) => break Ok((std::mem::take(&mut text), completion)),
+            Ok(Step::Delta(delta, mut more)) => {
+                text.push_str(&delta);
+                logprobs.append(&mut more);
+            }
+            Ok(Step::Finished(completion)) => {
+                break Ok(Answer {
+                    text: std::mem::take(&mut text),
+                    logprobs: std::mem::take(&mut logprobs),
+                    completion,
+                })
+            }
             Err(error) => break Err(error),
         }
     };
     drop(events);
     match &result {
-        Ok((_, completion)) => call.record("Ok", Some(completion)),
+        Ok(answer) => call.record("Ok", Some(&answer.completion)),
         Err(error) => call.record(error.kind().label(), None),
     }
     result.map_err(FrontError::from)

@@ -79,7 +79,9 @@ impl From<ValidationError> for FrontError {
                 "model_not_found",
                 Some("model".to_owned()),
             ),
-            ValidationError::OutOfRange { field, .. } | ValidationError::Empty { field } => {
+            ValidationError::OutOfRange { field, .. }
+            | ValidationError::Empty { field }
+            | ValidationError::Needs { field, .. } => {
                 (ErrorKind::InvalidArgument, "invalid_value", Some(field))
             }
             ValidationError::PromptAndMessages | ValidationError::NoPrompt => (

@@ -29,7 +29,7 @@ use crate::types::{ModelInfo, ModelState};
 
 pub use crate::types::ErrorKind;
 pub use auth::{ApiKeyCheck, AuthError, KeyTenant};
-pub use call::{collect, forward, Call, Step, StreamFront};
+pub use call::{collect, forward, Answer, Call, Step, StreamFront};
 pub use error::FrontError;
 pub use request::{header_text, CallMeta, RawRequest};
 pub use validate::{ValidationError, SESSION_HEADER};

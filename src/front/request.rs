@@ -42,6 +42,14 @@ pub struct RawRequest {
     pub user: Option<String>,
     /// The grammar the output must follow (OpenAI `response_format`, gRPC `constraint`).
     pub constraint: Option<OutputConstraint>,
+    /// Per-token log-probabilities asked for (OpenAI chat `logprobs`, gRPC `logprobs`).
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (OpenAI chat and gRPC `top_logprobs`, legacy completions'
+    /// `logprobs: N`); needs `logprobs`.
+    pub top_logprobs: Option<u32>,
+    /// The wire's name of `top_logprobs`, named by its errors (`logprobs` on
+    /// `/v1/completions`, where the count is the field itself).
+    pub top_logprobs_field: &'static str,
 }
 
 impl Default for RawRequest {
@@ -62,6 +70,9 @@ impl Default for RawRequest {
             session_id: None,
             user: None,
             constraint: None,
+            logprobs: None,
+            top_logprobs: None,
+            top_logprobs_field: "top_logprobs",
         }
     }
 }

@@ -11,7 +11,7 @@ use super::request::RawRequest;
 use crate::config::Limits;
 use crate::types::{
     echo, ChatMessage, GenerationRequest, Grammar, ModelInfo, OutputConstraint, PromptInput,
-    SamplingParams,
+    SamplingParams, MAX_TOP_LOGPROBS,
 };
 
 /// Roles the chat templates of the served models understand.
@@ -66,6 +66,17 @@ pub enum ValidationError {
     /// Neither `prompt` nor `messages` was given.
     #[error("one of `prompt` or `messages` is required")]
     NoPrompt,
+    /// A field that only means something with another one set (`top_logprobs` without
+    /// `logprobs: true`), as OpenAI refuses it.
+    #[error("`{field}` needs `{needs}`. Given: {given}")]
+    Needs {
+        /// The field given.
+        field: String,
+        /// What it needs, e.g. `logprobs: true`.
+        needs: String,
+        /// The value given.
+        given: String,
+    },
     /// `x-qnode-tenant` names another tenant than the one the caller's API key is bound to
     /// (PERMISSION_DENIED).
     #[error(
@@ -134,6 +145,7 @@ pub fn validate(
     check_request_id(&request_id)?;
     let tenant = tenant_of(tenant, key_tenant)?;
     let sampling = sampling(&wire)?;
+    let logprobs = logprobs(&wire)?;
     let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
     let max_tokens = match wire.max_tokens {
@@ -174,7 +186,27 @@ pub fn validate(
         tenant,
         session,
         constraint: wire.constraint,
+        logprobs,
     })
+}
+
+/// `logprobs` / `top_logprobs` as the engine's `Some(alternatives)`: `top_logprobs` above 0
+/// needs `logprobs: true`, and is at most [`MAX_TOP_LOGPROBS`] (OpenAI's rules).
+fn logprobs(wire: &RawRequest) -> Result<Option<u32>, ValidationError> {
+    let field = wire.top_logprobs_field;
+    if let Some(n) = wire.top_logprobs {
+        if n > MAX_TOP_LOGPROBS {
+            return Err(out_of_range(field, format!("<= {MAX_TOP_LOGPROBS}"), n));
+        }
+        if n > 0 && wire.logprobs != Some(true) {
+            return Err(ValidationError::Needs {
+                field: field.to_owned(),
+                needs: "logprobs: true".to_owned(),
+                given: n.to_string(),
+            });
+        }
+    }
+    Ok((wire.logprobs == Some(true)).then(|| wire.top_logprobs.unwrap_or(0)))
 }
 
 /// A schema or grammar's size and shape; whether it compiles is known at submit, where the
@@ -478,6 +510,48 @@ mod tests {
         assert_eq!(request.sampling, SamplingParams::default());
         assert_eq!(request.input, PromptInput::Text("Hello".into()));
         assert_eq!(request.request_id, "id-1");
+    }
+
+    #[test]
+    fn logprobs_and_their_limits() {
+        let with = |logprobs: Option<bool>, top: Option<u32>| {
+            check(RawRequest {
+                logprobs,
+                top_logprobs: top,
+                ..good()
+            })
+        };
+        assert_eq!(with(None, None).unwrap().logprobs, None, "off by default");
+        assert_eq!(with(Some(false), None).unwrap().logprobs, None);
+        assert_eq!(with(Some(false), Some(0)).unwrap().logprobs, None);
+        assert_eq!(with(Some(true), None).unwrap().logprobs, Some(0));
+        assert_eq!(with(Some(true), Some(20)).unwrap().logprobs, Some(20));
+        for bad in [with(None, Some(3)), with(Some(false), Some(3))] {
+            let e = bad.unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "`top_logprobs` needs `logprobs: true`. Given: 3"
+            );
+            assert_eq!(
+                crate::front::FrontError::from(e).param.as_deref(),
+                Some("top_logprobs")
+            );
+        }
+        assert_eq!(
+            with(Some(true), Some(21)).unwrap_err().to_string(),
+            "`top_logprobs` must be <= 20. Given: 21"
+        );
+        // `/v1/completions` names its own field.
+        let legacy = check(RawRequest {
+            logprobs: Some(true),
+            top_logprobs: Some(50),
+            top_logprobs_field: "logprobs",
+            ..good()
+        });
+        assert_eq!(
+            legacy.unwrap_err().to_string(),
+            "`logprobs` must be <= 20. Given: 50"
+        );
     }
 
     #[test]

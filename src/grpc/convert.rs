@@ -2,11 +2,11 @@
 //! into proto messages. Only this front knows the gRPC wire.
 
 use super::proto;
-use crate::front::RawRequest;
+use crate::front::{self, RawRequest};
 use crate::node::NodeState;
 use crate::types::{
     CachePolicy, ChatMessage, Completion, FinishReason, Grammar, ModelInfo, ModelState,
-    OutputConstraint, Role, Source, Timings,
+    OutputConstraint, Role, Source, Timings, TokenLogprob,
 };
 
 /// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
@@ -43,6 +43,9 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         session_id: Some(wire.session_id).filter(|s| !s.is_empty()),
         user: None,
         constraint: wire.constraint.and_then(constraint),
+        logprobs: Some(wire.logprobs),
+        top_logprobs: wire.top_logprobs,
+        ..RawRequest::default()
     };
     (raw, request_id)
 }
@@ -140,14 +143,33 @@ pub(crate) fn role(r: Role) -> proto::NodeRole {
     }
 }
 
+/// Log-probabilities in the wire's shape.
+pub(crate) fn logprobs(entries: &[TokenLogprob]) -> Vec<proto::TokenLogprob> {
+    entries
+        .iter()
+        .map(|e| proto::TokenLogprob {
+            token_id: e.chosen.id,
+            token: e.chosen.bytes.clone(),
+            logprob: e.chosen.logprob,
+            top_logprobs: e
+                .top
+                .iter()
+                .map(|t| proto::TopLogprob {
+                    token_id: t.id,
+                    token: t.bytes.clone(),
+                    logprob: t.logprob,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// The response of a finished unary call.
-pub(crate) fn response(
-    text: String,
-    completion: &Completion,
-    request_id: String,
-) -> proto::GenerateResponse {
+pub(crate) fn response(answer: front::Answer, request_id: String) -> proto::GenerateResponse {
+    let completion = &answer.completion;
     proto::GenerateResponse {
-        text,
+        text: answer.text,
+        logprobs: logprobs(&answer.logprobs),
         finish_reason: finish_reason(completion.finish_reason) as i32,
         usage: Some(usage(completion)),
         timings: Some(timings(&completion.timings)),
@@ -167,6 +189,7 @@ pub(crate) fn last_chunk(completion: &Completion, request_id: String) -> proto::
         cache_level: cache_level(completion.source) as i32,
         cache_variant: cache_variant(completion.source),
         request_id,
+        logprobs: Vec::new(),
     }
 }
 
@@ -193,8 +216,11 @@ mod tests {
             cache_policy: proto::CachePolicy::Refresh as i32,
             request_id: "r-1".into(),
             session_id: "s-1".into(),
+            logprobs: true,
+            top_logprobs: Some(4),
             ..Default::default()
         });
+        assert_eq!((raw.logprobs, raw.top_logprobs), (Some(true), Some(4)));
         assert_eq!(id.as_deref(), Some("r-1"));
         assert_eq!(raw.session_id.as_deref(), Some("s-1"));
         assert_eq!(raw.messages[0].content, "hi");

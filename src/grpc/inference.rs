@@ -71,12 +71,11 @@ impl Inference for InferenceService {
     ) -> Result<Response<proto::GenerateResponse>, Status> {
         let (mut call, events) = self.begin(request, "Generate").await?;
         let span = call.span().clone();
-        let (text, completion) = front::collect(&mut call, events, self.front.node())
+        let answer = front::collect(&mut call, events, self.front.node())
             .instrument(span)
             .await?;
         Ok(Response::new(convert::response(
-            text,
-            &completion,
+            answer,
             call.request_id.clone(),
         )))
     }
@@ -120,8 +119,9 @@ impl StreamFront for GrpcChunks {
 
     fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item> {
         let chunk = match step {
-            Step::Delta(text) => proto::GenerateChunk {
+            Step::Delta(text, logprobs) => proto::GenerateChunk {
                 text: text.clone(),
+                logprobs: convert::logprobs(logprobs),
                 request_id: call.request_id.clone(),
                 ..Default::default()
             },

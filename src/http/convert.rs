@@ -11,9 +11,13 @@ use serde_json::Value;
 
 use crate::types::{
     echo, CachePolicy, ChatMessage, Completion, FinishReason, Grammar, OutputConstraint, Source,
+    TokenLogprob, TokenProb,
 };
 
-use super::types::{Content, GenerateBody, Prompt, PromptTokensDetails, RequestMessage, Usage};
+use super::types::{
+    ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, Content, GenerateBody, Prompt,
+    PromptTokensDetails, RequestMessage, TextLogprobs, Usage,
+};
 
 /// `temperature` when the body leaves it out (or sends `null`), as OpenAI's API reference says.
 /// Sampled without a `seed`, so not cached as an exact answer (see the README's cache section).
@@ -30,6 +34,8 @@ pub struct Options {
     pub user: Option<String>,
     /// Non-text content parts left out of the messages (`openai.non_text_parts = "drop"`).
     pub dropped_parts: usize,
+    /// Log-probabilities asked for: choices carry `logprobs` (else `null`).
+    pub logprobs: bool,
 }
 
 /// A chat request as the neutral request; non-text content parts are dropped (and counted in
@@ -47,10 +53,45 @@ pub fn chat(
         .enumerate()
         .map(|(i, m)| message(i, m, non_text, &mut dropped))
         .collect::<Result<Vec<_>, _>>()?;
+    let logprobs = match body.logprobs.take() {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(other) => {
+            return Err(FrontError::invalid(
+                "logprobs",
+                format!(
+                    "`logprobs` must be a boolean. Given: {}",
+                    echo(&other.to_string())
+                ),
+            ))
+        }
+    };
+    let top_logprobs = count(body.top_logprobs.take(), "top_logprobs")?;
     let (mut wire, mut options) = sampling(body)?;
     wire.messages = messages;
+    wire.logprobs = logprobs;
+    wire.top_logprobs = top_logprobs;
     options.dropped_parts = dropped;
+    options.logprobs = logprobs == Some(true);
     Ok((wire, options))
+}
+
+/// A count field (`top_logprobs`, legacy `logprobs`): absent, or a non-negative integer (its
+/// range is `validate`'s).
+fn count(v: Option<Value>, field: &'static str) -> Result<Option<u32>, FrontError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some() => Ok(Some(
+            u32::try_from(n.as_u64().unwrap_or(0)).unwrap_or(u32::MAX),
+        )),
+        Some(other) => Err(FrontError::invalid(
+            field,
+            format!(
+                "`{field}` must be a non-negative integer. Given: {}",
+                echo(&other.to_string())
+            ),
+        )),
+    }
 }
 
 /// The content of a message whose parts were all non-text and dropped.
@@ -83,7 +124,22 @@ pub fn completion(mut body: GenerateBody) -> Result<(Vec<RawRequest>, Options), 
             ))
         }
     };
-    let (wire, options) = sampling(body)?;
+    if !matches!(body.top_logprobs, None | Some(Value::Null)) {
+        return Err(FrontError::invalid(
+            "top_logprobs",
+            "`top_logprobs` is a chat completions field; on /v1/completions `logprobs` is the \
+             number of alternatives per token",
+        ));
+    }
+    // OpenAI's legacy `logprobs: N`: the chosen token's and the N most likely.
+    let top_logprobs = count(body.logprobs.take(), "logprobs")?;
+    let (mut wire, mut options) = sampling(body)?;
+    if top_logprobs.is_some() {
+        wire.logprobs = Some(true);
+        wire.top_logprobs = top_logprobs;
+        wire.top_logprobs_field = "logprobs";
+        options.logprobs = true;
+    }
     let requests = prompts
         .into_iter()
         .map(|prompt| RawRequest {
@@ -209,8 +265,58 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
                 .unwrap_or(false),
         user: s.user,
         dropped_parts: 0,
+        logprobs: false,
     };
     Ok((wire, options))
+}
+
+/// A token's text as OpenAI shows it: its bytes decoded, U+FFFD for part of a character.
+fn token_text(t: &TokenProb) -> String {
+    String::from_utf8_lossy(&t.bytes).into_owned()
+}
+
+/// Chat's `logprobs` of some tokens.
+pub fn chat_logprobs(entries: &[TokenLogprob]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: entries
+            .iter()
+            .map(|e| ChatTokenLogprob {
+                token: token_text(&e.chosen),
+                logprob: e.chosen.logprob,
+                bytes: e.chosen.bytes.clone(),
+                top_logprobs: e
+                    .top
+                    .iter()
+                    .map(|t| ChatTopLogprob {
+                        token: token_text(t),
+                        logprob: t.logprob,
+                        bytes: t.bytes.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The legacy completions' `logprobs` of some tokens whose text starts at character `offset`
+/// of the completion; `offset` moves past them (for the next chunk of a stream).
+pub fn text_logprobs(entries: &[TokenLogprob], offset: &mut u32) -> TextLogprobs {
+    let mut out = TextLogprobs::default();
+    for e in entries {
+        let token = token_text(&e.chosen);
+        let mut top = std::collections::BTreeMap::new();
+        // Most likely first; a later token with the same text (two partial characters) keeps
+        // the first's value. The chosen token is always listed, as OpenAI does.
+        for t in e.top.iter().chain(std::iter::once(&e.chosen)) {
+            top.entry(token_text(t)).or_insert(t.logprob);
+        }
+        out.text_offset.push(*offset);
+        *offset = offset.saturating_add(token.chars().count() as u32);
+        out.tokens.push(token);
+        out.token_logprobs.push(e.chosen.logprob);
+        out.top_logprobs.push(top);
+    }
+    out
 }
 
 /// `response_format` as an output constraint: absent or `{"type":"text"}` is free text,
@@ -403,6 +509,7 @@ mod tests {
                 include_usage: true,
                 user: Some("u1".into()),
                 dropped_parts: 0,
+                logprobs: false,
             }
         );
     }
@@ -535,8 +642,6 @@ mod tests {
                 r#""response_format":{"type":"xml"}"#,
                 "response_format.type",
             ),
-            (r#""logprobs":true"#, "logprobs"),
-            (r#""top_logprobs":3"#, "top_logprobs"),
             (r#""logit_bias":{"42":5}"#, "logit_bias"),
             (r#""echo":true"#, "echo"),
             (r#""suffix":"end""#, "suffix"),
@@ -550,8 +655,92 @@ mod tests {
             assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
         }
         // Their "off" values are served.
-        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
+        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
         assert!(chat_json(json).is_ok());
+    }
+
+    #[test]
+    fn logprobs_fields_reach_the_neutral_request() {
+        let (raw, options) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":4}"#,
+        )
+        .unwrap();
+        assert_eq!((raw.logprobs, raw.top_logprobs), (Some(true), Some(4)));
+        assert_eq!(raw.top_logprobs_field, "top_logprobs");
+        assert!(options.logprobs);
+        // Ranges are `validate`'s: a large count passes through to be refused there.
+        let (raw, _) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"top_logprobs":99}"#,
+        )
+        .unwrap();
+        assert_eq!((raw.logprobs, raw.top_logprobs), (None, Some(99)));
+        for (extra, field) in [
+            (r#""logprobs":3"#, "logprobs"),
+            (r#""top_logprobs":-1"#, "top_logprobs"),
+            (r#""top_logprobs":"3""#, "top_logprobs"),
+        ] {
+            let json =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
+            let err = chat_json(&json).expect_err(extra);
+            assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
+        }
+        // Legacy completions: `logprobs` is the count, and names its own errors.
+        let legacy = |extra: &str| {
+            completion(
+                serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{extra}}}"#)).unwrap(),
+            )
+        };
+        let (raws, options) = legacy(r#""logprobs":2"#).unwrap();
+        assert_eq!(
+            (raws[0].logprobs, raws[0].top_logprobs),
+            (Some(true), Some(2))
+        );
+        assert_eq!(raws[0].top_logprobs_field, "logprobs");
+        assert!(options.logprobs);
+        let (raws, options) = legacy(r#""logprobs":null"#).unwrap();
+        assert_eq!(raws[0].logprobs, None);
+        assert!(!options.logprobs);
+        for extra in [r#""logprobs":true"#, r#""top_logprobs":2"#] {
+            assert!(legacy(extra).is_err(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn logprobs_in_both_openai_shapes() {
+        let prob = |id: u32, bytes: &[u8], logprob: f32| TokenProb {
+            id,
+            bytes: bytes.to_vec(),
+            logprob,
+        };
+        let entries = vec![
+            TokenLogprob {
+                chosen: prob(1, b" Pa", -0.5),
+                top: vec![prob(1, b" Pa", -0.5), prob(2, b" Lo", -1.5)],
+            },
+            TokenLogprob {
+                chosen: prob(3, &[0xC3], -0.25),
+                top: vec![prob(4, b"ris", -0.125)],
+            },
+        ];
+        let chat = serde_json::to_value(chat_logprobs(&entries)).unwrap();
+        assert_eq!(chat["content"][0]["token"], " Pa");
+        assert_eq!(chat["content"][0]["bytes"], serde_json::json!([32, 80, 97]));
+        assert_eq!(chat["content"][0]["top_logprobs"][1]["token"], " Lo");
+        assert_eq!(
+            chat["content"][1]["token"], "\u{FFFD}",
+            "part of a character"
+        );
+        let mut offset = 0;
+        let text = serde_json::to_value(text_logprobs(&entries, &mut offset)).unwrap();
+        assert_eq!(text["tokens"], serde_json::json!([" Pa", "\u{FFFD}"]));
+        assert_eq!(text["token_logprobs"], serde_json::json!([-0.5, -0.25]));
+        assert_eq!(text["text_offset"], serde_json::json!([0, 3]));
+        assert_eq!(offset, 4, "the next chunk continues");
+        // The chosen token is always among the alternatives.
+        assert_eq!(
+            text["top_logprobs"][1],
+            serde_json::json!({"ris": -0.125, "\u{FFFD}": -0.25})
+        );
     }
 
     #[test]

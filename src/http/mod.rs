@@ -474,6 +474,7 @@ async fn generate(
             created,
             model,
             include_usage: options.include_usage,
+            text_offset: 0,
         };
         match (kind, begun.len()) {
             (Kind::Chat, _) => {
@@ -551,7 +552,7 @@ async fn generate(
         match (failure, kind) {
             (Some(e), _) => ApiError::from(e).into_response(),
             (None, Kind::Chat) => {
-                let Some((text, completion)) = answers.pop() else {
+                let Some(answer) = answers.pop() else {
                     let e = FrontError::new(ErrorKind::Internal, "internal_error", "no answer");
                     return with_request_id(ApiError::from(e).into_response(), &request_id);
                 };
@@ -564,26 +565,32 @@ async fn generate(
                         index: 0,
                         message: ResponseMessage {
                             role: "assistant",
-                            content: text,
+                            content: answer.text,
                         },
-                        finish_reason: convert::finish_reason(completion.finish_reason),
+                        finish_reason: convert::finish_reason(answer.completion.finish_reason),
+                        logprobs: options
+                            .logprobs
+                            .then(|| convert::chat_logprobs(&answer.logprobs)),
                     }],
-                    usage: convert::usage(&completion),
-                    system_fingerprint: convert::fingerprint(completion.source),
+                    usage: convert::usage(&answer.completion),
+                    system_fingerprint: convert::fingerprint(answer.completion.source),
                 })
                 .into_response()
             }
             (None, Kind::Text) => {
-                let usage = sse::summed_usage(answers.iter().map(|(_, c)| c));
-                let system_fingerprint = Some(batch_fingerprint(answers.iter().map(|(_, c)| c)));
+                let usage = sse::summed_usage(answers.iter().map(|a| &a.completion));
+                let system_fingerprint =
+                    Some(batch_fingerprint(answers.iter().map(|a| &a.completion)));
                 let choices = answers
                     .into_iter()
                     .enumerate()
-                    .map(|(index, (text, c))| TextChoice {
+                    .map(|(index, a)| TextChoice {
                         index: index as u32,
-                        text,
-                        finish_reason: Some(convert::finish_reason(c.finish_reason)),
-                        logprobs: None,
+                        text: a.text,
+                        finish_reason: Some(convert::finish_reason(a.completion.finish_reason)),
+                        logprobs: options
+                            .logprobs
+                            .then(|| convert::text_logprobs(&a.logprobs, &mut 0)),
                     })
                     .collect();
                 Json(TextCompletion {

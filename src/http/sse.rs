@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use axum::body::Bytes;
 use serde::Serialize;
 
-use super::convert::{finish_reason, usage};
+use super::convert::{chat_logprobs, finish_reason, text_logprobs, usage};
 use super::error::ApiError;
 use super::types::{
     ChatCompletionChunk, ChunkChoice, Delta, PromptTokensDetails, TextChoice, TextCompletion, Usage,
@@ -74,8 +74,10 @@ impl StreamFront for ChatStream {
 
     fn step(&mut self, _call: &Call, step: &Step) -> Vec<Item> {
         let text = match step {
-            Step::Delta(text) if text.is_empty() => return Vec::new(),
-            Step::Delta(text) => {
+            Step::Delta(text, logprobs) if text.is_empty() && logprobs.is_empty() => {
+                return Vec::new()
+            }
+            Step::Delta(text, logprobs) => {
                 let choice = ChunkChoice {
                     index: 0,
                     delta: Delta {
@@ -83,6 +85,7 @@ impl StreamFront for ChatStream {
                         content: Some(text.clone()),
                     },
                     finish_reason: None,
+                    logprobs: (!logprobs.is_empty()).then(|| chat_logprobs(logprobs)),
                 };
                 self.chunk(vec![choice], None)
             }
@@ -94,6 +97,7 @@ impl StreamFront for ChatStream {
                         content: None,
                     },
                     finish_reason: Some(finish_reason(completion.finish_reason)),
+                    logprobs: None,
                 };
                 let usage_chunk = self
                     .include_usage
@@ -129,6 +133,8 @@ pub struct TextStream {
     pub model: String,
     /// End with a usage chunk.
     pub include_usage: bool,
+    /// Where the next token's text starts in the completion, in characters (`text_offset`).
+    pub text_offset: u32,
 }
 
 impl TextStream {
@@ -150,16 +156,22 @@ impl StreamFront for TextStream {
 
     fn step(&mut self, _call: &Call, step: &Step) -> Vec<Item> {
         let text = match step {
-            Step::Delta(text) if text.is_empty() => return Vec::new(),
-            Step::Delta(text) => self.chunk(
-                vec![TextChoice {
-                    index: 0,
-                    text: text.clone(),
-                    finish_reason: None,
-                    logprobs: None,
-                }],
-                None,
-            ),
+            Step::Delta(text, logprobs) if text.is_empty() && logprobs.is_empty() => {
+                return Vec::new()
+            }
+            Step::Delta(text, logprobs) => {
+                let logprobs =
+                    (!logprobs.is_empty()).then(|| text_logprobs(logprobs, &mut self.text_offset));
+                self.chunk(
+                    vec![TextChoice {
+                        index: 0,
+                        text: text.clone(),
+                        finish_reason: None,
+                        logprobs,
+                    }],
+                    None,
+                )
+            }
             Step::Finished(completion) => {
                 let last = self.chunk(
                     vec![TextChoice {
@@ -207,16 +219,22 @@ impl StreamFront for IndexedText {
     type Item = Piece;
 
     fn step(&mut self, _call: &Call, step: &Step) -> Vec<Piece> {
-        let (text, finish) = match step {
-            Step::Delta(text) if text.is_empty() => return Vec::new(),
-            Step::Delta(text) => (text.clone(), None),
-            Step::Finished(c) => (String::new(), Some(finish_reason(c.finish_reason))),
+        let (text, finish, logprobs) = match step {
+            Step::Delta(text, logprobs) if text.is_empty() && logprobs.is_empty() => {
+                return Vec::new()
+            }
+            Step::Delta(text, logprobs) => (
+                text.clone(),
+                None,
+                (!logprobs.is_empty()).then(|| text_logprobs(logprobs, &mut self.text.text_offset)),
+            ),
+            Step::Finished(c) => (String::new(), Some(finish_reason(c.finish_reason)), None),
         };
         let choice = TextChoice {
             index: self.index,
             text,
             finish_reason: finish,
-            logprobs: None,
+            logprobs,
         };
         let mut pieces = vec![Piece::Event(Bytes::from(
             self.text.chunk(vec![choice], None),

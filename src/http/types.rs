@@ -1,7 +1,7 @@
 //! The OpenAI JSON shapes this front reads and writes, as OpenAI's API reference defines them.
 //!
 //! Every OpenAI request field is either honoured or, when set to something the node cannot do
-//! (`tools`, `logprobs`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
+//! (`tools`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
 //! refused with a 400 naming it. Fields OpenAI does not define are ignored (clients and SDKs add
 //! their own); `null` reads as absent everywhere.
 
@@ -149,10 +149,12 @@ pub struct GenerateBody {
     /// `convert`, which names the field at fault).
     #[serde(default)]
     pub response_format: Option<serde_json::Value>,
-    /// See `tools`; `false` is served.
+    /// Chat: `true` for each token's log-probability. Completions: how many alternatives per
+    /// token (an integer). Read by `convert`, which names the field when its type is wrong.
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
-    /// See `tools`.
+    /// Chat: alternatives per token, with `logprobs: true` (refused on completions, where
+    /// `logprobs` is the count).
     #[serde(default)]
     pub top_logprobs: Option<serde_json::Value>,
     /// See `tools`.
@@ -179,7 +181,7 @@ impl GenerateBody {
             Some(Value::Object(o)) => o.is_empty(),
             _ => false,
         };
-        let fields: [(&'static str, bool); 11] = [
+        let fields: [(&'static str, bool); 9] = [
             ("tools", off(&self.tools)),
             (
                 "tool_choice",
@@ -194,11 +196,6 @@ impl GenerateBody {
                 "parallel_tool_calls",
                 off(&self.parallel_tool_calls)
                     || self.parallel_tool_calls == Some(Value::Bool(true)),
-            ),
-            ("logprobs", off(&self.logprobs)),
-            (
-                "top_logprobs",
-                off(&self.top_logprobs) || self.top_logprobs == Some(Value::from(0)),
             ),
             ("logit_bias", off(&self.logit_bias)),
             ("echo", off(&self.echo)),
@@ -268,6 +265,54 @@ pub struct ChatChoice {
     pub message: ResponseMessage,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
+    /// With `logprobs: true`; `null` otherwise.
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// `choices[].logprobs` of a chat completion or chunk.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatLogprobs {
+    /// One entry per generated token (of this chunk, when streamed).
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One token's entry in [`ChatLogprobs`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTokenLogprob {
+    /// The token's text (its bytes decoded, U+FFFD for part of a character).
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The token's raw UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The `top_logprobs` most likely tokens here, most likely first.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// One alternative in [`ChatTokenLogprob::top_logprobs`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The token's raw UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// `choices[].logprobs` of a legacy completion (or chunk), as OpenAI's completions API spells it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TextLogprobs {
+    /// Each generated token's text.
+    pub tokens: Vec<String>,
+    /// Each token's log-probability.
+    pub token_logprobs: Vec<f32>,
+    /// Per token: the `logprobs` most likely tokens and the chosen one (so up to `logprobs` + 1),
+    /// text → log-probability.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Per token: where its text starts in the completion's text, in characters (the lengths of
+    /// the tokens before it summed, as vLLM counts; streamed, continued across chunks).
+    pub text_offset: Vec<u32>,
 }
 
 /// A non-streamed chat completion.
@@ -309,6 +354,8 @@ pub struct ChunkChoice {
     pub delta: Delta,
     /// `null` until the last content chunk.
     pub finish_reason: Option<&'static str>,
+    /// With `logprobs: true`, the entries of this chunk's tokens; `null` otherwise.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 /// A streamed chat chunk (`chat.completion.chunk`).
@@ -339,8 +386,8 @@ pub struct TextChoice {
     pub text: String,
     /// `stop` or `length`; `null` on chunks before the last.
     pub finish_reason: Option<&'static str>,
-    /// Always `null` (no logprobs).
-    pub logprobs: Option<()>,
+    /// With `logprobs`: this choice's (or chunk's) tokens; `null` otherwise.
+    pub logprobs: Option<TextLogprobs>,
 }
 
 /// A legacy completion or one of its chunks (`text_completion`).

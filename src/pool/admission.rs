@@ -427,6 +427,7 @@ mod tests {
             deadline: None,
             session: session.map(str::to_owned),
             constraint: None,
+            logprobs: None,
         };
         (a, rx)
     }

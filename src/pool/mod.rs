@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::config::ModelConfig;
 use crate::constrain::{ConstrainError, Constraint, TokenSpace};
 use crate::engine::instance::{self, InstanceSettings, WorkSource};
+use crate::engine::logprobs::LogprobSpec;
 use crate::engine::prefix::{PrefixStore, DEFAULT_BLOCK_TOKENS};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Admitted;
@@ -66,9 +67,31 @@ struct Serving {
     /// The model's vocabulary for constrained decoding, built by the first constrained request
     /// (a fraction of a second for 262k tokens); unconstrained traffic never builds it.
     token_space: OnceLock<Result<TokenSpace, String>>,
+    /// The bytes of every id, for requests that ask for log-probabilities; built by the first
+    /// of them, never for other traffic.
+    token_bytes: OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Serving {
+    /// What a sequence needs to report `top` alternatives per token (the vocabulary's bytes
+    /// built on first use). Blocking: runs on a preparation thread.
+    fn logprob_spec(&self, top: u32) -> LogprobSpec {
+        let bytes = self.token_bytes.get_or_init(|| {
+            let started = Instant::now();
+            let bytes = crate::constrain::vocab::token_texts(&self.model.tokenizer);
+            tracing::info!(
+                model = %self.model.id,
+                build_ms = started.elapsed().as_millis() as u64,
+                "logprobs token bytes built"
+            );
+            Arc::new(bytes)
+        });
+        LogprobSpec {
+            top: top as usize,
+            token_bytes: Arc::clone(bytes),
+        }
+    }
+
     /// `c` compiled over this model's vocabulary (built on first use). Blocking: runs on a
     /// preparation thread.
     fn compile(&self, c: &OutputConstraint) -> Result<Constraint, EngineError> {
@@ -479,6 +502,7 @@ impl ModelPool {
             instances: cfg.instances,
             threads: Mutex::new(threads),
             token_space: OnceLock::new(),
+            token_bytes: OnceLock::new(),
         }))
     }
 
@@ -564,10 +588,10 @@ impl Backend for ModelPool {
             return Err(EngineError::ShuttingDown(request.model));
         }
         let model = request.model.clone();
-        let (request, prompt, constraint) = {
+        let (request, (prompt, constraint, logprobs)) = {
             let serving = Arc::clone(&serving);
             self.prep
-                .run(move || prepare(&serving, &request).map(|(p, c)| (request, p, c)))
+                .run(move || prepare(&serving, &request).map(|prepared| (request, prepared)))
                 .await
                 .map_err(|e| match e {
                     // Node-wide: thousands of prompts wait for tokenization.
@@ -593,6 +617,7 @@ impl Backend for ModelPool {
             deadline: request.deadline,
             session: request.session,
             constraint,
+            logprobs,
         };
         match serving.admission.push(admitted) {
             // The admission queue keeps `qnode_queue_depth` itself.
@@ -606,12 +631,13 @@ impl Backend for ModelPool {
     }
 }
 
+/// The prompt's tokens, the compiled output constraint, the log-probability spec.
+type Prepared = (Vec<u32>, Option<Constraint>, Option<LogprobSpec>);
+
 /// What `submit` computes before queueing, on a preparation thread: the prompt's tokens
-/// (checked against the context window) and the compiled output constraint.
-fn prepare(
-    serving: &Serving,
-    request: &GenerationRequest,
-) -> Result<(Vec<u32>, Option<Constraint>), EngineError> {
+/// (checked against the context window), the compiled output constraint and what reporting
+/// log-probabilities needs.
+fn prepare(serving: &Serving, request: &GenerationRequest) -> Result<Prepared, EngineError> {
     let prompt = serving
         .model
         .prompt_tokens(&request.input)
@@ -636,5 +662,6 @@ fn prepare(
         Some(c) => Some(serving.compile(c)?),
         None => None,
     };
-    Ok((prompt, constraint))
+    let logprobs = request.logprobs.map(|top| serving.logprob_spec(top));
+    Ok((prompt, constraint, logprobs))
 }

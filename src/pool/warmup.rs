@@ -54,6 +54,7 @@ pub(super) fn run(
             deadline: Some(arrived + WARM_UP_DEADLINE),
             session: None,
             constraint: None,
+            logprobs: None,
         };
         admission
             .push(request)
@@ -70,7 +71,7 @@ pub(super) fn run(
     for mut rx in receivers {
         loop {
             match futures::executor::block_on(rx.recv()) {
-                Some(Ok(GenerationEvent::Delta(_))) => {}
+                Some(Ok(GenerationEvent::Delta(_) | GenerationEvent::Logprobs(_))) => {}
                 Some(Ok(GenerationEvent::Finished(_))) => break,
                 Some(Err(e)) => return Err(e),
                 None => {

@@ -277,6 +277,7 @@ pub fn request(prompt: &str) -> GenerationRequest {
         tenant: None,
         session: None,
         constraint: None,
+        logprobs: None,
     }
 }
 
@@ -303,6 +304,7 @@ pub async fn collect(mut stream: EventStream) -> Collected {
                 out.deltas.push(d);
             }
             Ok(GenerationEvent::Finished(c)) => out.finished = Some(c),
+            Ok(GenerationEvent::Logprobs(_)) => {}
             Err(e) => out.error = Some(e),
         }
     }
