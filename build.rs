@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/qnode/v1/inference.proto",
                 "proto/qnode/v1/admin.proto",
+                "proto/grpc/health/v1/health.proto",
             ],
             &["proto"],
         )?;

@@ -6,6 +6,7 @@
 //! counting stand-in for the model (tests/cache_support), with a real redis-server.
 
 mod cache_support;
+mod grpc_support;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -165,13 +166,7 @@ async fn deadline_cuts_a_call_waiting_for_admission() {
     assert_eq!(status, 504, "{head}\n{body}");
     assert!(body.contains("deadline"), "{body}");
 
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.enforce_http(true);
-    let transport =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
-    let mut raw = InferenceClient::with_origin(transport, node.grpc_url.parse().unwrap());
+    let mut raw = grpc_support::raw_client(&node.grpc_url);
     let mut request = tonic::Request::new(proto::GenerateRequest {
         model: MODEL.into(),
         prompt: Some("also waits for the frozen redis".into()),

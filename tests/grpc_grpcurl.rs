@@ -94,6 +94,14 @@ async fn list_describe_health_and_call_with_reflection() {
     )
     .await;
     assert!(health.contains(r#""status": "SERVING""#), "{health}");
+    let listed = run(&bin, &["-plaintext", &addr, "grpc.health.v1.Health/List"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("grpcurl prints JSON");
+    for service in ["", "qnode.v1.Inference", "qnode.v1.Admin"] {
+        assert_eq!(
+            listed["statuses"][service]["status"], "SERVING",
+            "{service:?}: {listed}"
+        );
+    }
 
     let answer = run(
         &bin,

@@ -66,3 +66,49 @@ async fn unknown_service_is_not_found() {
     let status = health.check(check("no.such.Service")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
+
+/// `Health/List` (the health proto's 2024 method, which tonic-health 0.12 lacks): every service
+/// the node reports, with the same statuses `Check` gives, through the generated client
+/// (tests/grpc_grpcurl.rs calls it through the real grpcurl).
+#[tokio::test]
+async fn list_reports_every_service() {
+    use qnode::grpc::proto::health::health_client::HealthClient as ListClient;
+    use qnode::grpc::proto::health::HealthListRequest;
+
+    let server = TestServer::start_with(ScriptedBackend::new(false), test_config()).await;
+    let mut list = ListClient::new(server.channel().await);
+    let mut health = HealthClient::new(server.channel().await);
+    for (ready, inference) in [
+        (false, ServingStatus::NotServing),
+        (true, ServingStatus::Serving),
+    ] {
+        if ready {
+            server.backend.set_ready();
+            let mut watch = health
+                .watch(check("qnode.v1.Inference"))
+                .await
+                .unwrap()
+                .into_inner();
+            while watch.next().await.unwrap().unwrap().status != ServingStatus::Serving as i32 {}
+        }
+        let listed = list
+            .list(HealthListRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .statuses;
+        let mut names: Vec<&str> = listed.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["", "qnode.v1.Admin", "qnode.v1.Inference"]);
+        assert_eq!(
+            listed["qnode.v1.Inference"].status, inference as i32,
+            "{listed:?}"
+        );
+        assert_eq!(listed[""].status, inference as i32, "{listed:?}");
+        assert_eq!(
+            listed["qnode.v1.Admin"].status,
+            ServingStatus::Serving as i32,
+            "{listed:?}"
+        );
+    }
+}

@@ -31,7 +31,7 @@ def main():
     out = GGUFReader(sys.argv[2]).tensors
     if len(out) != len(src):
         fail(f"output has {len(out)} tensors, source {len(src)}")
-    requantized = blocks = 0
+    requantized = blocks = differing = 0
     problems = []
     for t in out:
         s = src.get(t.name)
@@ -57,6 +57,7 @@ def main():
             fail(f"{t.name}: {got.shape[0]} blocks, reference {want.shape[0]}")
         blocks += want.shape[0]
         bad = np.nonzero((want != got).any(axis=1))[0]
+        differing += len(bad)
         for b in bad[:3]:
             wd = want[b, :2].view(np.float16)[0]
             gd = got[b, :2].view(np.float16)[0]
@@ -72,7 +73,7 @@ def main():
             problems.append(f"{t.name}: {len(bad)} differing blocks in all")
     print(
         f"tensors {len(out)} requantized {requantized} blocks {blocks} "
-        f"differing {0 if not problems else 'some'}"
+        f"differing {differing}"
     )
     if problems:
         fail("\n".join(problems[:20]))

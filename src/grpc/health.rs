@@ -1,17 +1,26 @@
-//! `grpc.health.v1.Health`, following the node's [`Readiness`] (decided by the front, the same
-//! that HTTP `/ready` reports):
+//! `grpc.health.v1.Health` (`Check`, `Watch` and `List`), following the node's [`Readiness`]
+//! (decided by the front, the same that HTTP `/ready` reports):
 //! - `qnode.v1.Inference`: SERVING while the node is ready (takes traffic) and a model is ready;
 //! - `""` (the whole node): SERVING while it is ready or on standby (up, loaded and warm);
 //! - `qnode.v1.Admin`: SERVING until draining starts.
 //!
-//! Everything turns NOT_SERVING when draining starts (set by `run`). The backend has no change
-//! notification, so its models are polled; node state changes wake the follower at once.
+//! Everything turns NOT_SERVING when draining starts (set by `run`), then the statuses are
+//! cleared, which ends the `Watch` streams. The backend has no change notification, so its models
+//! are polled; node state changes wake the follower at once.
 
+use std::collections::HashMap;
+use std::pin::Pin;
 use std::time::Duration;
 
-use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
+use futures::Stream;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
 
+use super::proto::health::health_check_response::ServingStatus;
+use super::proto::health::health_server::{Health, HealthServer};
+use super::proto::health::{
+    HealthCheckRequest, HealthCheckResponse, HealthListRequest, HealthListResponse,
+};
 use super::proto::{admin_server, inference_server};
 use crate::front::{Front, Readiness};
 use crate::node::NodeState;
@@ -25,21 +34,121 @@ const SERVICES: [&str; 3] = [
     admin_server::SERVICE_NAME,
 ];
 
-/// Sets every status to `status`.
-pub(crate) async fn set_all(reporter: &mut HealthReporter, status: ServingStatus) {
-    set(reporter, [status; 3]).await;
+/// What the service reports; `None` once cleared (the node is going away).
+type Shared = watch::Sender<Option<Statuses>>;
+
+/// Sets the statuses the health service reports.
+#[derive(Clone)]
+pub(crate) struct Reporter(Shared);
+
+/// The health service and its reporter, everything NOT_SERVING.
+pub(crate) fn service() -> (Reporter, HealthServer<HealthService>) {
+    let (tx, _) = watch::channel(Some([ServingStatus::NotServing; 3]));
+    (Reporter(tx.clone()), HealthServer::new(HealthService(tx)))
 }
 
-async fn set(reporter: &mut HealthReporter, statuses: Statuses) {
-    for (service, status) in SERVICES.iter().zip(statuses) {
-        reporter.set_service_status(*service, status).await;
+impl Reporter {
+    /// Sets every status to `status`.
+    pub(crate) fn set_all(&self, status: ServingStatus) {
+        self.set([status; 3]);
+    }
+
+    fn set(&self, statuses: Statuses) {
+        self.0.send_replace(Some(statuses));
+    }
+
+    /// Drops every status, which ends the `Watch` streams.
+    pub(crate) fn clear_all(&self) {
+        self.0.send_replace(None);
     }
 }
 
-/// Drops every status, which ends the `Watch` streams.
-pub(crate) async fn clear_all(reporter: &mut HealthReporter) {
-    for service in SERVICES {
-        reporter.clear_service_status(service).await;
+/// The `grpc.health.v1.Health` implementation over the reporter's statuses.
+pub(crate) struct HealthService(Shared);
+
+fn status_of(statuses: Option<Statuses>, service: &str) -> Option<ServingStatus> {
+    let statuses = statuses?;
+    SERVICES
+        .iter()
+        .position(|s| *s == service)
+        .map(|i| statuses[i])
+}
+
+fn response(status: ServingStatus) -> HealthCheckResponse {
+    HealthCheckResponse {
+        status: status as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        match status_of(*self.0.borrow(), &service) {
+            Some(status) => Ok(Response::new(response(status))),
+            None => Err(Status::not_found(format!(
+                "unknown service {:?}; this node reports \"\", {} and {}",
+                crate::types::echo(&service),
+                SERVICES[1],
+                SERVICES[2]
+            ))),
+        }
+    }
+
+    async fn list(
+        &self,
+        _request: Request<HealthListRequest>,
+    ) -> Result<Response<HealthListResponse>, Status> {
+        let statuses = match *self.0.borrow() {
+            Some(statuses) => SERVICES
+                .iter()
+                .zip(statuses)
+                .map(|(name, status)| (name.to_string(), response(status)))
+                .collect(),
+            None => HashMap::new(),
+        };
+        Ok(Response::new(HealthListResponse { statuses }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        let rx = self.0.subscribe();
+        // The status now, then each change of it. Cleared statuses (the node is going away)
+        // end the stream, NOT_SERVING first if the watcher has not seen it: a set and a clear
+        // in quick succession reach a watch channel's reader as the clear alone.
+        let stream = futures::stream::unfold(Some((rx, None)), move |state| {
+            let service = service.clone();
+            async move {
+                let (mut rx, last) = state?;
+                let mut first = last.is_none();
+                loop {
+                    if !first && rx.changed().await.is_err() {
+                        return None;
+                    }
+                    first = false;
+                    let now = *rx.borrow_and_update();
+                    let Some(statuses) = now else {
+                        let gone = ServingStatus::NotServing;
+                        return (last.is_some() && last != Some(gone))
+                            .then(|| (Ok(response(gone)), None));
+                    };
+                    let status = status_of(Some(statuses), &service)
+                        .unwrap_or(ServingStatus::ServiceUnknown);
+                    if last != Some(status) {
+                        return Some((Ok(response(status)), Some((rx, Some(status)))));
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -62,7 +171,7 @@ fn statuses(readiness: Readiness) -> Statuses {
 
 /// Follows the node and the backend until draining starts. Starts from everything NOT_SERVING,
 /// which `run` sets before spawning it.
-pub(crate) async fn follow(mut reporter: HealthReporter, front: Front, every: Duration) {
+pub(crate) async fn follow(reporter: Reporter, front: Front, every: Duration) {
     let mut changes = front.node().subscribe();
     let mut last = [ServingStatus::NotServing; 3];
     loop {
@@ -74,7 +183,7 @@ pub(crate) async fn follow(mut reporter: HealthReporter, front: Front, every: Du
         let now = statuses(readiness);
         if now != last {
             tracing::info!(node = %state, inference = ?now[1], "health");
-            set(&mut reporter, now).await;
+            reporter.set(now);
             last = now;
         }
         tokio::select! {
@@ -103,5 +212,14 @@ mod tests {
         assert_eq!(of(NodeState::Ready, false), [No, No, Yes]);
         assert_eq!(of(NodeState::Warming, true), [No, No, Yes]);
         assert_eq!(of(NodeState::Draining, true), [No, No, No]);
+    }
+
+    #[test]
+    fn unknown_services_are_none_and_cleared_is_none() {
+        let all = Some([Yes, No, Yes]);
+        assert_eq!(status_of(all, ""), Some(Yes));
+        assert_eq!(status_of(all, "qnode.v1.Inference"), Some(No));
+        assert_eq!(status_of(all, "nope"), None);
+        assert_eq!(status_of(None, ""), None);
     }
 }

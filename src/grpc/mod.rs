@@ -29,12 +29,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::health::health_check_response::ServingStatus;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic_health::ServingStatus;
 
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
@@ -170,8 +170,7 @@ pub async fn run(
         config.metrics.clone(),
     );
 
-    let (mut reporter, health_service) = tonic_health::server::health_reporter();
-    health::set_all(&mut reporter, ServingStatus::NotServing).await;
+    let (reporter, health_service) = health::service();
     let follower = tokio::spawn(health::follow(
         reporter.clone(),
         front.clone(),
@@ -183,7 +182,6 @@ pub async fn run(
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
@@ -238,11 +236,11 @@ pub async fn run(
             node.drain();
             follower.abort();
             let _ = follower.await;
-            health::set_all(&mut reporter, ServingStatus::NotServing).await;
+            reporter.set_all(ServingStatus::NotServing);
             let _ = drain_started.send(());
             // Health `Watch` streams never end on their own and would hold their connections
             // open: dropping the statuses ends them.
-            health::clear_all(&mut reporter).await;
+            reporter.clear_all();
         }
     };
 

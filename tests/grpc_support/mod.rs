@@ -37,6 +37,22 @@ pub type RawClient = proto::inference_client::InferenceClient<
     >,
 >;
 
+/// An inference client for the gRPC server at `url` (`http://host:port`) that only sends a
+/// request's `grpc-timeout` and leaves the deadline to the server (see
+/// [`TestServer::client_without_local_timeout`]).
+pub fn raw_client(url: &str) -> RawClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.enforce_http(true);
+    let transport =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+    proto::inference_client::InferenceClient::with_origin(
+        transport,
+        url.parse().expect("server url"),
+    )
+}
+
 /// Deterministic test backend; see the module docs.
 pub struct ScriptedBackend {
     ready: Mutex<bool>,
@@ -301,16 +317,7 @@ impl TestServer {
     /// through it races the client against the server. This transport only sends the header:
     /// what the test sees is what the server did.
     pub fn client_without_local_timeout(&self) -> RawClient {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.enforce_http(true);
-        let transport =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .http2_only(true)
-                .build(connector);
-        proto::inference_client::InferenceClient::with_origin(
-            transport,
-            self.url().parse().expect("server url"),
-        )
+        raw_client(&self.url())
     }
 
     /// Sends the shutdown signal (SIGTERM in production).
