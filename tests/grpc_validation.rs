@@ -294,6 +294,7 @@ async fn valid_request_reaches_backend_with_every_field() {
         )),
         logprobs: true,
         top_logprobs: Some(3),
+        chat_template_kwargs: [("enable_thinking".to_owned(), "false".to_owned())].into(),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
@@ -326,8 +327,17 @@ async fn valid_request_reaches_backend_with_every_field() {
         session,
         constraint,
         logprobs,
+        chat_template_kwargs,
     } = server.backend.last_submitted();
     assert_eq!(logprobs, Some(3));
+    assert_eq!(
+        chat_template_kwargs,
+        [(
+            "enable_thinking".to_owned(),
+            qnode::types::TemplateValue::Bool(false)
+        )]
+        .into()
+    );
     assert_eq!(request_id, "req-42");
     assert_eq!(model, "smollm2");
     assert_eq!(

@@ -125,6 +125,11 @@ pub struct GenerateBody {
     /// Repetition penalty (vLLM / llama.cpp server extension).
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    /// Chat-template options (vLLM / llama.cpp server extension), e.g.
+    /// `{"enable_thinking": false}` for Qwen3: an object of booleans, numbers and strings, read
+    /// by `convert` (which names the field at fault).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Value>,
     /// qnode extension: `default`, `bypass`, `refresh` or `only_if_cached`, as gRPC's
     /// `cache_policy`.
     #[serde(default)]
