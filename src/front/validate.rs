@@ -664,6 +664,11 @@ mod tests {
         let with = |model: &str, pairs: Vec<(&str, TemplateValue)>| RawRequest {
             model: model.into(),
             chat_template_kwargs: pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            prompt: None,
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
             ..good()
         };
         let off = || vec![("enable_thinking", TemplateValue::Bool(false))];
