@@ -293,7 +293,15 @@ async fn enable_thinking_reaches_the_template_on_both_fronts_and_the_cache_key()
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("needs `messages`"), "{}", e.message());
 
-    // Refusals over HTTP name the field.
+    // Refusals over HTTP name the field. The README's example, byte for byte:
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                      "chat_template_kwargs": {"enable_thinking": false}});
+    let (code, v) = post(&http, "chat/completions", &body);
+    assert_eq!(code, 400);
+    assert_eq!(
+        v.to_string(),
+        r#"{"error":{"message":"`chat_template_kwargs.enable_thinking` is not read by the chat template of model `smollm2` (it would be ignored); it takes no options","type":"invalid_request_error","param":"chat_template_kwargs.enable_thinking","code":"invalid_value"}}"#
+    );
     refused(
         &http,
         "chat/completions",
