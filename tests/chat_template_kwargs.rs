@@ -262,6 +262,24 @@ async fn enable_thinking_reaches_the_template_on_both_fronts_and_the_cache_key()
         first.usage.unwrap().prompt_tokens + 4
     );
 
+    // ListModels says which options each model's template takes.
+    let models = client
+        .list_models(proto::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let options = |id: &str| {
+        models
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap()
+            .template_options
+            .clone()
+    };
+    assert_eq!(options(QWEN3), ["enable_thinking"]);
+    assert!(options("smollm2").is_empty());
+
     // Refusals over gRPC name the field.
     let e = client
         .generate(grpc_request("smollm2", &[("enable_thinking", "false")]))

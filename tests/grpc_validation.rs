@@ -397,6 +397,8 @@ async fn valid_request_reaches_backend_with_every_field() {
         other.cache_policy = policy as i32;
         other.messages.clear();
         other.prompt = Some("a raw prompt".into());
+        // Template options need `messages` (refused with a raw prompt).
+        other.chat_template_kwargs.clear();
         client.generate(other).await.unwrap();
         let seen = server.backend.last_submitted();
         assert_eq!(seen.cache_policy, want, "{policy:?}");
@@ -432,6 +434,7 @@ async fn list_models_reports_the_backend() {
             context_length: 8192,
             instances: 1,
             state: proto::ModelState::Ready as i32,
+            template_options: vec!["enable_thinking".into()],
         }]
     );
 }

@@ -142,6 +142,7 @@ pub(crate) fn model_info(m: &ModelInfo) -> proto::ModelInfo {
             ModelState::Ready => proto::ModelState::Ready,
             ModelState::Failed => proto::ModelState::Failed,
         } as i32,
+        template_options: m.template_options.clone(),
     }
 }
 
