@@ -899,7 +899,7 @@ mod tests {
             .unwrap_err(),
             ValidationError::UnknownModel {
                 model: "gpt-9".into(),
-                served: "smollm2".into()
+                served: "smollm2, qwen3".into()
             }
         );
         assert_eq!(
