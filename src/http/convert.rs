@@ -699,6 +699,9 @@ mod tests {
             (r#""best_of":3"#, "best_of"),
             (r#""presence_penalty":0.5"#, "presence_penalty"),
             (r#""frequency_penalty":-1"#, "frequency_penalty"),
+            (r#""chat_template":"{{ messages }}""#, "chat_template"),
+            (r#""add_generation_prompt":false"#, "add_generation_prompt"),
+            (r#""continue_final_message":true"#, "continue_final_message"),
         ] {
             let json =
                 format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
@@ -706,7 +709,7 @@ mod tests {
             assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
         }
         // Their "off" values are served.
-        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
+        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0,"add_generation_prompt":true,"continue_final_message":false}"#;
         assert!(chat_json(json).is_ok());
     }
 
