@@ -157,6 +157,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
                 session: None,
                 constraint: constraint.cloned(),
                 logprobs: None,
+                chat_template_kwargs: Default::default(),
             }))
             .unwrap()
         })

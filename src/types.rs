@@ -5,6 +5,7 @@
 //! (the engine never sees raw wire types); events come back as [`GenerationEvent`]s; every domain
 //! error reports an [`ErrorKind`], which each front maps to its own status once.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// One chat turn, as the model's chat template expects it.
@@ -24,6 +25,37 @@ pub enum PromptInput {
     /// Chat turns rendered with the model's own chat template, generation prompt added.
     Chat(Vec<ChatMessage>),
 }
+
+/// One value of a chat-template option (`chat_template_kwargs`), as the template sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum TemplateValue {
+    /// `true` / `false` (Qwen3's `enable_thinking`).
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A number with a fraction.
+    Float(f64),
+    /// Text.
+    Str(String),
+}
+
+/// Chat-template options by name: template variables set beside the renderer's own (`messages`,
+/// `add_generation_prompt`, ...), e.g. Qwen3's `enable_thinking`. Sorted, so equal options hash
+/// alike in the cache key.
+pub type TemplateKwargs = BTreeMap<String, TemplateValue>;
+
+/// Variables the chat-template renderer sets itself (and `tools` / `documents`, which have
+/// fields of their own the node does not serve): never a template option.
+pub const RESERVED_TEMPLATE_VARIABLES: &[&str] = &[
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "raise_exception",
+    "tools",
+    "documents",
+];
 
 /// Sampling settings. `temperature == 0` means greedy; `top_k == 0`, `top_p == 1`, `min_p == 0`
 /// and `repetition_penalty == 1` switch those filters off.
@@ -96,6 +128,9 @@ pub struct GenerationRequest {
     /// alternatives, sent as [`GenerationEvent::Logprobs`]. Requests that ask are never served
     /// from nor stored in the answer cache (its entries hold text only).
     pub logprobs: Option<u32>,
+    /// Chat-template options (`chat_template_kwargs`), checked against the names the model's
+    /// template reads; only with [`PromptInput::Chat`]. Part of the cache key.
+    pub chat_template_kwargs: TemplateKwargs,
 }
 
 impl GenerationRequest {
@@ -121,6 +156,7 @@ impl GenerationRequest {
             session: None,
             constraint: None,
             logprobs: None,
+            chat_template_kwargs: TemplateKwargs::new(),
         }
     }
 }
@@ -309,6 +345,9 @@ pub struct ModelInfo {
     pub instances: u32,
     /// Loading, warming, ready or failed.
     pub state: ModelState,
+    /// The options (`chat_template_kwargs` keys) the model's chat template reads, sorted; empty
+    /// without a template, for one that reads none, and until the model is loaded.
+    pub template_options: Vec<String>,
 }
 
 /// Which traffic the node wants once warm.

@@ -230,22 +230,44 @@ fn check_tokenizer(family: &'static str) {
 
 fn check_chat_template(family: &'static str) {
     let (model, reference) = load(family);
+    let mut with_kwargs = 0;
     for case in reference["chat_template"].as_array().unwrap() {
-        let kwargs = case["kwargs"].as_object().unwrap();
-        if !kwargs.is_empty() {
-            // Template options (Qwen3's `enable_thinking`) are not passed to templates yet.
-            continue;
-        }
+        // Template options (Qwen3's `enable_thinking`), as llama.cpp's `chat_template_kwargs`.
+        let kwargs: qnode::types::TemplateKwargs = case["kwargs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::Bool(b) => qnode::types::TemplateValue::Bool(*b),
+                    other => panic!("{family}: a kwargs value this test does not read: {other}"),
+                };
+                (k.clone(), v)
+            })
+            .collect();
         let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
         let got = model
-            .prompt_tokens(&qnode::engine::PromptInput::Chat(messages))
+            .prompt_tokens_with(&qnode::engine::PromptInput::Chat(messages), &kwargs)
             .unwrap();
         assert_eq!(
             got,
             ids(&case["prompt_ids"]),
-            "{family}: chat {} renders differently from llama.cpp's {:?}",
+            "{family}: chat {} with {} renders differently from llama.cpp's {:?}",
             case["messages"],
+            case["kwargs"],
             case["prompt"]
+        );
+        with_kwargs += usize::from(!kwargs.is_empty());
+    }
+    if family == "qwen3" {
+        assert_eq!(
+            model.template.as_ref().unwrap().options(),
+            ["enable_thinking"],
+            "the options Qwen3's template takes"
+        );
+        assert!(
+            with_kwargs >= 4,
+            "qwen3's enable_thinking cases were checked"
         );
     }
 }
@@ -477,6 +499,12 @@ fn qwen2_through_the_engine_matches_llama_cpp_text() {
 #[test]
 fn qwen3_through_the_engine_matches_llama_cpp_text() {
     check_engine("qwen3");
+}
+
+/// With `enable_thinking` true and false: the false cases end with llama.cpp's empty think block.
+#[test]
+fn qwen3_chat_template_matches_llama_cpp() {
+    check_chat_template("qwen3");
 }
 
 #[test]

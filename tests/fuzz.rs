@@ -186,7 +186,7 @@ proptest! {
             .into_iter()
             .map(|(role, content)| ChatMessage { role: role.into(), content })
             .collect();
-        match SMOLLM_TEMPLATE.render_guarded(&messages, true, |c| SMOLLM.find_control_tokens(c)) {
+        match SMOLLM_TEMPLATE.render_guarded(&messages, true, &Default::default(), |c| SMOLLM.find_control_tokens(c)) {
             Ok(rendered) => {
                 // Guarding never changes the text, only says which parts are user text.
                 let plain = SMOLLM_TEMPLATE.render(&messages, true).unwrap();

@@ -294,6 +294,7 @@ async fn valid_request_reaches_backend_with_every_field() {
         )),
         logprobs: true,
         top_logprobs: Some(3),
+        chat_template_kwargs: [("enable_thinking".to_owned(), "false".to_owned())].into(),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
@@ -326,8 +327,17 @@ async fn valid_request_reaches_backend_with_every_field() {
         session,
         constraint,
         logprobs,
+        chat_template_kwargs,
     } = server.backend.last_submitted();
     assert_eq!(logprobs, Some(3));
+    assert_eq!(
+        chat_template_kwargs,
+        [(
+            "enable_thinking".to_owned(),
+            qnode::types::TemplateValue::Bool(false)
+        )]
+        .into()
+    );
     assert_eq!(request_id, "req-42");
     assert_eq!(model, "smollm2");
     assert_eq!(
@@ -387,6 +397,8 @@ async fn valid_request_reaches_backend_with_every_field() {
         other.cache_policy = policy as i32;
         other.messages.clear();
         other.prompt = Some("a raw prompt".into());
+        // Template options need `messages` (refused with a raw prompt).
+        other.chat_template_kwargs.clear();
         client.generate(other).await.unwrap();
         let seen = server.backend.last_submitted();
         assert_eq!(seen.cache_policy, want, "{policy:?}");
@@ -422,6 +434,7 @@ async fn list_models_reports_the_backend() {
             context_length: 8192,
             instances: 1,
             state: proto::ModelState::Ready as i32,
+            template_options: vec!["enable_thinking".into()],
         }]
     );
 }

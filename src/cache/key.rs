@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::engine::{GenerationRequest, PromptInput};
-use crate::types::Grammar;
+use crate::types::{Grammar, TemplateValue};
 
 /// What identifies the weights and template that produced an answer. The backend's owner gives
 /// one per model id; a new file (different digest) never serves answers of the old one.
@@ -72,6 +72,13 @@ mod tag {
     pub const JSON_SCHEMA: u8 = 41;
     pub const REGEX: u8 = 42;
     pub const LARK: u8 = 43;
+    // Chat-template options (`chat_template_kwargs`); absent without any (old keys stay valid).
+    pub const TEMPLATE_KWARGS: u8 = 50;
+    pub const KWARG_KEY: u8 = 51;
+    pub const KWARG_BOOL: u8 = 52;
+    pub const KWARG_INT: u8 = 53;
+    pub const KWARG_FLOAT: u8 = 54;
+    pub const KWARG_STR: u8 = 55;
 }
 
 /// Version of the key layout, hashed first.
@@ -145,6 +152,22 @@ pub fn cache_key(identity: &ModelIdentity, req: &GenerationRequest, normalize: b
         Some(Grammar::JsonSchema(schema)) => h.field(tag::JSON_SCHEMA, schema.as_bytes()),
         Some(Grammar::Regex(rx)) => h.field(tag::REGEX, rx.as_bytes()),
         Some(Grammar::Lark(g)) => h.field(tag::LARK, g.as_bytes()),
+    }
+    // Sorted (a BTreeMap), so the same options in any wire order are one answer.
+    if !req.chat_template_kwargs.is_empty() {
+        h.field(
+            tag::TEMPLATE_KWARGS,
+            &(req.chat_template_kwargs.len() as u64).to_le_bytes(),
+        );
+        for (name, value) in &req.chat_template_kwargs {
+            h.field(tag::KWARG_KEY, name.as_bytes());
+            match value {
+                TemplateValue::Bool(b) => h.field(tag::KWARG_BOOL, &[u8::from(*b)]),
+                TemplateValue::Int(i) => h.field(tag::KWARG_INT, &i.to_le_bytes()),
+                TemplateValue::Float(f) => h.field(tag::KWARG_FLOAT, &f.to_bits().to_le_bytes()),
+                TemplateValue::Str(s) => h.field(tag::KWARG_STR, s.as_bytes()),
+            }
+        }
     }
     CacheKey(h.0.finalize().into())
 }
@@ -226,6 +249,26 @@ mod tests {
                 "lark",
                 Box::new(|r| r.constraint = constrained(Grammar::Lark("{}".into()))),
             ),
+            (
+                "enable_thinking true",
+                Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Bool(true))),
+            ),
+            (
+                "enable_thinking false",
+                Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Bool(false))),
+            ),
+            (
+                "enable_thinking 1",
+                Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Int(1))),
+            ),
+            (
+                "enable_thinking 1.0",
+                Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Float(1.0))),
+            ),
+            (
+                "enable_thinking \"1\"",
+                Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Str("1".into()))),
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         for (name, change) in variants {
@@ -240,6 +283,12 @@ mod tests {
             assert_ne!(k, base, "{name} must change the key");
             assert!(seen.insert(k), "{name} collides with another variant");
         }
+    }
+
+    fn kwarg(value: TemplateValue) -> crate::types::TemplateKwargs {
+        [("enable_thinking".to_string(), value)]
+            .into_iter()
+            .collect()
     }
 
     fn constrained(grammar: Grammar) -> Option<crate::types::OutputConstraint> {

@@ -114,6 +114,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         session: None,
         constraint: None,
         logprobs: None,
+        chat_template_kwargs: Default::default(),
     };
     let mut events = futures::executor::block_on(pool.submit(request))?;
     let mut stdout = std::io::stdout().lock();

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::types::{CachePolicy, ChatMessage, OutputConstraint};
+use crate::types::{CachePolicy, ChatMessage, OutputConstraint, TemplateKwargs};
 
 use super::error::FrontError;
 
@@ -50,6 +50,9 @@ pub struct RawRequest {
     /// The wire's name of `top_logprobs`, named by its errors (`logprobs` on
     /// `/v1/completions`, where the count is the field itself).
     pub top_logprobs_field: &'static str,
+    /// Chat-template options (`chat_template_kwargs` on both fronts), scalar values already
+    /// read from the wire; keys unchecked.
+    pub chat_template_kwargs: TemplateKwargs,
 }
 
 impl Default for RawRequest {
@@ -73,6 +76,7 @@ impl Default for RawRequest {
             logprobs: None,
             top_logprobs: None,
             top_logprobs_field: "top_logprobs",
+            chat_template_kwargs: TemplateKwargs::new(),
         }
     }
 }

@@ -11,7 +11,7 @@ use super::request::RawRequest;
 use crate::config::Limits;
 use crate::types::{
     echo, ChatMessage, GenerationRequest, Grammar, ModelInfo, OutputConstraint, PromptInput,
-    SamplingParams, MAX_TOP_LOGPROBS,
+    SamplingParams, TemplateKwargs, TemplateValue, MAX_TOP_LOGPROBS, RESERVED_TEMPLATE_VARIABLES,
 };
 
 /// Roles the chat templates of the served models understand.
@@ -26,6 +26,12 @@ pub const MAX_TENANT_BYTES: usize = 128;
 pub const MAX_SESSION_BYTES: usize = 256;
 /// Largest JSON schema, regex or grammar of an output constraint, in bytes.
 pub const MAX_CONSTRAINT_BYTES: usize = 64 * 1024;
+/// Most chat-template options (`chat_template_kwargs` keys) in one request.
+pub const MAX_TEMPLATE_KWARGS: usize = 16;
+/// Longest chat-template option name, in bytes.
+pub const MAX_TEMPLATE_KWARG_NAME_BYTES: usize = 64;
+/// Longest chat-template option string value, in bytes.
+pub const MAX_TEMPLATE_KWARG_VALUE_BYTES: usize = 256;
 /// Header (gRPC metadata) naming the conversation a call continues.
 pub const SESSION_HEADER: &str = "x-session-id";
 
@@ -76,6 +82,15 @@ pub enum ValidationError {
         needs: String,
         /// The value given.
         given: String,
+    },
+    /// A chat-template option (`chat_template_kwargs.KEY`) the template cannot take: reserved
+    /// for the renderer, not read by this model's template, or given with a raw prompt.
+    #[error("`{field}` {reason}")]
+    TemplateOption {
+        /// Field path, `chat_template_kwargs` or `chat_template_kwargs.KEY`.
+        field: String,
+        /// Why, and what would be taken.
+        reason: String,
     },
     /// `x-qnode-tenant` names another tenant than the one the caller's API key is bound to
     /// (PERMISSION_DENIED).
@@ -135,19 +150,20 @@ pub fn validate(
             field: "model".into(),
         });
     }
-    if !models.iter().any(|m| m.id == wire.model) {
+    let Some(info) = models.iter().find(|m| m.id == wire.model) else {
         let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
         return Err(ValidationError::UnknownModel {
             model: wire.model,
             served: served.join(", "),
         });
-    }
+    };
     check_request_id(&request_id)?;
     let tenant = tenant_of(tenant, key_tenant)?;
     let sampling = sampling(&wire)?;
     let logprobs = logprobs(&wire)?;
     let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
+    check_template_kwargs(&wire.chat_template_kwargs, &input, info)?;
     let max_tokens = match wire.max_tokens {
         None => limits.default_max_tokens.min(limits.max_tokens_limit),
         Some(0) => return Err(out_of_range("max_tokens", ">= 1", 0)),
@@ -187,7 +203,88 @@ pub fn validate(
         session,
         constraint: wire.constraint,
         logprobs,
+        chat_template_kwargs: wire.chat_template_kwargs,
     })
+}
+
+/// `chat_template_kwargs`: only with `messages`; at most [`MAX_TEMPLATE_KWARGS`] keys, each an
+/// identifier that the renderer does not set itself ([`RESERVED_TEMPLATE_VARIABLES`]) and that `model`'s
+/// chat template reads ([`ModelInfo::template_options`]), so no option is accepted and ignored;
+/// strings up to [`MAX_TEMPLATE_KWARG_VALUE_BYTES`].
+fn check_template_kwargs(
+    kwargs: &TemplateKwargs,
+    input: &PromptInput,
+    model: &ModelInfo,
+) -> Result<(), ValidationError> {
+    const FIELD: &str = "chat_template_kwargs";
+    if kwargs.is_empty() {
+        return Ok(());
+    }
+    if matches!(input, PromptInput::Text(_)) {
+        return Err(ValidationError::TemplateOption {
+            field: FIELD.into(),
+            reason: "needs `messages`: chat template options apply to the chat template, which \
+                     a raw `prompt` does not go through"
+                .into(),
+        });
+    }
+    if kwargs.len() > MAX_TEMPLATE_KWARGS {
+        return Err(out_of_range(
+            FIELD,
+            format!("at most {MAX_TEMPLATE_KWARGS} keys"),
+            format!("{} keys", kwargs.len()),
+        ));
+    }
+    for (key, value) in kwargs {
+        let identifier = !key.is_empty()
+            && key.len() <= MAX_TEMPLATE_KWARG_NAME_BYTES
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !key.as_bytes()[0].is_ascii_digit();
+        if !identifier {
+            return Err(out_of_range(
+                FIELD,
+                format!(
+                    "an object whose keys are identifiers (ASCII letters, digits and `_`, not \
+                     starting with a digit, at most {MAX_TEMPLATE_KWARG_NAME_BYTES} bytes)"
+                ),
+                format!("the key {}", quoted(key)),
+            ));
+        }
+        let field = format!("{FIELD}.{key}");
+        if RESERVED_TEMPLATE_VARIABLES.contains(&key.as_str()) {
+            return Err(ValidationError::TemplateOption {
+                field,
+                reason: format!(
+                    "is reserved: the node sets it for the chat template itself (reserved: {})",
+                    RESERVED_TEMPLATE_VARIABLES.join(", ")
+                ),
+            });
+        }
+        if let TemplateValue::Str(text) = value {
+            if text.len() > MAX_TEMPLATE_KWARG_VALUE_BYTES {
+                return Err(out_of_range(
+                    field,
+                    format!("<= {MAX_TEMPLATE_KWARG_VALUE_BYTES} bytes"),
+                    format!("{} bytes", text.len()),
+                ));
+            }
+        }
+        if !model.template_options.contains(key) {
+            let takes = if model.template_options.is_empty() {
+                "it takes no options".to_owned()
+            } else {
+                format!("it takes: {}", model.template_options.join(", "))
+            };
+            return Err(ValidationError::TemplateOption {
+                field,
+                reason: format!(
+                    "is not read by the chat template of model `{}` (it would be ignored); {takes}",
+                    echo(&model.id)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `logprobs` / `top_logprobs` as the engine's `Some(alternatives)`: `top_logprobs` above 0
@@ -470,14 +567,22 @@ mod tests {
     use crate::types::ModelState;
 
     fn models() -> Vec<ModelInfo> {
-        vec![ModelInfo {
+        let smollm2 = ModelInfo {
             id: "smollm2".into(),
             architecture: "llama".into(),
             quant: "q8_0".into(),
             context_length: 8192,
             instances: 1,
             state: ModelState::Ready,
-        }]
+            template_options: Vec::new(),
+        };
+        let qwen3 = ModelInfo {
+            id: "qwen3".into(),
+            architecture: "qwen3".into(),
+            template_options: vec!["enable_thinking".into()],
+            ..smollm2.clone()
+        };
+        vec![smollm2, qwen3]
     }
 
     fn good() -> RawRequest {
@@ -552,6 +657,79 @@ mod tests {
             legacy.unwrap_err().to_string(),
             "`logprobs` must be <= 20. Given: 50"
         );
+    }
+
+    #[test]
+    fn chat_template_kwargs_are_checked_against_the_template() {
+        let with = |model: &str, pairs: Vec<(&str, TemplateValue)>| RawRequest {
+            model: model.into(),
+            chat_template_kwargs: pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            prompt: None,
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            ..good()
+        };
+        let off = || vec![("enable_thinking", TemplateValue::Bool(false))];
+        let r = check(with("qwen3", off())).unwrap();
+        assert_eq!(
+            r.chat_template_kwargs.get("enable_thinking"),
+            Some(&TemplateValue::Bool(false))
+        );
+        assert!(check(good()).unwrap().chat_template_kwargs.is_empty());
+        let field = |wire: RawRequest| match check(wire) {
+            Err(e) => (
+                crate::front::FrontError::from(e.clone())
+                    .param
+                    .unwrap_or_default(),
+                e.to_string(),
+            ),
+            Ok(_) => panic!("accepted"),
+        };
+        let (f, m) = field(with("smollm2", off()));
+        assert_eq!(f, "chat_template_kwargs.enable_thinking");
+        assert!(
+            m.contains("model `smollm2`") && m.contains("takes no options"),
+            "{m}"
+        );
+        let (f, m) = field(with(
+            "qwen3",
+            vec![("thinking", TemplateValue::Bool(false))],
+        ));
+        assert_eq!(f, "chat_template_kwargs.thinking");
+        assert!(m.contains("it takes: enable_thinking"), "{m}");
+        let (f, m) = field(with(
+            "qwen3",
+            vec![("add_generation_prompt", TemplateValue::Bool(false))],
+        ));
+        assert_eq!(f, "chat_template_kwargs.add_generation_prompt");
+        assert!(m.contains("reserved"), "{m}");
+        for bad in ["", "a-b", "1x", "été", &"x".repeat(65)] {
+            let (f, m) = field(with("qwen3", vec![(bad, TemplateValue::Int(1))]));
+            assert_eq!(f, "chat_template_kwargs", "{bad:?}");
+            assert!(m.contains("identifiers"), "{m}");
+        }
+        let long = TemplateValue::Str("x".repeat(MAX_TEMPLATE_KWARG_VALUE_BYTES + 1));
+        let (f, m) = field(with("qwen3", vec![("enable_thinking", long)]));
+        assert_eq!(f, "chat_template_kwargs.enable_thinking");
+        assert!(m.contains("<= 256 bytes. Given: 257 bytes"), "{m}");
+        let names: Vec<String> = (0..=MAX_TEMPLATE_KWARGS).map(|i| format!("k{i}")).collect();
+        let many = names
+            .iter()
+            .map(|n| (n.as_str(), TemplateValue::Int(1)))
+            .collect();
+        let (f, m) = field(with("qwen3", many));
+        assert_eq!(f, "chat_template_kwargs");
+        assert!(m.contains("at most 16 keys. Given: 17 keys"), "{m}");
+        let raw = RawRequest {
+            prompt: Some("hi".into()),
+            messages: Vec::new(),
+            ..with("qwen3", off())
+        };
+        let (f, m) = field(raw);
+        assert_eq!(f, "chat_template_kwargs");
+        assert!(m.contains("needs `messages`"), "{m}");
     }
 
     #[test]
@@ -721,7 +899,7 @@ mod tests {
             .unwrap_err(),
             ValidationError::UnknownModel {
                 model: "gpt-9".into(),
-                served: "smollm2".into()
+                served: "smollm2, qwen3".into()
             }
         );
         assert_eq!(

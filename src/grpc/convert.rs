@@ -6,7 +6,7 @@ use crate::front::{self, RawRequest};
 use crate::node::NodeState;
 use crate::types::{
     CachePolicy, ChatMessage, Completion, FinishReason, Grammar, ModelInfo, ModelState,
-    OutputConstraint, Role, Source, Timings, TokenLogprob,
+    OutputConstraint, Role, Source, TemplateKwargs, TemplateValue, Timings, TokenLogprob,
 };
 
 /// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
@@ -45,9 +45,28 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         constraint: wire.constraint.and_then(constraint),
         logprobs: Some(wire.logprobs),
         top_logprobs: wire.top_logprobs,
+        chat_template_kwargs: template_kwargs(wire.chat_template_kwargs),
         ..RawRequest::default()
     };
     (raw, request_id)
+}
+
+/// `chat_template_kwargs` (string values on this wire): `"true"` / `"false"` are booleans, an
+/// integer a number, anything else a string, as the proto documents.
+fn template_kwargs(wire: std::collections::HashMap<String, String>) -> TemplateKwargs {
+    wire.into_iter()
+        .map(|(key, value)| {
+            let value = match value.as_str() {
+                "true" => TemplateValue::Bool(true),
+                "false" => TemplateValue::Bool(false),
+                text => match text.parse::<i64>() {
+                    Ok(i) => TemplateValue::Int(i),
+                    Err(_) => TemplateValue::Str(value),
+                },
+            };
+            (key, value)
+        })
+        .collect()
 }
 
 /// The `constraint` oneof as the neutral constraint; `json_object: false` is free text.
@@ -123,6 +142,7 @@ pub(crate) fn model_info(m: &ModelInfo) -> proto::ModelInfo {
             ModelState::Ready => proto::ModelState::Ready,
             ModelState::Failed => proto::ModelState::Failed,
         } as i32,
+        template_options: m.template_options.clone(),
     }
 }
 
@@ -235,5 +255,33 @@ mod tests {
         });
         assert_eq!(id, None);
         assert_eq!(raw.cache_policy, Err("9".into()));
+    }
+
+    #[test]
+    fn chat_template_kwargs_strings_become_booleans_integers_or_strings() {
+        let (raw, _) = request(proto::GenerateRequest {
+            chat_template_kwargs: [
+                ("enable_thinking", "false"),
+                ("b", "true"),
+                ("n", "-3"),
+                ("x", "0.5"),
+                ("s", "True"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..Default::default()
+        });
+        let want: TemplateKwargs = [
+            ("enable_thinking", TemplateValue::Bool(false)),
+            ("b", TemplateValue::Bool(true)),
+            ("n", TemplateValue::Int(-3)),
+            ("x", TemplateValue::Str("0.5".into())),
+            ("s", TemplateValue::Str("True".into())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(raw.chat_template_kwargs, want);
     }
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::types::{
     echo, CachePolicy, ChatMessage, Completion, FinishReason, Grammar, OutputConstraint, Source,
-    TokenLogprob, TokenProb,
+    TemplateKwargs, TemplateValue, TokenLogprob, TokenProb,
 };
 
 use super::types::{
@@ -240,6 +240,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
     };
     let stream = s.stream.unwrap_or(false);
     let constraint = response_format(s.response_format)?;
+    let chat_template_kwargs = template_kwargs(s.chat_template_kwargs)?;
     let wire = RawRequest {
         model: s.model,
         max_tokens: s.max_completion_tokens.or(s.max_tokens),
@@ -255,6 +256,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         cache_policy,
         user: s.user.clone(),
         constraint,
+        chat_template_kwargs,
         ..RawRequest::default()
     };
     let options = Options {
@@ -268,6 +270,55 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         logprobs: false,
     };
     Ok((wire, options))
+}
+
+/// `chat_template_kwargs`: absent, or an object of scalars (booleans, numbers, strings). Keys are
+/// `validate`'s to check (names, count, what the model's template reads).
+fn template_kwargs(v: Option<Value>) -> Result<TemplateKwargs, FrontError> {
+    const FIELD: &str = "chat_template_kwargs";
+    let object = match v {
+        None | Some(Value::Null) => return Ok(TemplateKwargs::new()),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(FrontError::invalid(
+                FIELD,
+                format!(
+                    "`{FIELD}` must be an object of template options, e.g. \
+                     {{\"enable_thinking\": false}}. Given: {}",
+                    echo(&other.to_string())
+                ),
+            ))
+        }
+    };
+    object
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::Bool(b) => TemplateValue::Bool(b),
+                Value::String(s) => TemplateValue::Str(s),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => TemplateValue::Int(i),
+                    None => TemplateValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                other => {
+                    let kind = match other {
+                        Value::Object(_) => "a nested object",
+                        Value::Array(_) => "an array",
+                        _ => "null",
+                    };
+                    let field = format!("{FIELD}.{}", echo(&key));
+                    return Err(FrontError::invalid(
+                        field.clone(),
+                        format!(
+                            "`{field}` must be a boolean, a number or a string (template options \
+                             are scalars). Given: {kind}"
+                        ),
+                    ));
+                }
+            };
+            Ok((key, value))
+        })
+        .collect()
 }
 
 /// A token's text as OpenAI shows it: its bytes decoded, U+FFFD for part of a character.
@@ -648,6 +699,9 @@ mod tests {
             (r#""best_of":3"#, "best_of"),
             (r#""presence_penalty":0.5"#, "presence_penalty"),
             (r#""frequency_penalty":-1"#, "frequency_penalty"),
+            (r#""chat_template":"{{ messages }}""#, "chat_template"),
+            (r#""add_generation_prompt":false"#, "add_generation_prompt"),
+            (r#""continue_final_message":true"#, "continue_final_message"),
         ] {
             let json =
                 format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
@@ -655,7 +709,7 @@ mod tests {
             assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
         }
         // Their "off" values are served.
-        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0}"#;
+        let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0,"add_generation_prompt":true,"continue_final_message":false}"#;
         assert!(chat_json(json).is_ok());
     }
 
@@ -788,6 +842,59 @@ mod tests {
         ] {
             let err = with(format).expect_err(format);
             assert_eq!(err.param.as_deref(), Some(param), "{format}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn chat_template_kwargs_reach_the_request_as_scalars() {
+        let (wire, _) = chat_json(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],
+                "chat_template_kwargs":{"enable_thinking":false,"n":3,"x":0.5,"s":"t"}}"#,
+        )
+        .unwrap();
+        let want: TemplateKwargs = [
+            ("enable_thinking", TemplateValue::Bool(false)),
+            ("n", TemplateValue::Int(3)),
+            ("x", TemplateValue::Float(0.5)),
+            ("s", TemplateValue::Str("t".into())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(wire.chat_template_kwargs, want);
+        for absent in [
+            "",
+            r#","chat_template_kwargs":null"#,
+            r#","chat_template_kwargs":{}"#,
+        ] {
+            let (wire, _) = chat_json(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{absent}}}"#
+            ))
+            .unwrap();
+            assert!(wire.chat_template_kwargs.is_empty(), "{absent}");
+        }
+        for (kwargs, param, says) in [
+            ("true", "chat_template_kwargs", "must be an object"),
+            (
+                r#""enable_thinking""#,
+                "chat_template_kwargs",
+                "must be an object",
+            ),
+            (r#"[1]"#, "chat_template_kwargs", "must be an object"),
+            (
+                r#"{"a":{"b":1}}"#,
+                "chat_template_kwargs.a",
+                "a nested object",
+            ),
+            (r#"{"a":[1]}"#, "chat_template_kwargs.a", "an array"),
+            (r#"{"a":null}"#, "chat_template_kwargs.a", "null"),
+        ] {
+            let e = chat_json(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"chat_template_kwargs":{kwargs}}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{kwargs}");
+            assert!(e.message.contains(says), "{kwargs}: {}", e.message);
         }
     }
 

@@ -125,6 +125,20 @@ pub struct GenerateBody {
     /// Repetition penalty (vLLM / llama.cpp server extension).
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    /// Chat-template options (vLLM / llama.cpp server extension), e.g.
+    /// `{"enable_thinking": false}` for Qwen3: an object of booleans, numbers and strings, read
+    /// by `convert` (which names the field at fault).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Value>,
+    /// vLLM extension (a template to render with instead of the model's): refused when set.
+    #[serde(default)]
+    pub chat_template: Option<serde_json::Value>,
+    /// vLLM extension; `true` (what the node always does) is served, `false` refused.
+    #[serde(default)]
+    pub add_generation_prompt: Option<serde_json::Value>,
+    /// vLLM extension; `false` is served, `true` refused.
+    #[serde(default)]
+    pub continue_final_message: Option<serde_json::Value>,
     /// qnode extension: `default`, `bypass`, `refresh` or `only_if_cached`, as gRPC's
     /// `cache_policy`.
     #[serde(default)]
@@ -181,7 +195,7 @@ impl GenerateBody {
             Some(Value::Object(o)) => o.is_empty(),
             _ => false,
         };
-        let fields: [(&'static str, bool); 9] = [
+        let fields: [(&'static str, bool); 12] = [
             ("tools", off(&self.tools)),
             (
                 "tool_choice",
@@ -207,6 +221,17 @@ impl GenerateBody {
                 "best_of",
                 off(&self.best_of) || self.best_of == Some(Value::from(1)),
             ),
+            // vLLM's siblings of `chat_template_kwargs` that would change the rendered prompt.
+            (
+                "chat_template",
+                off(&self.chat_template) || self.chat_template == Some(Value::from("")),
+            ),
+            (
+                "add_generation_prompt",
+                matches!(&self.add_generation_prompt, None | Some(Value::Null))
+                    || self.add_generation_prompt == Some(Value::Bool(true)),
+            ),
+            ("continue_final_message", off(&self.continue_final_message)),
         ];
         fields.into_iter().find(|(_, ok)| !ok).map(|(name, _)| name)
     }

@@ -15,7 +15,7 @@ use minijinja::{context, Environment, ErrorKind};
 
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
-use crate::types::ChatMessage;
+use crate::types::{ChatMessage, TemplateKwargs, RESERVED_TEMPLATE_VARIABLES};
 
 const KEY: &str = "tokenizer.chat_template";
 const NAME: &str = "chat_template";
@@ -26,6 +26,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    options: Vec<String>,
 }
 
 impl ChatTemplate {
@@ -66,11 +67,36 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, source)
             .map_err(|e| ModelError::Template(describe(&e)))?;
+        let options = {
+            let template = env
+                .get_template(NAME)
+                .map_err(|e| ModelError::Template(describe(&e)))?;
+            let globals: Vec<&str> = env.globals().map(|(name, _)| name).collect();
+            let mut options: Vec<String> = template
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|name| {
+                    !RESERVED_TEMPLATE_VARIABLES.contains(&name.as_str())
+                        && !globals.contains(&name.as_str())
+                })
+                .collect();
+            options.sort();
+            options
+        };
         Ok(Self {
             env,
             bos_token,
             eos_token,
+            options,
         })
+    }
+
+    /// The options a caller may set (`chat_template_kwargs` keys): the variables the template
+    /// reads that neither the renderer ([`RESERVED_TEMPLATE_VARIABLES`]) nor minijinja's globals
+    /// (`range`, `namespace`, ...) provide. Sorted; computed once, by minijinja's static
+    /// analysis, when the template is compiled.
+    pub fn options(&self) -> &[String] {
+        &self.options
     }
 
     /// The prompt for `messages`; with `add_generation_prompt` it ends with the opening of the
@@ -81,6 +107,25 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ModelError> {
+        self.render_with(messages, add_generation_prompt, &TemplateKwargs::new())
+    }
+
+    /// As [`ChatTemplate::render`], with the caller's template options set as variables
+    /// (`enable_thinking`). A key that is not one of [`ChatTemplate::options`] is a
+    /// [`ModelError::Template`] (validation refuses those before; this keeps an unread or
+    /// reserved option from ever being accepted and ignored).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+    ) -> Result<String, ModelError> {
+        if let Some(key) = kwargs.keys().find(|k| !self.options.contains(k)) {
+            return Err(ModelError::Template(format!(
+                "the chat template does not read the option `{}`",
+                crate::types::echo(key)
+            )));
+        }
         let template = self
             .env
             .get_template(NAME)
@@ -91,6 +136,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                ..minijinja::Value::from_serialize(kwargs)
             })
             .map_err(|e| ModelError::Template(describe(&e)))
     }
@@ -125,6 +171,7 @@ impl ChatTemplate {
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
         find: impl Fn(&str) -> Vec<Range<usize>>,
     ) -> Result<Rendered, ModelError> {
         let nonce = std::collections::hash_map::RandomState::new()
@@ -151,11 +198,11 @@ impl ChatTemplate {
             .collect();
         if originals.is_empty() {
             return Ok(Rendered {
-                text: self.render(messages, add_generation_prompt)?,
+                text: self.render_with(messages, add_generation_prompt, kwargs)?,
                 user: Vec::new(),
             });
         }
-        let rendered = self.render(&guarded, add_generation_prompt)?;
+        let rendered = self.render_with(&guarded, add_generation_prompt, kwargs)?;
         let marker = format!("{OPEN}{nonce}{MID}");
         let mut text = String::with_capacity(rendered.len());
         let mut user = Vec::new();
@@ -272,13 +319,57 @@ mod tests {
                 .collect()
         };
         let m = [msg("user", "  hi<|im_end|>x  ")];
-        let r = t.render_guarded(&m, false, find).unwrap();
+        let r = t
+            .render_guarded(&m, false, &TemplateKwargs::new(), find)
+            .unwrap();
         assert_eq!(r.text, t.render(&m, false).unwrap());
         assert_eq!(r.text, "<|im_start|>user\nhi<|im_end|>x<|im_end|>");
         assert_eq!(r.user, vec![19..29]);
         let plain = [msg("user", "hi")];
-        let r = t.render_guarded(&plain, false, find).unwrap();
+        let r = t
+            .render_guarded(&plain, false, &TemplateKwargs::new(), find)
+            .unwrap();
         assert!(r.user.is_empty());
+    }
+
+    #[test]
+    fn options_are_the_variables_the_template_reads_and_reach_it() {
+        use crate::types::TemplateValue;
+        let t = template(
+            "{% set ns = namespace(n=0) %}{% for m in messages %}{{ m.content }}{% endfor %}{{ bos_token }}\
+             {% if add_generation_prompt %}>{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{% endif %}\
+             {% if tools %}{{ range(2) }}{% endif %}{{ style | default('') }}",
+        );
+        assert_eq!(t.options(), ["enable_thinking", "style"]);
+        let m = [msg("user", "hi")];
+        let kw = |pairs: &[(&str, TemplateValue)]| -> TemplateKwargs {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        assert_eq!(t.render(&m, true).unwrap(), "hi<s>>");
+        let off = kw(&[("enable_thinking", TemplateValue::Bool(false))]);
+        assert_eq!(
+            t.render_with(&m, true, &off).unwrap(),
+            "hi<s>><think></think>"
+        );
+        let on = kw(&[("enable_thinking", TemplateValue::Bool(true))]);
+        assert_eq!(t.render_with(&m, true, &on).unwrap(), "hi<s>>");
+        let styled = kw(&[
+            ("style", TemplateValue::Str("!".into())),
+            ("enable_thinking", TemplateValue::Int(0)),
+        ]);
+        assert_eq!(t.render_with(&m, true, &styled).unwrap(), "hi<s>>!");
+        for key in ["bos_token", "messages", "unread"] {
+            let bad = kw(&[(key, TemplateValue::Str("x".into()))]);
+            match t.render_with(&m, true, &bad) {
+                Err(ModelError::Template(msg)) => assert!(msg.contains(key), "{msg}"),
+                other => panic!("{key}: expected a template error, got {other:?}"),
+            }
+        }
+        let plain = template("{% for m in messages %}{{ m.content }}{% endfor %}");
+        assert!(plain.options().is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::quantize::Quant;
 use super::tokenizer::GgufTokenizer;
 use super::transformer::Transformer;
 use super::ModelError;
-use crate::types::{ChatMessage, PromptInput};
+use crate::types::{ChatMessage, PromptInput, TemplateKwargs};
 
 /// Everything needed to run one model; shared by `Arc` between its instances.
 pub struct LoadedModel {
@@ -105,10 +105,29 @@ impl LoadedModel {
     /// whole prompt, markup included, so control tokens written in it are parsed (as llama.cpp's
     /// server does).
     pub fn prompt_tokens(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
+        self.prompt_tokens_with(input, &TemplateKwargs::new())
+    }
+
+    /// As [`LoadedModel::prompt_tokens`], with chat-template options (`enable_thinking`) set
+    /// for the template. Options where no template is applied (a raw prompt, a model without
+    /// a template) or that the template does not read are a [`ModelError::Template`], never
+    /// ignored.
+    pub fn prompt_tokens_with(
+        &self,
+        input: &PromptInput,
+        kwargs: &TemplateKwargs,
+    ) -> Result<Vec<u32>, ModelError> {
+        if !kwargs.is_empty() && (matches!(input, PromptInput::Text(_)) || self.template.is_none())
+        {
+            return Err(ModelError::Template(
+                "chat template options need a chat (`messages`) and a model with a chat template"
+                    .into(),
+            ));
+        }
         match (input, &self.template) {
             (PromptInput::Text(text), _) => self.tokenizer.encode(text, true),
             (PromptInput::Chat(messages), Some(t)) => {
-                let rendered = t.render_guarded(messages, true, |content| {
+                let rendered = t.render_guarded(messages, true, kwargs, |content| {
                     self.tokenizer.find_control_tokens(content)
                 })?;
                 self.tokenizer

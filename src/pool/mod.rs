@@ -544,6 +544,15 @@ impl ModelPool {
 
 fn info(e: &Entry) -> ModelInfo {
     let state = e.state();
+    let template_options = match &*state {
+        State::Warming(s) | State::Ready(s) => s
+            .model
+            .template
+            .as_ref()
+            .map(|t| t.options().to_vec())
+            .unwrap_or_default(),
+        State::Loading | State::Failed(_) => Vec::new(),
+    };
     let (arch, ctx, model_state) = match &*state {
         State::Warming(s) | State::Ready(s) => (
             s.model.hparams().arch.as_str().to_string(),
@@ -572,6 +581,7 @@ fn info(e: &Entry) -> ModelInfo {
         context_length: ctx,
         instances: e.config.instances as u32,
         state: model_state,
+        template_options,
     }
 }
 
@@ -640,7 +650,7 @@ type Prepared = (Vec<u32>, Option<Constraint>, Option<LogprobSpec>);
 fn prepare(serving: &Serving, request: &GenerationRequest) -> Result<Prepared, EngineError> {
     let prompt = serving
         .model
-        .prompt_tokens(&request.input)
+        .prompt_tokens_with(&request.input, &request.chat_template_kwargs)
         .map_err(|e| match e {
             ModelError::Template(m) => EngineError::Template(m),
             other => EngineError::InvalidArgument(other.to_string()),

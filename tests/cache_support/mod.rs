@@ -163,6 +163,7 @@ impl Backend for CountingBackend {
             context_length: 2048,
             instances: 1,
             state: ModelState::Ready,
+            template_options: Vec::new(),
         }]
     }
 
@@ -278,6 +279,7 @@ pub fn request(prompt: &str) -> GenerationRequest {
         session: None,
         constraint: None,
         logprobs: None,
+        chat_template_kwargs: Default::default(),
     }
 }
 

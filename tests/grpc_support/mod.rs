@@ -152,6 +152,8 @@ impl Backend for ScriptedBackend {
             } else {
                 ModelState::Loading
             },
+            // As Qwen3's template: `chat_template_kwargs` reach the backend checked.
+            template_options: vec!["enable_thinking".into()],
         }]
     }
 
