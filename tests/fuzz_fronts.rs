@@ -84,6 +84,10 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
         prop_oneof![4 => Just(None), 1 => proptest::option::of(text())],
         any::<bool>(),
         prop_oneof![3 => Just(None), 1 => proptest::option::of(0u32..30), 1 => proptest::option::of(any::<u32>())],
+        prop_oneof![
+            3 => Just(std::collections::HashMap::new()),
+            1 => proptest::collection::hash_map("[a-z_]{1,8}", text(), 0..3),
+        ],
     );
     (
         prop_oneof![4 => Just("smollm2".to_string()), 1 => text()],
@@ -113,6 +117,7 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
             constraint: r.4.map(proto::generate_request::Constraint::Regex),
             logprobs: r.5,
             top_logprobs: r.6,
+            chat_template_kwargs: r.7,
         })
 }
 
@@ -164,6 +169,7 @@ const FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "cache_policy",
+    "chat_template_kwargs",
 ];
 
 fn http_body() -> impl Strategy<Value = (bool, Vec<u8>)> {
