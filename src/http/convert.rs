@@ -534,6 +534,15 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_are_refused_naming_them() {
+        let err = serde_json::from_str::<GenerateBody>(
+            r#"{"model":"smollm2","messages":[],"frobnicate":true}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `frobnicate`"), "{err}");
+    }
+
+    #[test]
     fn chat_fields_land_on_the_wire() {
         let (wire, options) = chat_json(
             r#"{"model":"smollm2","messages":[{"role":"developer","content":"Be short."},

@@ -68,8 +68,11 @@ pub struct RequestMessage {
 
 /// The body of `POST /v1/chat/completions` (which needs `messages`) and `POST /v1/completions`
 /// (which needs `prompt`). One flat struct, not two sharing a flattened part: serde loses the field
-/// path of errors inside a flattened struct, and the 400 must name the field.
+/// path of errors inside a flattened struct, and the 400 must name the field. A field it does not
+/// define is refused, naming it (as OpenAI's API does): a field the node would not read must not
+/// look honoured.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateBody {
     /// Model id as listed by `/v1/models`.
     pub model: String,
