@@ -539,7 +539,10 @@ mod tests {
             r#"{"model":"smollm2","messages":[],"frobnicate":true}"#,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("unknown field `frobnicate`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `frobnicate`"),
+            "{err}"
+        );
     }
 
     #[test]
