@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 
-use qnode::app::{App, Generator, Listeners};
+use qnode::app::Generator;
 use qnode::cache::ModelIdentity;
 use qnode::config::Config;
 use qnode::engine::Backend;
@@ -101,26 +101,14 @@ async fn start(dir: &std::path::Path) -> (Client, String) {
         ("smollm2".to_owned(), identity("smollm2")),
         (QWEN3.to_owned(), identity(QWEN3)),
     ]);
-    let listeners = Listeners::local(true, false).await.unwrap();
-    let (grpc, http, _) = listeners.addrs();
-    let app = App::new(
+    common::serve_both(
         Config::default(),
         Generator::Backend {
             backend: pool as Arc<dyn Backend>,
             identities,
         },
     )
-    .unwrap();
-    tokio::spawn(app.serve(listeners, std::future::pending()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (
-        InferenceClient::new(channel),
-        format!("http://{}", http.unwrap()),
-    )
+    .await
 }
 
 /// POST `body` to `{http}/v1/{path}` with curl: the status and the JSON answer.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 
-use qnode::app::{App, Generator, Listeners};
+use qnode::app::Generator;
 use qnode::cache::ModelIdentity;
 use qnode::config::Config;
 use qnode::engine::Backend;
@@ -33,26 +33,14 @@ async fn start() -> (Client, String) {
             template_id: "t".into(),
         },
     )]);
-    let listeners = Listeners::local(true, false).await.unwrap();
-    let (grpc, http, _) = listeners.addrs();
-    let app = App::new(
+    common::serve_both(
         Config::default(),
         Generator::Backend {
             backend: pool as Arc<dyn Backend>,
             identities,
         },
     )
-    .unwrap();
-    tokio::spawn(app.serve(listeners, std::future::pending()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (
-        InferenceClient::new(channel),
-        format!("http://{}", http.unwrap()),
-    )
+    .await
 }
 
 fn request(prompt: &str, max_tokens: u32, top: Option<u32>) -> proto::GenerateRequest {

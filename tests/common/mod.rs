@@ -51,3 +51,27 @@ pub fn smollm2_pool(
     pool.load_all().unwrap();
     std::sync::Arc::new(pool)
 }
+
+/// Serves `generator` over both fronts as `qnode serve` does (the composition root) on free
+/// local ports: a connected gRPC client and the HTTP base URL (`http://127.0.0.1:PORT`).
+pub async fn serve_both(
+    config: qnode::config::Config,
+    generator: qnode::app::Generator,
+) -> (
+    qnode::grpc::proto::inference_client::InferenceClient<tonic::transport::Channel>,
+    String,
+) {
+    let listeners = qnode::app::Listeners::local(true, false).await.unwrap();
+    let (grpc, http, _) = listeners.addrs();
+    let app = qnode::app::App::new(config, generator).unwrap();
+    tokio::spawn(app.serve(listeners, std::future::pending()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (
+        qnode::grpc::proto::inference_client::InferenceClient::new(channel),
+        format!("http://{}", http.unwrap()),
+    )
+}
