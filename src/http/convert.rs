@@ -546,6 +546,31 @@ mod tests {
     }
 
     #[test]
+    fn unknown_message_and_stream_option_fields_are_refused_naming_them() {
+        for (json, field) in [
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"bob"}]}"#,
+                "name",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[]}]}"#,
+                "tool_calls",
+            ),
+            (
+                r#"{"model":"m","messages":[],"stream_options":{"continuous_usage_stats":true}}"#,
+                "continuous_usage_stats",
+            ),
+        ] {
+            let err = serde_json::from_str::<GenerateBody>(json).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("unknown field `{field}`")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn chat_fields_land_on_the_wire() {
         let (wire, options) = chat_json(
             r#"{"model":"smollm2","messages":[{"role":"developer","content":"Be short."},

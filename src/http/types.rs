@@ -27,8 +27,9 @@ impl Stop {
     }
 }
 
-/// `stream_options`.
+/// `stream_options`. Another option (vLLM's `continuous_usage_stats`, …) is refused, naming it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` and no choices before `[DONE]`.
     #[serde(default)]
@@ -56,8 +57,10 @@ pub enum Content {
     Parts(Vec<ContentPart>),
 }
 
-/// One chat message of a request.
+/// One chat message of a request. Fields it does not define (`name`, `tool_calls`,
+/// `tool_call_id`, …) are refused, naming them: the chat templates would drop them silently.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestMessage {
     /// `system`, `developer` (read as `system`), `user` or `assistant`.
     pub role: String,
