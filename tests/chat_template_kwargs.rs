@@ -101,14 +101,15 @@ async fn start(dir: &std::path::Path) -> (Client, String) {
         ("smollm2".to_owned(), identity("smollm2")),
         (QWEN3.to_owned(), identity(QWEN3)),
     ]);
-    common::serve_both(
+    let node = common::serve_both(
         Config::default(),
         Generator::Backend {
             backend: pool as Arc<dyn Backend>,
             identities,
         },
     )
-    .await
+    .await;
+    (node.grpc, node.http)
 }
 
 /// POST `body` to `{http}/v1/{path}` with curl: the status and the JSON answer.

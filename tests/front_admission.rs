@@ -6,67 +6,49 @@
 //! counting stand-in for the model (tests/cache_support), with a real redis-server.
 
 mod cache_support;
+mod common;
 mod grpc_support;
 
 use std::process::Command;
 use std::sync::Arc;
 
 use cache_support::{config, identities, CountingBackend, RedisServer, MODEL};
-use qnode::app::{App, Generator, Listeners};
+use common::Served;
+use qnode::app::Generator;
 use qnode::config::Config;
 use qnode::engine::Backend;
-use qnode::grpc::proto::inference_client::InferenceClient;
 use qnode::grpc::proto::{self};
 use std::time::Duration;
 use tonic::Code;
 
-struct Node {
-    grpc: InferenceClient<tonic::transport::Channel>,
-    grpc_url: String,
-    http: String,
-}
-
-async fn start(redis: Option<&RedisServer>) -> Node {
+async fn start(redis: Option<&RedisServer>) -> Served {
     start_with(config(redis)).await
 }
 
-async fn start_with(cache: qnode::cache::CacheConfig) -> Node {
+async fn start_with(cache: qnode::cache::CacheConfig) -> Served {
     let node = Config {
         cache,
         ..Config::default()
     };
-    let listeners = Listeners::local(true, false).await.unwrap();
-    let (grpc, http, _) = listeners.addrs();
-    let app = App::new(
+    common::serve_both(
         node,
         Generator::Backend {
             backend: CountingBackend::new(Duration::ZERO) as Arc<dyn Backend>,
             identities: identities(),
         },
     )
-    .unwrap();
-    tokio::spawn(app.serve(listeners, std::future::pending()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Node {
-        grpc: InferenceClient::new(channel),
-        grpc_url: format!("http://{grpc}"),
-        http: format!("http://{}", http.unwrap()),
-    }
+    .await
 }
 
 /// `POST /v1/chat/completions` (streamed when `stream`): (status line, headers, body) as curl
 /// saw them.
-fn http_chat(node: &Node, content: &str, stream: bool) -> (u16, String, String) {
+fn http_chat(node: &Served, content: &str, stream: bool) -> (u16, String, String) {
     http_chat_with(node, content, stream, &[])
 }
 
 /// [`http_chat`] with extra request headers.
 fn http_chat_with(
-    node: &Node,
+    node: &Served,
     content: &str,
     stream: bool,
     headers: &[&str],

@@ -33,14 +33,15 @@ async fn start() -> (Client, String) {
             template_id: "t".into(),
         },
     )]);
-    common::serve_both(
+    let node = common::serve_both(
         Config::default(),
         Generator::Backend {
             backend: pool as Arc<dyn Backend>,
             identities,
         },
     )
-    .await
+    .await;
+    (node.grpc, node.http)
 }
 
 fn request(prompt: &str, max_tokens: u32, top: Option<u32>) -> proto::GenerateRequest {

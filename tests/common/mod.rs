@@ -52,26 +52,32 @@ pub fn smollm2_pool(
     std::sync::Arc::new(pool)
 }
 
-/// Serves `generator` over both fronts as `qnode serve` does (the composition root) on free
-/// local ports: a connected gRPC client and the HTTP base URL (`http://127.0.0.1:PORT`).
-pub async fn serve_both(
-    config: qnode::config::Config,
-    generator: qnode::app::Generator,
-) -> (
-    qnode::grpc::proto::inference_client::InferenceClient<tonic::transport::Channel>,
-    String,
-) {
+/// A node serving both fronts on free local ports.
+pub struct Served {
+    /// A client connected to the gRPC front.
+    pub grpc: qnode::grpc::proto::inference_client::InferenceClient<tonic::transport::Channel>,
+    /// The gRPC front's base URL (`http://127.0.0.1:PORT`), for other clients.
+    pub grpc_url: String,
+    /// The HTTP front's base URL.
+    pub http: String,
+}
+
+/// Serves `generator` over both fronts as `qnode serve` does (the composition root), until the
+/// test's runtime ends.
+pub async fn serve_both(config: qnode::config::Config, generator: qnode::app::Generator) -> Served {
     let listeners = qnode::app::Listeners::local(true, false).await.unwrap();
     let (grpc, http, _) = listeners.addrs();
     let app = qnode::app::App::new(config, generator).unwrap();
     tokio::spawn(app.serve(listeners, std::future::pending()));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+    let grpc_url = format!("http://{grpc}");
+    let channel = tonic::transport::Endpoint::from_shared(grpc_url.clone())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    (
-        qnode::grpc::proto::inference_client::InferenceClient::new(channel),
-        format!("http://{}", http.unwrap()),
-    )
+    Served {
+        grpc: qnode::grpc::proto::inference_client::InferenceClient::new(channel),
+        grpc_url,
+        http: format!("http://{}", http.unwrap()),
+    }
 }
