@@ -8,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_build::configure()
+    tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("qnode_v1_descriptor.bin"))
         // Malformed request bodies are INVALID_ARGUMENT, not tonic's INTERNAL.
         .codec_path("crate::grpc::codec::Codec")

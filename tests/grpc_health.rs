@@ -67,7 +67,7 @@ async fn unknown_service_is_not_found() {
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
 
-/// `Health/List` (the health proto's 2024 method, which tonic-health 0.12 lacks): every service
+/// `Health/List` (the health proto's 2024 method, which tonic-health 0.12 and 0.14 lack): every service
 /// the node reports, with the same statuses `Check` gives, through the generated client
 /// (tests/grpc_grpcurl.rs calls it through the real grpcurl).
 #[tokio::test]

@@ -355,7 +355,7 @@ async fn sampled(
             }
         }
         if !valid.is_empty() {
-            let (i, answer) = &valid[rand::Rng::gen_range(&mut rand::thread_rng(), 0..valid.len())];
+            let (i, answer) = &valid[rand::Rng::random_range(&mut rand::rng(), 0..valid.len())];
             s.metrics.hit("l2");
             let source = Source::CacheVariant(*i as u32 + 1);
             return Ok(prefilled(answer, s.config.chunk_chars, source, started));

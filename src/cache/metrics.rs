@@ -115,11 +115,7 @@ mod tests {
         m.register(&r).unwrap();
         m.hit("l1");
         assert!(m.register(&r).is_err());
-        let names: Vec<String> = r
-            .gather()
-            .iter()
-            .map(|f| f.get_name().to_string())
-            .collect();
+        let names: Vec<String> = r.gather().iter().map(|f| f.name().to_string()).collect();
         assert!(
             names.contains(&"qnode_cache_hits_total".to_string()),
             "{names:?}"

@@ -17,7 +17,8 @@ use super::{CacheConfig, CacheError, CacheKey, CacheMetrics, Clock};
 /// Where to connect.
 enum Target {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    // Boxed: the cluster client is twice the single one, and built once per store.
+    Cluster(Box<ClusterClient>),
 }
 
 /// A live connection of either kind; both multiplex, so clones are cheap and concurrent.
@@ -107,14 +108,14 @@ impl L2 {
             reason: e.to_string(),
         };
         let target = match cluster_nodes(url) {
-            Some(nodes) => Target::Cluster(
+            Some(nodes) => Target::Cluster(Box::new(
                 ClusterClient::builder(nodes)
                     .connection_timeout(config.redis_timeout)
                     .response_timeout(config.redis_timeout)
                     .retries(1)
                     .build()
                     .map_err(invalid)?,
-            ),
+            )),
             None => Target::Single(redis::Client::open(url).map_err(invalid)?),
         };
         Ok(Self {
@@ -443,7 +444,7 @@ impl L2 {
                 // One attempt per reconnect: the breaker paces retries, not a backoff loop.
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(0)
-                    .set_connection_timeout(self.timeout);
+                    .set_connection_timeout(Some(self.timeout));
                 Conn::Single(Box::new(
                     ConnectionManager::new_with_config(client.clone(), config).await?,
                 ))

@@ -92,7 +92,7 @@ fn check_finite(grammar: Grammar, language: &[&str]) {
                 .collect();
             assert!(!allowed.is_empty(), "no legal token after {written:?}");
             assert_eq!(c.is_accepting(), got[EOS as usize]);
-            let t = allowed[rng.gen_range(0..allowed.len())];
+            let t = allowed[rng.random_range(0..allowed.len())];
             if t == EOS || t == IM_END {
                 assert!(language.iter().any(|l| l.as_bytes() == written));
                 break;
@@ -177,14 +177,14 @@ fn walks_always_have_a_legal_token_and_end_valid() {
                 assert_eq!(mask[EOS as usize], mask[IM_END as usize]);
                 assert_eq!(c.is_accepting(), mask[EOS as usize]);
                 // Prefer text so walks get somewhere; stop when a stop id is drawn.
-                let t = if mask[EOS as usize] && rng.gen_bool(0.3) {
+                let t = if mask[EOS as usize] && rng.random_bool(0.3) {
                     EOS
                 } else {
                     let text: Vec<u32> = allowed.iter().copied().filter(|&t| t > 2).collect();
                     if text.is_empty() {
                         EOS
                     } else {
-                        text[rng.gen_range(0..text.len())]
+                        text[rng.random_range(0..text.len())]
                     }
                 };
                 if t == EOS {

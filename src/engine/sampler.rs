@@ -31,7 +31,7 @@ impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_entropy(),
+            None => StdRng::from_os_rng(),
         };
         Self {
             params: params.clone(),
@@ -160,7 +160,7 @@ impl Sampler {
     /// Draws one candidate in proportion to its weight.
     fn draw(&mut self) -> u32 {
         let total: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
-        let mut r = self.rng.gen::<f64>() * total;
+        let mut r = self.rng.random::<f64>() * total;
         for &(id, w) in &self.candidates {
             r -= f64::from(w);
             if r < 0.0 {

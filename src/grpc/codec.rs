@@ -10,10 +10,11 @@
 use std::convert::Infallible;
 
 use prost::Message;
-use tonic::codec::{BufferSettings, DecodeBuf, Decoder, ProstCodec};
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
 use tonic::Status;
+use tonic_prost::ProstCodec;
 
 use crate::metrics::Metrics;
 

@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 /// runs and tokio's timers tick in whole milliseconds, so the margin covers a loaded node's
 /// decode-to-handler and wake-up delays (2 ms was not enough on a busy 2-core CI machine, nor was
 /// 10 ms for a call waiting on a frozen Redis during a full test run). Serving the routes
-/// without tonic's timeout layer would remove the race; tonic 0.12 applies it to every service.
+/// without tonic's timeout layer would remove the race; tonic (0.12 and 0.14) applies it to every service.
 const AHEAD_OF_TONIC: Duration = Duration::from_millis(25);
 
 /// When the caller stops waiting, counted from `arrival`; `None` without a valid `grpc-timeout`.

@@ -89,12 +89,12 @@ impl Health for HealthService {
         let service = request.into_inner().service;
         match status_of(*self.0.borrow(), &service) {
             Some(status) => Ok(Response::new(response(status))),
-            None => Err(Status::not_found(super::status::wire_message(format!(
+            None => Err(Status::not_found(format!(
                 "unknown service {:?}; this node reports \"\", {} and {}",
                 crate::types::echo(&service),
                 SERVICES[1],
                 SERVICES[2]
-            )))),
+            ))),
         }
     }
 

@@ -49,16 +49,14 @@ impl<S: NamedService> NamedService for MetadataLimit<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for MetadataLimit<S>
+impl<S, B, R> Service<http::Request<B>> for MetadataLimit<S>
 where
-    S: Service<
-        http::Request<B>,
-        Response = http::Response<tonic::body::BoxBody>,
-        Error = Infallible,
-    >,
+    S: Service<http::Request<B>, Response = http::Response<R>, Error = Infallible>,
     S::Future: Send + 'static,
+    R: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    R::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<tonic::body::BoxBody>;
+    type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<Self::Response, Infallible>;
 
@@ -69,7 +67,9 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let size = metadata_bytes(request.headers());
         if size <= MAX_METADATA_BYTES {
-            return Box::pin(self.inner.call(request));
+            // The refusal below is a plain tonic body; the service's own is boxed into one.
+            let response = self.inner.call(request);
+            return Box::pin(async move { Ok(response.await?.map(tonic::body::Body::new)) });
         }
         let method = super::codec::method_label(request.uri().path());
         // Resending the same headers fails again: no retry hint goes with this one.

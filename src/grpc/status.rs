@@ -26,23 +26,11 @@ fn code(kind: ErrorKind) -> Code {
 
 impl From<FrontError> for Status {
     fn from(error: FrontError) -> Self {
-        let mut status = Status::new(code(error.kind), wire_message(error.message));
+        let mut status = Status::new(code(error.kind), error.message);
         if let ErrorKind::ResourceExhausted { retry_after } = error.kind {
             add_retry_after(&mut status, retry_after);
         }
         status
-    }
-}
-
-/// `message` as `grpc-message` must carry it. tonic 0.12 percent-encodes a status message but
-/// leaves `%` itself as is, so an echoed `%8a` reached clients as the byte 0x8a (UNKNOWN:
-/// "invalid utf-8" instead of the real status, found by tests/fuzz_fronts.rs); a `%` sent as
-/// `%25` decodes back to itself.
-pub(crate) fn wire_message(message: String) -> String {
-    if message.contains('%') {
-        message.replace('%', "%25")
-    } else {
-        message
     }
 }
 

@@ -37,6 +37,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Extension, Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -182,7 +183,7 @@ pub fn router(backend: Arc<dyn Backend>, node: Arc<Node>, config: HttpConfig) ->
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         // A wildcard: ids may hold a `/` (`org/model`), as OpenAI's fine-tune ids do `:`.
-        .route("/v1/models/*id", get(retrieve_model))
+        .route("/v1/models/{*id}", get(retrieve_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
     Router::new()
         .route("/health", get(health))
@@ -206,8 +207,13 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "OpenAI-compatible HTTP listening");
     }
+    // Streamed tokens go out as written, not held back by Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(backend, node, config))
-        .tcp_nodelay(true)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -1141,7 +1141,7 @@ mod tests {
         let q_stride = width + 2 * nkv * hd;
         let rows: usize = batch.iter().map(|b| b.1).sum();
         let q: Vec<f32> = (0..rows * q_stride)
-            .map(|_| rng.gen_range(-2.0..2.0))
+            .map(|_| rng.random_range(-2.0..2.0))
             .collect();
         // Caches with spare capacity, filled with junk past the last position; keys row-major
         // for the reference and tiled for the kernel.
@@ -1154,7 +1154,7 @@ mod tests {
             .map(|&c| {
                 let mut g = || -> Vec<f16> {
                     (0..nkv * c * hd)
-                        .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
+                        .map(|_| f16::from_f32(rng.random_range(-2.0..2.0)))
                         .collect()
                 };
                 let (k, v) = (g(), g());
@@ -1287,7 +1287,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
         let width = nh * hd;
-        let mut g = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let mut g =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
         let q = g(total * width);
         let half = |x: Vec<f32>| -> Vec<f16> { x.into_iter().map(f16::from_f32).collect() };
         let cap = total.next_multiple_of(KEY_TILE);

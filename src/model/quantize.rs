@@ -252,7 +252,7 @@ mod tests {
 
     fn random(rows: usize, k: usize, seed: u64) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let data: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         Tensor::from_vec(data, (rows, k), &Device::Cpu).unwrap()
     }
 

@@ -119,14 +119,18 @@ fn resolve_hub(spec: &str) -> Result<ResolvedModel, ModelError> {
     let (Some(owner), Some(repo), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad("expected hf:OWNER/REPO/FILE.gguf".into()));
     };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
-        .with_retries(0)
+    // One attempt: a machine without internet should hear so now, not after backing off.
+    let client = hf_hub::HFClient::builder()
+        .retry_max_attempts(0)
         .build()
+        .and_then(hf_hub::HFClientSync::from_inner)
         .map_err(|e| bad(format!("cannot set up the Hugging Face hub client: {e}")))?;
-    let path = api
-        .model(format!("{owner}/{repo}"))
-        .get(file)
+    let path = client
+        .model(owner, repo)
+        .download_file()
+        .filename(file)
+        .progress(hf_hub::progress::Progress::new(LogProgress::default()))
+        .send()
         .map_err(|e| {
             bad(format!(
                 "download from the Hugging Face hub failed ({e}); without internet access, fetch \
@@ -141,6 +145,46 @@ fn resolve_hub(spec: &str) -> Result<ResolvedModel, ModelError> {
         path,
         expected_sha256: None,
     })
+}
+
+/// Logs a hub download's start, every tenth of its bytes, and its end (a model is hundreds of MB).
+#[derive(Default)]
+struct LogProgress {
+    /// Tenths of the file logged so far.
+    tenths: std::sync::atomic::AtomicU64,
+}
+
+impl hf_hub::progress::ProgressHandler for LogProgress {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent, ProgressEvent};
+        let ProgressEvent::Download(event) = event else {
+            return;
+        };
+        match event {
+            DownloadEvent::Start { total_bytes, .. } => {
+                tracing::info!(bytes = total_bytes, "downloading from the Hugging Face hub")
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            } if *total_bytes > 0 => {
+                let done = bytes_completed * 10 / total_bytes;
+                let before = self
+                    .tenths
+                    .fetch_max(done, std::sync::atomic::Ordering::Relaxed);
+                if done > before {
+                    tracing::info!(
+                        done = bytes_completed,
+                        of = total_bytes,
+                        "hub download progress"
+                    );
+                }
+            }
+            DownloadEvent::Complete => tracing::info!("hub download complete"),
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -81,7 +81,9 @@ pub fn write_tiny_llama(path: &Path, seed: u64) -> Result<(), ModelError> {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut matrix = |rows: usize, cols: usize| -> Result<QTensor, ModelError> {
-        let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-0.2..0.2)).collect();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.2..0.2))
+            .collect();
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
         Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?)
     };

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 pub type RawClient = proto::inference_client::InferenceClient<
     hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
-        tonic::body::BoxBody,
+        tonic::body::Body,
     >,
 >;
 

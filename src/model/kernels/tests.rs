@@ -28,11 +28,11 @@ impl Weights {
         let mut qs = Vec::with_capacity(n * k);
         let mut d = Vec::with_capacity(n * kb);
         for _ in 0..n * kb {
-            let scale = f16::from_f32(rng.gen_range(1e-4f32..2e-2));
+            let scale = f16::from_f32(rng.random_range(1e-4f32..2e-2));
             bytes.extend_from_slice(&scale.to_le_bytes());
             d.push(scale.to_f32());
             for _ in 0..QK {
-                let q: i8 = rng.gen();
+                let q: i8 = rng.random();
                 bytes.push(q as u8);
                 qs.push(q);
             }
@@ -77,7 +77,7 @@ impl Weights {
 }
 
 fn random_x(m: usize, k: usize, rng: &mut StdRng) -> Vec<f32> {
-    (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect()
+    (0..m * k).map(|_| rng.random_range(-3.0f32..3.0)).collect()
 }
 
 fn available_paths() -> Vec<Path> {
