@@ -567,6 +567,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_secret: Option<String>,
+    /// Turn the semantic cache tier on (`cache.semantic.enabled`): on an exact miss, a standalone
+    /// chat question asked in other words gets the answer of the earlier wording (embedding
+    /// similarity plus a guard; see the README for its false-hit rate). Needs the encoder
+    /// (`python3 models/fetch.py minilm-l6`). [default: off]
+    #[arg(long, env = "QNODE_SEMANTIC_CACHE")]
+    pub semantic_cache: bool,
     /// `standby`: load and warm, but take no traffic until `Admin.Activate`. [default: active]
     #[arg(long, env = "QNODE_ROLE", value_name = "ROLE", value_parser = parse_role)]
     pub role: Option<crate::types::Role>,
@@ -679,6 +685,17 @@ impl Config {
         }
         if let Some(secret) = &args.redis_secret {
             self.cache.redis_secret = Some(crate::cache::Secret::new(secret.as_str()));
+        }
+        if args.semantic_cache {
+            self.cache.semantic.enabled = true;
+        }
+        // Unset, the encoder is the manifest's, under the models directory.
+        if self.cache.semantic.encoder.is_none() {
+            self.cache.semantic.encoder = Some(
+                self.server
+                    .models_dir
+                    .join(crate::cache::semantic::DEFAULT_ENCODER),
+            );
         }
         if !args.models.is_empty() {
             let from_file = std::mem::take(&mut self.models);
