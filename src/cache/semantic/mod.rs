@@ -65,7 +65,7 @@ pub struct SemanticConfig {
 pub const DEFAULT_ENCODER: &str = "minilm-l6";
 
 /// Default `threshold`: see `SemanticConfig::threshold` and the README's table.
-pub const DEFAULT_THRESHOLD: f32 = 0.80;
+pub const DEFAULT_THRESHOLD: f32 = 0.82;
 
 impl Default for SemanticConfig {
     fn default() -> Self {
