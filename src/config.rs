@@ -971,6 +971,31 @@ mod tests {
     }
 
     #[test]
+    fn semantic_cache_is_off_unless_the_flag_or_the_file_turns_it_on() {
+        let off = Config::from_args_with_cores(&parse(&[]), 4).unwrap();
+        assert!(!off.cache.semantic.enabled);
+        let on = Config::from_args_with_cores(&parse(&["--semantic-cache"]), 4).unwrap();
+        assert!(on.cache.semantic.enabled);
+        // The encoder defaults to the manifest's, under the models directory.
+        let on = Config::from_args_with_cores(
+            &parse(&["--semantic-cache", "--models-dir", "/srv/m"]),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            on.cache.semantic.encoder,
+            Some(PathBuf::from("/srv/m/minilm-l6"))
+        );
+        let f = file("[cache.semantic]\nenabled = true\nthreshold = 0.9\n");
+        let from_file = Config::from_file(f.path()).unwrap();
+        assert!(from_file.cache.semantic.enabled);
+        assert_eq!(from_file.cache.semantic.threshold, 0.9);
+        let f = file("[cache.semantic]\nenabled = true\nthreshold = 1.5\n");
+        let bad = Config::from_file(f.path()).unwrap();
+        assert!(bad.cache.validate().is_err(), "threshold over 1 is refused");
+    }
+
+    #[test]
     fn kv_cache_mb_flag_sets_every_model() {
         let config = Config::from_args_with_cores(&parse(&["--kv-cache-mb", "0"]), 4).unwrap();
         assert_eq!(config.models[0].kv_cache_mb, 0);
