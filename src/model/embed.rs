@@ -91,7 +91,12 @@ impl SentenceEncoder {
                 reason: e.to_string(),
             }
         })?;
-        if config.hidden_act != "gelu" || config.hidden_size % config.num_attention_heads != 0 {
+        if config.hidden_act != "gelu"
+            || config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(ModelError::BadMetadata {
                 key: "hidden_act / num_attention_heads".into(),
                 reason: format!(
