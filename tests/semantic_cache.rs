@@ -5,6 +5,7 @@
 //! - a negated or entity-swapped question is generated, not served;
 //! - different system prompts or tenants never share;
 //! - off by default: the same paraphrase without `cache.semantic.enabled` is generated.
+//! - its metrics count lookups, hits, misses, the guard's refusals and the questions held.
 //!
 //! Skipped (with a message) only when the encoder files are absent; `scripts/test.sh` fetches them.
 
@@ -14,12 +15,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use qnode::app::Generator;
-use qnode::cache::ModelIdentity;
+use qnode::cache::{CachedBackend, ModelIdentity};
 use qnode::config::Config;
 use qnode::engine::Backend;
+use qnode::grpc::proto::inference_client::InferenceClient;
 use qnode::grpc::proto::{self, CacheLevel};
 use qnode::metrics::Metrics;
 use qnode::model::embed::FILES;
+use tonic::transport::Channel;
 
 fn encoder_dir() -> Option<std::path::PathBuf> {
     let dir = common::repo_root().join("models/minilm-l6");
@@ -34,8 +37,15 @@ fn encoder_dir() -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
-/// A node serving the real SmolLM2 with the answer cache as configured (`semantic` on or off).
-async fn node(semantic: bool) -> Option<common::Served> {
+/// A node serving the real SmolLM2 over both fronts (as `qnode serve` does, through the
+/// composition root) with the answer cache as configured (`semantic` on or off).
+struct Node {
+    grpc: InferenceClient<Channel>,
+    http: String,
+    cache: Arc<CachedBackend>,
+}
+
+async fn node(semantic: bool) -> Option<Node> {
     let dir = encoder_dir()?;
     let metrics = Metrics::new().unwrap();
     let pool = common::smollm2_pool(2, &metrics);
@@ -55,7 +65,21 @@ async fn node(semantic: bool) -> Option<common::Served> {
         backend: pool as Arc<dyn Backend>,
         identities,
     };
-    Some(common::serve_both(config, generator).await)
+    let listeners = qnode::app::Listeners::local(true, false).await.unwrap();
+    let (grpc, http, _) = listeners.addrs();
+    let app = qnode::app::App::new(config, generator).unwrap();
+    let cache = Arc::clone(app.cache().expect("the node has an answer cache"));
+    tokio::spawn(app.serve(listeners, std::future::pending()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Some(Node {
+        grpc: InferenceClient::new(channel),
+        http: format!("http://{}", http.unwrap()),
+        cache,
+    })
 }
 
 /// A greedy chat call: `system` (when given), then `question`, as `tenant` (when given).
@@ -92,7 +116,7 @@ fn ask(
 
 /// (cache level, text) of a call.
 async fn level(
-    served: &mut common::Served,
+    served: &mut Node,
     request: tonic::Request<proto::GenerateRequest>,
 ) -> (CacheLevel, String) {
     let r = served.grpc.generate(request).await.unwrap().into_inner();
@@ -157,6 +181,16 @@ async fn a_paraphrase_gets_the_original_answer_and_near_misses_do_not() {
             "{near_miss:?} must not be served France's answer"
         );
     }
+
+    // Every exact miss above was a lookup; two hits; the negation was over the threshold
+    // (0.90) and refused by the guard; the original and the three generated near-misses are
+    // held.
+    let m = n.cache.metrics();
+    assert_eq!(m.semantic_lookups.get(), 6);
+    assert_eq!(m.hits.with_label_values(&["semantic"]).get(), 2);
+    assert_eq!(m.misses.with_label_values(&["semantic"]).get(), 4);
+    assert_eq!(m.semantic_rejects.with_label_values(&["negation"]).get(), 1);
+    assert_eq!(m.semantic_entries.get(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
