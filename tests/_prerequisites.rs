@@ -14,14 +14,30 @@ fn missing_models(root: &Path) -> Vec<String> {
         .expect("models/manifest.toml is part of the repository");
     let manifest: toml::Value = toml::from_str(&manifest).expect("models/manifest.toml parses");
     let models = manifest["model"].as_array().expect("[[model]] tables");
-    models
+    let mut missing: Vec<String> = models
         .iter()
         .filter_map(|m| {
             let (id, file) = (m["id"].as_str()?, m["file"].as_str()?);
             let path = root.join("models").join(id).join(file);
             (!path.exists()).then(|| format!("models/{id}/{file}"))
         })
-        .collect()
+        .collect();
+    // Sentence encoders (the semantic cache tier): several files each.
+    for e in manifest
+        .get("embedding")
+        .and_then(|e| e.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let id = e["id"].as_str().expect("an embedding id");
+        for f in e["files"].as_array().expect("[[embedding.files]]") {
+            let file = f["file"].as_str().expect("a file name");
+            if !root.join("models").join(id).join(file).exists() {
+                missing.push(format!("models/{id}/{file}"));
+            }
+        }
+    }
+    missing
 }
 
 /// Whether `program` runs (`args` should make it exit 0 quickly).

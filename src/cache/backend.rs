@@ -21,6 +21,7 @@ use super::key::cache_key;
 use super::l1::L1;
 use super::redis_store::L2;
 use super::replay;
+use super::semantic::{Embedded, Question, SemanticTier};
 use super::{
     CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity, Secret,
     SystemClock,
@@ -55,6 +56,8 @@ struct Shared {
     secret: Secret,
     /// Asks answered by L1 and not yet counted in Redis.
     asks: Mutex<AskNotes>,
+    /// The semantic tier, when `cache.semantic.enabled`.
+    semantic: Option<SemanticTier>,
 }
 
 /// How long L1-answered asks are gathered before one batch adds them to the Redis counts.
@@ -103,8 +106,17 @@ impl CachedBackend {
             )?)),
             None => None,
         };
+        let semantic = if config.semantic.enabled {
+            Some(SemanticTier::load(
+                config.semantic.clone(),
+                metrics.clone(),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             shared: Arc::new(Shared {
+                semantic,
                 inner,
                 identities: RwLock::new(identities),
                 l1: L1::new(&config, clock.clone()),
@@ -227,6 +239,10 @@ impl Backend for CachedBackend {
         }
         let started = Instant::now();
         let key = cache_key(&identity, &request, s.config.normalize);
+        let question = s
+            .semantic
+            .as_ref()
+            .and_then(|tier| tier.question(&identity, &request, s.config.normalize));
         let read = policy != CachePolicy::Refresh;
         if read {
             if let Some(answer) = s.l1.get(&key) {
@@ -273,6 +289,7 @@ impl Backend for CachedBackend {
             digest,
             flight.clone(),
             request,
+            question,
             started,
         ));
         flight.admitted().await?;
@@ -531,14 +548,16 @@ impl Drop for SettleOnDrop {
     }
 }
 
-/// Drives a new flight: the Redis lookup (when L2 is configured and the policy reads), else the
-/// inner `submit`; settles the flight with the outcome, then pumps the generation.
+/// Drives a new flight: the Redis lookup (when L2 is configured and the policy reads), then the
+/// semantic tier (when on and `question` qualifies), else the inner `submit`; settles the flight
+/// with the outcome, then pumps the generation.
 async fn lead(
     s: Arc<Shared>,
     key: CacheKey,
     digest: String,
     flight: Arc<Flight>,
     request: GenerationRequest,
+    question: Option<Question>,
     started: Instant,
 ) {
     let _settle = SettleOnDrop(flight.clone());
@@ -568,11 +587,35 @@ async fn lead(
             return; // everyone left during the lookup
         }
     }
+    let mut embedded = None;
+    if let (Some(tier), Some(question)) = (&s.semantic, question) {
+        // Only now, on an exact miss, is the question embedded.
+        if let Some(e) = tier.embed(question).await {
+            if read {
+                if let Some(answer) = semantic_answer(&s, tier, &e) {
+                    let events = replay::events(
+                        &answer,
+                        s.config.chunk_chars,
+                        Source::CacheSemantic,
+                        started.elapsed(),
+                    );
+                    flight.settle(Ok(()));
+                    flight.push(events.into_iter().map(Ok), true);
+                    s.flights.finish(&key, &flight);
+                    return;
+                }
+            }
+            embedded = Some(e);
+        }
+        if s.flights.abandon_if_unwatched(&key, &flight) {
+            return; // everyone left during the embedding
+        }
+    }
     s.metrics.generations.inc();
     match s.inner.submit(request).await {
         Ok(inner) => {
             flight.settle(Ok(()));
-            drive(s, key, digest, flight, inner, count).await;
+            drive(s, key, digest, flight, inner, count, embedded).await;
         }
         Err(e) => {
             flight.settle(Err(e.clone()));
@@ -582,8 +625,26 @@ async fn lead(
     }
 }
 
-/// Pumps the inner stream into the flight; on a successful finish stores the answer in L1, and
-/// in L2 when the key is hot (`count >= hot_threshold`).
+/// The L1 answer of the stored question `e` matches, if any; a match whose answer has left L1
+/// is forgotten (a miss).
+fn semantic_answer(s: &Shared, tier: &SemanticTier, e: &Embedded) -> Option<Arc<CachedAnswer>> {
+    let original = tier.lookup(e)?;
+    match s.l1.get(&original) {
+        Some(answer) => {
+            s.metrics.hit("semantic");
+            Some(answer)
+        }
+        None => {
+            tier.forget(&e.question.scope, &original);
+            s.metrics.miss("semantic");
+            None
+        }
+    }
+}
+
+/// Pumps the inner stream into the flight; on a successful finish stores the answer in L1 (and
+/// its question in the semantic index when `embedded`), and in L2 when the key is hot
+/// (`count >= hot_threshold`).
 async fn drive(
     s: Arc<Shared>,
     key: CacheKey,
@@ -591,6 +652,7 @@ async fn drive(
     flight: Arc<Flight>,
     mut inner: EventStream,
     count: Option<u64>,
+    embedded: Option<Embedded>,
 ) {
     let mut text = String::new();
     let completion = loop {
@@ -633,6 +695,9 @@ async fn drive(
     // L1 before the caller sees `Finished` and before leaving the table: whoever asks next
     // either joins or hits.
     s.l1.insert(key, answer.clone());
+    if let (Some(tier), Some(e)) = (&s.semantic, embedded) {
+        tier.insert(e, key);
+    }
     flight.push([Ok(GenerationEvent::Finished(completion))], true);
     s.publish_l1_bytes();
     // The flight stays in the table until the Redis write is done (joiners replay its log), so

@@ -71,6 +71,8 @@ pub struct CacheConfig {
     /// this many, such a request is generated and its answer added; from then on one of them is
     /// served at random. `0` turns it off (sampled requests always generate). Needs Redis.
     pub sampled_variants: usize,
+    /// The semantic tier (`[cache.semantic]`), off by default.
+    pub semantic: super::SemanticConfig,
 }
 
 impl Default for CacheConfig {
@@ -95,6 +97,7 @@ impl Default for CacheConfig {
             key_prefix: "qnode:v1".to_string(),
             prewarm_top_k: 256,
             sampled_variants: 4,
+            semantic: super::SemanticConfig::default(),
         }
     }
 }
@@ -148,7 +151,7 @@ impl CacheConfig {
                 "must be >= 1000 ms (Redis TTLs are whole seconds)",
             );
         }
-        Ok(())
+        self.semantic.validate()
     }
 }
 

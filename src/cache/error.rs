@@ -14,6 +14,9 @@ pub enum CacheError {
         /// The rule it broke.
         rule: &'static str,
     },
+    /// The semantic tier's sentence encoder could not be loaded.
+    #[error("semantic cache encoder: {0}")]
+    Encoder(String),
     /// The Redis URL could not be parsed.
     #[error("redis url `{url}`: {reason}")]
     InvalidRedisUrl {

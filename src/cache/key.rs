@@ -100,11 +100,36 @@ impl KeyHasher {
     }
 }
 
+/// Domain of semantic scope keys ([`semantic_scope`]): never equal to an answer key.
+const SCOPE_DOMAIN: &[u8] = b"qnode-semantic-scope/v1";
+
 /// Key of `req` as served by the model `identity`. `normalize` applies [`normalize_text`] to the
 /// prompt text and chat contents (not roles, not stop strings).
 pub fn cache_key(identity: &ModelIdentity, req: &GenerationRequest, normalize: bool) -> CacheKey {
+    key_of(DOMAIN, identity, req, normalize, false)
+}
+
+/// The semantic tier's scope of a chat request: every field of its [`cache_key`] (model, system
+/// prompt and earlier turns, sampling, limits, stops, tenant, constraint, template options) but
+/// the last turn's text, which is what the tier compares by meaning. Two requests share a scope
+/// exactly when they would share an answer key after swapping their last turns' texts.
+pub fn semantic_scope(
+    identity: &ModelIdentity,
+    req: &GenerationRequest,
+    normalize: bool,
+) -> CacheKey {
+    key_of(SCOPE_DOMAIN, identity, req, normalize, true)
+}
+
+fn key_of(
+    domain: &[u8],
+    identity: &ModelIdentity,
+    req: &GenerationRequest,
+    normalize: bool,
+    blank_last: bool,
+) -> CacheKey {
     let mut h = KeyHasher(Sha256::new());
-    h.0.update(DOMAIN);
+    h.0.update(domain);
     h.field(tag::MODEL_ID, identity.model_id.as_bytes());
     h.field(tag::FILE_DIGEST, identity.file_digest.as_bytes());
     h.field(tag::QUANT, identity.quant.as_bytes());
@@ -120,9 +145,13 @@ pub fn cache_key(identity: &ModelIdentity, req: &GenerationRequest, normalize: b
         PromptInput::Text(t) => h.field(tag::PROMPT_TEXT, text(t, normalize).as_bytes()),
         PromptInput::Chat(turns) => {
             h.field(tag::CHAT_TURNS, &(turns.len() as u64).to_le_bytes());
-            for m in turns {
+            for (i, m) in turns.iter().enumerate() {
                 h.field(tag::ROLE, m.role.as_bytes());
-                h.field(tag::CONTENT, text(&m.content, normalize).as_bytes());
+                if blank_last && i + 1 == turns.len() {
+                    h.field(tag::CONTENT, &[]);
+                } else {
+                    h.field(tag::CONTENT, text(&m.content, normalize).as_bytes());
+                }
             }
         }
     }

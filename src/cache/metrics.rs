@@ -6,9 +6,9 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 /// Counters and gauges of one `CachedBackend`.
 #[derive(Clone)]
 pub struct CacheMetrics {
-    /// Answers served, by `level` (`l1`, `l2`).
+    /// Answers served, by `level` (`l1`, `l2`, `semantic`).
     pub hits: IntCounterVec,
-    /// Lookups that found nothing, by `level` (`l1`, `l2`).
+    /// Lookups that found nothing, by `level` (`l1`, `l2`, `semantic`).
     pub misses: IntCounterVec,
     /// Requests that joined a generation already running for the same key.
     pub singleflight_joins: IntCounter,
@@ -26,6 +26,14 @@ pub struct CacheMetrics {
     pub breaker_state: IntGauge,
     /// Weighted bytes in L1.
     pub l1_bytes: IntGauge,
+    /// Semantic tier: questions matched against the index (exact misses that qualified).
+    /// Hits and misses are `hits_total` / `misses_total` with `level="semantic"`.
+    pub semantic_lookups: IntCounter,
+    /// Semantic tier: matches over the threshold refused by the guard, by `guard` (negation,
+    /// number, entity, order, opposite, cjk).
+    pub semantic_rejects: IntCounterVec,
+    /// Semantic tier: questions held in the node's index.
+    pub semantic_entries: IntGauge,
 }
 
 impl CacheMetrics {
@@ -69,6 +77,16 @@ impl CacheMetrics {
                 "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
             ),
             l1_bytes: gauge("l1_bytes", "Weighted bytes held in the in-process cache"),
+            semantic_lookups: counter(
+                "semantic_lookups_total",
+                "Exact misses matched against the semantic index",
+            ),
+            semantic_rejects: vec(
+                "semantic_rejects_total",
+                "Semantic matches over the threshold refused by the guard",
+                "guard",
+            ),
+            semantic_entries: gauge("semantic_entries", "Questions held in the semantic index"),
         }
     }
 
@@ -84,6 +102,9 @@ impl CacheMetrics {
         registry.register(Box::new(self.redis_skipped.clone()))?;
         registry.register(Box::new(self.breaker_state.clone()))?;
         registry.register(Box::new(self.l1_bytes.clone()))?;
+        registry.register(Box::new(self.semantic_lookups.clone()))?;
+        registry.register(Box::new(self.semantic_rejects.clone()))?;
+        registry.register(Box::new(self.semantic_entries.clone()))?;
         Ok(())
     }
 

@@ -12,8 +12,10 @@
 //!    `hot_threshold` times within `hot_window` across the fleet). Values are envelopes signed
 //!    with HMAC-SHA256 under the fleet secret (`redis_secret`, [`mac`]); a value that fails any
 //!    check is a miss and is deleted.
-//! 5. Single flight ([`flight`]): identical concurrent misses share one generation.
-//! 6. Fail-open: every Redis call is bounded by `redis_timeout` and guarded by a circuit breaker;
+//! 5. Semantic tier ([`semantic`], opt-in): on an exact miss, a standalone chat question matched
+//!    by meaning (embedding cosine + a lexical guard) within its exact scope.
+//! 6. Single flight ([`flight`]): identical concurrent misses share one generation.
+//! 7. Fail-open: every Redis call is bounded by `redis_timeout` and guarded by a circuit breaker;
 //!    Redis trouble makes misses, never errors.
 
 pub mod backend;
@@ -29,6 +31,7 @@ pub mod mac;
 pub mod metrics;
 pub mod redis_store;
 pub mod replay;
+pub mod semantic;
 
 pub use backend::CachedBackend;
 pub use breaker::BreakerState;
@@ -36,6 +39,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CacheConfig;
 pub use entry::CachedAnswer;
 pub use error::CacheError;
-pub use key::{cache_key, normalize_text, CacheKey, ModelIdentity};
+pub use key::{cache_key, normalize_text, semantic_scope, CacheKey, ModelIdentity};
 pub use mac::Secret;
 pub use metrics::CacheMetrics;
+pub use semantic::SemanticConfig;

@@ -72,6 +72,27 @@ pub struct BenchArgs {
     /// share no history, so a soak of many runs never hits a previous run's prefixes.
     #[arg(long, default_value_t = 0)]
     replay_salt: usize,
+    /// Sweep the semantic cache tier's threshold on a labelled set of question pairs instead (no
+    /// node needed): hit and false-hit rates with 95 % intervals, guard off and on, and what an
+    /// embedding costs.
+    #[arg(long)]
+    semantic: bool,
+    /// Labelled pairs for `--semantic`.
+    #[arg(long, default_value = "tests/data/semantic_pairs.tsv")]
+    pairs: std::path::PathBuf,
+    /// Sentence encoder directory for `--semantic`.
+    #[arg(long, default_value = "models/minilm-l6")]
+    encoder: std::path::PathBuf,
+    /// Thresholds reported by `--semantic`, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.70,0.75,0.78,0.80,0.82,0.85,0.88,0.90,0.92,0.95"
+    )]
+    thresholds: Vec<f32>,
+    /// Timed passes over every distinct text of the pairs (`--semantic`).
+    #[arg(long, default_value_t = 3)]
+    embed_rounds: usize,
 }
 
 /// `NAME=VALUE` pairs of a repeatable flag.
@@ -175,6 +196,15 @@ struct Level {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.semantic {
+        super::semantic::run(super::semantic::Sweep {
+            pairs: args.pairs,
+            encoder: args.encoder,
+            thresholds: args.thresholds,
+            rounds: args.embed_rounds,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.concurrency.contains(&0) || args.requests == 0 {
         anyhow::bail!("--concurrency levels and --requests must be at least 1");
     }

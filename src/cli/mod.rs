@@ -7,6 +7,7 @@ mod health;
 mod models;
 mod multiturn;
 mod quantize;
+mod semantic;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -146,6 +146,7 @@ impl Call {
                 Source::Model => ("model", None),
                 Source::CacheL1 => ("cache_l1", Some("l1")),
                 Source::CacheL2 | Source::CacheVariant(_) => ("cache_l2", Some("l2")),
+                Source::CacheSemantic => ("cache_semantic", Some("semantic")),
             };
             m.served_tokens
                 .with_label_values(&[model, source])

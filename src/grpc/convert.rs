@@ -98,6 +98,7 @@ pub(crate) fn cache_level(source: Source) -> proto::CacheLevel {
         Source::Model => proto::CacheLevel::None,
         Source::CacheL1 => proto::CacheLevel::L1,
         Source::CacheL2 | Source::CacheVariant(_) => proto::CacheLevel::L2,
+        Source::CacheSemantic => proto::CacheLevel::Semantic,
     }
 }
 

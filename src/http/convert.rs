@@ -495,6 +495,7 @@ pub fn fingerprint(source: Source) -> &'static str {
         Source::Model => "qnode-model",
         Source::CacheL1 => "qnode-cache-l1",
         Source::CacheL2 => "qnode-cache-l2",
+        Source::CacheSemantic => "qnode-cache-semantic",
         Source::CacheVariant(n) => VARIANT_FINGERPRINTS
             .get(n as usize)
             .copied()

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod chat_template;
+pub mod embed;
 pub mod error;
 pub mod gguf;
 pub mod hparams;
