@@ -58,7 +58,7 @@ fn forced_logits(model: &Transformer, prompt: &[u32], forced: &[u32]) -> Vec<Vec
                 cache: &mut cache,
             }])
             .unwrap();
-        out.push(logits.get(0).unwrap().to_vec1().unwrap());
+        out.push(logits.row(0).to_vec());
         next = vec![*tok];
     }
     out

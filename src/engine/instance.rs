@@ -247,7 +247,7 @@ impl Instance {
                 chosen.push((i, 1));
             }
         }
-        let logits = {
+        let mut logits = {
             let mut steps = Vec::with_capacity(chosen.len());
             let mut masks = Vec::new();
             let mut rest: &mut [Sequence] = &mut self.live;
@@ -275,11 +275,10 @@ impl Instance {
                 logits?
             }
         };
-        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let fed: usize = chosen.iter().map(|&(_, n)| n).sum();
         let mut sampled = 0;
         let mut exits = Vec::new();
-        for (row, &(i, n)) in rows.iter_mut().zip(&chosen) {
+        for (row, &(i, n)) in logits.rows_mut().zip(&chosen) {
             let seq = &mut self.live[i];
             if seq.fed(n) {
                 sampled += 1;

@@ -343,6 +343,28 @@ impl KvCache {
         }
     }
 
+    /// A cache of f32 candle tensors on `device` whatever the device: the layout non-CPU
+    /// devices use, with which the forward pass takes its candle path even on the CPU (so that
+    /// path is checked against the host one on machines without a GPU).
+    pub fn with_tensors(
+        n_layer: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        max_len: usize,
+        device: &Device,
+    ) -> Self {
+        Self {
+            store: Store::Device((0..n_layer).map(|_| None).collect()),
+            n_kv_head,
+            head_dim,
+            capacity: 0,
+            max_len,
+            len: 0,
+            dtype: KvDtype::F32,
+            device: device.clone(),
+        }
+    }
+
     /// Positions already stored (the position of the next token).
     pub fn len(&self) -> usize {
         self.len

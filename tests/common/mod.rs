@@ -81,3 +81,46 @@ pub async fn serve_both(config: qnode::config::Config, generator: qnode::app::Ge
         http: format!("http://{}", http.unwrap()),
     }
 }
+
+/// The candle path of the forward pass (what a GPU runs: caches as tensors) against the host
+/// path (what the CPU runs), on the CPU: `prompt` prefilled, then `decode` greedy steps, both
+/// paths fed the host path's tokens. Returns the largest logit difference seen relative to the
+/// spread (max − min) of the host logits at that step.
+pub fn host_vs_candle(
+    model: &qnode::model::transformer::Transformer,
+    prompt: &[u32],
+    decode: usize,
+) -> f32 {
+    use qnode::model::transformer::SeqStep;
+    let mut host = model.new_cache(prompt.len() + decode + 8);
+    let mut candle = model.new_tensor_cache(prompt.len() + decode + 8);
+    let mut worst = 0f32;
+    let mut next = prompt.to_vec();
+    for _ in 0..=decode {
+        let h = model
+            .forward(&mut [SeqStep {
+                tokens: &next,
+                cache: &mut host,
+            }])
+            .unwrap();
+        let c = model
+            .forward(&mut [SeqStep {
+                tokens: &next,
+                cache: &mut candle,
+            }])
+            .unwrap();
+        let (h, c) = (h.row(0), c.row(0));
+        let (lo, hi) = h
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let gap = h
+            .iter()
+            .zip(c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(gap / (hi - lo));
+        let pick = (0..h.len()).max_by(|&a, &b| h[a].total_cmp(&h[b])).unwrap();
+        next = vec![pick as u32];
+    }
+    worst
+}

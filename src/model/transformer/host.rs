@@ -1,0 +1,233 @@
+//! The CPU step on plain `f32` rows: norms, RoPE and activations in place, Q/K/V and gate/up as
+//! one kernel call each, keys and values written straight into the caches' host buffers and
+//! attended there ([`crate::model::attention`]).
+
+use rayon::prelude::*;
+
+use super::{Logits, RopeParams, SeqStep, Span, Transformer};
+use crate::model::attention::{self, AttnShape, SeqAttn};
+use crate::model::hparams::{Activation, RopeStyle};
+use crate::model::ModelError;
+
+impl Transformer {
+    /// The CPU step on host rows; see the module docs. `positions` holds the position of every
+    /// row. Caches are advanced by the caller.
+    pub(super) fn forward_host(
+        &self,
+        steps: &mut [SeqStep<'_>],
+        spans: &[Span],
+        all_tokens: Vec<u32>,
+        positions: &[u32],
+    ) -> Result<Logits, ModelError> {
+        let hp = &self.hp;
+        let (nh, nkv, hd, dim) = (hp.n_head, hp.n_kv_head, hp.head_dim, hp.hidden);
+        let eps = hp.rms_eps as f32;
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let n_tok = all_tokens.len();
+        let mut x = self.embedding_rows(&all_tokens)?;
+        if self.spec.scale_embeddings {
+            // As the candle path: the scale rounded to f32, applied in f32.
+            let s = (hp.hidden as f64).sqrt() as f32;
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        let mut ropes: Vec<Option<HostRope>> = (0..self.ropes.len()).map(|_| None).collect();
+        let mut attn_out = vec![0f32; n_tok * q_dim];
+        for (li, block) in self.blocks.iter().enumerate() {
+            let rope = &*ropes[block.rope]
+                .get_or_insert_with(|| HostRope::new(positions, hd, &self.ropes[block.rope]));
+
+            // Attention.
+            let mut h = x.clone();
+            rms_norm_rows(&mut h, dim, &block.attn_norm.h, eps);
+            let mut qkv = block.qkv.forward_f32(&h, n_tok)?;
+            let width = block.qkv.width();
+            let neox = self.spec.rope == RopeStyle::Neox;
+            par_rows(&mut qkv, width, |row, r| {
+                if let Some(b) = &block.qkv_bias {
+                    r.iter_mut().zip(&b.h).for_each(|(v, b)| *v += b);
+                }
+                let (q, kv) = r.split_at_mut(q_dim);
+                let k = &mut kv[..kv_dim];
+                if let Some(w) = &block.q_norm {
+                    rms_norm_rows(q, hd, &w.h, eps);
+                }
+                if let Some(w) = &block.k_norm {
+                    rms_norm_rows(k, hd, &w.h, eps);
+                }
+                rope.apply(q, row, neox);
+                rope.apply(k, row, neox);
+            });
+            for (s, &Span { off, len, .. }) in steps.iter_mut().zip(spans) {
+                let qkv = &qkv;
+                s.cache.write_host(
+                    li,
+                    len,
+                    |i| &qkv[(off + i) * width + q_dim..][..kv_dim],
+                    |i| &qkv[(off + i) * width + q_dim + kv_dim..][..kv_dim],
+                )?;
+            }
+            let seqs = steps
+                .iter()
+                .zip(spans)
+                .map(|(s, &Span { off, len, start })| {
+                    Ok(SeqAttn {
+                        off,
+                        len,
+                        start,
+                        kv: s.cache.host_layer(li)?,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let shape = AttnShape {
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                window: block.window,
+                scale: (1.0 / (hd as f64).sqrt()) as f32,
+            };
+            attention::attend(&shape, &qkv, width, &seqs, &mut attn_out);
+            let mut o = block.wo.forward_f32(&attn_out, n_tok)?;
+            if let Some(w) = &block.post_attn_norm {
+                rms_norm_rows(&mut o, dim, &w.h, eps);
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            // Feed-forward.
+            let mut h = x.clone();
+            rms_norm_rows(&mut h, dim, &block.ffn_norm.h, eps);
+            let gu = block.gate_up.forward_f32(&h, n_tok)?;
+            let ffn = hp.ffn;
+            let mut act = vec![0f32; n_tok * ffn];
+            let activation = self.spec.activation;
+            par_rows(&mut act, ffn, |row, a| {
+                let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    let g = match activation {
+                        Activation::Silu => g / (1.0 + (-g).exp()),
+                        Activation::GeluTanh => gelu_tanh(g),
+                    };
+                    *a = g * u;
+                }
+            });
+            let mut mlp = block.down.forward_f32(&act, n_tok)?;
+            if let Some(w) = &block.post_ffn_norm {
+                rms_norm_rows(&mut mlp, dim, &w.h, eps);
+            }
+            x.iter_mut().zip(&mlp).for_each(|(a, b)| *a += b);
+        }
+        let mut last = Vec::with_capacity(spans.len() * dim);
+        for span in spans {
+            let row = span.last_row();
+            last.extend_from_slice(&x[row * dim..(row + 1) * dim]);
+        }
+        rms_norm_rows(&mut last, dim, &self.final_norm.h, eps);
+        let logits = self.output.forward_f32(&last, spans.len())?;
+        let vocab = logits.len() / spans.len();
+        Ok(Logits::new(logits, vocab))
+    }
+}
+
+/// Elements at and above which per-row host work is split over the current rayon pool.
+const PAR_MIN_ELEMS: usize = 64 * 1024;
+
+/// `f(row index, row)` over the rows of width `width` of `buf`, in parallel for large buffers.
+fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if buf.len() >= PAR_MIN_ELEMS && rayon::current_num_threads() > 1 {
+        buf.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        buf.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// RMS norm of each row of width `w.len()` in place, as candle's `rms_norm` computes it (f32
+/// mean of squares, `x / sqrt(mean + eps) * w`).
+fn rms_norm_rows(buf: &mut [f32], width: usize, w: &[f32], eps: f32) {
+    debug_assert_eq!(w.len(), width);
+    par_rows(buf, width, |_, r| {
+        let mut acc = [0f32; 8];
+        let chunks = r.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for l in 0..8 {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        let sum2 = acc.iter().sum::<f32>() + tail;
+        let m = (sum2 / width as f32 + eps).sqrt();
+        for (v, &g) in r.iter_mut().zip(w) {
+            *v = *v / m * g;
+        }
+    });
+}
+
+/// candle's `gelu` (tanh approximation) on one value.
+fn gelu_tanh(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)).tanh())
+}
+
+/// cos/sin of every row's position (`[rows][dims / 2]`), for RoPE in place on host rows.
+pub(super) struct HostRope {
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
+    /// Rotated pairs per head (`dims / 2`).
+    pub(super) half: usize,
+    /// Width of a head.
+    head_dim: usize,
+}
+
+impl HostRope {
+    /// The tables ggml computes (`ggml_rope_cache_init` and `rope_yarn` without extrapolation):
+    /// an f32 running product `theta = p * base^(-2i / dims)`, each angle divided by its frequency
+    /// factor and times `freq_scale`, cos and sin times `mscale`. With no factors, no scaling and
+    /// `mscale` 1 every step is exact, so the tables are the unscaled ones bit for bit.
+    pub(super) fn new(positions: &[u32], head_dim: usize, params: &RopeParams) -> Self {
+        let half = params.dims / 2;
+        let theta_scale = (params.base as f32).powf(-2.0 / params.dims as f32);
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let mut theta = p as f32;
+            for i in 0..half {
+                let ff = params.factors.as_ref().map_or(1.0, |f| f[i]);
+                let t = params.freq_scale * (theta / ff);
+                cos.push(t.cos() * params.mscale);
+                sin.push(t.sin() * params.mscale);
+                theta *= theta_scale;
+            }
+        }
+        Self {
+            cos,
+            sin,
+            half,
+            head_dim,
+        }
+    }
+
+    /// Rotates the first `2 * half` values of every head of `x` at row `row`'s position: pairs
+    /// `(2i, 2i + 1)` (llama, `rope_i`) or `(i, i + half)` (NeoX, gemma3), as candle's kernels
+    /// and ggml's `rotate_pairs`; the rest of a head (partial rotary) passes through.
+    fn apply(&self, x: &mut [f32], row: usize, neox: bool) {
+        let half = self.half;
+        let cos = &self.cos[row * half..(row + 1) * half];
+        let sin = &self.sin[row * half..(row + 1) * half];
+        for head in x.chunks_exact_mut(self.head_dim) {
+            if neox {
+                let (a, b) = head[..2 * half].split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x1 * sin[i] + x2 * cos[i];
+                }
+            } else {
+                for i in 0..half {
+                    let (x1, x2) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = x1 * cos[i] - x2 * sin[i];
+                    head[2 * i + 1] = x1 * sin[i] + x2 * cos[i];
+                }
+            }
+        }
+    }
+}
