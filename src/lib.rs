@@ -50,4 +50,5 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod pool;
+pub mod tools;
 pub mod types;

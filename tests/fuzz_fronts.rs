@@ -101,7 +101,11 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
             prompt,
             messages: messages
                 .into_iter()
-                .map(|(role, content)| proto::ChatMessage { role, content })
+                .map(|(role, content)| proto::ChatMessage {
+                    role,
+                    content,
+                    ..Default::default()
+                })
                 .collect(),
             max_tokens: s.0,
             temperature: s.1,
@@ -118,6 +122,7 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
             logprobs: r.5,
             top_logprobs: r.6,
             chat_template_kwargs: r.7,
+            ..Default::default()
         })
 }
 

@@ -2,11 +2,12 @@
 //! into proto messages. Only this front knows the gRPC wire.
 
 use super::proto;
-use crate::front::{self, RawRequest};
+use crate::front::{self, RawRequest, WireToolChoice};
 use crate::node::NodeState;
 use crate::types::{
     CachePolicy, ChatMessage, Completion, FinishReason, Grammar, ModelInfo, ModelState,
-    OutputConstraint, Role, Source, TemplateKwargs, TemplateValue, Timings, TokenLogprob,
+    OutputConstraint, Role, Source, TemplateKwargs, TemplateValue, Timings, TokenLogprob, Tool,
+    ToolCall,
 };
 
 /// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
@@ -29,6 +30,16 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
             .map(|m| ChatMessage {
                 role: m.role,
                 content: m.content,
+                tool_calls: m
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: c.id,
+                        name: c.name,
+                        arguments: c.arguments,
+                    })
+                    .collect(),
+                tool_call_id: Some(m.tool_call_id).filter(|id| !id.is_empty()),
             })
             .collect(),
         max_tokens: wire.max_tokens,
@@ -46,9 +57,62 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         logprobs: Some(wire.logprobs),
         top_logprobs: wire.top_logprobs,
         chat_template_kwargs: template_kwargs(wire.chat_template_kwargs),
+        tools: wire
+            .tools
+            .into_iter()
+            .map(|t| Tool {
+                name: t.name,
+                description: Some(t.description).filter(|d| !d.is_empty()),
+                parameters: if t.parameters.is_empty() {
+                    r#"{"type":"object","properties":{}}"#.to_owned()
+                } else {
+                    t.parameters
+                },
+            })
+            .collect(),
+        tool_choice: tool_choice(&wire.tool_choice, wire.tool_choice_function),
         ..RawRequest::default()
     };
     (raw, request_id)
+}
+
+/// `tool_choice` and `tool_choice_function` as one choice: a function with an empty or
+/// `required` mode is that function; a function with another mode, like an unknown mode, is
+/// refused by validation naming `tool_choice`.
+fn tool_choice(mode: &str, function: String) -> Option<WireToolChoice> {
+    match (mode, function.is_empty()) {
+        ("", true) => None,
+        ("" | "required", false) => Some(WireToolChoice::Function(function)),
+        ("auto", true) => Some(WireToolChoice::Auto),
+        ("none", true) => Some(WireToolChoice::None),
+        ("required", true) => Some(WireToolChoice::Required),
+        (mode, false) => Some(WireToolChoice::Invalid(format!(
+            "{mode} (with tool_choice_function {function}: leave tool_choice empty or `required`)"
+        ))),
+        (mode, true) => Some(WireToolChoice::Invalid(mode.to_owned())),
+    }
+}
+
+/// The output of a request with tools: its text (empty for a call), its calls, and the finish
+/// reason (TOOL_CALLS for a call); output that is not the tool format stays text.
+pub(crate) fn tool_answer(
+    text: &str,
+    finish: FinishReason,
+) -> (String, Vec<proto::ToolCall>, proto::FinishReason) {
+    match crate::tools::parse(text) {
+        crate::tools::Output::Call(c) => (
+            String::new(),
+            vec![proto::ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments: c.arguments,
+            }],
+            proto::FinishReason::ToolCalls,
+        ),
+        crate::tools::Output::Text(t) | crate::tools::Output::Raw(t) => {
+            (t, Vec::new(), finish_reason(finish))
+        }
+    }
 }
 
 /// `chat_template_kwargs` (string values on this wire): `"true"` / `"false"` are booleans, an
@@ -184,13 +248,28 @@ pub(crate) fn logprobs(entries: &[TokenLogprob]) -> Vec<proto::TokenLogprob> {
         .collect()
 }
 
-/// The response of a finished unary call.
-pub(crate) fn response(answer: front::Answer, request_id: String) -> proto::GenerateResponse {
+/// The response of a finished unary call; `tools`: the request had tools (its text is read as
+/// a call or an answer).
+pub(crate) fn response(
+    answer: front::Answer,
+    request_id: String,
+    tools: bool,
+) -> proto::GenerateResponse {
     let completion = &answer.completion;
+    let (text, tool_calls, finish) = if tools {
+        tool_answer(&answer.text, completion.finish_reason)
+    } else {
+        (
+            answer.text,
+            Vec::new(),
+            finish_reason(completion.finish_reason),
+        )
+    };
     proto::GenerateResponse {
-        text: answer.text,
+        text,
+        tool_calls,
         logprobs: logprobs(&answer.logprobs),
-        finish_reason: finish_reason(completion.finish_reason) as i32,
+        finish_reason: finish as i32,
         usage: Some(usage(completion)),
         timings: Some(timings(&completion.timings)),
         cache_level: cache_level(completion.source) as i32,
@@ -210,6 +289,7 @@ pub(crate) fn last_chunk(completion: &Completion, request_id: String) -> proto::
         cache_variant: cache_variant(completion.source),
         request_id,
         logprobs: Vec::new(),
+        tool_calls: Vec::new(),
     }
 }
 
@@ -224,6 +304,7 @@ mod tests {
             messages: vec![proto::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             max_tokens: Some(3),
             temperature: Some(0.5),

@@ -50,6 +50,20 @@ pub struct ChatStream {
     pub include_usage: bool,
     /// Whether the first chunk (the one with the role) went out.
     pub sent_role: bool,
+    /// A request with tools: its output is held back and read at the end (see
+    /// [`ToolBuffer`]); `None` streams text as it comes.
+    pub tools: Option<ToolBuffer>,
+}
+
+/// The held-back output of a streamed request with tools. Its text is a JSON object (a call, or
+/// `{"response": ...}`) that is read whole at the end; then one chunk carries the text or the
+/// whole call (`delta.tool_calls[0]` with `index`, `id`, `type`, `function.name` and
+/// `function.arguments`, which OpenAI's clients accept as they accept fragments) and the
+/// log-probabilities of all its tokens.
+#[derive(Debug, Default)]
+pub struct ToolBuffer {
+    text: String,
+    logprobs: Vec<crate::types::TokenLogprob>,
 }
 
 impl ChatStream {
@@ -73,6 +87,53 @@ impl StreamFront for ChatStream {
     type Item = Item;
 
     fn step(&mut self, _call: &Call, step: &Step) -> Vec<Item> {
+        if let Some(buffer) = &mut self.tools {
+            match step {
+                Step::Delta(text, logprobs) => {
+                    buffer.text.push_str(text);
+                    buffer.logprobs.extend_from_slice(logprobs);
+                    return Vec::new();
+                }
+                Step::Finished(completion) => {
+                    let buffer = std::mem::take(buffer);
+                    let (content, tool_calls, finish) =
+                        super::convert::answer(&buffer.text, completion.finish_reason);
+                    let tool_calls = tool_calls.map(|calls| {
+                        calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, mut c)| {
+                                c.index = Some(i as u32);
+                                c
+                            })
+                            .collect()
+                    });
+                    let answer = ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: self.role(),
+                            content,
+                            tool_calls,
+                        },
+                        finish_reason: None,
+                        logprobs: (!buffer.logprobs.is_empty())
+                            .then(|| chat_logprobs(&buffer.logprobs)),
+                    };
+                    let last = ChunkChoice {
+                        index: 0,
+                        delta: Delta::default(),
+                        finish_reason: Some(finish),
+                        logprobs: None,
+                    };
+                    let usage_chunk = self
+                        .include_usage
+                        .then(|| self.chunk(Vec::new(), Some(usage(completion))));
+                    let mut text = self.chunk(vec![answer], None);
+                    text.push_str(&closing(self.chunk(vec![last], None), usage_chunk));
+                    return vec![Ok(Bytes::from(text))];
+                }
+            }
+        }
         let text = match step {
             Step::Delta(text, logprobs) if text.is_empty() && logprobs.is_empty() => {
                 return Vec::new()
@@ -83,6 +144,7 @@ impl StreamFront for ChatStream {
                     delta: Delta {
                         role: self.role(),
                         content: Some(text.clone()),
+                        tool_calls: None,
                     },
                     finish_reason: None,
                     logprobs: (!logprobs.is_empty()).then(|| chat_logprobs(logprobs)),
@@ -95,6 +157,7 @@ impl StreamFront for ChatStream {
                     delta: Delta {
                         role: self.role(),
                         content: None,
+                        tool_calls: None,
                     },
                     finish_reason: Some(finish_reason(completion.finish_reason)),
                     logprobs: None,

@@ -15,7 +15,7 @@ use minijinja::{context, Environment, ErrorKind};
 
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
-use crate::types::{ChatMessage, TemplateKwargs, RESERVED_TEMPLATE_VARIABLES};
+use crate::types::{ChatMessage, TemplateKwargs, Tool, RESERVED_TEMPLATE_VARIABLES};
 
 const KEY: &str = "tokenizer.chat_template";
 const NAME: &str = "chat_template";
@@ -27,6 +27,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     options: Vec<String>,
+    reads_tools: bool,
 }
 
 impl ChatTemplate {
@@ -67,13 +68,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, source)
             .map_err(|e| ModelError::Template(describe(&e)))?;
-        let options = {
+        let (options, reads_tools) = {
             let template = env
                 .get_template(NAME)
                 .map_err(|e| ModelError::Template(describe(&e)))?;
             let globals: Vec<&str> = env.globals().map(|(name, _)| name).collect();
-            let mut options: Vec<String> = template
-                .undeclared_variables(false)
+            let undeclared = template.undeclared_variables(false);
+            let reads_tools = undeclared.contains("tools");
+            let mut options: Vec<String> = undeclared
                 .into_iter()
                 .filter(|name| {
                     !RESERVED_TEMPLATE_VARIABLES.contains(&name.as_str())
@@ -81,13 +83,14 @@ impl ChatTemplate {
                 })
                 .collect();
             options.sort();
-            options
+            (options, reads_tools)
         };
         Ok(Self {
             env,
             bos_token,
             eos_token,
             options,
+            reads_tools,
         })
     }
 
@@ -97,6 +100,12 @@ impl ChatTemplate {
     /// analysis, when the template is compiled.
     pub fn options(&self) -> &[String] {
         &self.options
+    }
+
+    /// Whether the template reads `tools` (renders the tools it is given itself, as
+    /// transformers passes them); when not, [`crate::tools::polyfill`] describes them.
+    pub fn reads_tools(&self) -> bool {
+        self.reads_tools
     }
 
     /// The prompt for `messages`; with `add_generation_prompt` it ends with the opening of the
@@ -120,6 +129,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         kwargs: &TemplateKwargs,
     ) -> Result<String, ModelError> {
+        self.render_tools(messages, add_generation_prompt, kwargs, &[])
+    }
+
+    /// As [`ChatTemplate::render_with`], with `tools` set as the template's `tools` variable
+    /// in OpenAI's shape (`none` when empty, as transformers leaves it unset).
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        tools: &[Tool],
+    ) -> Result<String, ModelError> {
         if let Some(key) = kwargs.keys().find(|k| !self.options.contains(k)) {
             return Err(ModelError::Template(format!(
                 "the chat template does not read the option `{}`",
@@ -136,6 +157,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                tools => (!tools.is_empty()).then_some(tools),
                 ..minijinja::Value::from_serialize(kwargs)
             })
             .map_err(|e| ModelError::Template(describe(&e)))
@@ -174,6 +196,19 @@ impl ChatTemplate {
         kwargs: &TemplateKwargs,
         find: impl Fn(&str) -> Vec<Range<usize>>,
     ) -> Result<Rendered, ModelError> {
+        self.render_guarded_tools(messages, add_generation_prompt, kwargs, &[], find)
+    }
+
+    /// As [`ChatTemplate::render_guarded`], with `tools` for the template (see
+    /// [`ChatTemplate::render_tools`]).
+    pub fn render_guarded_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        tools: &[Tool],
+        find: impl Fn(&str) -> Vec<Range<usize>>,
+    ) -> Result<Rendered, ModelError> {
         let nonce = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
@@ -191,18 +226,18 @@ impl ChatTemplate {
                 }
                 content.push_str(&m.content[from..]);
                 ChatMessage {
-                    role: m.role.clone(),
                     content,
+                    ..m.clone()
                 }
             })
             .collect();
         if originals.is_empty() {
             return Ok(Rendered {
-                text: self.render_with(messages, add_generation_prompt, kwargs)?,
+                text: self.render_tools(messages, add_generation_prompt, kwargs, tools)?,
                 user: Vec::new(),
             });
         }
-        let rendered = self.render_with(&guarded, add_generation_prompt, kwargs)?;
+        let rendered = self.render_tools(&guarded, add_generation_prompt, kwargs, tools)?;
         let marker = format!("{OPEN}{nonce}{MID}");
         let mut text = String::with_capacity(rendered.len());
         let mut user = Vec::new();
@@ -268,6 +303,7 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 
@@ -370,6 +406,50 @@ mod tests {
         }
         let plain = template("{% for m in messages %}{{ m.content }}{% endfor %}");
         assert!(plain.options().is_empty());
+    }
+
+    #[test]
+    fn tools_and_tool_turns_reach_a_template_that_reads_them() {
+        let t = template(
+            "{% if tools %}[{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters.required[0] }};{% endfor %}]{% endif %}\
+             {% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls %}{{ c.id }}={{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}",
+        );
+        assert!(t.reads_tools());
+        assert!(
+            t.options().is_empty(),
+            "`tools` is the renderer's, never an option"
+        );
+        let tools = [crate::types::Tool {
+            name: "get_weather".into(),
+            description: None,
+            parameters: r#"{"type":"object","required":["city"]}"#.into(),
+        }];
+        let m = [
+            msg("user", "hi"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![crate::types::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "sunny".into(),
+                tool_call_id: Some("call_1".into()),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            t.render_tools(&m, false, &TemplateKwargs::new(), &tools)
+                .unwrap(),
+            "[get_weather:city;]<user>hi<assistant>call_1=get_weather(Paris)<tool>sunny#call_1"
+        );
+        // No tools: `tools` is none (falsy), as transformers leaves it.
+        assert!(t.render(&m[..1], false).unwrap().starts_with("<user>"));
+        assert!(!template("{{ messages[0].content }}").reads_tools());
     }
 
     #[test]
