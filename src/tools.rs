@@ -17,7 +17,9 @@
 //! whole at the end.
 //!
 //! `required` and a named function allow the `tool_call` object only (a named function: that one
-//! function). `none` has no tools at all (see [`Tools`]).
+//! function). `none` has no tools at all (see [`Tools`]). Objects in the arguments take only the
+//! properties they declare unless their schema sets `additionalProperties` (see
+//! `close_objects`).
 //!
 //! # The prompt
 //! When the model's chat template reads `tools`, it renders them itself (as transformers passes
@@ -49,8 +51,9 @@ pub fn schema(tools: &Tools) -> String {
             ToolChoice::Auto | ToolChoice::Required => true,
         })
         .map(|t| {
-            let parameters: Value =
+            let mut parameters: Value =
                 serde_json::from_str(&t.parameters).unwrap_or_else(|_| json!({"type": "object"}));
+            close_objects(&mut parameters);
             // `name` first: the function is chosen before its arguments are written.
             json!({
                 "type": "object",
@@ -86,6 +89,31 @@ pub fn schema(tools: &Tools) -> String {
         ToolChoice::Required | ToolChoice::Function(_) => call,
     };
     schema.to_string()
+}
+
+/// Objects of a tool's arguments take only the properties they declare unless the schema says
+/// otherwise (`additionalProperties` set): JSON Schema's default (any extra key) lets a small model
+/// invent keys until `max_tokens` cuts the call (LangChain's schemas from pydantic models leave it
+/// unset), and a function cannot take keys it does not declare. OpenAI's `strict` mode asks the
+/// same of schemas. The arguments still validate against the caller's schema.
+fn close_objects(schema: &mut Value) {
+    let Value::Object(o) = schema else { return };
+    let is_object = o.contains_key("properties") || o.get("type") == Some(&json!("object"));
+    if is_object && !o.contains_key("additionalProperties") {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, value) in o.iter_mut() {
+        match (key.as_str(), value) {
+            ("properties" | "$defs" | "definitions" | "patternProperties", Value::Object(m)) => {
+                m.values_mut().for_each(close_objects)
+            }
+            ("items" | "additionalProperties" | "not", v @ Value::Object(_)) => close_objects(v),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => {
+                a.iter_mut().for_each(close_objects)
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The system-turn line asking for the format.
@@ -292,6 +320,36 @@ mod tests {
         let call = &named["properties"]["tool_call"];
         assert_eq!(call["properties"]["name"]["const"], "add", "{named}");
         assert!(call.get("anyOf").is_none());
+    }
+
+    #[test]
+    fn argument_objects_take_only_declared_properties_unless_told() {
+        let t = Tools {
+            tools: vec![Tool {
+                name: "f".into(),
+                description: None,
+                parameters:
+                    r#"{"type":"object","properties":{"p":{"type":"object","properties":{"x":{}}},
+                    "q":{"type":"array","items":{"properties":{"y":{}}}},
+                    "r":{"type":"object","additionalProperties":true}},
+                    "$defs":{"D":{"type":"object"}}}"#
+                        .into(),
+            }],
+            choice: ToolChoice::Required,
+        };
+        let s: Value = serde_json::from_str(&schema(&t)).unwrap();
+        let args = &s["properties"]["tool_call"]["properties"]["arguments"];
+        assert_eq!(args["additionalProperties"], false);
+        assert_eq!(args["properties"]["p"]["additionalProperties"], false);
+        assert_eq!(
+            args["properties"]["q"]["items"]["additionalProperties"],
+            false
+        );
+        assert_eq!(
+            args["properties"]["r"]["additionalProperties"], true,
+            "as told"
+        );
+        assert_eq!(args["$defs"]["D"]["additionalProperties"], false);
     }
 
     #[test]

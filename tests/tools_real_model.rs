@@ -1,6 +1,6 @@
 //! Tool calling on the real SmolLM2, through the whole node (`qnode::app`: answer cache over the
 //! real pool) and both fronts: gRPC with tonic, OpenAI HTTP with curl, and the official `openai`
-//! Python client (tests/tools_client.py). SmolLM2's template does not read `tools`, so this is the
+//! Python client and LangChain (tests/tools_client.py, in its own test). SmolLM2's template does not read `tools`, so this is the
 //! system-turn description path; the template path is unit-tested (model::chat_template).
 //!
 //! What holds: `required` gives a valid call of a declared function with schema-valid arguments
@@ -494,4 +494,29 @@ async fn tools_through_both_fronts_on_the_real_model() {
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["error"]["param"], field, "{text}");
     }
+}
+
+/// The official `openai` client and LangChain's `langchain-openai` (pinned by scripts/test.sh)
+/// over the HTTP front: tests/tools_client.py, which validates every call's arguments with
+/// `jsonschema`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_through_the_openai_client_and_langchain() {
+    let (_, http) = start().await;
+    let script = common::repo_root().join("tests/tools_client.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(format!("{http}/v1"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "tools_client.py failed:\n{stdout}\n{stderr}"
+    );
 }
