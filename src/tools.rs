@@ -243,9 +243,28 @@ pub fn new_call_id() -> String {
     )
 }
 
-/// Reads the output of a request with tools.
+/// How a text answer starts, as the constrained output writes it.
+const RESPONSE_OPEN: &str = r#"{"response": ""#;
+
+/// The text of a `{"response": "...` cut short (by `max_tokens` or a stop string): what was
+/// written of the string, an escape cut in half dropped.
+fn cut_response(text: &str) -> Option<String> {
+    let rest = text.strip_prefix(RESPONSE_OPEN)?;
+    (0..=6)
+        .filter_map(|drop| rest.len().checked_sub(drop))
+        .find_map(|end| {
+            let body = rest.get(..end)?;
+            serde_json::from_str::<String>(&format!("\"{body}\"")).ok()
+        })
+}
+
+/// Reads the output of a request with tools. A text answer cut short is the text written so far
+/// (its finish reason says it was cut), as a streamed answer would have shown it.
 pub fn parse(text: &str) -> Output {
-    let raw = || Output::Raw(text.to_owned());
+    let raw = || match cut_response(text) {
+        Some(cut) => Output::Text(cut),
+        None => Output::Raw(text.to_owned()),
+    };
     let Ok(Value::Object(mut o)) = serde_json::from_str::<Value>(text) else {
         return raw();
     };
@@ -376,6 +395,17 @@ mod tests {
             assert_eq!(parse(raw), Output::Raw(raw.into()), "{raw}");
         }
         assert_ne!(new_call_id(), new_call_id());
+        // Text cut by max_tokens: what was written, a half escape dropped.
+        for (cut, want) in [
+            (r#"{"response": "The sea is"#, "The sea is"),
+            (r#"{"response": "a \"b\" \n"#, "a \"b\" \n"),
+            (r#"{"response": "tab\"#, "tab"),
+            (r#"{"response": "x \u00e"#, "x "),
+            (r#"{"response": "done""#, "done"),
+            (r#"{"response": ""#, ""),
+        ] {
+            assert_eq!(parse(cut), Output::Text(want.into()), "{cut}");
+        }
     }
 
     #[test]

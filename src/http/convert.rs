@@ -1137,7 +1137,13 @@ mod tests {
         );
         assert_eq!(
             answer(r#"{"response": "Hi"#, FinishReason::Length),
-            (Some(r#"{"response": "Hi"#.into()), None, "length")
+            (Some("Hi".into()), None, "length"),
+            "text cut by max_tokens"
+        );
+        assert_eq!(
+            answer(r#"{"tool_call": {"na"#, FinishReason::Length),
+            (Some(r#"{"tool_call": {"na"#.into()), None, "length"),
+            "a cut call is returned raw"
         );
     }
 
