@@ -320,6 +320,49 @@ async fn tools_through_both_fronts_on_the_real_model() {
         assert_eq!(names(&again), names(first));
     }
 
+    // What changes only the prompt changes the key too: a tool's description (the schema is
+    // the same), and the calls of an earlier turn (their text is not a message's content).
+    let mut described = request(q(), "required");
+    described.tools[0].description = "Look up the weather forecast".into();
+    let d = client.generate(described).await.unwrap().into_inner();
+    assert_eq!(
+        d.cache_level,
+        CacheLevel::None as i32,
+        "another description"
+    );
+    let follow_up = |arguments: &str| {
+        let call = proto::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: arguments.into(),
+        };
+        request(
+            vec![
+                user("What is the weather in Rome?"),
+                proto::ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![call],
+                    ..Default::default()
+                },
+                proto::ChatMessage {
+                    role: "tool".into(),
+                    content: "sunny".into(),
+                    tool_call_id: "call_1".into(),
+                    ..Default::default()
+                },
+            ],
+            "none",
+        )
+    };
+    let rome = follow_up(r#"{"city":"Rome","unit":"celsius"}"#);
+    let first = client.generate(rome.clone()).await.unwrap().into_inner();
+    assert_eq!(first.cache_level, CacheLevel::None as i32);
+    let again = client.generate(rome).await.unwrap().into_inner();
+    assert_eq!(again.cache_level, CacheLevel::L1 as i32);
+    let paris = follow_up(r#"{"city":"Paris","unit":"celsius"}"#);
+    let other = client.generate(paris).await.unwrap().into_inner();
+    assert_eq!(other.cache_level, CacheLevel::None as i32, "another call");
+
     // Bad input over gRPC, each refused naming its field.
     let bad = |f: &dyn Fn(&mut proto::GenerateRequest)| {
         let mut r = request(vec![user("hi")], "required");
