@@ -290,7 +290,7 @@ fn tools(wire: &RawRequest, limits: &Limits) -> Result<Option<Tools>, Validation
         }
         match serde_json::from_str::<serde_json::Value>(&tool.parameters) {
             Ok(serde_json::Value::Object(o))
-                if matches!(o.get("type"), None) || o["type"] == "object" => {}
+                if o.get("type").is_none() || o["type"] == "object" => {}
             _ => {
                 return Err(out_of_range(
                     field("parameters"),
