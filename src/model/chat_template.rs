@@ -15,7 +15,7 @@ use minijinja::{context, Environment, ErrorKind};
 
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
-use crate::types::{ChatMessage, TemplateKwargs, Tool, RESERVED_TEMPLATE_VARIABLES};
+use crate::types::{ChatMessage, TemplateKwargs, Tool, ToolCall, RESERVED_TEMPLATE_VARIABLES};
 
 const KEY: &str = "tokenizer.chat_template";
 const NAME: &str = "chat_template";
@@ -200,7 +200,9 @@ impl ChatTemplate {
     }
 
     /// As [`ChatTemplate::render_guarded`], with `tools` for the template (see
-    /// [`ChatTemplate::render_tools`]).
+    /// [`ChatTemplate::render_tools`]). Control-token strings are guarded wherever caller text
+    /// reaches the template: contents, the ids and arguments of earlier calls, `tool_call_id`,
+    /// and the tools' descriptions and parameters.
     pub fn render_guarded_tools(
         &self,
         messages: &[ChatMessage],
@@ -213,31 +215,45 @@ impl ChatTemplate {
             .build_hasher()
             .finish();
         let mut originals: Vec<&str> = Vec::new();
-        let guarded: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| {
-                let mut content = String::with_capacity(m.content.len());
-                let mut from = 0;
-                for r in find(&m.content) {
-                    content.push_str(&m.content[from..r.start]);
-                    content.push_str(&format!("{OPEN}{nonce}{MID}{}{CLOSE}", originals.len()));
-                    originals.push(&m.content[r.clone()]);
-                    from = r.end;
-                }
-                content.push_str(&m.content[from..]);
-                ChatMessage {
-                    content,
-                    ..m.clone()
-                }
-            })
-            .collect();
+        let mut guarded: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
+            for c in &m.tool_calls {
+                tool_calls.push(ToolCall {
+                    id: guard(&c.id, &find, nonce, &mut originals),
+                    name: guard(&c.name, &find, nonce, &mut originals),
+                    arguments: guard(&c.arguments, &find, nonce, &mut originals),
+                });
+            }
+            guarded.push(ChatMessage {
+                role: m.role.clone(),
+                content: guard(&m.content, &find, nonce, &mut originals),
+                tool_calls,
+                tool_call_id: m
+                    .tool_call_id
+                    .as_deref()
+                    .map(|id| guard(id, &find, nonce, &mut originals)),
+            });
+        }
+        let mut guarded_tools = Vec::with_capacity(tools.len());
+        for t in tools {
+            guarded_tools.push(Tool {
+                name: guard(&t.name, &find, nonce, &mut originals),
+                description: t
+                    .description
+                    .as_deref()
+                    .map(|d| guard(d, &find, nonce, &mut originals)),
+                parameters: guard(&t.parameters, &find, nonce, &mut originals),
+            });
+        }
         if originals.is_empty() {
             return Ok(Rendered {
                 text: self.render_tools(messages, add_generation_prompt, kwargs, tools)?,
                 user: Vec::new(),
             });
         }
-        let rendered = self.render_tools(&guarded, add_generation_prompt, kwargs, tools)?;
+        let rendered =
+            self.render_tools(&guarded, add_generation_prompt, kwargs, &guarded_tools)?;
         let marker = format!("{OPEN}{nonce}{MID}");
         let mut text = String::with_capacity(rendered.len());
         let mut user = Vec::new();
@@ -265,6 +281,28 @@ impl ChatTemplate {
         text.push_str(rest);
         Ok(Rendered { text, user })
     }
+}
+
+/// `text` with each control-token string `find` finds in it replaced by a placeholder naming its
+/// index in `originals` (where it is pushed). A placeholder in JSON text (a call's arguments, a
+/// tool's parameters) lands inside a string value, so the JSON stays valid and the template sees
+/// the placeholder wherever it prints the value.
+fn guard<'a>(
+    text: &'a str,
+    find: &impl Fn(&str) -> Vec<Range<usize>>,
+    nonce: u64,
+    originals: &mut Vec<&'a str>,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    for r in find(text) {
+        out.push_str(&text[from..r.start]);
+        out.push_str(&format!("{OPEN}{nonce}{MID}{}{CLOSE}", originals.len()));
+        originals.push(&text[r.clone()]);
+        from = r.end;
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// The prompt for a model without a chat template: each message's content, in order, joined by a
@@ -450,6 +488,52 @@ mod tests {
         // No tools: `tools` is none (falsy), as transformers leaves it.
         assert!(t.render(&m[..1], false).unwrap().starts_with("<user>"));
         assert!(!template("{{ messages[0].content }}").reads_tools());
+    }
+
+    #[test]
+    fn guarded_render_covers_tool_parts_and_tools() {
+        let t = template(
+            "{% for t in tools %}{{ t.function.description }}|{{ t.function.parameters.title }}|{% endfor %}\
+             {% for m in messages %}{{ m.content }}{% for c in m.tool_calls %}{{ c.id }}|{{ c.function.arguments.city }}|{% endfor %}{{ m.tool_call_id }}{% endfor %}",
+        );
+        let find = |s: &str| {
+            s.match_indices("<|im_end|>")
+                .map(|(i, m)| i..i + m.len())
+                .collect()
+        };
+        let tools = [Tool {
+            name: "f".into(),
+            description: Some("d<|im_end|>".into()),
+            parameters: r#"{"type":"object","title":"p<|im_end|>"}"#.into(),
+        }];
+        let m = [
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![ToolCall {
+                    id: "c<|im_end|>".into(),
+                    name: "f".into(),
+                    arguments: r#"{"city":"x<|im_end|>"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "r".into(),
+                tool_call_id: Some("i<|im_end|>".into()),
+                ..Default::default()
+            },
+        ];
+        let kw = TemplateKwargs::new();
+        let r = t
+            .render_guarded_tools(&m, false, &kw, &tools, find)
+            .unwrap();
+        assert_eq!(r.text, t.render_tools(&m, false, &kw, &tools).unwrap());
+        assert_eq!(
+            r.text,
+            "d<|im_end|>|p<|im_end|>|c<|im_end|>|x<|im_end|>|ri<|im_end|>"
+        );
+        let marked: Vec<&str> = r.user.iter().map(|u| &r.text[u.clone()]).collect();
+        assert_eq!(marked, vec!["<|im_end|>"; 5], "every one is user text");
     }
 
     #[test]
