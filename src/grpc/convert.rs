@@ -365,4 +365,103 @@ mod tests {
         .collect();
         assert_eq!(raw.chat_template_kwargs, want);
     }
+
+    #[test]
+    fn tools_choices_and_tool_turns_reach_the_neutral_request() {
+        let wire = |choice: &str, function: &str| proto::GenerateRequest {
+            model: "m".into(),
+            messages: vec![
+                proto::ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![proto::ToolCall {
+                        id: "call_1".into(),
+                        name: "f".into(),
+                        arguments: "{}".into(),
+                    }],
+                    ..Default::default()
+                },
+                proto::ChatMessage {
+                    role: "tool".into(),
+                    content: "r".into(),
+                    tool_call_id: "call_1".into(),
+                    ..Default::default()
+                },
+            ],
+            tools: vec![
+                proto::Tool {
+                    name: "f".into(),
+                    description: String::new(),
+                    parameters: String::new(),
+                },
+                proto::Tool {
+                    name: "g".into(),
+                    description: "d".into(),
+                    parameters: r#"{"type":"object"}"#.into(),
+                },
+            ],
+            tool_choice: choice.into(),
+            tool_choice_function: function.into(),
+            ..Default::default()
+        };
+        let (raw, _) = request(wire("", ""));
+        assert_eq!(raw.tool_choice, None);
+        assert_eq!(
+            raw.tools,
+            vec![
+                Tool {
+                    name: "f".into(),
+                    description: None,
+                    parameters: r#"{"type":"object","properties":{}}"#.into(),
+                },
+                Tool {
+                    name: "g".into(),
+                    description: Some("d".into()),
+                    parameters: r#"{"type":"object"}"#.into(),
+                },
+            ]
+        );
+        assert_eq!(raw.messages[0].tool_calls[0].name, "f");
+        assert_eq!(raw.messages[0].tool_call_id, None);
+        assert_eq!(raw.messages[1].tool_call_id.as_deref(), Some("call_1"));
+        for (choice, function, want) in [
+            ("auto", "", WireToolChoice::Auto),
+            ("none", "", WireToolChoice::None),
+            ("required", "", WireToolChoice::Required),
+            ("", "g", WireToolChoice::Function("g".into())),
+            ("required", "g", WireToolChoice::Function("g".into())),
+        ] {
+            assert_eq!(request(wire(choice, function)).0.tool_choice, Some(want));
+        }
+        for (choice, function) in [("any", ""), ("none", "g"), ("auto", "g"), ("AUTO", "")] {
+            assert!(
+                matches!(
+                    request(wire(choice, function)).0.tool_choice,
+                    Some(WireToolChoice::Invalid(_))
+                ),
+                "{choice} {function}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tool_answer_is_a_call_or_text_on_the_wire() {
+        let (text, calls, finish) = tool_answer(
+            r#"{"tool_call": {"name": "f", "arguments": {"x": 1}}}"#,
+            FinishReason::Stop,
+        );
+        assert_eq!(
+            (text.as_str(), finish),
+            ("", proto::FinishReason::ToolCalls)
+        );
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("f", r#"{"x":1}"#)
+        );
+        assert!(calls[0].id.starts_with("call_"));
+        let (text, calls, finish) = tool_answer(r#"{"response": "Hi"}"#, FinishReason::Stop);
+        assert_eq!(
+            (text.as_str(), calls.len(), finish),
+            ("Hi", 0, proto::FinishReason::Stop)
+        );
+    }
 }
