@@ -122,8 +122,9 @@ def named():
 def tool_loop():
     first = ask(QUESTION, tool_choice="required", temperature=0)
     call = one_call(first)
+    # As OpenAI's guide does it: the response's message object itself goes back.
     messages = QUESTION + [
-        first.choices[0].message.model_dump(exclude_none=True),
+        first.choices[0].message,
         {"role": "tool", "tool_call_id": call.id, "content": "12 degrees, light rain"},
     ]
     answer = ask(messages, tool_choice="none", temperature=0, max_tokens=48)
