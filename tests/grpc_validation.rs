@@ -73,7 +73,7 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
                 ..request("")
             },
             Code::InvalidArgument,
-            "`messages[1].role` must be one of system, user, assistant. Given: \"wizard\"",
+            "`messages[1].role` must be one of system, user, assistant, tool. Given: \"wizard\"",
         ),
         (
             proto::GenerateRequest {
