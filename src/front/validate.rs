@@ -248,12 +248,10 @@ fn tool_error(field: impl Into<String>, reason: impl Into<String>) -> Validation
 /// with `messages` only and not with another output constraint.
 fn tools(wire: &RawRequest, limits: &Limits) -> Result<Option<Tools>, ValidationError> {
     let choice = wire.tool_choice.as_ref();
+    let invalid =
+        |given: &str| out_of_range("tool_choice", "one of auto, none, required", quoted(given));
     if let Some(WireToolChoice::Invalid(given)) = choice {
-        return Err(out_of_range(
-            "tool_choice",
-            "one of auto, none, required",
-            quoted(given),
-        ));
+        return Err(invalid(given));
     }
     if wire.tools.is_empty() {
         return match choice {
@@ -321,7 +319,7 @@ fn tools(wire: &RawRequest, limits: &Limits) -> Result<Option<Tools>, Validation
         None | Some(WireToolChoice::Auto) => ToolChoice::Auto,
         Some(WireToolChoice::None) => return Ok(None),
         Some(WireToolChoice::Required) => ToolChoice::Required,
-        Some(WireToolChoice::Invalid(_)) => unreachable!("refused above"),
+        Some(WireToolChoice::Invalid(given)) => return Err(invalid(given)),
         Some(WireToolChoice::Function(name)) => {
             if !wire.tools.iter().any(|t: &Tool| &t.name == name) {
                 return Err(tool_error(
