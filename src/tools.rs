@@ -13,8 +13,8 @@
 //! of the declared functions (a `const` per function, so `arguments` follow that function's own
 //! schema), and nothing the model writes can fail to parse. A free-text-or-JSON grammar would let a
 //! small model drift into prose that announces a call without making it, and text starting with
-//! `{` would be ambiguous. The cost: `auto` text is a JSON string, so it is decoded (and streamed)
-//! whole at the end.
+//! `{` would be ambiguous. The cost: `auto` text is a JSON string, decoded as it grows
+//! ([`StreamReader`]) so that it still streams.
 //!
 //! `required` and a named function allow the `tool_call` object only (a named function: that one
 //! function). `none` has no tools at all (see [`Tools`]). Objects in the arguments take only the
@@ -222,6 +222,122 @@ pub fn polyfill(messages: &[ChatMessage], tools: Option<&Tools>) -> Vec<ChatMess
     out
 }
 
+/// Reads a tool answer as it is generated, so that text is streamed as it is written: once the
+/// output is known to be `{"response": "...`, each [`StreamReader::push`] returns the text
+/// decoded so far (escapes decoded, one cut in half held back); a call is held back whole (it is
+/// read at the end with [`parse`]).
+#[derive(Debug, Default)]
+pub struct StreamReader {
+    raw: String,
+    /// Byte offset in `raw` of the first undecoded character of a text answer; `None` until the
+    /// output is known to be one.
+    text_at: Option<usize>,
+    /// The output is known not to be text (a call).
+    held: bool,
+    /// The string has ended (its closing quote was read).
+    closed: bool,
+    /// Bytes of text returned so far.
+    emitted: usize,
+}
+
+impl StreamReader {
+    /// Takes more output; returns the text for the user that is now known (empty when none, and
+    /// always for a call).
+    pub fn push(&mut self, delta: &str) -> String {
+        self.raw.push_str(delta);
+        if self.held || self.closed {
+            return String::new();
+        }
+        let at = match self.text_at {
+            Some(at) => at,
+            None if self.raw.starts_with(RESPONSE_OPEN) => RESPONSE_OPEN.len(),
+            None if RESPONSE_OPEN.starts_with(self.raw.as_str()) => return String::new(),
+            None => {
+                self.held = true;
+                return String::new();
+            }
+        };
+        let (text, next, closed) = decode_string(&self.raw[at..]);
+        self.text_at = Some(at + next);
+        self.closed = closed;
+        self.emitted += text.len();
+        text
+    }
+
+    /// Whether the output is a text answer being streamed.
+    pub fn is_text(&self) -> bool {
+        self.text_at.is_some()
+    }
+
+    /// The whole output so far.
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    /// What of `content` (the answer read whole at the end) was not returned yet.
+    pub fn rest<'a>(&self, content: &'a str) -> &'a str {
+        content.get(self.emitted..).unwrap_or("")
+    }
+}
+
+/// Decodes the start of a JSON string body (after its opening quote): the text of every complete
+/// character or escape, how many bytes of `body` that took, and whether the closing quote came.
+fn decode_string(body: &str) -> (String, usize, bool) {
+    let mut out = String::new();
+    let mut i = 0;
+    let bytes = body.as_bytes();
+    while i < body.len() {
+        match bytes[i] {
+            b'"' => return (out, i + 1, true),
+            b'\\' => {
+                let Some(&e) = bytes.get(i + 1) else { break };
+                let simple = match e {
+                    b'"' => Some('"'),
+                    b'\\' => Some('\\'),
+                    b'/' => Some('/'),
+                    b'b' => Some('\u{8}'),
+                    b'f' => Some('\u{c}'),
+                    b'n' => Some('\n'),
+                    b'r' => Some('\r'),
+                    b't' => Some('\t'),
+                    _ => None,
+                };
+                if let Some(c) = simple {
+                    out.push(c);
+                    i += 2;
+                    continue;
+                }
+                let hex = |from: usize| {
+                    body.get(from..from + 4)
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                };
+                let Some(unit) = hex(i + 2) else { break };
+                if (0xD800..0xDC00).contains(&unit) {
+                    // A surrogate pair: wait for its second half.
+                    if body.get(i + 6..i + 8) != Some("\\u") {
+                        break;
+                    }
+                    let Some(low) = hex(i + 8) else { break };
+                    let c = char::from_u32(
+                        0x10000 + ((unit - 0xD800) << 10) + (low.wrapping_sub(0xDC00)),
+                    );
+                    out.push(c.unwrap_or('\u{FFFD}'));
+                    i += 12;
+                } else {
+                    out.push(char::from_u32(unit).unwrap_or('\u{FFFD}'));
+                    i += 6;
+                }
+            }
+            _ => {
+                let c = body[i..].chars().next().expect("in bounds");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    (out, i, false)
+}
+
 /// What a tool-enabled answer says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -406,6 +522,44 @@ mod tests {
         ] {
             assert_eq!(parse(cut), Output::Text(want.into()), "{cut}");
         }
+    }
+
+    #[test]
+    fn a_streamed_text_answer_comes_out_as_written_split_anywhere() {
+        let outputs = [
+            r#"{"response": "Hi \"you\"\n\u00e9\ud83d\ude00 caf\u00e9 \\ end"}"#,
+            r#"{"response": "Paris"}"#,
+            r#"{"response": "cut here \u00"#,
+            r#"{"response": ""}"#,
+        ];
+        for output in outputs {
+            let whole = match parse(output) {
+                Output::Text(t) => t,
+                other => panic!("{other:?}"),
+            };
+            let chars: Vec<(usize, char)> = output.char_indices().collect();
+            for step in 1..=4 {
+                let mut reader = StreamReader::default();
+                let mut streamed = String::new();
+                for piece in chars.chunks(step) {
+                    let from = piece[0].0;
+                    let to = piece.last().map(|(i, c)| i + c.len_utf8()).unwrap();
+                    streamed.push_str(&reader.push(&output[from..to]));
+                }
+                assert!(reader.is_text());
+                streamed.push_str(reader.rest(&whole));
+                assert_eq!(streamed, whole, "{output} by {step}");
+                assert_eq!(reader.raw(), output);
+            }
+        }
+        // A call is held back whole.
+        let call = r#"{"tool_call": {"name": "f", "arguments": {"response": "x"}}}"#;
+        let mut reader = StreamReader::default();
+        for c in call.chars() {
+            assert_eq!(reader.push(&c.to_string()), "");
+        }
+        assert!(!reader.is_text());
+        assert_eq!(reader.raw(), call);
     }
 
     #[test]

@@ -162,6 +162,25 @@ def streamed_equals_unary():
     check("stream equals unary")
 
 
+def streamed_text_equals_unary():
+    # Greedy: SmolLM2 writes text for this one (it calls a tool for most questions).
+    kwargs = dict(tool_choice="auto", temperature=0, extra_body={"cache_policy": "bypass"})
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    unary = ask(messages, **kwargs).choices[0]
+    ensure(unary.message.tool_calls is None, "a text answer", unary)
+    pieces, finish = [], None
+    for chunk in ask(messages, stream=True, **kwargs):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            ensure(not choice.delta.tool_calls, "no call", choice)
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+    ensure(len(pieces) > 3, "text streamed as written", pieces)
+    ensure("".join(pieces) == unary.message.content, "stream equals unary", pieces, unary)
+    ensure(finish == unary.finish_reason, "finish", finish, unary.finish_reason)
+    check("auto: a text answer streams as written")
+
+
 def auto():
     for seed in (1, 2):
         choice = ask(
@@ -233,8 +252,8 @@ def langchain():
 
 
 def main():
-    for test in (required_over_seeds, named, tool_loop, streamed_equals_unary, auto, refused,
-                 langchain):
+    for test in (required_over_seeds, named, tool_loop, streamed_equals_unary,
+                 streamed_text_equals_unary, auto, refused, langchain):
         test()
     print("all tool checks passed", flush=True)
 

@@ -280,6 +280,32 @@ async fn tools_through_both_fronts_on_the_real_model() {
         Some(FinishReason::ToolCalls as i32)
     );
 
+    // With `auto`, a text answer streams as it is written (many chunks), and the chunks join to
+    // the unary answer's text.
+    // (With both tools SmolLM2 calls one even for a haiku; with the weather tool alone it writes.)
+    let mut req = request(vec![user("Write a haiku about the sea.")], "auto");
+    req.tools.truncate(1);
+    req.cache_policy = CachePolicy::Bypass as i32;
+    let unary = client.generate(req.clone()).await.unwrap().into_inner();
+    assert!(
+        unary.tool_calls.is_empty() && !unary.text.is_empty(),
+        "{unary:?}"
+    );
+    let mut stream = client.generate_stream(req).await.unwrap().into_inner();
+    let (mut texts, mut last) = (Vec::new(), None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert!(chunk.tool_calls.is_empty(), "{chunk:?}");
+        if chunk.finish_reason.is_some() {
+            last = Some(chunk);
+        } else {
+            texts.push(chunk.text);
+        }
+    }
+    assert!(texts.len() > 3, "streamed as written: {texts:?}");
+    assert_eq!(texts.concat(), unary.text);
+    assert_eq!(last.unwrap().finish_reason, Some(unary.finish_reason));
+
     // Cache isolation (greedy requests are cached): the same messages without tools, with
     // `required` and with `auto` are three answers, each served again from its own entry.
     let q = || vec![user("What is the weather in Rome?")];

@@ -117,16 +117,17 @@ impl Inference for InferenceService {
 }
 
 /// The gRPC spelling of a stream: one chunk per delta, a last chunk with usage, a final status.
-/// A request with tools holds its output back (`held`) and sends it read, as one chunk with
-/// the answer's text or its call, before the last chunk.
+/// A request with tools reads its output as it comes ([`crate::tools::StreamReader`]): a text
+/// answer's text is sent as it is written, a call is held back and sent whole in one chunk before
+/// the last.
 struct GrpcChunks {
-    held: Option<(String, Vec<crate::types::TokenLogprob>)>,
+    tools: Option<(crate::tools::StreamReader, Vec<crate::types::TokenLogprob>)>,
 }
 
 impl GrpcChunks {
     fn new(tools: bool) -> Self {
         Self {
-            held: tools.then(Default::default),
+            tools: tools.then(Default::default),
         }
     }
 }
@@ -135,26 +136,39 @@ impl StreamFront for GrpcChunks {
     type Item = Result<proto::GenerateChunk, Status>;
 
     fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item> {
-        if let Some((text, logprobs)) = &mut self.held {
+        if let Some((reader, held)) = &mut self.tools {
             match step {
                 Step::Delta(more, more_logprobs) => {
-                    text.push_str(more);
-                    logprobs.extend_from_slice(more_logprobs);
-                    return Vec::new();
+                    held.extend_from_slice(more_logprobs);
+                    let text = reader.push(more);
+                    if text.is_empty() {
+                        return Vec::new();
+                    }
+                    return vec![Ok(proto::GenerateChunk {
+                        text,
+                        logprobs: convert::logprobs(&std::mem::take(held)),
+                        request_id: call.request_id.clone(),
+                        ..Default::default()
+                    })];
                 }
                 Step::Finished(completion) => {
                     let (text, tool_calls, finish) =
-                        convert::tool_answer(text, completion.finish_reason);
-                    let answer = proto::GenerateChunk {
-                        text,
-                        tool_calls,
-                        logprobs: convert::logprobs(logprobs),
-                        request_id: call.request_id.clone(),
-                        ..Default::default()
-                    };
+                        convert::tool_answer(reader.raw(), completion.finish_reason);
+                    let text = reader.rest(&text).to_owned();
+                    let mut chunks = Vec::new();
+                    if !text.is_empty() || !tool_calls.is_empty() || !held.is_empty() {
+                        chunks.push(Ok(proto::GenerateChunk {
+                            text,
+                            tool_calls,
+                            logprobs: convert::logprobs(held),
+                            request_id: call.request_id.clone(),
+                            ..Default::default()
+                        }));
+                    }
                     let mut last = convert::last_chunk(completion, call.request_id.clone());
                     last.finish_reason = Some(finish as i32);
-                    return vec![Ok(answer), Ok(last)];
+                    chunks.push(Ok(last));
+                    return chunks;
                 }
             }
         }

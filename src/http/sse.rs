@@ -55,14 +55,15 @@ pub struct ChatStream {
     pub tools: Option<ToolBuffer>,
 }
 
-/// The held-back output of a streamed request with tools. Its text is a JSON object (a call, or
-/// `{"response": ...}`) that is read whole at the end; then one chunk carries the text or the
-/// whole call (`delta.tool_calls[0]` with `index`, `id`, `type`, `function.name` and
-/// `function.arguments`, which OpenAI's clients accept as they accept fragments) and the
-/// log-probabilities of all its tokens.
+/// The output of a streamed request with tools, a JSON object read by [`crate::tools`]: the
+/// text of a `{"response": ...}` answer is sent as it is written (with the log-probabilities of
+/// its tokens); a call is held back and sent whole in one chunk at the end
+/// (`delta.tool_calls[0]` with `index`, `id`, `type`, `function.name` and `function.arguments`,
+/// which OpenAI's clients accept as they accept fragments), with the log-probabilities of all
+/// its tokens.
 #[derive(Debug, Default)]
 pub struct ToolBuffer {
-    text: String,
+    reader: crate::tools::StreamReader,
     logprobs: Vec<crate::types::TokenLogprob>,
 }
 
@@ -90,14 +91,32 @@ impl StreamFront for ChatStream {
         if let Some(buffer) = &mut self.tools {
             match step {
                 Step::Delta(text, logprobs) => {
-                    buffer.text.push_str(text);
                     buffer.logprobs.extend_from_slice(logprobs);
-                    return Vec::new();
+                    let text = buffer.reader.push(text);
+                    if text.is_empty() {
+                        return Vec::new();
+                    }
+                    let logprobs = std::mem::take(&mut buffer.logprobs);
+                    let choice = ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: self.role(),
+                            content: Some(text),
+                            tool_calls: None,
+                        },
+                        finish_reason: None,
+                        logprobs: (!logprobs.is_empty()).then(|| chat_logprobs(&logprobs)),
+                    };
+                    return vec![Ok(Bytes::from(self.chunk(vec![choice], None)))];
                 }
                 Step::Finished(completion) => {
                     let buffer = std::mem::take(buffer);
                     let (content, tool_calls, finish) =
-                        super::convert::answer(&buffer.text, completion.finish_reason);
+                        super::convert::answer(buffer.reader.raw(), completion.finish_reason);
+                    // Text already sent is not sent again.
+                    let content = content
+                        .map(|c| buffer.reader.rest(&c).to_owned())
+                        .filter(|c| !c.is_empty() || !buffer.reader.is_text());
                     let tool_calls = tool_calls.map(|calls| {
                         calls
                             .into_iter()
@@ -108,27 +127,33 @@ impl StreamFront for ChatStream {
                             })
                             .collect()
                     });
-                    let answer = ChunkChoice {
+                    let mut text = String::new();
+                    if content.is_some() || tool_calls.is_some() || !buffer.logprobs.is_empty() {
+                        let answer = ChunkChoice {
+                            index: 0,
+                            delta: Delta {
+                                role: self.role(),
+                                content,
+                                tool_calls,
+                            },
+                            finish_reason: None,
+                            logprobs: (!buffer.logprobs.is_empty())
+                                .then(|| chat_logprobs(&buffer.logprobs)),
+                        };
+                        text.push_str(&self.chunk(vec![answer], None));
+                    }
+                    let last = ChunkChoice {
                         index: 0,
                         delta: Delta {
                             role: self.role(),
-                            content,
-                            tool_calls,
+                            ..Delta::default()
                         },
-                        finish_reason: None,
-                        logprobs: (!buffer.logprobs.is_empty())
-                            .then(|| chat_logprobs(&buffer.logprobs)),
-                    };
-                    let last = ChunkChoice {
-                        index: 0,
-                        delta: Delta::default(),
                         finish_reason: Some(finish),
                         logprobs: None,
                     };
                     let usage_chunk = self
                         .include_usage
                         .then(|| self.chunk(Vec::new(), Some(usage(completion))));
-                    let mut text = self.chunk(vec![answer], None);
                     text.push_str(&closing(self.chunk(vec![last], None), usage_chunk));
                     return vec![Ok(Bytes::from(text))];
                 }
