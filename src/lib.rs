@@ -13,6 +13,10 @@
 //! - [`constrain`]: constrained decoding (JSON schema, JSON object, regex, Lark) with llguidance:
 //!   a model's token trie built from its GGUF tokenizer, and the per-sequence mask the engine
 //!   applies to the logits before sampling.
+//! - [`tools`]: tool calling's one output format, defined once: the JSON schema the output is held
+//!   to (from the declared functions and `tool_choice`), the system-turn description for templates
+//!   that do not read `tools`, and the parser that turns the output back into calls. Uses only
+//!   [`types`]; `model` renders with it, `front` constrains with it, the fronts read answers with it.
 //! - [`engine`]: what one request is inside a model instance (sampling, stop strings, incremental
 //!   detokenization), the batching loop of one instance on its own OS thread, and the
 //!   [`engine::Backend`] seam the fronts call.
@@ -50,4 +54,5 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod pool;
+pub mod tools;
 pub mod types;

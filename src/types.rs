@@ -8,13 +8,135 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// One chat turn, as the model's chat template expects it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One chat turn, as the model's chat template expects it (serialized as Hugging Face templates
+/// read it: `tool_calls` and `tool_call_id` only when set).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text of the turn.
+    /// The text of the turn (may be empty for an assistant turn that only calls tools).
     pub content: String,
+    /// An assistant turn's calls of tools, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` turn: the id of the call whose result `content` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text turn.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// One call of a tool, made by the model (a response) or earlier in the conversation (an
+/// assistant turn of the request).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The call's id (`call_...`), which the `tool` turn answering it names.
+    pub id: String,
+    /// The function called: one of the request's tools.
+    pub name: String,
+    /// Its arguments: a JSON object, as JSON text (OpenAI's `function.arguments`).
+    pub arguments: String,
+}
+
+/// Templates get a call the way transformers passes it: `{"id", "type": "function", "function":
+/// {"name", "arguments"}}` with `arguments` as a JSON object (text that is not JSON stays text).
+impl serde::Serialize for ToolCall {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let arguments = serde_json::from_str::<serde_json::Value>(&self.arguments)
+            .unwrap_or_else(|_| serde_json::Value::String(self.arguments.clone()));
+        serde_json::json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": arguments},
+        })
+        .serialize(s)
+    }
+}
+
+/// Reads the shape [`ToolCall`] serializes to (`arguments` as an object or as JSON text).
+impl<'de> serde::Deserialize<'de> for ToolCall {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Function {
+            name: String,
+            #[serde(default)]
+            arguments: serde_json::Value,
+        }
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            #[serde(default)]
+            id: String,
+            function: Function,
+        }
+        let w = Wire::deserialize(d)?;
+        let arguments = match w.function.arguments {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => "{}".to_owned(),
+            other => other.to_string(),
+        };
+        Ok(Self {
+            id: w.id,
+            name: w.function.name,
+            arguments,
+        })
+    }
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    /// Its name: 1 to 64 of `a-z A-Z 0-9 _ -`, unique in the request.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: Option<String>,
+    /// The JSON Schema of its arguments (an object schema), as JSON text.
+    pub parameters: String,
+}
+
+/// Templates get a tool in OpenAI's shape: `{"type": "function", "function": {"name",
+/// "description", "parameters"}}`, `parameters` as a JSON object.
+impl serde::Serialize for Tool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let parameters = serde_json::from_str::<serde_json::Value>(&self.parameters)
+            .unwrap_or_else(|_| serde_json::json!({"type": "object"}));
+        let mut function = serde_json::Map::new();
+        function.insert("name".into(), self.name.clone().into());
+        if let Some(d) = &self.description {
+            function.insert("description".into(), d.clone().into());
+        }
+        function.insert("parameters".into(), parameters);
+        serde_json::json!({"type": "function", "function": function}).serialize(s)
+    }
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Answer with text or call one tool, as the model decides.
+    Auto,
+    /// Call one of the tools.
+    Required,
+    /// Call this tool.
+    Function(String),
+}
+
+/// The tools of a request the model may (or must) call. A request whose `tool_choice` is `none`
+/// has none: its tools are neither shown to the model nor callable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tools {
+    /// The functions, at least one.
+    pub tools: Vec<Tool>,
+    /// Whether one must be called.
+    pub choice: ToolChoice,
 }
 
 /// What the model is asked to continue.
@@ -131,6 +253,10 @@ pub struct GenerationRequest {
     /// Chat-template options (`chat_template_kwargs`), checked against the names the model's
     /// template reads; only with [`PromptInput::Chat`]. Part of the cache key.
     pub chat_template_kwargs: TemplateKwargs,
+    /// Tools the model may call (only with [`PromptInput::Chat`]): described in the prompt, and
+    /// the output constrained to [`crate::tools`]' format (`constraint` holds its schema).
+    /// Part of the cache key.
+    pub tools: Option<Tools>,
 }
 
 impl GenerationRequest {
@@ -157,6 +283,7 @@ impl GenerationRequest {
             constraint: None,
             logprobs: None,
             chat_template_kwargs: TemplateKwargs::new(),
+            tools: None,
         }
     }
 }

@@ -65,7 +65,7 @@ fn everything_the_tests_use_is_installed() {
     if !runs(grpcurl.to_str().unwrap(), &["-version"]) {
         missing.push(".tools/bin/grpcurl".into());
     }
-    for module in ["gguf", "openai", "jsonschema"] {
+    for module in ["gguf", "openai", "jsonschema", "langchain_openai"] {
         if !runs("python3", &["-c", &format!("import {module}")]) {
             missing.push(format!("python3 module {module}"));
         }

@@ -150,6 +150,7 @@ async fn one_callers_deadline_never_fails_another() {
         req.input = PromptInput::Chat(vec![ChatMessage {
             role: "user".into(),
             content: format!("Tell me a long story about dragon number {n}."),
+            ..Default::default()
         }]);
         let mut short = req.clone();
         short.deadline = Some(Instant::now() + Duration::from_millis(60));

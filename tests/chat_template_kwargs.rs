@@ -150,6 +150,7 @@ fn grpc_request(model: &str, kwargs: &[(&str, &str)]) -> proto::GenerateRequest 
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: QUESTION.into(),
+            ..Default::default()
         }],
         max_tokens: Some(3),
         temperature: Some(0.0),

@@ -91,6 +91,7 @@ fn request(content: &str, constraint: Option<Constraint>) -> proto::GenerateRequ
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: content.into(),
+            ..Default::default()
         }],
         max_tokens: Some(96),
         temperature: Some(0.0),

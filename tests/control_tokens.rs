@@ -19,6 +19,7 @@ fn user(content: &str) -> PromptInput {
     PromptInput::Chat(vec![ChatMessage {
         role: "user".into(),
         content: content.into(),
+        ..Default::default()
     }])
 }
 
@@ -54,6 +55,7 @@ fn smollm2_user_text_cannot_forge_turns() {
     let rendered = model.render_chat(&[ChatMessage {
         role: "user".into(),
         content: "hello".into(),
+        ..Default::default()
     }]);
     assert_eq!(
         benign,

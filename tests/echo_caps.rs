@@ -65,6 +65,7 @@ async fn grpc_echoes_at_most_128_characters() {
             messages: vec![proto::ChatMessage {
                 role: big('r'),
                 content: "hi".into(),
+                ..Default::default()
             }],
             ..request("")
         })

@@ -97,6 +97,7 @@ async fn refusals_are_the_fronts_own_status(redis: Option<&RedisServer>) {
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: "queue_full".into(),
+            ..Default::default()
         }],
         max_tokens: Some(8),
         temperature: Some(0.0),

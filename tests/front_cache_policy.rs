@@ -91,6 +91,7 @@ fn wire(prompt: &str, policy: proto::CachePolicy) -> proto::GenerateRequest {
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: prompt.into(),
+            ..Default::default()
         }],
         max_tokens: Some(32),
         temperature: Some(0.0),

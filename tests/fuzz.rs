@@ -184,7 +184,7 @@ proptest! {
     ) {
         let messages: Vec<ChatMessage> = messages
             .into_iter()
-            .map(|(role, content)| ChatMessage { role: role.into(), content })
+            .map(|(role, content)| ChatMessage { role: role.into(), content, ..Default::default() })
             .collect();
         match SMOLLM_TEMPLATE.render_guarded(&messages, true, &Default::default(), |c| SMOLLM.find_control_tokens(c)) {
             Ok(rendered) => {
@@ -207,7 +207,7 @@ proptest! {
     fn chat_template_sources_compile_or_fail_typed(source in soup()) {
         match ChatTemplate::new(source, "<s>".into(), "</s>".into()) {
             Ok(t) => {
-                let m = [ChatMessage { role: "user".into(), content: "hi".into() }];
+                let m = [ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }];
                 match t.render(&m, true) {
                     Ok(_) | Err(ModelError::Template(_)) => {}
                     Err(other) => prop_assert!(false, "untyped render error {other}"),

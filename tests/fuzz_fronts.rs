@@ -61,11 +61,37 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
                 Just("user".to_string()),
                 Just("system".to_string()),
                 Just("assistant".to_string()),
+                Just("tool".to_string()),
                 text()
             ],
             text(),
+            prop_oneof![3 => Just(Vec::new()), 1 => proptest::collection::vec((text(), text(), text()), 0..2)],
+            prop_oneof![3 => Just(String::new()), 1 => text()],
         ),
         0..4,
+    );
+    // Tools: well-formed names and schemas now and then, so validation passes and the grammar
+    // is built; anything otherwise.
+    let tools = (
+        proptest::collection::vec(
+            (
+                prop_oneof![2 => Just("f".to_string()), 1 => text()],
+                text(),
+                prop_oneof![
+                    2 => Just(r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#.to_string()),
+                    1 => text()
+                ],
+            ),
+            0..3,
+        ),
+        prop_oneof![
+            Just(String::new()),
+            Just("auto".to_string()),
+            Just("required".to_string()),
+            Just("none".to_string()),
+            text()
+        ],
+        prop_oneof![3 => Just(String::new()), 1 => Just("f".to_string()), 1 => text()],
     );
     let sampling = (
         proptest::option::of(prop_oneof![4 => 1u32..64, 1 => any::<u32>()]),
@@ -95,30 +121,56 @@ fn grpc_request() -> impl Strategy<Value = proto::GenerateRequest> {
         messages,
         sampling,
         rest,
+        tools,
     )
-        .prop_map(|(model, prompt, messages, s, r)| proto::GenerateRequest {
-            model,
-            prompt,
-            messages: messages
-                .into_iter()
-                .map(|(role, content)| proto::ChatMessage { role, content })
-                .collect(),
-            max_tokens: s.0,
-            temperature: s.1,
-            top_p: s.2,
-            top_k: s.3,
-            min_p: s.4,
-            repetition_penalty: s.5,
-            seed: s.6,
-            stop: r.0,
-            cache_policy: r.1,
-            request_id: r.2,
-            session_id: r.3,
-            constraint: r.4.map(proto::generate_request::Constraint::Regex),
-            logprobs: r.5,
-            top_logprobs: r.6,
-            chat_template_kwargs: r.7,
-        })
+        .prop_map(
+            |(model, prompt, messages, s, r, t)| proto::GenerateRequest {
+                model,
+                prompt,
+                messages: messages
+                    .into_iter()
+                    .map(|(role, content, calls, tool_call_id)| proto::ChatMessage {
+                        role,
+                        content,
+                        tool_calls: calls
+                            .into_iter()
+                            .map(|(id, name, arguments)| proto::ToolCall {
+                                id,
+                                name,
+                                arguments,
+                            })
+                            .collect(),
+                        tool_call_id,
+                    })
+                    .collect(),
+                max_tokens: s.0,
+                temperature: s.1,
+                top_p: s.2,
+                top_k: s.3,
+                min_p: s.4,
+                repetition_penalty: s.5,
+                seed: s.6,
+                stop: r.0,
+                cache_policy: r.1,
+                request_id: r.2,
+                session_id: r.3,
+                constraint: r.4.map(proto::generate_request::Constraint::Regex),
+                logprobs: r.5,
+                top_logprobs: r.6,
+                chat_template_kwargs: r.7,
+                tools: t
+                    .0
+                    .into_iter()
+                    .map(|(name, description, parameters)| proto::Tool {
+                        name,
+                        description,
+                        parameters,
+                    })
+                    .collect(),
+                tool_choice: t.1,
+                tool_choice_function: t.2,
+            },
+        )
 }
 
 /// Any JSON value, nested a little.
@@ -163,6 +215,7 @@ const FIELDS: &[&str] = &[
     "response_format",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "echo",
     "suffix",
     "best_of",
@@ -174,10 +227,48 @@ const FIELDS: &[&str] = &[
 
 fn http_body() -> impl Strategy<Value = (bool, Vec<u8>)> {
     let message = (
-        prop_oneof![Just(json!("user")), Just(json!("system")), value()],
+        prop_oneof![
+            Just(json!("user")),
+            Just(json!("system")),
+            Just(json!("assistant")),
+            Just(json!("tool")),
+            value()
+        ],
         prop_oneof![text().prop_map(Value::from), value()],
+        prop_oneof![3 => Just(None), 1 => proptest::option::of(value())],
+        prop_oneof![3 => Just(None), 1 => proptest::option::of(value())],
     )
-        .prop_map(|(role, content)| json!({"role": role, "content": content}));
+        .prop_map(|(role, content, tool_calls, tool_call_id)| {
+            let mut m = json!({"role": role, "content": content});
+            if let Some(calls) = tool_calls {
+                m["tool_calls"] = calls;
+            }
+            if let Some(id) = tool_call_id {
+                m["tool_call_id"] = id;
+            }
+            m
+        });
+    // Tools in OpenAI's shape with fuzzed parts, so the deeper checks are reached.
+    let tool = (
+        prop_oneof![2 => Just(json!("f")), 1 => value()],
+        prop_oneof![
+            2 => Just(json!({"type": "object", "properties": {"a": {"type": "integer"}}})),
+            1 => value()
+        ],
+        prop_oneof![4 => Just(json!("function")), 1 => value()],
+    )
+        .prop_map(|(name, parameters, kind)| {
+            json!({"type": kind, "function": {"name": name, "parameters": parameters}})
+        });
+    let tools = (
+        proptest::option::of(proptest::collection::vec(tool, 0..3)),
+        prop_oneof![
+            Just(json!("auto")),
+            Just(json!("required")),
+            Just(json!({"type": "function", "function": {"name": "f"}})),
+            value()
+        ],
+    );
     let fields = proptest::collection::vec(
         (
             prop_oneof![
@@ -193,14 +284,19 @@ fn http_body() -> impl Strategy<Value = (bool, Vec<u8>)> {
         proptest::collection::vec(message, 0..3),
         fields,
         any::<bool>(),
+        tools,
     )
-        .prop_map(|(chat, messages, fields, raw)| {
+        .prop_map(|(chat, messages, fields, raw, (tools, tool_choice))| {
             let mut body = Map::new();
             body.insert("model".into(), json!("smollm2"));
             if chat {
                 body.insert("messages".into(), Value::Array(messages));
             } else {
                 body.insert("prompt".into(), json!("fuzz"));
+            }
+            if let Some(tools) = tools {
+                body.insert("tools".into(), Value::Array(tools));
+                body.insert("tool_choice".into(), tool_choice);
             }
             for (k, v) in fields {
                 body.insert(k, v);

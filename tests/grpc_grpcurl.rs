@@ -120,4 +120,33 @@ async fn list_describe_health_and_call_with_reflection() {
         "{answer}"
     );
     assert!(answer.contains(r#""requestId": "curl-1""#), "{answer}");
+
+    // Tools, grpcurl-friendly: parameters as JSON text, the call back in `toolCalls`, unary and
+    // streamed (the scripted backend writes the tool format for the message `tool_call`).
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"tool_call"}],
+        "tools":[{"name":"f","description":"d","parameters":"{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}}}"}],
+        "tool_choice":"required"}"#;
+    for method in ["Generate", "GenerateStream"] {
+        let out = run(
+            &bin,
+            &[
+                "-plaintext",
+                "-d",
+                body,
+                &addr,
+                &format!("qnode.v1.Inference/{method}"),
+            ],
+        )
+        .await;
+        assert!(out.contains(r#""name": "f""#), "{method}: {out}");
+        assert!(
+            out.contains(r#""arguments": "{\"a\":1}""#),
+            "{method}: {out}"
+        );
+        assert!(out.contains(r#""id": "call_"#), "{method}: {out}");
+        assert!(
+            out.contains(r#""finishReason": "FINISH_REASON_TOOL_CALLS""#),
+            "{method}: {out}"
+        );
+    }
 }

@@ -11,6 +11,7 @@ fn msg(role: &str, content: &str) -> proto::ChatMessage {
     proto::ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 
@@ -72,7 +73,7 @@ async fn bad_inputs_get_invalid_argument_or_not_found_with_exact_messages() {
                 ..request("")
             },
             Code::InvalidArgument,
-            "`messages[1].role` must be one of system, user, assistant. Given: \"wizard\"",
+            "`messages[1].role` must be one of system, user, assistant, tool. Given: \"wizard\"",
         ),
         (
             proto::GenerateRequest {
@@ -295,6 +296,10 @@ async fn valid_request_reaches_backend_with_every_field() {
         logprobs: true,
         top_logprobs: Some(3),
         chat_template_kwargs: [("enable_thinking".to_owned(), "false".to_owned())].into(),
+        // Tools do not go with a constraint: tests/tools_real_model.rs sends them.
+        tools: vec![],
+        tool_choice: String::new(),
+        tool_choice_function: String::new(),
     };
     let mut call = tonic::Request::new(wire.clone());
     call.metadata_mut()
@@ -328,7 +333,9 @@ async fn valid_request_reaches_backend_with_every_field() {
         constraint,
         logprobs,
         chat_template_kwargs,
+        tools,
     } = server.backend.last_submitted();
+    assert_eq!(tools, None);
     assert_eq!(logprobs, Some(3));
     assert_eq!(
         chat_template_kwargs,
@@ -346,10 +353,12 @@ async fn valid_request_reaches_backend_with_every_field() {
             qnode::engine::ChatMessage {
                 role: "system".into(),
                 content: "be brief".into(),
+                ..Default::default()
             },
             qnode::engine::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             },
         ])
     );

@@ -50,6 +50,7 @@ fn request(prompt: &str, max_tokens: u32, top: Option<u32>) -> proto::GenerateRe
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: prompt.into(),
+            ..Default::default()
         }],
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),

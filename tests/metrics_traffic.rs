@@ -48,6 +48,7 @@ fn ask(prompt: &str, max_tokens: u32, policy: proto::CachePolicy) -> proto::Gene
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: prompt.into(),
+            ..Default::default()
         }],
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),

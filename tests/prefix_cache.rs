@@ -59,6 +59,7 @@ fn msg(role: &str, content: &str) -> ChatMessage {
     ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

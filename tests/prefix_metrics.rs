@@ -25,6 +25,7 @@ fn message(role: &str, content: &str) -> proto::ChatMessage {
     proto::ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

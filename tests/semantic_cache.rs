@@ -93,11 +93,13 @@ fn ask(
         messages.push(proto::ChatMessage {
             role: "system".into(),
             content: s.into(),
+            ..Default::default()
         });
     }
     messages.push(proto::ChatMessage {
         role: "user".into(),
         content: question.into(),
+        ..Default::default()
     });
     let mut request = tonic::Request::new(proto::GenerateRequest {
         model: "smollm2".into(),

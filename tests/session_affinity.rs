@@ -26,6 +26,7 @@ fn msg(role: &str, content: &str) -> proto::ChatMessage {
     proto::ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

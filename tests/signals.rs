@@ -186,6 +186,7 @@ fn long_request() -> proto::GenerateRequest {
         messages: vec![proto::ChatMessage {
             role: "user".into(),
             content: "What is the capital of France?".into(),
+            ..Default::default()
         }],
         max_tokens: Some(TOKENS),
         temperature: Some(0.0),

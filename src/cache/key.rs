@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 use unicode_normalization::UnicodeNormalization;
 
 use crate::engine::{GenerationRequest, PromptInput};
-use crate::types::{Grammar, TemplateValue};
+use crate::types::{Grammar, TemplateValue, ToolChoice};
 
 /// What identifies the weights and template that produced an answer. The backend's owner gives
 /// one per model id; a new file (different digest) never serves answers of the old one.
@@ -79,6 +79,21 @@ mod tag {
     pub const KWARG_INT: u8 = 53;
     pub const KWARG_FLOAT: u8 = 54;
     pub const KWARG_STR: u8 = 55;
+    // Tools (absent without any, and with `tool_choice: none`) and a message's tool parts
+    // (absent from a turn without them): old keys stay valid.
+    pub const TOOLS: u8 = 60;
+    pub const TOOL_NAME: u8 = 61;
+    pub const TOOL_DESCRIPTION: u8 = 62;
+    pub const TOOL_NO_DESCRIPTION: u8 = 63;
+    pub const TOOL_PARAMETERS: u8 = 64;
+    pub const TOOL_CHOICE_AUTO: u8 = 65;
+    pub const TOOL_CHOICE_REQUIRED: u8 = 66;
+    pub const TOOL_CHOICE_FUNCTION: u8 = 67;
+    pub const TURN_TOOL_CALLS: u8 = 70;
+    pub const TURN_CALL_ID: u8 = 71;
+    pub const TURN_CALL_NAME: u8 = 72;
+    pub const TURN_CALL_ARGUMENTS: u8 = 73;
+    pub const TURN_TOOL_CALL_ID: u8 = 74;
 }
 
 /// Version of the key layout, hashed first.
@@ -152,6 +167,20 @@ fn key_of(
                 } else {
                     h.field(tag::CONTENT, text(&m.content, normalize).as_bytes());
                 }
+                if !m.tool_calls.is_empty() {
+                    h.field(
+                        tag::TURN_TOOL_CALLS,
+                        &(m.tool_calls.len() as u64).to_le_bytes(),
+                    );
+                    for call in &m.tool_calls {
+                        h.field(tag::TURN_CALL_ID, call.id.as_bytes());
+                        h.field(tag::TURN_CALL_NAME, call.name.as_bytes());
+                        h.field(tag::TURN_CALL_ARGUMENTS, call.arguments.as_bytes());
+                    }
+                }
+                if let Some(id) = &m.tool_call_id {
+                    h.field(tag::TURN_TOOL_CALL_ID, id.as_bytes());
+                }
             }
         }
     }
@@ -198,6 +227,24 @@ fn key_of(
             }
         }
     }
+    // The tools change the prompt and the output's grammar: a tool answer is never served for
+    // a request without them, nor for other tools or another choice.
+    if let Some(tools) = &req.tools {
+        h.field(tag::TOOLS, &(tools.tools.len() as u64).to_le_bytes());
+        for t in &tools.tools {
+            h.field(tag::TOOL_NAME, t.name.as_bytes());
+            match &t.description {
+                Some(d) => h.field(tag::TOOL_DESCRIPTION, d.as_bytes()),
+                None => h.field(tag::TOOL_NO_DESCRIPTION, &[]),
+            }
+            h.field(tag::TOOL_PARAMETERS, t.parameters.as_bytes());
+        }
+        match &tools.choice {
+            ToolChoice::Auto => h.field(tag::TOOL_CHOICE_AUTO, &[]),
+            ToolChoice::Required => h.field(tag::TOOL_CHOICE_REQUIRED, &[]),
+            ToolChoice::Function(name) => h.field(tag::TOOL_CHOICE_FUNCTION, name.as_bytes()),
+        }
+    }
     CacheKey(h.0.finalize().into())
 }
 
@@ -234,6 +281,37 @@ mod tests {
 
     fn key(r: &GenerationRequest) -> CacheKey {
         cache_key(&identity(), r, false)
+    }
+
+    fn tools(choice: ToolChoice, description: Option<&str>) -> Option<crate::types::Tools> {
+        Some(crate::types::Tools {
+            tools: vec![crate::types::Tool {
+                name: "f".into(),
+                description: description.map(str::to_owned),
+                parameters: r#"{"type":"object"}"#.into(),
+            }],
+            choice,
+        })
+    }
+
+    fn call(id: &str, arguments: &str) -> Vec<crate::types::ToolCall> {
+        vec![crate::types::ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments: arguments.into(),
+        }]
+    }
+
+    fn chat_turn(
+        tool_calls: Vec<crate::types::ToolCall>,
+        tool_call_id: Option<&str>,
+    ) -> PromptInput {
+        PromptInput::Chat(vec![ChatMessage {
+            role: "assistant".into(),
+            content: "hello".into(),
+            tool_calls,
+            tool_call_id: tool_call_id.map(str::to_owned),
+        }])
     }
 
     #[test]
@@ -297,6 +375,42 @@ mod tests {
             (
                 "enable_thinking \"1\"",
                 Box::new(|r| r.chat_template_kwargs = kwarg(TemplateValue::Str("1".into()))),
+            ),
+            (
+                "tools auto",
+                Box::new(|r| r.tools = tools(ToolChoice::Auto, None)),
+            ),
+            (
+                "tools required",
+                Box::new(|r| r.tools = tools(ToolChoice::Required, None)),
+            ),
+            (
+                "tools named",
+                Box::new(|r| r.tools = tools(ToolChoice::Function("f".into()), None)),
+            ),
+            (
+                "tools described",
+                Box::new(|r| r.tools = tools(ToolChoice::Auto, Some("d"))),
+            ),
+            (
+                "turn with a call",
+                Box::new(|r| r.input = chat_turn(call("call_1", "{}"), None)),
+            ),
+            (
+                "turn with another call id",
+                Box::new(|r| r.input = chat_turn(call("call_2", "{}"), None)),
+            ),
+            (
+                "turn with other arguments",
+                Box::new(|r| r.input = chat_turn(call("call_1", r#"{"a":1}"#), None)),
+            ),
+            (
+                "tool result",
+                Box::new(|r| r.input = chat_turn(Vec::new(), Some("call_1"))),
+            ),
+            (
+                "plain turn",
+                Box::new(|r| r.input = chat_turn(Vec::new(), None)),
             ),
         ];
         let mut seen = std::collections::HashSet::new();
@@ -377,6 +491,7 @@ mod tests {
                     .map(|(role, content)| ChatMessage {
                         role: role.to_string(),
                         content: content.to_string(),
+                        ..Default::default()
                     })
                     .collect(),
             );

@@ -260,6 +260,7 @@ fn make_request(args: &BenchArgs, request_id: String, content: String) -> Genera
         messages: vec![ChatMessage {
             role: "user".into(),
             content,
+            ..Default::default()
         }],
         max_tokens: Some(args.max_tokens),
         temperature: Some(0.0),

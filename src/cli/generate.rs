@@ -84,11 +84,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 messages.push(ChatMessage {
                     role: "system".into(),
                     content: system,
+                    ..Default::default()
                 });
             }
             messages.push(ChatMessage {
                 role: "user".into(),
                 content: user,
+                ..Default::default()
             });
             PromptInput::Chat(messages)
         }
@@ -115,6 +117,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         constraint: None,
         logprobs: None,
         chat_template_kwargs: Default::default(),
+        tools: None,
     };
     let mut events = futures::executor::block_on(pool.submit(request))?;
     let mut stdout = std::io::stdout().lock();

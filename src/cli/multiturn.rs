@@ -296,6 +296,7 @@ async fn grpc_turn(
         .map(|m| proto::ChatMessage {
             role: m["role"].as_str().unwrap_or_default().to_string(),
             content: m["content"].as_str().unwrap_or_default().to_string(),
+            ..Default::default()
         })
         .collect();
     let mut request = tonic::Request::new(proto::GenerateRequest {

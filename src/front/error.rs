@@ -82,7 +82,8 @@ impl From<ValidationError> for FrontError {
             ValidationError::OutOfRange { field, .. }
             | ValidationError::Empty { field }
             | ValidationError::Needs { field, .. }
-            | ValidationError::TemplateOption { field, .. } => {
+            | ValidationError::TemplateOption { field, .. }
+            | ValidationError::Tools { field, .. } => {
                 (ErrorKind::InvalidArgument, "invalid_value", Some(field))
             }
             ValidationError::PromptAndMessages | ValidationError::NoPrompt => (

@@ -31,7 +31,7 @@ pub use crate::types::ErrorKind;
 pub use auth::{ApiKeyCheck, AuthError, KeyTenant};
 pub use call::{collect, forward, Answer, Call, Step, StreamFront};
 pub use error::FrontError;
-pub use request::{header_text, CallMeta, RawRequest};
+pub use request::{header_text, CallMeta, RawRequest, WireToolChoice};
 pub use validate::{ValidationError, SESSION_HEADER};
 
 /// Metadata key (gRPC) and header (HTTP) naming the caller's tenant; answers are never shared

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::types::{CachePolicy, ChatMessage, OutputConstraint, TemplateKwargs};
+use crate::types::{CachePolicy, ChatMessage, OutputConstraint, TemplateKwargs, Tool};
 
 use super::error::FrontError;
 
@@ -53,6 +53,34 @@ pub struct RawRequest {
     /// Chat-template options (`chat_template_kwargs` on both fronts), scalar values already
     /// read from the wire; keys unchecked.
     pub chat_template_kwargs: TemplateKwargs,
+    /// Functions the model may call (OpenAI and gRPC `tools`), names and schemas unchecked.
+    pub tools: Vec<Tool>,
+    /// `tool_choice`; `None` when absent (`auto` with tools).
+    pub tool_choice: Option<WireToolChoice>,
+}
+
+/// `tool_choice` as the wire gave it; which names exist is `validate`'s to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireToolChoice {
+    /// No tool is shown to the model nor called: a plain answer.
+    None,
+    /// Text or one call, as the model decides.
+    Auto,
+    /// One call of any tool.
+    Required,
+    /// One call of this function.
+    Function(String),
+    /// A value that names no choice (gRPC's free-form string), refused by validation naming
+    /// `tool_choice`.
+    Invalid(String),
+}
+
+impl RawRequest {
+    /// Whether the answer is in the tool format ([`crate::tools`]): tools given and
+    /// `tool_choice` not `none`. Fronts read the output as calls then.
+    pub fn uses_tools(&self) -> bool {
+        !self.tools.is_empty() && self.tool_choice != Some(WireToolChoice::None)
+    }
 }
 
 impl Default for RawRequest {
@@ -77,6 +105,8 @@ impl Default for RawRequest {
             top_logprobs: None,
             top_logprobs_field: "top_logprobs",
             chat_template_kwargs: TemplateKwargs::new(),
+            tools: Vec::new(),
+            tool_choice: None,
         }
     }
 }

@@ -7,15 +7,20 @@
 
 use std::time::Instant;
 
-use super::request::RawRequest;
+use super::request::{RawRequest, WireToolChoice};
 use crate::config::Limits;
 use crate::types::{
     echo, ChatMessage, GenerationRequest, Grammar, ModelInfo, OutputConstraint, PromptInput,
-    SamplingParams, TemplateKwargs, TemplateValue, MAX_TOP_LOGPROBS, RESERVED_TEMPLATE_VARIABLES,
+    SamplingParams, TemplateKwargs, TemplateValue, Tool, ToolChoice, Tools, MAX_TOP_LOGPROBS,
+    RESERVED_TEMPLATE_VARIABLES,
 };
 
 /// Roles the chat templates of the served models understand.
-pub const ROLES: &[&str] = &["system", "user", "assistant"];
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+/// Most tools in one request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+/// Longest tool (function) name, in bytes (OpenAI's limit).
+pub const MAX_TOOL_NAME_BYTES: usize = 64;
 /// Largest `top_k`; beyond it the filter changes nothing a caller could want.
 pub const MAX_TOP_K: u32 = 1000;
 /// Longest caller-given `request_id`, in bytes.
@@ -92,6 +97,15 @@ pub enum ValidationError {
         /// Why, and what would be taken.
         reason: String,
     },
+    /// `tools`, `tool_choice` or a message's tool parts do not fit together (an undeclared
+    /// function named, tools without `messages`, a call that is not an assistant's, ...).
+    #[error("`{field}` {reason}")]
+    Tools {
+        /// Field path, e.g. `tool_choice.function.name`.
+        field: String,
+        /// Why, with the value given.
+        reason: String,
+    },
     /// `x-qnode-tenant` names another tenant than the one the caller's API key is bound to
     /// (PERMISSION_DENIED).
     #[error(
@@ -161,6 +175,7 @@ pub fn validate(
     let tenant = tenant_of(tenant, key_tenant)?;
     let sampling = sampling(&wire)?;
     let logprobs = logprobs(&wire)?;
+    let tools = tools(&wire, limits)?;
     let session = session_key(session, wire.session_id, wire.user)?;
     let input = prompt_input(wire.prompt, wire.messages, limits)?;
     check_template_kwargs(&wire.chat_template_kwargs, &input, info)?;
@@ -180,6 +195,17 @@ pub fn validate(
     if let Some(c) = &wire.constraint {
         check_constraint(c)?;
     }
+    let constraint = match &tools {
+        Some(t) => {
+            let c = OutputConstraint {
+                grammar: Grammar::JsonSchema(crate::tools::schema(t)),
+                field: "tools".into(),
+            };
+            check_constraint(&c)?;
+            Some(c)
+        }
+        None => wire.constraint,
+    };
     let cache_policy = match wire.cache_policy {
         Ok(policy) => policy,
         Err(given) => {
@@ -201,10 +227,188 @@ pub fn validate(
         cache_policy,
         tenant,
         session,
-        constraint: wire.constraint,
+        constraint,
         logprobs,
         chat_template_kwargs: wire.chat_template_kwargs,
+        tools,
     })
+}
+
+fn tool_error(field: impl Into<String>, reason: impl Into<String>) -> ValidationError {
+    ValidationError::Tools {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `tools` and `tool_choice` as the request's [`Tools`]: `None` without tools or with
+/// `tool_choice: none` (the tools are checked all the same). Names are 1 to
+/// [`MAX_TOOL_NAME_BYTES`] of `a-z A-Z 0-9 _ -` and unique; parameters are an object schema
+/// (whether it compiles is known at submit); a named choice names a declared function; tools go
+/// with `messages` only and not with another output constraint.
+fn tools(wire: &RawRequest, limits: &Limits) -> Result<Option<Tools>, ValidationError> {
+    let choice = wire.tool_choice.as_ref();
+    let invalid =
+        |given: &str| out_of_range("tool_choice", "one of auto, none, required", quoted(given));
+    if let Some(WireToolChoice::Invalid(given)) = choice {
+        return Err(invalid(given));
+    }
+    if wire.tools.is_empty() {
+        return match choice {
+            None | Some(WireToolChoice::None | WireToolChoice::Auto) => Ok(None),
+            Some(_) => Err(tool_error(
+                "tool_choice",
+                "needs `tools`: `required` or a named function can only be honoured with tools \
+                 declared",
+            )),
+        };
+    }
+    if wire.tools.len() > MAX_TOOLS {
+        return Err(out_of_range(
+            "tools",
+            format!("at most {MAX_TOOLS} tools"),
+            wire.tools.len(),
+        ));
+    }
+    if wire.prompt.is_some() {
+        return Err(tool_error(
+            "tools",
+            "needs `messages`: tools are described through the chat template",
+        ));
+    }
+    let mut bytes = 0;
+    for (i, tool) in wire.tools.iter().enumerate() {
+        let field = |leaf: &str| format!("tools[{i}].function.{leaf}");
+        check_tool_name(&field("name"), &tool.name)?;
+        if wire.tools[..i].iter().any(|t| t.name == tool.name) {
+            return Err(tool_error(
+                field("name"),
+                format!("must be unique: {} is declared twice", quoted(&tool.name)),
+            ));
+        }
+        match serde_json::from_str::<serde_json::Value>(&tool.parameters) {
+            Ok(serde_json::Value::Object(o))
+                if o.get("type").is_none() || o["type"] == "object" => {}
+            _ => {
+                return Err(out_of_range(
+                    field("parameters"),
+                    "a JSON Schema of an object (`{\"type\": \"object\", \"properties\": ...}`)",
+                    quoted(&tool.parameters),
+                ))
+            }
+        }
+        bytes += tool.parameters.len() + tool.description.as_ref().map_or(0, String::len);
+    }
+    if bytes > limits.max_prompt_bytes {
+        return Err(out_of_range(
+            "tools",
+            format!(
+                "<= {} bytes (descriptions and parameters)",
+                limits.max_prompt_bytes
+            ),
+            format!("{bytes} bytes"),
+        ));
+    }
+    if let Some(c) = &wire.constraint {
+        return Err(tool_error(
+            c.field.as_str(),
+            "cannot be combined with `tools`: the output is held to the tool-call format",
+        ));
+    }
+    let choice = match choice {
+        None | Some(WireToolChoice::Auto) => ToolChoice::Auto,
+        Some(WireToolChoice::None) => return Ok(None),
+        Some(WireToolChoice::Required) => ToolChoice::Required,
+        Some(WireToolChoice::Invalid(given)) => return Err(invalid(given)),
+        Some(WireToolChoice::Function(name)) => {
+            if !wire.tools.iter().any(|t: &Tool| &t.name == name) {
+                return Err(tool_error(
+                    "tool_choice.function.name",
+                    format!(
+                        "must name one of the declared tools ({}). Given: {}",
+                        wire.tools
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        quoted(name)
+                    ),
+                ));
+            }
+            ToolChoice::Function(name.clone())
+        }
+    };
+    Ok(Some(Tools {
+        tools: wire.tools.clone(),
+        choice,
+    }))
+}
+
+/// A function name: 1 to [`MAX_TOOL_NAME_BYTES`] of `a-z A-Z 0-9 _ -` (OpenAI's rule).
+fn check_tool_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    if name.is_empty()
+        || name.len() > MAX_TOOL_NAME_BYTES
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(out_of_range(
+            field,
+            format!("1 to {MAX_TOOL_NAME_BYTES} of a-z, A-Z, 0-9, _ and -"),
+            quoted(name),
+        ));
+    }
+    Ok(())
+}
+
+/// A message's tool parts: calls on assistant turns only, each with an id, a declared-looking
+/// name and arguments that are a JSON object; `tool_call_id` on (and required by) `tool` turns.
+/// Returns the bytes they add to the prompt.
+fn check_tool_parts(i: usize, m: &ChatMessage) -> Result<usize, ValidationError> {
+    if !m.tool_calls.is_empty() && m.role != "assistant" {
+        return Err(tool_error(
+            format!("messages[{i}].tool_calls"),
+            format!(
+                "are only for `assistant` turns. Given on: {}",
+                quoted(&m.role)
+            ),
+        ));
+    }
+    match (&m.tool_call_id, m.role == "tool") {
+        (Some(id), true) if !id.is_empty() => {}
+        (_, true) => {
+            return Err(ValidationError::Empty {
+                field: format!("messages[{i}].tool_call_id"),
+            })
+        }
+        (Some(_), false) => {
+            return Err(tool_error(
+                format!("messages[{i}].tool_call_id"),
+                format!("is only for `tool` turns. Given on: {}", quoted(&m.role)),
+            ))
+        }
+        (None, false) => {}
+    }
+    let mut bytes = m.tool_call_id.as_ref().map_or(0, String::len);
+    for (j, call) in m.tool_calls.iter().enumerate() {
+        let field = |leaf: &str| format!("messages[{i}].tool_calls[{j}].{leaf}");
+        if call.id.is_empty() {
+            return Err(ValidationError::Empty { field: field("id") });
+        }
+        check_tool_name(&field("function.name"), &call.name)?;
+        if !matches!(
+            serde_json::from_str::<serde_json::Value>(&call.arguments),
+            Ok(serde_json::Value::Object(_))
+        ) {
+            return Err(out_of_range(
+                field("function.arguments"),
+                "a JSON object, as text",
+                quoted(&call.arguments),
+            ));
+        }
+        bytes += call.id.len() + call.name.len() + call.arguments.len();
+    }
+    Ok(bytes)
 }
 
 /// `chat_template_kwargs`: only with `messages`; at most [`MAX_TEMPLATE_KWARGS`] keys, each an
@@ -474,7 +678,8 @@ fn prompt_input(
                         quoted(&message.role),
                     ));
                 }
-                if message.content.is_empty() {
+                total += check_tool_parts(i, message)?;
+                if message.content.is_empty() && message.tool_calls.is_empty() {
                     return Err(ValidationError::Empty {
                         field: format!("messages[{i}].content"),
                     });
@@ -600,12 +805,236 @@ mod tests {
         }
     }
 
+    use crate::front::FrontError;
+
     fn check(wire: RawRequest) -> Result<GenerationRequest, ValidationError> {
         validate(wire, &models(), &Limits::default(), caller("id-1"))
     }
 
     fn message(wire: RawRequest) -> String {
         check(wire).unwrap_err().to_string()
+    }
+
+    fn tool(name: &str, parameters: &str) -> Tool {
+        Tool {
+            name: name.into(),
+            description: None,
+            parameters: parameters.into(),
+        }
+    }
+
+    fn with_tools(tools: Vec<Tool>, choice: Option<WireToolChoice>) -> RawRequest {
+        RawRequest {
+            prompt: None,
+            messages: vec![ChatMessage::text("user", "hi")],
+            tools,
+            tool_choice: choice,
+            ..good()
+        }
+    }
+
+    fn field_of(wire: RawRequest) -> String {
+        match FrontError::from(check(wire).unwrap_err()).param {
+            Some(p) => p,
+            None => "-".into(),
+        }
+    }
+
+    #[test]
+    fn tools_become_the_request_s_tools_and_its_schema() {
+        let obj = r#"{"type":"object","properties":{"x":{"type":"integer"}}}"#;
+        let r = check(with_tools(vec![tool("f", obj), tool("g", "{}")], None)).unwrap();
+        let tools = r.tools.clone().unwrap();
+        assert_eq!(tools.choice, ToolChoice::Auto, "auto by default");
+        let c = r.constraint.unwrap();
+        assert_eq!(c.field, "tools");
+        assert_eq!(c.grammar, Grammar::JsonSchema(crate::tools::schema(&tools)));
+        let named = with_tools(
+            vec![tool("f", obj)],
+            Some(WireToolChoice::Function("f".into())),
+        );
+        assert_eq!(
+            check(named).unwrap().tools.unwrap().choice,
+            ToolChoice::Function("f".into())
+        );
+        // `none`: checked, then neither shown nor constrained.
+        let none = check(with_tools(vec![tool("f", obj)], Some(WireToolChoice::None))).unwrap();
+        assert_eq!((none.tools, none.constraint), (None, None));
+        assert_eq!(
+            field_of(with_tools(
+                vec![tool("f", "[]")],
+                Some(WireToolChoice::None)
+            )),
+            "tools[0].function.parameters"
+        );
+        // Without tools, `auto` and `none` mean nothing to do.
+        assert!(check(with_tools(vec![], Some(WireToolChoice::Auto)))
+            .unwrap()
+            .tools
+            .is_none());
+    }
+
+    #[test]
+    fn bad_tools_are_refused_naming_the_field() {
+        let obj = r#"{"type":"object"}"#;
+        let cases: Vec<(RawRequest, &str)> = vec![
+            (
+                with_tools(vec![tool("", obj)], None),
+                "tools[0].function.name",
+            ),
+            (
+                with_tools(vec![tool("a b", obj)], None),
+                "tools[0].function.name",
+            ),
+            (
+                with_tools(vec![tool(&"x".repeat(65), obj)], None),
+                "tools[0].function.name",
+            ),
+            (
+                with_tools(vec![tool("f", obj), tool("f", obj)], None),
+                "tools[1].function.name",
+            ),
+            (
+                with_tools(vec![tool("f", "not json")], None),
+                "tools[0].function.parameters",
+            ),
+            (
+                with_tools(vec![tool("f", r#"{"type":"string"}"#)], None),
+                "tools[0].function.parameters",
+            ),
+            (
+                with_tools(
+                    vec![tool("f", obj)],
+                    Some(WireToolChoice::Function("g".into())),
+                ),
+                "tool_choice.function.name",
+            ),
+            (
+                with_tools(vec![], Some(WireToolChoice::Required)),
+                "tool_choice",
+            ),
+            (
+                with_tools(vec![], Some(WireToolChoice::Function("f".into()))),
+                "tool_choice",
+            ),
+            (
+                with_tools(
+                    vec![tool("f", obj)],
+                    Some(WireToolChoice::Invalid("any".into())),
+                ),
+                "tool_choice",
+            ),
+            (
+                RawRequest {
+                    tools: vec![tool("f", obj)],
+                    ..good()
+                },
+                "tools",
+            ),
+            (
+                RawRequest {
+                    constraint: Some(OutputConstraint {
+                        grammar: Grammar::JsonObject,
+                        field: "response_format".into(),
+                    }),
+                    ..with_tools(vec![tool("f", obj)], None)
+                },
+                "response_format",
+            ),
+            (
+                with_tools(vec![tool("f", obj); MAX_TOOLS + 1], None),
+                "tools",
+            ),
+        ];
+        for (i, (wire, field)) in cases.into_iter().enumerate() {
+            assert_eq!(field_of(wire), field, "case {i}");
+        }
+    }
+
+    #[test]
+    fn tool_turns_are_checked() {
+        let call = |arguments: &str| crate::types::ToolCall {
+            id: "call_1".into(),
+            name: "f".into(),
+            arguments: arguments.into(),
+        };
+        let turns = |m: ChatMessage| RawRequest {
+            prompt: None,
+            messages: vec![ChatMessage::text("user", "hi"), m],
+            ..good()
+        };
+        let calling = ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![call("{}")],
+            ..Default::default()
+        };
+        let answering = ChatMessage {
+            role: "tool".into(),
+            content: "42".into(),
+            tool_call_id: Some("call_1".into()),
+            ..Default::default()
+        };
+        assert!(
+            check(turns(calling.clone())).is_ok(),
+            "no content with a call"
+        );
+        assert!(check(turns(answering.clone())).is_ok());
+        for (m, field) in [
+            (
+                ChatMessage {
+                    role: "user".into(),
+                    ..calling.clone()
+                },
+                "messages[1].tool_calls",
+            ),
+            (
+                ChatMessage {
+                    tool_calls: vec![call("[1]")],
+                    ..calling.clone()
+                },
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (
+                ChatMessage {
+                    tool_calls: vec![crate::types::ToolCall {
+                        id: String::new(),
+                        ..call("{}")
+                    }],
+                    ..calling.clone()
+                },
+                "messages[1].tool_calls[0].id",
+            ),
+            (
+                ChatMessage {
+                    tool_call_id: None,
+                    ..answering.clone()
+                },
+                "messages[1].tool_call_id",
+            ),
+            (
+                ChatMessage {
+                    tool_call_id: Some(String::new()),
+                    ..answering.clone()
+                },
+                "messages[1].tool_call_id",
+            ),
+            (
+                ChatMessage {
+                    role: "user".into(),
+                    ..answering.clone()
+                },
+                "messages[1].tool_call_id",
+            ),
+            (
+                ChatMessage {
+                    content: String::new(),
+                    ..answering.clone()
+                },
+                "messages[1].content",
+            ),
+        ] {
+            assert_eq!(field_of(turns(m.clone())), field, "{m:?}");
+        }
     }
 
     #[test]
@@ -668,6 +1097,7 @@ mod tests {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             ..good()
         };
@@ -813,6 +1243,7 @@ mod tests {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             ..good()
         };
@@ -830,23 +1261,26 @@ mod tests {
                 ChatMessage {
                     role: "user".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 },
                 ChatMessage {
                     role: "bot".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 },
             ],
             ..good()
         };
         assert_eq!(
             message(bad_role),
-            "`messages[1].role` must be one of system, user, assistant. Given: \"bot\""
+            "`messages[1].role` must be one of system, user, assistant, tool. Given: \"bot\""
         );
         let empty = RawRequest {
             prompt: None,
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: String::new(),
+                ..Default::default()
             }],
             ..good()
         };

@@ -2,11 +2,12 @@
 //! into proto messages. Only this front knows the gRPC wire.
 
 use super::proto;
-use crate::front::{self, RawRequest};
+use crate::front::{self, RawRequest, WireToolChoice};
 use crate::node::NodeState;
 use crate::types::{
     CachePolicy, ChatMessage, Completion, FinishReason, Grammar, ModelInfo, ModelState,
-    OutputConstraint, Role, Source, TemplateKwargs, TemplateValue, Timings, TokenLogprob,
+    OutputConstraint, Role, Source, TemplateKwargs, TemplateValue, Timings, TokenLogprob, Tool,
+    ToolCall,
 };
 
 /// A wire request as the front's neutral request, and the caller's `request_id` (`None` when
@@ -29,6 +30,16 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
             .map(|m| ChatMessage {
                 role: m.role,
                 content: m.content,
+                tool_calls: m
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: c.id,
+                        name: c.name,
+                        arguments: c.arguments,
+                    })
+                    .collect(),
+                tool_call_id: Some(m.tool_call_id).filter(|id| !id.is_empty()),
             })
             .collect(),
         max_tokens: wire.max_tokens,
@@ -46,9 +57,62 @@ pub(crate) fn request(wire: proto::GenerateRequest) -> (RawRequest, Option<Strin
         logprobs: Some(wire.logprobs),
         top_logprobs: wire.top_logprobs,
         chat_template_kwargs: template_kwargs(wire.chat_template_kwargs),
+        tools: wire
+            .tools
+            .into_iter()
+            .map(|t| Tool {
+                name: t.name,
+                description: Some(t.description).filter(|d| !d.is_empty()),
+                parameters: if t.parameters.is_empty() {
+                    r#"{"type":"object","properties":{}}"#.to_owned()
+                } else {
+                    t.parameters
+                },
+            })
+            .collect(),
+        tool_choice: tool_choice(&wire.tool_choice, wire.tool_choice_function),
         ..RawRequest::default()
     };
     (raw, request_id)
+}
+
+/// `tool_choice` and `tool_choice_function` as one choice: a function with an empty or
+/// `required` mode is that function; a function with another mode, like an unknown mode, is
+/// refused by validation naming `tool_choice`.
+fn tool_choice(mode: &str, function: String) -> Option<WireToolChoice> {
+    match (mode, function.is_empty()) {
+        ("", true) => None,
+        ("" | "required", false) => Some(WireToolChoice::Function(function)),
+        ("auto", true) => Some(WireToolChoice::Auto),
+        ("none", true) => Some(WireToolChoice::None),
+        ("required", true) => Some(WireToolChoice::Required),
+        (mode, false) => Some(WireToolChoice::Invalid(format!(
+            "{mode} (with tool_choice_function {function}: leave tool_choice empty or `required`)"
+        ))),
+        (mode, true) => Some(WireToolChoice::Invalid(mode.to_owned())),
+    }
+}
+
+/// The output of a request with tools: its text (empty for a call), its calls, and the finish
+/// reason (TOOL_CALLS for a call); output that is not the tool format stays text.
+pub(crate) fn tool_answer(
+    text: &str,
+    finish: FinishReason,
+) -> (String, Vec<proto::ToolCall>, proto::FinishReason) {
+    match crate::tools::parse(text) {
+        crate::tools::Output::Call(c) => (
+            String::new(),
+            vec![proto::ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments: c.arguments,
+            }],
+            proto::FinishReason::ToolCalls,
+        ),
+        crate::tools::Output::Text(t) | crate::tools::Output::Raw(t) => {
+            (t, Vec::new(), finish_reason(finish))
+        }
+    }
 }
 
 /// `chat_template_kwargs` (string values on this wire): `"true"` / `"false"` are booleans, an
@@ -185,13 +249,28 @@ pub(crate) fn logprobs(entries: &[TokenLogprob]) -> Vec<proto::TokenLogprob> {
         .collect()
 }
 
-/// The response of a finished unary call.
-pub(crate) fn response(answer: front::Answer, request_id: String) -> proto::GenerateResponse {
+/// The response of a finished unary call; `tools`: the request had tools (its text is read as
+/// a call or an answer).
+pub(crate) fn response(
+    answer: front::Answer,
+    request_id: String,
+    tools: bool,
+) -> proto::GenerateResponse {
     let completion = &answer.completion;
+    let (text, tool_calls, finish) = if tools {
+        tool_answer(&answer.text, completion.finish_reason)
+    } else {
+        (
+            answer.text,
+            Vec::new(),
+            finish_reason(completion.finish_reason),
+        )
+    };
     proto::GenerateResponse {
-        text: answer.text,
+        text,
+        tool_calls,
         logprobs: logprobs(&answer.logprobs),
-        finish_reason: finish_reason(completion.finish_reason) as i32,
+        finish_reason: finish as i32,
         usage: Some(usage(completion)),
         timings: Some(timings(&completion.timings)),
         cache_level: cache_level(completion.source) as i32,
@@ -211,6 +290,7 @@ pub(crate) fn last_chunk(completion: &Completion, request_id: String) -> proto::
         cache_variant: cache_variant(completion.source),
         request_id,
         logprobs: Vec::new(),
+        tool_calls: Vec::new(),
     }
 }
 
@@ -225,6 +305,7 @@ mod tests {
             messages: vec![proto::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             max_tokens: Some(3),
             temperature: Some(0.5),
@@ -284,5 +365,104 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         assert_eq!(raw.chat_template_kwargs, want);
+    }
+
+    #[test]
+    fn tools_choices_and_tool_turns_reach_the_neutral_request() {
+        let wire = |choice: &str, function: &str| proto::GenerateRequest {
+            model: "m".into(),
+            messages: vec![
+                proto::ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![proto::ToolCall {
+                        id: "call_1".into(),
+                        name: "f".into(),
+                        arguments: "{}".into(),
+                    }],
+                    ..Default::default()
+                },
+                proto::ChatMessage {
+                    role: "tool".into(),
+                    content: "r".into(),
+                    tool_call_id: "call_1".into(),
+                    ..Default::default()
+                },
+            ],
+            tools: vec![
+                proto::Tool {
+                    name: "f".into(),
+                    description: String::new(),
+                    parameters: String::new(),
+                },
+                proto::Tool {
+                    name: "g".into(),
+                    description: "d".into(),
+                    parameters: r#"{"type":"object"}"#.into(),
+                },
+            ],
+            tool_choice: choice.into(),
+            tool_choice_function: function.into(),
+            ..Default::default()
+        };
+        let (raw, _) = request(wire("", ""));
+        assert_eq!(raw.tool_choice, None);
+        assert_eq!(
+            raw.tools,
+            vec![
+                Tool {
+                    name: "f".into(),
+                    description: None,
+                    parameters: r#"{"type":"object","properties":{}}"#.into(),
+                },
+                Tool {
+                    name: "g".into(),
+                    description: Some("d".into()),
+                    parameters: r#"{"type":"object"}"#.into(),
+                },
+            ]
+        );
+        assert_eq!(raw.messages[0].tool_calls[0].name, "f");
+        assert_eq!(raw.messages[0].tool_call_id, None);
+        assert_eq!(raw.messages[1].tool_call_id.as_deref(), Some("call_1"));
+        for (choice, function, want) in [
+            ("auto", "", WireToolChoice::Auto),
+            ("none", "", WireToolChoice::None),
+            ("required", "", WireToolChoice::Required),
+            ("", "g", WireToolChoice::Function("g".into())),
+            ("required", "g", WireToolChoice::Function("g".into())),
+        ] {
+            assert_eq!(request(wire(choice, function)).0.tool_choice, Some(want));
+        }
+        for (choice, function) in [("any", ""), ("none", "g"), ("auto", "g"), ("AUTO", "")] {
+            assert!(
+                matches!(
+                    request(wire(choice, function)).0.tool_choice,
+                    Some(WireToolChoice::Invalid(_))
+                ),
+                "{choice} {function}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tool_answer_is_a_call_or_text_on_the_wire() {
+        let (text, calls, finish) = tool_answer(
+            r#"{"tool_call": {"name": "f", "arguments": {"x": 1}}}"#,
+            FinishReason::Stop,
+        );
+        assert_eq!(
+            (text.as_str(), finish),
+            ("", proto::FinishReason::ToolCalls)
+        );
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("f", r#"{"x":1}"#)
+        );
+        assert!(calls[0].id.starts_with("call_"));
+        let (text, calls, finish) = tool_answer(r#"{"response": "Hi"}"#, FinishReason::Stop);
+        assert_eq!(
+            (text.as_str(), calls.len(), finish),
+            ("Hi", 0, proto::FinishReason::Stop)
+        );
     }
 }

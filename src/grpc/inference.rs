@@ -34,7 +34,7 @@ impl InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
         method: &'static str,
-    ) -> Result<(Call, EventStream), Status> {
+    ) -> Result<(Call, EventStream, bool), Status> {
         let arrival = Instant::now();
         let text = |key: &str| {
             header_text(
@@ -50,6 +50,7 @@ impl InferenceService {
         let key_tenant = request.extensions().get::<KeyTenant>().cloned();
         let deadline = deadline::from_metadata(request.metadata(), arrival);
         let (raw, request_id) = convert::request(request.into_inner());
+        let tools = raw.uses_tools();
         let meta = CallMeta {
             method,
             arrival,
@@ -59,7 +60,8 @@ impl InferenceService {
             key_tenant: key_tenant.and_then(|k| k.0),
             deadline: Ok(deadline),
         };
-        Ok(self.front.begin(meta, raw).await?)
+        let (call, events) = self.front.begin(meta, raw).await?;
+        Ok((call, events, tools))
     }
 }
 
@@ -69,7 +71,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<proto::GenerateResponse>, Status> {
-        let (mut call, events) = self.begin(request, "Generate").await?;
+        let (mut call, events, tools) = self.begin(request, "Generate").await?;
         let span = call.span().clone();
         let answer = front::collect(&mut call, events, self.front.node())
             .instrument(span)
@@ -77,6 +79,7 @@ impl Inference for InferenceService {
         Ok(Response::new(convert::response(
             answer,
             call.request_id.clone(),
+            tools,
         )))
     }
 
@@ -86,11 +89,13 @@ impl Inference for InferenceService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (call, events) = self.begin(request, "GenerateStream").await?;
+        let (call, events, tools) = self.begin(request, "GenerateStream").await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let node = Arc::clone(self.front.node());
         let span = call.span().clone();
-        tokio::spawn(front::forward(call, events, tx, node, GrpcChunks).instrument(span));
+        tokio::spawn(
+            front::forward(call, events, tx, node, GrpcChunks::new(tools)).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -112,12 +117,61 @@ impl Inference for InferenceService {
 }
 
 /// The gRPC spelling of a stream: one chunk per delta, a last chunk with usage, a final status.
-struct GrpcChunks;
+/// A request with tools reads its output as it comes ([`crate::tools::StreamReader`]): a text
+/// answer's text is sent as it is written, a call is held back and sent whole in one chunk before
+/// the last.
+struct GrpcChunks {
+    tools: Option<(crate::tools::StreamReader, Vec<crate::types::TokenLogprob>)>,
+}
+
+impl GrpcChunks {
+    fn new(tools: bool) -> Self {
+        Self {
+            tools: tools.then(Default::default),
+        }
+    }
+}
 
 impl StreamFront for GrpcChunks {
     type Item = Result<proto::GenerateChunk, Status>;
 
     fn step(&mut self, call: &Call, step: &Step) -> Vec<Self::Item> {
+        if let Some((reader, held)) = &mut self.tools {
+            match step {
+                Step::Delta(more, more_logprobs) => {
+                    held.extend_from_slice(more_logprobs);
+                    let text = reader.push(more);
+                    if text.is_empty() {
+                        return Vec::new();
+                    }
+                    return vec![Ok(proto::GenerateChunk {
+                        text,
+                        logprobs: convert::logprobs(&std::mem::take(held)),
+                        request_id: call.request_id.clone(),
+                        ..Default::default()
+                    })];
+                }
+                Step::Finished(completion) => {
+                    let (text, tool_calls, finish) =
+                        convert::tool_answer(reader.raw(), completion.finish_reason);
+                    let text = reader.rest(&text).to_owned();
+                    let mut chunks = Vec::new();
+                    if !text.is_empty() || !tool_calls.is_empty() || !held.is_empty() {
+                        chunks.push(Ok(proto::GenerateChunk {
+                            text,
+                            tool_calls,
+                            logprobs: convert::logprobs(held),
+                            request_id: call.request_id.clone(),
+                            ..Default::default()
+                        }));
+                    }
+                    let mut last = convert::last_chunk(completion, call.request_id.clone());
+                    last.finish_reason = Some(finish as i32);
+                    chunks.push(Ok(last));
+                    return chunks;
+                }
+            }
+        }
         let chunk = match step {
             Step::Delta(text, logprobs) => proto::GenerateChunk {
                 text: text.clone(),

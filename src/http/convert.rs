@@ -6,17 +6,18 @@
 //! `validate`.
 
 use crate::config::NonTextParts;
-use crate::front::{FrontError, RawRequest};
-use serde_json::Value;
+use crate::front::{FrontError, RawRequest, WireToolChoice};
+use serde_json::{Map, Value};
 
+use crate::tools::Output;
 use crate::types::{
     echo, CachePolicy, ChatMessage, Completion, FinishReason, Grammar, OutputConstraint, Source,
-    TemplateKwargs, TemplateValue, TokenLogprob, TokenProb,
+    TemplateKwargs, TemplateValue, TokenLogprob, TokenProb, Tool, ToolCall,
 };
 
 use super::types::{
     ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, Content, GenerateBody, Prompt,
-    PromptTokensDetails, RequestMessage, TextLogprobs, Usage,
+    PromptTokensDetails, RequestMessage, ResponseFunction, ResponseToolCall, TextLogprobs, Usage,
 };
 
 /// `temperature` when the body leaves it out (or sends `null`), as OpenAI's API reference says.
@@ -36,6 +37,8 @@ pub struct Options {
     pub dropped_parts: usize,
     /// Log-probabilities asked for: choices carry `logprobs` (else `null`).
     pub logprobs: bool,
+    /// The answer is in the tool format: read as a call or text ([`answer`]).
+    pub tools: bool,
 }
 
 /// A chat request as the neutral request; non-text content parts are dropped (and counted in
@@ -67,12 +70,17 @@ pub fn chat(
         }
     };
     let top_logprobs = count(body.top_logprobs.take(), "top_logprobs")?;
+    let tools = tools(body.tools.take())?;
+    let tool_choice = tool_choice(body.tool_choice.take())?;
     let (mut wire, mut options) = sampling(body)?;
     wire.messages = messages;
     wire.logprobs = logprobs;
     wire.top_logprobs = top_logprobs;
+    wire.tools = tools;
+    wire.tool_choice = tool_choice;
     options.dropped_parts = dropped;
     options.logprobs = logprobs == Some(true);
+    options.tools = wire.uses_tools();
     Ok((wire, options))
 }
 
@@ -124,6 +132,14 @@ pub fn completion(mut body: GenerateBody) -> Result<(Vec<RawRequest>, Options), 
             ))
         }
     };
+    for (field, value) in [("tools", &body.tools), ("tool_choice", &body.tool_choice)] {
+        if !matches!(value, None | Some(Value::Null)) {
+            return Err(FrontError::invalid(
+                field,
+                format!("`{field}` is a chat completions field (/v1/chat/completions)"),
+            ));
+        }
+    }
     if !matches!(body.top_logprobs, None | Some(Value::Null)) {
         return Err(FrontError::invalid(
             "top_logprobs",
@@ -198,7 +214,230 @@ fn message(
     } else {
         m.role
     };
-    Ok(ChatMessage { role, content })
+    let tool_calls = match m.tool_calls {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(calls)) => calls
+            .into_iter()
+            .enumerate()
+            .map(|(j, c)| tool_call(&format!("messages[{i}].tool_calls[{j}]"), c))
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(FrontError::invalid(
+                format!("messages[{i}].tool_calls"),
+                format!("`messages[{i}].tool_calls` must be a list of calls"),
+            ))
+        }
+    };
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+    })
+}
+
+/// `field` of an object: its keys must be among `known` (a key the node would not read is
+/// refused, naming it).
+fn object(field: &str, v: Value, known: &[&str]) -> Result<Map<String, Value>, FrontError> {
+    let Value::Object(o) = v else {
+        return Err(FrontError::invalid(
+            field,
+            format!(
+                "`{field}` must be an object. Given: {}",
+                echo(&v.to_string())
+            ),
+        ));
+    };
+    if let Some(key) = o.keys().find(|k| !known.contains(&k.as_str())) {
+        let path = format!("{field}.{}", echo(key));
+        return Err(FrontError::invalid(
+            path.clone(),
+            format!(
+                "`{path}` is not supported by this node (known: {}); remove it",
+                known.join(", ")
+            ),
+        ));
+    }
+    Ok(o)
+}
+
+/// A string member of `o` (`None` when absent or `null`); `field` is `o`'s path.
+fn string(
+    o: &mut Map<String, Value>,
+    field: &str,
+    key: &str,
+) -> Result<Option<String>, FrontError> {
+    match o.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(FrontError::invalid(
+            format!("{field}.{key}"),
+            format!(
+                "`{field}.{key}` must be a string. Given: {}",
+                echo(&other.to_string())
+            ),
+        )),
+    }
+}
+
+/// `type` of a tool, a call or a named choice: `function` (the only kind OpenAI has for chat).
+fn function_type(o: &mut Map<String, Value>, field: &str) -> Result<(), FrontError> {
+    match string(o, field, "type")?.as_deref() {
+        Some("function") => Ok(()),
+        Some(other) => Err(FrontError::invalid(
+            format!("{field}.type"),
+            format!(
+                "`{field}.type` must be `function`. Given: {:?}",
+                echo(other)
+            ),
+        )),
+        None => Err(FrontError::invalid(
+            format!("{field}.type"),
+            format!("`{field}.type` is required: `function`"),
+        )),
+    }
+}
+
+/// One call of an assistant turn: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`; `arguments` is JSON text (an object is taken too, as some clients send).
+fn tool_call(field: &str, v: Value) -> Result<ToolCall, FrontError> {
+    let mut o = object(field, v, &["id", "type", "function"])?;
+    function_type(&mut o, field)?;
+    let id = string(&mut o, field, "id")?.unwrap_or_default();
+    let ffield = format!("{field}.function");
+    let mut f = object(
+        &ffield,
+        o.remove("function").unwrap_or(Value::Null),
+        &["name", "arguments"],
+    )?;
+    let name = string(&mut f, &ffield, "name")?.unwrap_or_default();
+    let arguments = match f.remove("arguments") {
+        None | Some(Value::Null) => "{}".to_owned(),
+        Some(Value::String(s)) => s,
+        Some(object @ Value::Object(_)) => object.to_string(),
+        Some(other) => {
+            return Err(FrontError::invalid(
+                format!("{ffield}.arguments"),
+                format!(
+                    "`{ffield}.arguments` must be a JSON object as a string. Given: {}",
+                    echo(&other.to_string())
+                ),
+            ))
+        }
+    };
+    Ok(ToolCall {
+        id,
+        name,
+        arguments,
+    })
+}
+
+/// `tools`: `[{"type": "function", "function": {"name", "description", "parameters",
+/// "strict"}}]`. `parameters` absent is a function without arguments; `strict` (either value)
+/// is honoured by always constraining the output. Names and schemas are `validate`'s.
+fn tools(v: Option<Value>) -> Result<Vec<Tool>, FrontError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(FrontError::invalid(
+                "tools",
+                format!(
+                    "`tools` must be a list of {{\"type\": \"function\", \"function\": {{...}}}}. Given: {}",
+                    echo(&other.to_string())
+                ),
+            ))
+        }
+    };
+    list.into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let field = format!("tools[{i}]");
+            let mut o = object(&field, t, &["type", "function"])?;
+            function_type(&mut o, &field)?;
+            let ffield = format!("{field}.function");
+            let mut f = object(
+                &ffield,
+                o.remove("function").unwrap_or(Value::Null),
+                &["name", "description", "parameters", "strict"],
+            )?;
+            let name = string(&mut f, &ffield, "name")?.unwrap_or_default();
+            let description = string(&mut f, &ffield, "description")?;
+            if !matches!(f.get("strict"), None | Some(Value::Null | Value::Bool(_))) {
+                return Err(FrontError::invalid(
+                    format!("{ffield}.strict"),
+                    format!("`{ffield}.strict` must be a boolean"),
+                ));
+            }
+            let parameters = match f.remove("parameters") {
+                None | Some(Value::Null) => r#"{"type":"object","properties":{}}"#.to_owned(),
+                Some(p) => p.to_string(),
+            };
+            Ok(Tool {
+                name,
+                description,
+                parameters,
+            })
+        })
+        .collect()
+}
+
+/// `tool_choice`: `none`, `auto`, `required` or `{"type": "function", "function": {"name"}}`.
+fn tool_choice(v: Option<Value>) -> Result<Option<WireToolChoice>, FrontError> {
+    const FIELD: &str = "tool_choice";
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => Ok(Some(WireToolChoice::None)),
+            "auto" => Ok(Some(WireToolChoice::Auto)),
+            "required" => Ok(Some(WireToolChoice::Required)),
+            other => Err(FrontError::invalid(
+                FIELD,
+                format!(
+                    "`{FIELD}` must be `none`, `auto`, `required` or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}. Given: {:?}",
+                    echo(other)
+                ),
+            )),
+        },
+        Some(v) => {
+            let mut o = object(FIELD, v, &["type", "function"])?;
+            function_type(&mut o, FIELD)?;
+            let ffield = format!("{FIELD}.function");
+            let mut f = object(&ffield, o.remove("function").unwrap_or(Value::Null), &["name"])?;
+            match string(&mut f, &ffield, "name")? {
+                Some(name) => Ok(Some(WireToolChoice::Function(name))),
+                None => Err(FrontError::invalid(
+                    format!("{ffield}.name"),
+                    format!("`{ffield}.name` is required"),
+                )),
+            }
+        }
+    }
+}
+
+/// The answer of a request with tools as OpenAI spells it: the text (`None` for a call), the
+/// calls, and the finish reason (`tool_calls` for a call). Output that is not the format (cut by
+/// `max_tokens`) is returned as text with its own finish reason.
+pub fn answer(
+    text: &str,
+    finish: FinishReason,
+) -> (Option<String>, Option<Vec<ResponseToolCall>>, &'static str) {
+    match crate::tools::parse(text) {
+        Output::Call(call) => (
+            None,
+            Some(vec![ResponseToolCall {
+                index: None,
+                id: call.id,
+                kind: "function",
+                function: ResponseFunction {
+                    name: call.name,
+                    arguments: call.arguments,
+                },
+            }]),
+            "tool_calls",
+        ),
+        Output::Text(text) | Output::Raw(text) => (Some(text), None, finish_reason(finish)),
+    }
 }
 
 /// Everything but the prompt; `messages` and `prompt` are taken out already.
@@ -268,6 +507,7 @@ fn sampling(s: GenerateBody) -> Result<(RawRequest, Options), FrontError> {
         user: s.user,
         dropped_parts: 0,
         logprobs: false,
+        tools: false,
     };
     Ok((wire, options))
 }
@@ -554,8 +794,8 @@ mod tests {
                 "name",
             ),
             (
-                r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[]}]}"#,
-                "tool_calls",
+                r#"{"model":"m","messages":[{"role":"assistant","content":null,"audio":{"id":"a"}}]}"#,
+                "audio",
             ),
             (
                 r#"{"model":"m","messages":[],"stream_options":{"continuous_usage_stats":true}}"#,
@@ -599,6 +839,7 @@ mod tests {
                 user: Some("u1".into()),
                 dropped_parts: 0,
                 logprobs: false,
+                tools: false,
             }
         );
     }
@@ -722,11 +963,8 @@ mod tests {
     #[test]
     fn unhonoured_openai_fields_are_refused_by_name() {
         for (extra, field) in [
-            (
-                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-                "tools",
-            ),
-            (r#""tool_choice":"required""#, "tool_choice"),
+            (r#""functions":[{"name":"f","parameters":{}}]"#, "functions"),
+            (r#""function_call":"auto""#, "function_call"),
             (
                 r#""response_format":{"type":"xml"}"#,
                 "response_format.type",
@@ -749,6 +987,165 @@ mod tests {
         // Their "off" values are served.
         let json = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":"none","logprobs":false,"top_logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"},"presence_penalty":0,"add_generation_prompt":true,"continue_final_message":false}"#;
         assert!(chat_json(json).is_ok());
+    }
+
+    #[test]
+    fn tools_tool_choice_and_tool_turns_reach_the_neutral_request() {
+        let (raw, options) = chat_json(
+            r#"{"model":"m","messages":[
+                {"role":"user","content":"Weather in Paris?"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                  "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+                {"role":"tool","tool_call_id":"call_1","content":"sunny"}],
+              "tools":[{"type":"function","function":{"name":"get_weather","description":"d",
+                "parameters":{"type":"object","properties":{"city":{"type":"string"}}},"strict":true}},
+                {"type":"function","function":{"name":"now"}}],
+              "tool_choice":{"type":"function","function":{"name":"get_weather"}},
+              "parallel_tool_calls":false}"#,
+        )
+        .unwrap();
+        assert!(options.tools);
+        assert_eq!(
+            raw.tool_choice,
+            Some(WireToolChoice::Function("get_weather".into()))
+        );
+        assert_eq!(raw.tools.len(), 2);
+        assert_eq!(raw.tools[0].description.as_deref(), Some("d"));
+        assert_eq!(
+            raw.tools[0].parameters,
+            r#"{"type":"object","properties":{"city":{"type":"string"}}}"#
+        );
+        assert_eq!(
+            raw.tools[1].parameters,
+            r#"{"type":"object","properties":{}}"#
+        );
+        assert_eq!(raw.messages[1].content, "");
+        assert_eq!(
+            raw.messages[1].tool_calls,
+            vec![ToolCall {
+                id: "call_1".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }]
+        );
+        assert_eq!(raw.messages[2].tool_call_id.as_deref(), Some("call_1"));
+        for (choice, want) in [
+            (r#""none""#, Some(WireToolChoice::None)),
+            (r#""auto""#, Some(WireToolChoice::Auto)),
+            (r#""required""#, Some(WireToolChoice::Required)),
+            ("null", None),
+        ] {
+            let (raw, options) = chat_json(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f"}}}}],"tool_choice":{choice}}}"#
+            ))
+            .unwrap();
+            assert_eq!(raw.tool_choice, want, "{choice}");
+            assert_eq!(
+                options.tools,
+                want != Some(WireToolChoice::None),
+                "{choice}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_tools_are_refused_naming_the_field() {
+        for (extra, field) in [
+            (r#""tools":{"type":"function"}"#, "tools"),
+            (
+                r#""tools":[{"type":"retrieval","function":{"name":"f"}}]"#,
+                "tools[0].type",
+            ),
+            (r#""tools":[{"function":{"name":"f"}}]"#, "tools[0].type"),
+            (r#""tools":[{"type":"function"}]"#, "tools[0].function"),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f","examples":[]}}]"#,
+                "tools[0].function.examples",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":7}}]"#,
+                "tools[0].function.name",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f","strict":"yes"}}]"#,
+                "tools[0].function.strict",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"},"cache":true}]"#,
+                "tools[0].cache",
+            ),
+            (r#""tool_choice":"any""#, "tool_choice"),
+            (
+                r#""tool_choice":{"type":"function"}"#,
+                "tool_choice.function",
+            ),
+            (
+                r#""tool_choice":{"type":"function","function":{}}"#,
+                "tool_choice.function.name",
+            ),
+        ] {
+            let json =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#);
+            let err = chat_json(&json).expect_err(extra);
+            assert_eq!(err.param.as_deref(), Some(field), "{extra}: {err:?}");
+        }
+        for (message, field) in [
+            (
+                r#"{"role":"assistant","tool_calls":{}}"#,
+                "messages[0].tool_calls",
+            ),
+            (
+                r#"{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":[1]}}]}"#,
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                r#"{"role":"assistant","tool_calls":[{"id":"c","function":{"name":"f"}}]}"#,
+                "messages[0].tool_calls[0].type",
+            ),
+        ] {
+            let json = format!(r#"{{"model":"m","messages":[{message}]}}"#);
+            let err = chat_json(&json).expect_err(message);
+            assert_eq!(err.param.as_deref(), Some(field), "{message}: {err:?}");
+        }
+        // Legacy completions have no tools.
+        let e = completion(
+            serde_json::from_str(
+                r#"{"model":"m","prompt":"x","tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools"));
+    }
+
+    #[test]
+    fn a_tool_answer_is_a_call_or_text() {
+        let (content, calls, finish) = answer(
+            r#"{"tool_call": {"name": "f", "arguments": {"x": 1}}}"#,
+            FinishReason::Stop,
+        );
+        assert_eq!(content, None);
+        assert_eq!(finish, "tool_calls");
+        let calls = calls.unwrap();
+        let json = serde_json::to_value(&calls).unwrap();
+        assert_eq!(json[0]["type"], "function");
+        assert_eq!(json[0]["function"]["name"], "f");
+        assert_eq!(json[0]["function"]["arguments"], r#"{"x":1}"#);
+        assert!(json[0].get("index").is_none(), "index is for chunks");
+        assert_eq!(
+            answer(r#"{"response": "Hi"}"#, FinishReason::Stop),
+            (Some("Hi".into()), None, "stop")
+        );
+        assert_eq!(
+            answer(r#"{"response": "Hi"#, FinishReason::Length),
+            (Some("Hi".into()), None, "length"),
+            "text cut by max_tokens"
+        );
+        assert_eq!(
+            answer(r#"{"tool_call": {"na"#, FinishReason::Length),
+            (Some(r#"{"tool_call": {"na"#.into()), None, "length"),
+            "a cut call is returned raw"
+        );
     }
 
     #[test]

@@ -492,6 +492,7 @@ async fn generate(
                         model: text.model.clone(),
                         include_usage: options.include_usage,
                         sent_role: false,
+                        tools: options.tools.then(Default::default),
                     };
                     let forward = front::forward(call, events, tx.clone(), node.clone(), spelling);
                     tokio::spawn(forward.instrument(span));
@@ -562,6 +563,12 @@ async fn generate(
                     let e = FrontError::new(ErrorKind::Internal, "internal_error", "no answer");
                     return with_request_id(ApiError::from(e).into_response(), &request_id);
                 };
+                let finish = answer.completion.finish_reason;
+                let (content, tool_calls, finish_reason) = if options.tools {
+                    convert::answer(&answer.text, finish)
+                } else {
+                    (Some(answer.text), None, convert::finish_reason(finish))
+                };
                 Json(ChatCompletion {
                     id,
                     object: "chat.completion",
@@ -571,9 +578,10 @@ async fn generate(
                         index: 0,
                         message: ResponseMessage {
                             role: "assistant",
-                            content: answer.text,
+                            content,
+                            tool_calls,
                         },
-                        finish_reason: convert::finish_reason(answer.completion.finish_reason),
+                        finish_reason,
                         logprobs: options
                             .logprobs
                             .then(|| convert::chat_logprobs(&answer.logprobs)),

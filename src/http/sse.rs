@@ -50,6 +50,21 @@ pub struct ChatStream {
     pub include_usage: bool,
     /// Whether the first chunk (the one with the role) went out.
     pub sent_role: bool,
+    /// A request with tools: its output is held back and read at the end (see
+    /// [`ToolBuffer`]); `None` streams text as it comes.
+    pub tools: Option<ToolBuffer>,
+}
+
+/// The output of a streamed request with tools, a JSON object read by [`crate::tools`]: the
+/// text of a `{"response": ...}` answer is sent as it is written (with the log-probabilities of
+/// its tokens); a call is held back and sent whole in one chunk at the end
+/// (`delta.tool_calls[0]` with `index`, `id`, `type`, `function.name` and `function.arguments`,
+/// which OpenAI's clients accept as they accept fragments), with the log-probabilities of all
+/// its tokens.
+#[derive(Debug, Default)]
+pub struct ToolBuffer {
+    reader: crate::tools::StreamReader,
+    logprobs: Vec<crate::types::TokenLogprob>,
 }
 
 impl ChatStream {
@@ -73,6 +88,77 @@ impl StreamFront for ChatStream {
     type Item = Item;
 
     fn step(&mut self, _call: &Call, step: &Step) -> Vec<Item> {
+        if let Some(buffer) = &mut self.tools {
+            match step {
+                Step::Delta(text, logprobs) => {
+                    buffer.logprobs.extend_from_slice(logprobs);
+                    let text = buffer.reader.push(text);
+                    if text.is_empty() {
+                        return Vec::new();
+                    }
+                    let logprobs = std::mem::take(&mut buffer.logprobs);
+                    let choice = ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: self.role(),
+                            content: Some(text),
+                            tool_calls: None,
+                        },
+                        finish_reason: None,
+                        logprobs: (!logprobs.is_empty()).then(|| chat_logprobs(&logprobs)),
+                    };
+                    return vec![Ok(Bytes::from(self.chunk(vec![choice], None)))];
+                }
+                Step::Finished(completion) => {
+                    let buffer = std::mem::take(buffer);
+                    let (content, tool_calls, finish) =
+                        super::convert::answer(buffer.reader.raw(), completion.finish_reason);
+                    // Text already sent is not sent again.
+                    let content = content
+                        .map(|c| buffer.reader.rest(&c).to_owned())
+                        .filter(|c| !c.is_empty() || !buffer.reader.is_text());
+                    let tool_calls = tool_calls.map(|calls| {
+                        calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, mut c)| {
+                                c.index = Some(i as u32);
+                                c
+                            })
+                            .collect()
+                    });
+                    let mut text = String::new();
+                    if content.is_some() || tool_calls.is_some() || !buffer.logprobs.is_empty() {
+                        let answer = ChunkChoice {
+                            index: 0,
+                            delta: Delta {
+                                role: self.role(),
+                                content,
+                                tool_calls,
+                            },
+                            finish_reason: None,
+                            logprobs: (!buffer.logprobs.is_empty())
+                                .then(|| chat_logprobs(&buffer.logprobs)),
+                        };
+                        text.push_str(&self.chunk(vec![answer], None));
+                    }
+                    let last = ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: self.role(),
+                            ..Delta::default()
+                        },
+                        finish_reason: Some(finish),
+                        logprobs: None,
+                    };
+                    let usage_chunk = self
+                        .include_usage
+                        .then(|| self.chunk(Vec::new(), Some(usage(completion))));
+                    text.push_str(&closing(self.chunk(vec![last], None), usage_chunk));
+                    return vec![Ok(Bytes::from(text))];
+                }
+            }
+        }
         let text = match step {
             Step::Delta(text, logprobs) if text.is_empty() && logprobs.is_empty() => {
                 return Vec::new()
@@ -83,6 +169,7 @@ impl StreamFront for ChatStream {
                     delta: Delta {
                         role: self.role(),
                         content: Some(text.clone()),
+                        tool_calls: None,
                     },
                     finish_reason: None,
                     logprobs: (!logprobs.is_empty()).then(|| chat_logprobs(logprobs)),
@@ -95,6 +182,7 @@ impl StreamFront for ChatStream {
                     delta: Delta {
                         role: self.role(),
                         content: None,
+                        tool_calls: None,
                     },
                     finish_reason: Some(finish_reason(completion.finish_reason)),
                     logprobs: None,

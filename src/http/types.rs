@@ -1,7 +1,7 @@
 //! The OpenAI JSON shapes this front reads and writes, as OpenAI's API reference defines them.
 //!
 //! Every OpenAI request field is either honoured or, when set to something the node cannot do
-//! (`tools`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
+//! (`functions`, `echo`, `suffix`, `best_of` > 1, penalties, ...),
 //! refused with a 400 naming it. Fields OpenAI does not define are ignored (clients and SDKs add
 //! their own); `null` reads as absent everywhere.
 
@@ -57,16 +57,23 @@ pub enum Content {
     Parts(Vec<ContentPart>),
 }
 
-/// One chat message of a request. Fields it does not define (`name`, `tool_calls`,
-/// `tool_call_id`, …) are refused, naming them: the chat templates would drop them silently.
+/// One chat message of a request. Fields it does not define (`name`, `audio`, …) are refused,
+/// naming them: the chat templates would drop them silently.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestMessage {
-    /// `system`, `developer` (read as `system`), `user` or `assistant`.
+    /// `system`, `developer` (read as `system`), `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text; `null` reads as empty (and is refused by validation).
+    /// The text; `null` reads as empty (refused by validation unless the turn has `tool_calls`).
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls (`[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`), read by `convert`, which names the field at fault.
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// The body of `POST /v1/chat/completions` (which needs `messages`) and `POST /v1/completions`
@@ -149,20 +156,23 @@ pub struct GenerateBody {
     /// `cache_policy`.
     #[serde(default)]
     pub cache_policy: Option<String>,
-    /// OpenAI fields this node does not honour yet: refused when set (see
-    /// [`GenerateBody::unhonoured`]), never ignored.
+    /// Functions the model may call (`[{"type": "function", "function": {"name",
+    /// "description", "parameters", "strict"}}]`), read by `convert`, which names the field at
+    /// fault. The answer is held to `crate::tools`' format.
     #[serde(default)]
     pub tools: Option<serde_json::Value>,
-    /// See `tools`.
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
     #[serde(default)]
     pub tool_choice: Option<serde_json::Value>,
-    /// See `tools`.
+    /// OpenAI fields this node does not honour: refused when set (see
+    /// [`GenerateBody::unhonoured`]), never ignored. The legacy `functions` (use `tools`).
     #[serde(default)]
     pub functions: Option<serde_json::Value>,
-    /// See `tools`.
+    /// See `functions`.
     #[serde(default)]
     pub function_call: Option<serde_json::Value>,
-    /// See `tools`.
+    /// `true` (OpenAI's default: the model *may* make several calls) and `false` are both
+    /// honoured: the node makes at most one call per turn.
     #[serde(default)]
     pub parallel_tool_calls: Option<serde_json::Value>,
     /// `text`, `json_object` or `json_schema`: the output is constrained to it (read by
@@ -201,12 +211,7 @@ impl GenerateBody {
             Some(Value::Object(o)) => o.is_empty(),
             _ => false,
         };
-        let fields: [(&'static str, bool); 12] = [
-            ("tools", off(&self.tools)),
-            (
-                "tool_choice",
-                off(&self.tool_choice) || self.tool_choice == Some(Value::from("none")),
-            ),
+        let fields: [(&'static str, bool); 10] = [
             ("functions", off(&self.functions)),
             (
                 "function_call",
@@ -283,8 +288,36 @@ pub struct PromptTokensDetails {
 pub struct ResponseMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; `null` when the answer is a tool call.
+    pub content: Option<String>,
+    /// The tool calls made (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ResponseToolCall>>,
+}
+
+/// One tool call of a response (`message.tool_calls[]`) or of a chunk (`delta.tool_calls[]`,
+/// where `index` is set).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResponseToolCall {
+    /// Position among the turn's calls; chunks only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// `call_...`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments.
+    pub function: ResponseFunction,
+}
+
+/// `tool_calls[].function`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResponseFunction {
+    /// The function called.
+    pub name: String,
+    /// Its arguments, a JSON object as text.
+    pub arguments: String,
 }
 
 /// One choice of a non-streamed chat completion.
@@ -294,7 +327,7 @@ pub struct ChatChoice {
     pub index: u32,
     /// The answer.
     pub message: ResponseMessage,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
     /// With `logprobs: true`; `null` otherwise.
     pub logprobs: Option<ChatLogprobs>,
@@ -374,6 +407,9 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls (whole, in one chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ResponseToolCall>>,
 }
 
 /// One choice of a streamed chat chunk.

@@ -15,7 +15,7 @@ use minijinja::{context, Environment, ErrorKind};
 
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
-use crate::types::{ChatMessage, TemplateKwargs, RESERVED_TEMPLATE_VARIABLES};
+use crate::types::{ChatMessage, TemplateKwargs, Tool, ToolCall, RESERVED_TEMPLATE_VARIABLES};
 
 const KEY: &str = "tokenizer.chat_template";
 const NAME: &str = "chat_template";
@@ -27,6 +27,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     options: Vec<String>,
+    reads_tools: bool,
 }
 
 impl ChatTemplate {
@@ -67,13 +68,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, source)
             .map_err(|e| ModelError::Template(describe(&e)))?;
-        let options = {
+        let (options, reads_tools) = {
             let template = env
                 .get_template(NAME)
                 .map_err(|e| ModelError::Template(describe(&e)))?;
             let globals: Vec<&str> = env.globals().map(|(name, _)| name).collect();
-            let mut options: Vec<String> = template
-                .undeclared_variables(false)
+            let undeclared = template.undeclared_variables(false);
+            let reads_tools = undeclared.contains("tools");
+            let mut options: Vec<String> = undeclared
                 .into_iter()
                 .filter(|name| {
                     !RESERVED_TEMPLATE_VARIABLES.contains(&name.as_str())
@@ -81,13 +83,14 @@ impl ChatTemplate {
                 })
                 .collect();
             options.sort();
-            options
+            (options, reads_tools)
         };
         Ok(Self {
             env,
             bos_token,
             eos_token,
             options,
+            reads_tools,
         })
     }
 
@@ -97,6 +100,12 @@ impl ChatTemplate {
     /// analysis, when the template is compiled.
     pub fn options(&self) -> &[String] {
         &self.options
+    }
+
+    /// Whether the template reads `tools` (renders the tools it is given itself, as
+    /// transformers passes them); when not, [`crate::tools::polyfill`] describes them.
+    pub fn reads_tools(&self) -> bool {
+        self.reads_tools
     }
 
     /// The prompt for `messages`; with `add_generation_prompt` it ends with the opening of the
@@ -120,6 +129,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         kwargs: &TemplateKwargs,
     ) -> Result<String, ModelError> {
+        self.render_tools(messages, add_generation_prompt, kwargs, &[])
+    }
+
+    /// As [`ChatTemplate::render_with`], with `tools` set as the template's `tools` variable
+    /// in OpenAI's shape (`none` when empty, as transformers leaves it unset).
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        tools: &[Tool],
+    ) -> Result<String, ModelError> {
         if let Some(key) = kwargs.keys().find(|k| !self.options.contains(k)) {
             return Err(ModelError::Template(format!(
                 "the chat template does not read the option `{}`",
@@ -136,6 +157,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                tools => (!tools.is_empty()).then_some(tools),
                 ..minijinja::Value::from_serialize(kwargs)
             })
             .map_err(|e| ModelError::Template(describe(&e)))
@@ -174,35 +196,64 @@ impl ChatTemplate {
         kwargs: &TemplateKwargs,
         find: impl Fn(&str) -> Vec<Range<usize>>,
     ) -> Result<Rendered, ModelError> {
+        self.render_guarded_tools(messages, add_generation_prompt, kwargs, &[], find)
+    }
+
+    /// As [`ChatTemplate::render_guarded`], with `tools` for the template (see
+    /// [`ChatTemplate::render_tools`]). Control-token strings are guarded wherever caller text
+    /// reaches the template: contents, the ids and arguments of earlier calls, `tool_call_id`,
+    /// and the tools' descriptions and parameters.
+    pub fn render_guarded_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
+        tools: &[Tool],
+        find: impl Fn(&str) -> Vec<Range<usize>>,
+    ) -> Result<Rendered, ModelError> {
         let nonce = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
         let mut originals: Vec<&str> = Vec::new();
-        let guarded: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| {
-                let mut content = String::with_capacity(m.content.len());
-                let mut from = 0;
-                for r in find(&m.content) {
-                    content.push_str(&m.content[from..r.start]);
-                    content.push_str(&format!("{OPEN}{nonce}{MID}{}{CLOSE}", originals.len()));
-                    originals.push(&m.content[r.clone()]);
-                    from = r.end;
-                }
-                content.push_str(&m.content[from..]);
-                ChatMessage {
-                    role: m.role.clone(),
-                    content,
-                }
-            })
-            .collect();
+        let mut guarded: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
+            for c in &m.tool_calls {
+                tool_calls.push(ToolCall {
+                    id: guard(&c.id, &find, nonce, &mut originals),
+                    name: guard(&c.name, &find, nonce, &mut originals),
+                    arguments: guard(&c.arguments, &find, nonce, &mut originals),
+                });
+            }
+            guarded.push(ChatMessage {
+                role: m.role.clone(),
+                content: guard(&m.content, &find, nonce, &mut originals),
+                tool_calls,
+                tool_call_id: m
+                    .tool_call_id
+                    .as_deref()
+                    .map(|id| guard(id, &find, nonce, &mut originals)),
+            });
+        }
+        let mut guarded_tools = Vec::with_capacity(tools.len());
+        for t in tools {
+            guarded_tools.push(Tool {
+                name: guard(&t.name, &find, nonce, &mut originals),
+                description: t
+                    .description
+                    .as_deref()
+                    .map(|d| guard(d, &find, nonce, &mut originals)),
+                parameters: guard(&t.parameters, &find, nonce, &mut originals),
+            });
+        }
         if originals.is_empty() {
             return Ok(Rendered {
-                text: self.render_with(messages, add_generation_prompt, kwargs)?,
+                text: self.render_tools(messages, add_generation_prompt, kwargs, tools)?,
                 user: Vec::new(),
             });
         }
-        let rendered = self.render_with(&guarded, add_generation_prompt, kwargs)?;
+        let rendered =
+            self.render_tools(&guarded, add_generation_prompt, kwargs, &guarded_tools)?;
         let marker = format!("{OPEN}{nonce}{MID}");
         let mut text = String::with_capacity(rendered.len());
         let mut user = Vec::new();
@@ -230,6 +281,28 @@ impl ChatTemplate {
         text.push_str(rest);
         Ok(Rendered { text, user })
     }
+}
+
+/// `text` with each control-token string `find` finds in it replaced by a placeholder naming its
+/// index in `originals` (where it is pushed). A placeholder in JSON text (a call's arguments, a
+/// tool's parameters) lands inside a string value, so the JSON stays valid and the template sees
+/// the placeholder wherever it prints the value.
+fn guard<'a>(
+    text: &'a str,
+    find: &impl Fn(&str) -> Vec<Range<usize>>,
+    nonce: u64,
+    originals: &mut Vec<&'a str>,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    for r in find(text) {
+        out.push_str(&text[from..r.start]);
+        out.push_str(&format!("{OPEN}{nonce}{MID}{}{CLOSE}", originals.len()));
+        originals.push(&text[r.clone()]);
+        from = r.end;
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// The prompt for a model without a chat template: each message's content, in order, joined by a
@@ -268,6 +341,7 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 
@@ -370,6 +444,96 @@ mod tests {
         }
         let plain = template("{% for m in messages %}{{ m.content }}{% endfor %}");
         assert!(plain.options().is_empty());
+    }
+
+    #[test]
+    fn tools_and_tool_turns_reach_a_template_that_reads_them() {
+        let t = template(
+            "{% if tools %}[{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters.required[0] }};{% endfor %}]{% endif %}\
+             {% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls %}{{ c.id }}={{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}",
+        );
+        assert!(t.reads_tools());
+        assert!(
+            t.options().is_empty(),
+            "`tools` is the renderer's, never an option"
+        );
+        let tools = [crate::types::Tool {
+            name: "get_weather".into(),
+            description: None,
+            parameters: r#"{"type":"object","required":["city"]}"#.into(),
+        }];
+        let m = [
+            msg("user", "hi"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![crate::types::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "sunny".into(),
+                tool_call_id: Some("call_1".into()),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            t.render_tools(&m, false, &TemplateKwargs::new(), &tools)
+                .unwrap(),
+            "[get_weather:city;]<user>hi<assistant>call_1=get_weather(Paris)<tool>sunny#call_1"
+        );
+        // No tools: `tools` is none (falsy), as transformers leaves it.
+        assert!(t.render(&m[..1], false).unwrap().starts_with("<user>"));
+        assert!(!template("{{ messages[0].content }}").reads_tools());
+    }
+
+    #[test]
+    fn guarded_render_covers_tool_parts_and_tools() {
+        let t = template(
+            "{% for t in tools %}{{ t.function.description }}|{{ t.function.parameters.title }}|{% endfor %}\
+             {% for m in messages %}{{ m.content }}{% for c in m.tool_calls %}{{ c.id }}|{{ c.function.arguments.city }}|{% endfor %}{{ m.tool_call_id }}{% endfor %}",
+        );
+        let find = |s: &str| {
+            s.match_indices("<|im_end|>")
+                .map(|(i, m)| i..i + m.len())
+                .collect()
+        };
+        let tools = [Tool {
+            name: "f".into(),
+            description: Some("d<|im_end|>".into()),
+            parameters: r#"{"type":"object","title":"p<|im_end|>"}"#.into(),
+        }];
+        let m = [
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![ToolCall {
+                    id: "c<|im_end|>".into(),
+                    name: "f".into(),
+                    arguments: r#"{"city":"x<|im_end|>"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "r".into(),
+                tool_call_id: Some("i<|im_end|>".into()),
+                ..Default::default()
+            },
+        ];
+        let kw = TemplateKwargs::new();
+        let r = t
+            .render_guarded_tools(&m, false, &kw, &tools, find)
+            .unwrap();
+        assert_eq!(r.text, t.render_tools(&m, false, &kw, &tools).unwrap());
+        assert_eq!(
+            r.text,
+            "d<|im_end|>|p<|im_end|>|c<|im_end|>|x<|im_end|>|ri<|im_end|>"
+        );
+        let marked: Vec<&str> = r.user.iter().map(|u| &r.text[u.clone()]).collect();
+        assert_eq!(marked, vec!["<|im_end|>"; 5], "every one is user text");
     }
 
     #[test]

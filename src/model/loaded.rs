@@ -1,5 +1,6 @@
 //! A model ready to serve: weights, tokenizer, chat template and identity, loaded from one GGUF.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use super::quantize::Quant;
 use super::tokenizer::GgufTokenizer;
 use super::transformer::Transformer;
 use super::ModelError;
-use crate::types::{ChatMessage, PromptInput, TemplateKwargs};
+use crate::types::{ChatMessage, PromptInput, TemplateKwargs, Tools};
 
 /// Everything needed to run one model; shared by `Arc` between its instances.
 pub struct LoadedModel {
@@ -117,6 +118,24 @@ impl LoadedModel {
         input: &PromptInput,
         kwargs: &TemplateKwargs,
     ) -> Result<Vec<u32>, ModelError> {
+        self.prompt_tokens_for(input, kwargs, None)
+    }
+
+    /// As [`LoadedModel::prompt_tokens_with`], with the tools the model may call: given to a
+    /// template that reads `tools` (plus the format line in the system turn), else described in
+    /// the system turn by [`crate::tools::polyfill`], which also writes earlier calls and tool
+    /// results as text (also without `tools`, for the turn after a call).
+    pub fn prompt_tokens_for(
+        &self,
+        input: &PromptInput,
+        kwargs: &TemplateKwargs,
+        tools: Option<&Tools>,
+    ) -> Result<Vec<u32>, ModelError> {
+        if tools.is_some() && matches!(input, PromptInput::Text(_)) {
+            return Err(ModelError::Template(
+                "tools need a chat (`messages`)".into(),
+            ));
+        }
         if !kwargs.is_empty() && (matches!(input, PromptInput::Text(_)) || self.template.is_none())
         {
             return Err(ModelError::Template(
@@ -127,15 +146,38 @@ impl LoadedModel {
         match (input, &self.template) {
             (PromptInput::Text(text), _) => self.tokenizer.encode(text, true),
             (PromptInput::Chat(messages), Some(t)) => {
-                let rendered = t.render_guarded(messages, true, kwargs, |content| {
-                    self.tokenizer.find_control_tokens(content)
-                })?;
+                let has_tool_parts = |ms: &[ChatMessage]| {
+                    ms.iter()
+                        .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some())
+                };
+                let (messages, tool_list) = if t.reads_tools() {
+                    match tools {
+                        Some(tools) => (
+                            Cow::Owned(crate::tools::add_system(
+                                messages,
+                                crate::tools::instruction(tools),
+                            )),
+                            tools.tools.as_slice(),
+                        ),
+                        None => (Cow::Borrowed(messages), &[][..]),
+                    }
+                } else if tools.is_some() || has_tool_parts(messages) {
+                    (Cow::Owned(crate::tools::polyfill(messages, tools)), &[][..])
+                } else {
+                    (Cow::Borrowed(messages), &[][..])
+                };
+                let rendered =
+                    t.render_guarded_tools(&messages, true, kwargs, tool_list, |content| {
+                        self.tokenizer.find_control_tokens(content)
+                    })?;
                 self.tokenizer
                     .encode_marked(&rendered.text, &rendered.user, false)
             }
-            (PromptInput::Chat(messages), None) => self
-                .tokenizer
-                .encode_plain(&render_without_template(messages), true),
+            (PromptInput::Chat(messages), None) => {
+                let messages = crate::tools::polyfill(messages, tools);
+                self.tokenizer
+                    .encode_plain(&render_without_template(&messages), true)
+            }
         }
     }
 

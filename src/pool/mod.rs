@@ -650,7 +650,11 @@ type Prepared = (Vec<u32>, Option<Constraint>, Option<LogprobSpec>);
 fn prepare(serving: &Serving, request: &GenerationRequest) -> Result<Prepared, EngineError> {
     let prompt = serving
         .model
-        .prompt_tokens_with(&request.input, &request.chat_template_kwargs)
+        .prompt_tokens_for(
+            &request.input,
+            &request.chat_template_kwargs,
+            request.tools.as_ref(),
+        )
         .map_err(|e| match e {
             ModelError::Template(m) => EngineError::Template(m),
             other => EngineError::InvalidArgument(other.to_string()),

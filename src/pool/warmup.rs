@@ -23,6 +23,7 @@ fn prompt(model: &LoadedModel) -> Vec<u32> {
     let chat = PromptInput::Chat(vec![ChatMessage {
         role: "user".into(),
         content: "Hello! Say hi back.".into(),
+        ..Default::default()
     }]);
     model
         .prompt_tokens(&chat)

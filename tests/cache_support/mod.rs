@@ -280,6 +280,7 @@ pub fn request(prompt: &str) -> GenerationRequest {
         constraint: None,
         logprobs: None,
         chat_template_kwargs: Default::default(),
+        tools: None,
     }
 }
 

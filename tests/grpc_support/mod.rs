@@ -214,6 +214,24 @@ impl Backend for ScriptedBackend {
                         .await
                         .map_err(drop)?;
                     }
+                    "tool_call" => {
+                        // What a request with tools generates: the tool format, in pieces.
+                        for piece in [
+                            r#"{"tool_call": {"name": "f", "#,
+                            r#""arguments": {"a": "#,
+                            "1}}}",
+                        ] {
+                            tx.send(Ok(GenerationEvent::Delta(piece.into())))
+                                .await
+                                .map_err(drop)?;
+                        }
+                        tx.send(Ok(GenerationEvent::Finished(completion(
+                            FinishReason::Stop,
+                            3,
+                        ))))
+                        .await
+                        .map_err(drop)?;
+                    }
                     "fail_midway" => {
                         tx.send(Ok(GenerationEvent::Delta("par".into())))
                             .await
