@@ -32,6 +32,15 @@ use crate::types::{echo, Grammar, OutputConstraint};
 const JSON_LAYOUT: &str =
     r#"{"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}"#;
 
+/// Longest run of ASCII digits a JSON constraint lets the model write. JSON Schema cannot bound a
+/// number's length, and a small model can loop on `180.0000…` until `max_tokens` cuts the JSON
+/// (seen with SmolLM2). Past this run, tokens made only of digits are masked whenever the grammar
+/// allows anything else (`,`, `}`, `e`, a quote), so the number ends and the output still parses.
+/// 40 is past any meaningful number (an f64 has 17 significant digits, an i64 19) and past the
+/// digit runs of real identifiers in strings. Regex and Lark grammars are the caller's exact
+/// shapes and are not capped.
+pub const MAX_DIGIT_RUN: usize = 40;
+
 /// Why a constraint could not be built or followed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConstrainError {
@@ -79,6 +88,46 @@ impl TokenizerEnv for VocabEnv {
 pub struct TokenSpace {
     factory: ParserFactory,
     vocab_size: usize,
+    digits: Arc<DigitTokens>,
+}
+
+/// What the digit-run cap needs to know of each token, computed once per model.
+struct DigitTokens {
+    /// Tokens made only of ASCII digits (the ones the cap masks).
+    only: SimpleVob,
+    /// How many ASCII digits each token ends with (0 for special tokens).
+    trailing: Vec<u8>,
+}
+
+impl DigitTokens {
+    fn new(words: &[Vec<u8>]) -> Self {
+        let mut only = SimpleVob::alloc(words.len());
+        let trailing = words
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                if w.first() == Some(&0xFF) {
+                    return 0;
+                }
+                let n = w.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+                if n > 0 && n == w.len() {
+                    only.allow_token(id as u32);
+                }
+                n as u8 // tokens are at most 255 bytes (checked by `TokenSpace::new`)
+            })
+            .collect();
+        Self { only, trailing }
+    }
+
+    /// The digit run after writing `token` when the run before it was `run`.
+    fn run_after(&self, run: usize, token: u32) -> usize {
+        let t = self.trailing.get(token as usize).copied().unwrap_or(0) as usize;
+        if self.only.get(token as usize) {
+            run + t
+        } else {
+            t
+        }
+    }
 }
 
 impl TokenSpace {
@@ -107,6 +156,7 @@ impl TokenSpace {
                 "token {long} is longer than 255 bytes"
             )));
         }
+        let digits = Arc::new(DigitTokens::new(&words));
         let info = TokRxInfo::new(vocab_size as u32, first);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos);
         let env: TokEnv = Arc::new(VocabEnv { trie });
@@ -116,6 +166,7 @@ impl TokenSpace {
         Ok(Self {
             factory,
             vocab_size,
+            digits,
         })
     }
 
@@ -128,6 +179,7 @@ impl TokenSpace {
     /// Compile `c` for one sequence and compute its first mask, so that an invalid schema or
     /// grammar is refused here (at submit) and never mid-generation.
     pub fn compile(&self, c: &OutputConstraint) -> Result<Constraint, ConstrainError> {
+        let json = matches!(c.grammar, Grammar::JsonObject | Grammar::JsonSchema(_));
         let (grammar, what) = match &c.grammar {
             Grammar::JsonObject => (
                 TopLevelGrammar::from_json_schema(with_layout(serde_json::json!({
@@ -154,6 +206,8 @@ impl TokenSpace {
             matcher: Matcher::new(Ok(parser)),
             mask: None,
             failed: None,
+            digits: json.then(|| self.digits.clone()),
+            digit_run: 0,
         };
         constraint.prepare();
         match constraint.failed.take() {
@@ -196,6 +250,10 @@ pub struct Constraint {
     mask: Option<SimpleVob>,
     /// Set when computing a mask failed; reported by [`Constraint::apply`].
     failed: Option<String>,
+    /// The digit-run cap ([`MAX_DIGIT_RUN`]); `None` for grammars it does not apply to.
+    digits: Option<Arc<DigitTokens>>,
+    /// ASCII digits at the end of what was written so far.
+    digit_run: usize,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -216,7 +274,18 @@ impl Constraint {
             return;
         }
         match self.matcher.compute_mask_or_eos() {
-            Ok(mask) => self.mask = Some(mask),
+            Ok(mut mask) => {
+                if let Some(digits) = &self.digits {
+                    if self.digit_run >= MAX_DIGIT_RUN && mask.len() == digits.only.len() {
+                        let mut capped = mask.clone();
+                        capped.sub(&digits.only);
+                        if !capped.is_zero() {
+                            mask = capped;
+                        }
+                    }
+                }
+                self.mask = Some(mask)
+            }
             Err(e) => self.failed = Some(e.to_string()),
         }
     }
@@ -283,6 +352,9 @@ impl Constraint {
     /// and can take nothing more: the sequence ends there with `stop`.
     pub fn advance(&mut self, token: u32) -> Result<bool, ConstrainError> {
         self.mask = None;
+        if let Some(digits) = &self.digits {
+            self.digit_run = digits.run_after(self.digit_run, token);
+        }
         self.matcher
             .consume_token(token)
             .map_err(|e| ConstrainError::Failed(e.to_string()))?;

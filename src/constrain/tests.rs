@@ -307,3 +307,61 @@ fn bad_vocabularies_are_refused() {
         Err(ConstrainError::Vocab(_))
     ));
 }
+
+/// A model that always wants one more `0`: write `prefix` byte by byte, then pick `0` while it is
+/// allowed, else `"`, else `}`, else a stop id. Returns what was written and whether it ended in time.
+fn zero_loop(grammar: Grammar, prefix: &str, steps: usize) -> (String, bool) {
+    let (space, words) = space();
+    let byte = |b: u8| 3 + b as u32;
+    let mut c = space.compile(&constraint(grammar)).unwrap();
+    let mut written = Vec::new();
+    for b in prefix.bytes() {
+        assert!(c.allows(byte(b)), "prefix byte {:?}", b as char);
+        written.push(b);
+        c.advance(byte(b)).unwrap();
+    }
+    for _ in 0..steps {
+        let t = [byte(b'0'), byte(b'"'), byte(b'}'), EOS]
+            .into_iter()
+            .find(|&t| c.allows(t))
+            .expect("no legal token");
+        if t == EOS {
+            return (String::from_utf8(written).unwrap(), true);
+        }
+        written.extend_from_slice(&words[t as usize]);
+        if c.advance(t).unwrap() {
+            return (String::from_utf8(written).unwrap(), true);
+        }
+    }
+    (String::from_utf8(written).unwrap(), false)
+}
+
+#[test]
+fn json_numbers_end_after_the_longest_digit_run() {
+    let schema = r#"{"type": "object", "properties": {"lon": {"type": "number"}},
+        "required": ["lon"], "additionalProperties": false}"#;
+    for (grammar, prefix) in [
+        (Grammar::JsonSchema(schema.into()), r#"{"lon": 180."#),
+        (Grammar::JsonObject, r#"{"n": 7"#),
+    ] {
+        let (text, ended) = zero_loop(grammar.clone(), prefix, 400);
+        assert!(ended, "{grammar:?} looped: {text}");
+        let run = text.bytes().rev().skip(1).take_while(u8::is_ascii_digit).count();
+        assert_eq!(run, MAX_DIGIT_RUN, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(v.is_object(), "{text}");
+    }
+}
+
+#[test]
+fn the_digit_cap_never_blocks_a_grammar_that_wants_digits() {
+    // A regex is the caller's exact shape: not capped.
+    let (text, ended) = zero_loop(Grammar::Regex("[0-9]{60}".into()), "", 100);
+    assert!(ended && text == "0".repeat(60), "{text}");
+    // A JSON string that must hold 50 digits: only digits are legal, so the cap steps aside.
+    let schema = r#"{"type": "object", "properties": {"id": {"type": "string", "pattern": "^[0-9]{50}$"}},
+        "required": ["id"], "additionalProperties": false}"#;
+    let (text, ended) = zero_loop(Grammar::JsonSchema(schema.into()), r#"{"id": ""#, 100);
+    assert!(ended, "{text}");
+    assert_eq!(text, format!(r#"{{"id": "{}"}}"#, "0".repeat(50)));
+}
