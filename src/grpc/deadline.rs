@@ -4,20 +4,11 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
-/// tonic's own timeout layer (outside our services, not configurable) answers a unary call whose
-/// `grpc-timeout` ran out with CANCELLED. Our deadline fires this much earlier so the caller sees
-/// DEADLINE_EXCEEDED, as the gRPC spec says it should. tonic's timer starts before our handler
-/// runs and tokio's timers tick in whole milliseconds, so the margin covers a loaded node's
-/// decode-to-handler and wake-up delays (2 ms was not enough on a busy 2-core CI machine, nor was
-/// 10 ms for a call waiting on a frozen Redis during a full test run). Serving the routes
-/// without tonic's timeout layer would remove the race; tonic (0.12 and 0.14) applies it to every service.
-const AHEAD_OF_TONIC: Duration = Duration::from_millis(25);
-
 /// When the caller stops waiting, counted from `arrival`; `None` without a valid `grpc-timeout`.
 pub(crate) fn from_metadata(metadata: &MetadataMap, arrival: Instant) -> Option<Instant> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(value)?;
-    Some(arrival + timeout.saturating_sub(AHEAD_OF_TONIC))
+    Some(arrival + timeout)
 }
 
 /// Parses the gRPC wire format: at most 8 ASCII digits then one unit letter
@@ -82,7 +73,7 @@ mod tests {
         metadata.insert("grpc-timeout", "100m".parse().unwrap());
         let arrival = Instant::now();
         let deadline = from_metadata(&metadata, arrival).unwrap();
-        assert_eq!(deadline, arrival + Duration::from_millis(75));
+        assert_eq!(deadline, arrival + Duration::from_millis(100));
         assert_eq!(from_metadata(&MetadataMap::new(), arrival), None);
     }
 }

@@ -13,6 +13,8 @@
 //! - `health`: follows the node's readiness.
 //! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout` parsing.
 //! - `codec`: prost with malformed requests as INVALID_ARGUMENT, counted like other refusals.
+//! - `transport`: the HTTP/2 server loop (ours, not tonic's `Server`, whose timeout layer raced
+//!   our deadlines).
 
 mod admin;
 mod auth;
@@ -24,6 +26,7 @@ mod inference;
 mod metadata;
 pub mod proto;
 mod status;
+mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
+use tonic::service::Routes;
 
 use crate::config::{Config, Limits};
 use crate::engine::Backend;
@@ -106,9 +109,6 @@ pub const HEALTH_POLL: Duration = Duration::from_millis(250);
 /// Why the server stopped other than by a clean drain.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The listener or a connection failed.
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The reflection service could not be built from the descriptor sets.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -222,7 +222,7 @@ pub async fn run(
     // Draining closes the listener at once: a balancer then gets "connection refused" and tries
     // another node itself (nginx's `grpc_next_upstream error`), where an open listener answering
     // UNAVAILABLE instantly would attract a least-connections balancer's traffic for the whole
-    // drain (measured in tests/fleet.rs). tonic's graceful shutdown sends GOAWAY on every
+    // drain (measured in tests/fleet.rs). The graceful shutdown sends GOAWAY on every
     // connection and lets the calls in flight finish.
     let (drain_started, drain_started_rx) = oneshot::channel::<()>();
     let signal = {
@@ -248,14 +248,12 @@ pub async fn run(
         tracing::info!(%addr, "gRPC listening");
     }
     let incoming = accept_until_drain(listener, Arc::clone(&node));
-    let serve = Server::builder()
-        .http2_max_header_list_size(metadata::TRANSPORT_LIMIT)
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(admin);
+    let serve = transport::serve(routes, incoming, metadata::TRANSPORT_LIMIT, signal);
 
     let drain_timeout = config.drain_timeout;
     let hard_deadline = async {
@@ -269,7 +267,7 @@ pub async fn run(
 
     // gRPC's connections closing is not enough: calls of other fronts count in the node too.
     let finished = async {
-        serve.await?;
+        serve.await;
         node.wait_idle().await;
         Ok::<(), ServerError>(())
     };
@@ -295,8 +293,8 @@ pub async fn run(
 }
 
 /// Accepts connections until draining starts, then drops the listener so new connections are
-/// refused at once (tonic keeps its `incoming` until every connection has closed, and a listener
-/// that is bound but no longer accepted from leaves clients hanging in the backlog).
+/// refused at once (the server keeps its `incoming` until every connection has closed, and a
+/// listener that is bound but no longer accepted from leaves clients hanging in the backlog).
 fn accept_until_drain(
     listener: TcpListener,
     node: Arc<Node>,
@@ -318,9 +316,9 @@ fn accept_until_drain(
             }
         }
         drop(listener);
-        // The stream stays open (pending) until tonic drops it: tonic must leave its accept loop
-        // through the shutdown signal, which sets health first; a stream that ended would make
-        // it drop that signal half-way.
+        // The stream stays open (pending) until the server drops it: the server must leave its
+        // accept loop through the shutdown signal, which sets health first; a stream that ended
+        // would make it drop that signal half-way.
         tx.closed().await;
     });
     ReceiverStream::new(rx)
