@@ -93,6 +93,22 @@ pub struct BenchArgs {
     /// Timed passes over every distinct text of the pairs (`--semantic`).
     #[arg(long, default_value_t = 3)]
     embed_rounds: usize,
+    /// Replay a Zipf-distributed hot-question workload (the `--pairs` questions, their
+    /// paraphrases and near-misses) against a node's OpenAI front instead: what the cache tiers
+    /// answer, how fast, and their false hits. `--requests` in all, the first `--concurrency`
+    /// level at once, `--max-tokens` each, against the first `--server` (default
+    /// `http://127.0.0.1:8080`).
+    #[arg(long)]
+    hot_replay: bool,
+    /// Zipf exponent of topic popularity (`--hot-replay`).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Seed of the topic ranking and the draws (`--hot-replay`).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Include the Chinese topics (`--hot-replay`; the shipped encoder is English-only).
+    #[arg(long)]
+    chinese: bool,
 }
 
 /// `NAME=VALUE` pairs of a repeatable flag.
@@ -211,6 +227,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.hot_replay {
+        let url = match pairs("server", &args.servers)?.into_iter().next() {
+            Some((_, url)) => url,
+            None => "http://127.0.0.1:8080".into(),
+        };
+        rt.block_on(super::hot_replay::run(super::hot_replay::HotReplay {
+            url,
+            model: args.model.clone(),
+            pairs: args.pairs.clone(),
+            requests: args.requests,
+            concurrency: args.concurrency[0],
+            zipf: args.zipf,
+            seed: args.seed,
+            max_tokens: args.max_tokens,
+            chinese: args.chinese,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.multi_turn {
         let replay = replay(&args)?;
         rt.block_on(super::multiturn::run(replay))?;

@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod generate;
 mod health;
+mod hot_replay;
 mod models;
 mod multiturn;
 mod quantize;

@@ -333,7 +333,7 @@ async fn grpc_turn(
 /// POST `body` and feed every `data:` JSON event of the SSE reply to `on_event`. A minimal
 /// HTTP/1.1 client (one request per connection, chunked or close-delimited bodies), so the
 /// bench needs no HTTP client dependency.
-async fn post_sse(
+pub(super) async fn post_sse(
     url: &str,
     path: &str,
     session: &str,

@@ -41,18 +41,24 @@ struct Pair {
     guard: Result<(), Reject>,
 }
 
-/// The most false hits accepted when picking the default threshold.
-const MAX_FALSE_HIT_RATE: f64 = 0.01;
+/// One line of the labelled set.
+pub(super) struct Labelled {
+    /// Label 1: the same question (a hit is right); 0: a different one (a hit is a false hit).
+    pub same: bool,
+    /// `paraphrase` or the near-miss kind; `-zh` for Chinese.
+    pub class: String,
+    /// The question stored first.
+    pub stored: String,
+    /// The question asked after it.
+    pub asked: String,
+}
 
-/// Runs the sweep and prints markdown tables.
-pub fn run(sweep: Sweep) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&sweep.pairs)
-        .with_context(|| format!("reading {}", sweep.pairs.display()))?;
-    let started = Instant::now();
-    let encoder = SentenceEncoder::load(&sweep.encoder)
-        .with_context(|| format!("loading the encoder from {}", sweep.encoder.display()))?;
-    let load = started.elapsed();
-    let mut pairs = Vec::new();
+/// The labelled pairs of `path` (TSV: label, class, stored question, asked question; `#`
+/// comments).
+pub(super) fn read_labelled(path: &std::path::Path) -> anyhow::Result<Vec<Labelled>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
@@ -61,19 +67,40 @@ pub fn run(sweep: Sweep) -> anyhow::Result<()> {
         anyhow::ensure!(
             f.len() == 4 && (f[0] == "0" || f[0] == "1"),
             "{}:{}: expected `label<TAB>class<TAB>question<TAB>asked`",
-            sweep.pairs.display(),
+            path.display(),
             n + 1
         );
-        pairs.push(Pair {
+        out.push(Labelled {
             same: f[0] == "1",
-            zh: f[1].ends_with("-zh"),
             class: f[1].to_string(),
             stored: f[2].to_string(),
             asked: f[3].to_string(),
-            score: 0.0,
-            guard: guard::check(f[2], f[3]),
         });
     }
+    Ok(out)
+}
+
+/// The most false hits accepted when picking the default threshold.
+const MAX_FALSE_HIT_RATE: f64 = 0.01;
+
+/// Runs the sweep and prints markdown tables.
+pub fn run(sweep: Sweep) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let encoder = SentenceEncoder::load(&sweep.encoder)
+        .with_context(|| format!("loading the encoder from {}", sweep.encoder.display()))?;
+    let load = started.elapsed();
+    let mut pairs: Vec<Pair> = read_labelled(&sweep.pairs)?
+        .into_iter()
+        .map(|l| Pair {
+            same: l.same,
+            zh: l.class.ends_with("-zh"),
+            guard: guard::check(&l.stored, &l.asked),
+            class: l.class,
+            stored: l.stored,
+            asked: l.asked,
+            score: 0.0,
+        })
+        .collect();
     // Embed every distinct text once, then time `rounds` more passes.
     let mut texts: Vec<String> = pairs
         .iter()
@@ -266,7 +293,7 @@ fn print_cost(
 }
 
 /// `k/n = p % [lo, hi]` with the 95 % Wilson score interval.
-fn wilson_cell((k, n): (usize, usize)) -> String {
+pub(super) fn wilson_cell((k, n): (usize, usize)) -> String {
     if n == 0 {
         return "–".into();
     }
@@ -287,7 +314,10 @@ fn wilson(k: usize, n: usize) -> (f64, f64) {
     let denom = 1.0 + z * z / n;
     let centre = (p + z * z / (2.0 * n)) / denom;
     let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At k = 0 (k = n) the bound is exactly 0 (1); the formula leaves rounding residue there.
+    let lo = if k == 0.0 { 0.0 } else { (centre - half).max(0.0) };
+    let hi = if k == n { 1.0 } else { (centre + half).min(1.0) };
+    (lo, hi)
 }
 
 #[cfg(test)]

@@ -394,7 +394,8 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: Usage,
-    /// Where the answer came from: `qnode-model`, `qnode-cache-l1` or `qnode-cache-l2`.
+    /// Where the answer came from: `qnode-model`, `qnode-cache-l1`, `qnode-cache-l2` (a sampled
+    /// variant: `qnode-cache-l2-vN`) or `qnode-cache-semantic`.
     pub system_fingerprint: &'static str,
 }
 
