@@ -643,8 +643,8 @@ fn semantic_answer(s: &Shared, tier: &SemanticTier, e: &Embedded) -> Option<Arc<
 }
 
 /// Pumps the inner stream into the flight; on a successful finish stores the answer in L1 (and
-/// its question in the semantic index when `embedded`), and in L2 when the key is hot
-/// (`count >= hot_threshold`).
+/// its question in the semantic index when `embedded`, and with the answer, which carries it
+/// into Redis), and in L2 when the key is hot (`count >= hot_threshold`).
 async fn drive(
     s: Arc<Shared>,
     key: CacheKey,
@@ -691,7 +691,9 @@ async fn drive(
         s.flights.finish(&key, &flight);
         return;
     }
-    let answer = Arc::new(CachedAnswer::finished(text, &completion, s.clock.now_ms()));
+    let mut answer = CachedAnswer::finished(text, &completion, s.clock.now_ms());
+    answer.question = embedded.as_ref().map(|e| e.question.clone());
+    let answer = Arc::new(answer);
     // L1 before the caller sees `Finished` and before leaving the table: whoever asks next
     // either joins or hits.
     s.l1.insert(key, answer.clone());

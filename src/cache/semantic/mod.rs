@@ -112,7 +112,7 @@ impl SemanticConfig {
 }
 
 /// A qualifying request's question: what is embedded, and the scope it is matched in.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {
     /// [`semantic_scope`] of the request.
     pub scope: CacheKey,
