@@ -21,7 +21,7 @@ use super::key::cache_key;
 use super::l1::L1;
 use super::redis_store::L2;
 use super::replay;
-use super::semantic::{Embedded, Question, SemanticTier};
+use super::semantic::{Embedded, FillSource, Question, SemanticTier};
 use super::{
     CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity, Secret,
     SystemClock,
@@ -160,7 +160,10 @@ impl CachedBackend {
     }
 
     /// Loads the `top_k` most-asked answers from Redis into L1 (at start, or when a standby node
-    /// joins). Values failing a check are deleted. Returns how many were loaded.
+    /// joins). Values failing a check are deleted. With the semantic tier on, the question each
+    /// answer carries is embedded and indexed before this returns (a few ms each, on the blocking
+    /// pool), so the node is ready to match paraphrases of the fleet's hot questions. Returns how
+    /// many answers were loaded.
     pub async fn prewarm_from_redis(&self, top_k: usize) -> usize {
         let s = &self.shared;
         let Some(l2) = &s.l2 else { return 0 };
@@ -182,8 +185,10 @@ impl CachedBackend {
             };
             match entry::decode(&bytes, &s.expect(&key, &digests)) {
                 Ok(answer) => {
-                    s.l1.insert(key, Arc::new(answer));
+                    let answer = Arc::new(answer);
+                    s.l1.insert(key, answer.clone());
                     loaded += 1;
+                    fill_index(s, key, &answer, FillSource::Prewarm).await;
                 }
                 Err(e) => s.reject(&key, e),
             }
@@ -513,9 +518,10 @@ impl Shared {
     }
 }
 
-/// `OnlyIfCached` after an L1 miss: Redis's answer, or `NotCached`.
+/// `OnlyIfCached` after an L1 miss: Redis's answer, or `NotCached`. Its question is indexed by
+/// a task of its own.
 async fn only_if_cached(
-    s: &Shared,
+    s: &Arc<Shared>,
     l2: &L2,
     key: CacheKey,
     digest: &str,
@@ -528,6 +534,10 @@ async fn only_if_cached(
     let answer = Arc::new(answer);
     s.l1.insert(key, answer.clone());
     s.publish_l1_bytes();
+    if s.semantic.is_some() && answer.question.is_some() {
+        let (s, answer) = (s.clone(), answer.clone());
+        tokio::spawn(async move { fill_index(&s, key, &answer, FillSource::L2).await });
+    }
     Ok(prefilled(
         &answer,
         s.config.chunk_chars,
@@ -579,6 +589,10 @@ async fn lead(
                 );
                 flight.settle(Ok(()));
                 flight.push(events.into_iter().map(Ok), true);
+                // Every caller has its whole answer; the question is indexed after, in this
+                // task, before the flight leaves the table (`in_flight() == 0` then means it is
+                // indexed too). Callers that come meanwhile are answered by L1.
+                fill_index(&s, key, &answer, FillSource::L2).await;
                 s.flights.finish(&key, &flight);
                 return;
             }
@@ -622,6 +636,14 @@ async fn lead(
             flight.push([Err(e)], true);
             s.flights.finish(&key, &flight);
         }
+    }
+}
+
+/// Indexes the question of `answer`, just loaded from Redis into L1 under `key`, when the
+/// semantic tier is on and the answer carries one (see [`SemanticTier::fill`]).
+async fn fill_index(s: &Shared, key: CacheKey, answer: &CachedAnswer, from: FillSource) {
+    if let (Some(tier), Some(question)) = (&s.semantic, &answer.question) {
+        tier.fill(question.clone(), key, from).await;
     }
 }
 
