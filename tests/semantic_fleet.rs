@@ -136,12 +136,15 @@ const NOT_SHARED: [(Option<&str>, &str, Option<&str>, &str); 4] = [
 ];
 
 async fn near_misses_are_generated(b: &CachedBackend, model_b: &CountingBackend, original: &str) {
-    for (i, (system, question, tenant, why)) in NOT_SHARED.into_iter().enumerate() {
+    let mut served = Vec::new();
+    for (system, question, tenant, why) in NOT_SHARED {
         let got = ask(b, chat(system, question, tenant)).await;
-        assert_eq!(source(&got), Source::Model, "{why}");
-        assert_ne!(got.text, original, "{why}");
-        assert_eq!(model_b.count(), i + 1, "{why}");
+        if source(&got) != Source::Model || got.text == original {
+            served.push(why);
+        }
     }
+    assert!(served.is_empty(), "A's answer served to: {served:?}");
+    assert_eq!(model_b.count(), NOT_SHARED.len());
     let m = b.metrics();
     assert_eq!(m.semantic_rejects.with_label_values(&["negation"]).get(), 1);
 }
