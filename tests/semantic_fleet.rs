@@ -12,7 +12,7 @@
 #[path = "cache_support/mod.rs"]
 mod cache_support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,14 +44,14 @@ fn encoder_dir() -> Option<PathBuf> {
 
 /// One node: its own model (counting its generations) behind a cache with the semantic tier on,
 /// over the shared `redis`.
-fn node(redis: &RedisServer, encoder: &PathBuf) -> (Arc<CountingBackend>, CachedBackend) {
+fn node(redis: &RedisServer, encoder: &Path) -> (Arc<CountingBackend>, CachedBackend) {
     let model = CountingBackend::new(Duration::ZERO);
     let mut config = CacheConfig {
         hot_threshold: HOT,
         ..config(Some(redis))
     };
     config.semantic.enabled = true;
-    config.semantic.encoder = Some(encoder.clone());
+    config.semantic.encoder = Some(encoder.to_path_buf());
     let cache = CachedBackend::new(model.clone(), identities(), config).unwrap();
     (model, cache)
 }
@@ -88,7 +88,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 /// Node A answers `QUESTION` `HOT` times (one generation, then L1); the batch of L1 asks turns
 /// it hot and promotes A's answer to Redis with its question. Returns A's answer and the Redis
 /// key it is stored under.
-async fn hot_on_a(redis: &RedisServer, encoder: &PathBuf) -> (String, String) {
+async fn hot_on_a(redis: &RedisServer, encoder: &Path) -> (String, String) {
     let (model_a, a) = node(redis, encoder);
     let first = ask(&a, chat(Some(SYSTEM), QUESTION, None)).await;
     assert_eq!(source(&first), Source::Model);
