@@ -63,6 +63,10 @@ struct Shared {
 /// How long L1-answered asks are gathered before one batch adds them to the Redis counts.
 pub const ASK_FLUSH: Duration = Duration::from_millis(100);
 
+/// Longest an L2 hit's question waits for its callers to take their whole answer before it is
+/// embedded anyway (a caller that reads slowly must not hold the fill for ever).
+const FILL_WAIT_MAX: Duration = Duration::from_millis(250);
+
 /// L1-answered asks since the last flush: per key, the model digest and the number of asks.
 #[derive(Default)]
 struct AskNotes {
@@ -589,10 +593,15 @@ async fn lead(
                 );
                 flight.settle(Ok(()));
                 flight.push(events.into_iter().map(Ok), true);
-                // Every caller has its whole answer; the question is indexed after, in this
-                // task, before the flight leaves the table (`in_flight() == 0` then means it is
-                // indexed too). Callers that come meanwhile are answered by L1.
-                fill_index(&s, key, &answer, FillSource::L2).await;
+                // The question is indexed after every caller has its whole answer (their
+                // streams hold it all: the embedding would otherwise take the cores the
+                // replay needs), in this task, before the flight leaves the table
+                // (`in_flight() == 0` then means it is indexed too). Callers that come
+                // meanwhile are answered by L1.
+                if s.semantic.is_some() && answer.question.is_some() {
+                    let _ = tokio::time::timeout(FILL_WAIT_MAX, flight.unwatched()).await;
+                    fill_index(&s, key, &answer, FillSource::L2).await;
+                }
                 s.flights.finish(&key, &flight);
                 return;
             }
