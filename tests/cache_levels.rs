@@ -525,6 +525,7 @@ async fn a_value_planted_without_the_fleet_secret_is_a_miss_and_deleted() {
         prompt_tokens: 1,
         completion_tokens: 1,
         created_at_ms: now_ms,
+        question: None,
     };
     for planter in [Secret::new("attacker-guess-0123456789"), Secret::default()] {
         let bytes = entry::encode(&key, "digest-1", &forged, &planter);

@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 
 use proptest::prelude::*;
 use qnode::cache::entry::{self, EnvelopeError, Expect};
+use qnode::cache::semantic::Question;
 use qnode::cache::{CacheKey, CachedAnswer, Secret};
 use qnode::engine::{ChatMessage, FinishReason};
 use qnode::model::chat_template::ChatTemplate;
@@ -223,6 +224,7 @@ proptest! {
         noise in proptest::collection::vec(any::<u8>(), 0..256),
         (edits, cut) in mutations(4),
         text in soup(),
+        question in proptest::option::of(soup()),
     ) {
         let secret = Secret::new("fuzz-fleet-secret-0123456789");
         let key = CacheKey([9; 32]);
@@ -241,8 +243,14 @@ proptest! {
             prompt_tokens: 3,
             completion_tokens: 4,
             created_at_ms: now_ms,
+            question: question.map(|text| Question { scope: CacheKey([4; 32]), text }),
         };
         let good = entry::encode(&key, "d", &answer, &secret);
+        // A blank or oversized question is left out when writing; the answer is stored.
+        let mut answer = answer;
+        answer.question = answer
+            .question
+            .filter(|q| !q.text.trim().is_empty() && q.text.len() <= entry::MAX_QUESTION_BYTES);
         prop_assert_eq!(entry::decode(&good, &expect), Ok(answer.clone()));
         let _: Result<_, EnvelopeError> = entry::decode(&noise, &expect);
         let mutated = mutate(&good, good.len(), &edits, cut);

@@ -21,7 +21,7 @@ use super::key::cache_key;
 use super::l1::L1;
 use super::redis_store::L2;
 use super::replay;
-use super::semantic::{Embedded, Question, SemanticTier};
+use super::semantic::{Embedded, FillSource, Question, SemanticTier};
 use super::{
     CacheConfig, CacheError, CacheKey, CacheMetrics, CachedAnswer, Clock, ModelIdentity, Secret,
     SystemClock,
@@ -62,6 +62,10 @@ struct Shared {
 
 /// How long L1-answered asks are gathered before one batch adds them to the Redis counts.
 pub const ASK_FLUSH: Duration = Duration::from_millis(100);
+
+/// Longest an L2 hit's question waits for its callers to take their whole answer before it is
+/// embedded anyway (a caller that reads slowly must not hold the fill for ever).
+const FILL_WAIT_MAX: Duration = Duration::from_millis(250);
 
 /// L1-answered asks since the last flush: per key, the model digest and the number of asks.
 #[derive(Default)]
@@ -160,7 +164,10 @@ impl CachedBackend {
     }
 
     /// Loads the `top_k` most-asked answers from Redis into L1 (at start, or when a standby node
-    /// joins). Values failing a check are deleted. Returns how many were loaded.
+    /// joins). Values failing a check are deleted. With the semantic tier on, the question each
+    /// answer carries is embedded and indexed before this returns (a few ms each, on the blocking
+    /// pool), so the node is ready to match paraphrases of the fleet's hot questions. Returns how
+    /// many answers were loaded.
     pub async fn prewarm_from_redis(&self, top_k: usize) -> usize {
         let s = &self.shared;
         let Some(l2) = &s.l2 else { return 0 };
@@ -182,8 +189,10 @@ impl CachedBackend {
             };
             match entry::decode(&bytes, &s.expect(&key, &digests)) {
                 Ok(answer) => {
-                    s.l1.insert(key, Arc::new(answer));
+                    let answer = Arc::new(answer);
+                    s.l1.insert(key, answer.clone());
                     loaded += 1;
+                    fill_index(s, key, &answer, FillSource::Prewarm).await;
                 }
                 Err(e) => s.reject(&key, e),
             }
@@ -513,9 +522,10 @@ impl Shared {
     }
 }
 
-/// `OnlyIfCached` after an L1 miss: Redis's answer, or `NotCached`.
+/// `OnlyIfCached` after an L1 miss: Redis's answer, or `NotCached`. Its question is indexed by
+/// a task of its own.
 async fn only_if_cached(
-    s: &Shared,
+    s: &Arc<Shared>,
     l2: &L2,
     key: CacheKey,
     digest: &str,
@@ -528,6 +538,10 @@ async fn only_if_cached(
     let answer = Arc::new(answer);
     s.l1.insert(key, answer.clone());
     s.publish_l1_bytes();
+    if s.semantic.is_some() && answer.question.is_some() {
+        let (s, answer) = (s.clone(), answer.clone());
+        tokio::spawn(async move { fill_index(&s, key, &answer, FillSource::L2).await });
+    }
     Ok(prefilled(
         &answer,
         s.config.chunk_chars,
@@ -579,6 +593,15 @@ async fn lead(
                 );
                 flight.settle(Ok(()));
                 flight.push(events.into_iter().map(Ok), true);
+                // The question is indexed after every caller has its whole answer (their
+                // streams hold it all: the embedding would otherwise take the cores the
+                // replay needs), in this task, before the flight leaves the table
+                // (`in_flight() == 0` then means it is indexed too). Callers that come
+                // meanwhile are answered by L1.
+                if s.semantic.is_some() && answer.question.is_some() {
+                    let _ = tokio::time::timeout(FILL_WAIT_MAX, flight.unwatched()).await;
+                    fill_index(&s, key, &answer, FillSource::L2).await;
+                }
                 s.flights.finish(&key, &flight);
                 return;
             }
@@ -625,6 +648,14 @@ async fn lead(
     }
 }
 
+/// Indexes the question of `answer`, just loaded from Redis into L1 under `key`, when the
+/// semantic tier is on and the answer carries one (see [`SemanticTier::fill`]).
+async fn fill_index(s: &Shared, key: CacheKey, answer: &CachedAnswer, from: FillSource) {
+    if let (Some(tier), Some(question)) = (&s.semantic, &answer.question) {
+        tier.fill(question.clone(), key, from).await;
+    }
+}
+
 /// The L1 answer of the stored question `e` matches, if any; a match whose answer has left L1
 /// is forgotten (a miss).
 fn semantic_answer(s: &Shared, tier: &SemanticTier, e: &Embedded) -> Option<Arc<CachedAnswer>> {
@@ -643,8 +674,8 @@ fn semantic_answer(s: &Shared, tier: &SemanticTier, e: &Embedded) -> Option<Arc<
 }
 
 /// Pumps the inner stream into the flight; on a successful finish stores the answer in L1 (and
-/// its question in the semantic index when `embedded`), and in L2 when the key is hot
-/// (`count >= hot_threshold`).
+/// its question in the semantic index when `embedded`, and with the answer, which carries it
+/// into Redis), and in L2 when the key is hot (`count >= hot_threshold`).
 async fn drive(
     s: Arc<Shared>,
     key: CacheKey,
@@ -691,7 +722,9 @@ async fn drive(
         s.flights.finish(&key, &flight);
         return;
     }
-    let answer = Arc::new(CachedAnswer::finished(text, &completion, s.clock.now_ms()));
+    let mut answer = CachedAnswer::finished(text, &completion, s.clock.now_ms());
+    answer.question = embedded.as_ref().map(|e| e.question.clone());
+    let answer = Arc::new(answer);
     // L1 before the caller sees `Finished` and before leaving the table: whoever asks next
     // either joins or hits.
     s.l1.insert(key, answer.clone());

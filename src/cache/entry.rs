@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::mac::{constant_time_eq, Secret};
+use super::semantic::Question;
 use super::CacheKey;
 use crate::engine::FinishReason;
 
@@ -11,7 +12,13 @@ use crate::engine::FinishReason;
 pub const ENTRY_OVERHEAD_BYTES: usize = 128;
 
 /// Envelope format version; bump on any change of `Envelope`. 2: HMAC instead of SHA-256.
-pub const ENVELOPE_VERSION: u32 = 2;
+/// 3: the semantic tier's question (scope and text) of the answer, when it has one.
+pub const ENVELOPE_VERSION: u32 = 3;
+
+/// Longest question text (bytes) an envelope carries: 4 bytes for each of the default
+/// `semantic.max_question_chars` (1,000) and room to spare. A longer question is left out when
+/// writing (the answer is still stored) and refused when reading.
+pub const MAX_QUESTION_BYTES: usize = 8 * 1024;
 
 /// One finished answer: the whole text and the usage that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +34,10 @@ pub struct CachedAnswer {
     /// When the model produced it (ms since the epoch); the hard max age counts from here on
     /// every level, so a copy refilled from Redis is not younger than the original.
     pub created_at_ms: u64,
+    /// The semantic tier's question this answers (its scope and text), when the request
+    /// qualified for the tier on the node that generated it. It travels through Redis with the
+    /// answer, so a node that loads the answer can index the question too.
+    pub question: Option<Question>,
 }
 
 impl CachedAnswer {
@@ -38,12 +49,14 @@ impl CachedAnswer {
             prompt_tokens: completion.prompt_tokens,
             completion_tokens: completion.completion_tokens,
             created_at_ms: now_ms,
+            question: None,
         }
     }
 
     /// Bytes this entry counts for against `l1_max_bytes`.
     pub fn weight(&self) -> u32 {
-        u32::try_from(self.text.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+        let question = self.question.as_ref().map_or(0, |q| q.text.len());
+        u32::try_from(self.text.len() + question + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
     }
 
     /// True when older than `max_age_ms` at `now_ms` (or created in the future by more than it,
@@ -54,15 +67,25 @@ impl CachedAnswer {
     }
 }
 
-/// HMAC of every field of an envelope but the MAC itself, each length-prefixed or fixed-size,
-/// so no two envelopes share the bytes that are signed.
-fn mac(secret: &Secret, key_hex: &str, model_digest: &str, answer: &CachedAnswer) -> String {
+/// HMAC of every field of an envelope but the MAC itself, each length-prefixed or fixed-size
+/// (the question behind a presence byte), so no two envelopes share the bytes that are signed.
+fn mac(
+    secret: &Secret,
+    key_hex: &str,
+    model_digest: &str,
+    answer: &CachedAnswer,
+    question: Option<&WireQuestion>,
+) -> String {
     let len = |s: &str| (s.len() as u64).to_le_bytes();
     let finish = [match answer.finish_reason {
         FinishReason::Stop => 0u8,
         FinishReason::Length => 1,
         FinishReason::Cancelled => 2,
     }];
+    let (has_question, scope, text) = match question {
+        Some(q) => ([1u8], q.scope.as_str(), q.text.as_str()),
+        None => ([0u8], "", ""),
+    };
     hex::encode(secret.mac(&[
         &ENVELOPE_VERSION.to_le_bytes(),
         &len(key_hex),
@@ -75,11 +98,25 @@ fn mac(secret: &Secret, key_hex: &str, model_digest: &str, answer: &CachedAnswer
         &answer.prompt_tokens.to_le_bytes(),
         &answer.completion_tokens.to_le_bytes(),
         &answer.created_at_ms.to_le_bytes(),
+        &has_question,
+        &len(scope),
+        scope.as_bytes(),
+        &len(text),
+        text.as_bytes(),
     ]))
+}
+
+/// The question as an envelope carries it: the scope in lower-case hex.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireQuestion {
+    scope: String,
+    text: String,
 }
 
 /// What Redis holds under an answer key (JSON).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Envelope {
     version: u32,
     key: String,
@@ -91,6 +128,8 @@ struct Envelope {
     finish_reason: FinishReason,
     prompt_tokens: u32,
     completion_tokens: u32,
+    /// The semantic question of the answer (`null` when it has none).
+    question: Option<WireQuestion>,
 }
 
 /// Why a Redis value was refused (it is then deleted and the request goes on as a miss).
@@ -139,6 +178,18 @@ pub enum EnvelopeError {
     /// A cancelled answer; never written by us.
     #[error("cancelled answers are never cached")]
     Cancelled,
+    /// The question's text is longer than [`MAX_QUESTION_BYTES`].
+    #[error("question of {size} bytes exceeds the limit of {limit}")]
+    QuestionTooBig {
+        /// Bytes of the question's text.
+        size: usize,
+        /// [`MAX_QUESTION_BYTES`].
+        limit: usize,
+    },
+    /// The question is not one we write: its scope is not 64 lower-case hex digits, or its
+    /// text is blank.
+    #[error("malformed question: {0}")]
+    BadQuestion(&'static str),
 }
 
 /// Serializes `answer` for Redis, signed with `secret`.
@@ -149,9 +200,17 @@ pub fn encode(
     secret: &Secret,
 ) -> Vec<u8> {
     let key_hex = key.to_hex();
+    let question = answer
+        .question
+        .as_ref()
+        .filter(|q| q.text.len() <= MAX_QUESTION_BYTES && !q.text.trim().is_empty())
+        .map(|q| WireQuestion {
+            scope: q.scope.to_hex(),
+            text: q.text.clone(),
+        });
     let env = Envelope {
         version: ENVELOPE_VERSION,
-        mac: mac(secret, &key_hex, model_digest, answer),
+        mac: mac(secret, &key_hex, model_digest, answer, question.as_ref()),
         key: key_hex,
         model_digest: model_digest.to_string(),
         created_at_ms: answer.created_at_ms,
@@ -159,6 +218,7 @@ pub fn encode(
         finish_reason: answer.finish_reason,
         prompt_tokens: answer.prompt_tokens,
         completion_tokens: answer.completion_tokens,
+        question,
     };
     // Serializing plain strings and integers cannot fail.
     serde_json::to_vec(&env).unwrap_or_default()
@@ -205,17 +265,26 @@ pub fn decode(bytes: &[u8], expect: &Expect<'_>) -> Result<CachedAnswer, Envelop
     if env.finish_reason == FinishReason::Cancelled {
         return Err(EnvelopeError::Cancelled);
     }
-    let answer = CachedAnswer {
+    let question = env.question.as_ref().map(check_question).transpose()?;
+    let mut answer = CachedAnswer {
         text: env.text,
         finish_reason: env.finish_reason,
         prompt_tokens: env.prompt_tokens,
         completion_tokens: env.completion_tokens,
         created_at_ms: env.created_at_ms,
+        question: None,
     };
-    let expected = mac(expect.secret, &env.key, &env.model_digest, &answer);
+    let expected = mac(
+        expect.secret,
+        &env.key,
+        &env.model_digest,
+        &answer,
+        env.question.as_ref(),
+    );
     if !constant_time_eq(expected.as_bytes(), env.mac.as_bytes()) {
         return Err(EnvelopeError::BadMac);
     }
+    answer.question = question;
     if answer.is_expired(expect.now_ms, expect.max_age_ms) {
         return Err(EnvelopeError::TooOld {
             age_ms: expect.now_ms.saturating_sub(answer.created_at_ms),
@@ -223,6 +292,28 @@ pub fn decode(bytes: &[u8], expect: &Expect<'_>) -> Result<CachedAnswer, Envelop
         });
     }
     Ok(answer)
+}
+
+/// The question of an envelope, if it is one we could have written.
+fn check_question(q: &WireQuestion) -> Result<Question, EnvelopeError> {
+    if q.text.len() > MAX_QUESTION_BYTES {
+        return Err(EnvelopeError::QuestionTooBig {
+            size: q.text.len(),
+            limit: MAX_QUESTION_BYTES,
+        });
+    }
+    if q.text.trim().is_empty() {
+        return Err(EnvelopeError::BadQuestion("blank text"));
+    }
+    match CacheKey::from_hex(&q.scope) {
+        Some(scope) if scope.to_hex() == q.scope => Ok(Question {
+            scope,
+            text: q.text.clone(),
+        }),
+        _ => Err(EnvelopeError::BadQuestion(
+            "scope is not 64 lower-case hex digits",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +327,17 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 2,
             created_at_ms: 1_000_000,
+            question: None,
+        }
+    }
+
+    fn with_question() -> CachedAnswer {
+        CachedAnswer {
+            question: Some(Question {
+                scope: CacheKey([5; 32]),
+                text: "Who are you?".into(),
+            }),
+            ..answer()
         }
     }
 
@@ -262,6 +364,90 @@ mod tests {
         let k = CacheKey([7; 32]);
         let bytes = encode(&k, "d", &answer());
         assert_eq!(decode(&bytes, &expect(&k, &["d"])).unwrap(), answer());
+        let bytes = encode(&k, "d", &with_question());
+        assert_eq!(
+            decode(&bytes, &expect(&k, &["d"])).unwrap(),
+            with_question()
+        );
+    }
+
+    #[test]
+    fn an_oversized_or_blank_question_is_left_out_when_writing() {
+        let k = CacheKey([7; 32]);
+        for text in ["q".repeat(MAX_QUESTION_BYTES + 1), " ".into()] {
+            let mut a = with_question();
+            a.question.as_mut().unwrap().text = text;
+            let got = decode(&encode(&k, "d", &a), &expect(&k, &["d"])).unwrap();
+            assert_eq!(got, answer(), "the answer is stored, without its question");
+        }
+    }
+
+    #[test]
+    fn every_question_check_refuses() {
+        let k = CacheKey([7; 32]);
+        let e = expect(&k, &["d"]);
+        let good: serde_json::Value =
+            serde_json::from_slice(&encode(&k, "d", &with_question())).unwrap();
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = good.clone();
+            f(&mut v);
+            decode(&serde_json::to_vec(&v).unwrap(), &e)
+        };
+        // Any change of what the MAC covers: the text, the scope, the question dropped or
+        // added to an answer signed without one.
+        assert_eq!(
+            edit(&|v| v["question"]["text"] = "Who are they?".into()),
+            Err(EnvelopeError::BadMac)
+        );
+        assert_eq!(
+            edit(&|v| v["question"]["scope"] = CacheKey([6; 32]).to_hex().into()),
+            Err(EnvelopeError::BadMac)
+        );
+        assert_eq!(
+            edit(&|v| v["question"] = serde_json::Value::Null),
+            Err(EnvelopeError::BadMac)
+        );
+        let mut plain: serde_json::Value =
+            serde_json::from_slice(&encode(&k, "d", &answer())).unwrap();
+        plain["question"] = good["question"].clone();
+        assert_eq!(
+            decode(&serde_json::to_vec(&plain).unwrap(), &e),
+            Err(EnvelopeError::BadMac)
+        );
+        // Shapes we never write, refused before the MAC is computed.
+        assert_eq!(
+            edit(&|v| v["question"]["text"] = "q".repeat(MAX_QUESTION_BYTES + 1).into()),
+            Err(EnvelopeError::QuestionTooBig {
+                size: MAX_QUESTION_BYTES + 1,
+                limit: MAX_QUESTION_BYTES
+            })
+        );
+        assert_eq!(
+            edit(&|v| v["question"]["text"] = " \n".into()),
+            Err(EnvelopeError::BadQuestion("blank text"))
+        );
+        for scope in [
+            CacheKey([10; 32]).to_hex().to_uppercase(),
+            "abcd".into(),
+            "zz".repeat(32),
+        ] {
+            assert!(
+                matches!(
+                    edit(&|v| v["question"]["scope"] = scope.clone().into()),
+                    Err(EnvelopeError::BadQuestion(_))
+                ),
+                "{scope}"
+            );
+        }
+        for (field, value) in [("extra", serde_json::json!(1)), ("question", 7.into())] {
+            let got = edit(&|v| v[field] = value.clone());
+            assert!(
+                matches!(got, Err(EnvelopeError::Malformed(_))),
+                "{field}: {got:?}"
+            );
+        }
+        let got = edit(&|v| v["question"]["extra"] = 1.into());
+        assert!(matches!(got, Err(EnvelopeError::Malformed(_))), "{got:?}");
     }
 
     #[test]

@@ -91,6 +91,7 @@ mod tests {
             prompt_tokens: 1,
             completion_tokens: 1,
             created_at_ms,
+            question: None,
         })
     }
 

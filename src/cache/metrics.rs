@@ -34,6 +34,9 @@ pub struct CacheMetrics {
     pub semantic_rejects: IntCounterVec,
     /// Semantic tier: questions held in the node's index.
     pub semantic_entries: IntGauge,
+    /// Semantic tier: questions of answers loaded from Redis put in the index, by `from`
+    /// (`prewarm`, `l2`).
+    pub semantic_filled: IntCounterVec,
 }
 
 impl CacheMetrics {
@@ -87,6 +90,11 @@ impl CacheMetrics {
                 "guard",
             ),
             semantic_entries: gauge("semantic_entries", "Questions held in the semantic index"),
+            semantic_filled: vec(
+                "semantic_filled_total",
+                "Questions of answers loaded from Redis put in the semantic index",
+                "from",
+            ),
         }
     }
 
@@ -105,6 +113,7 @@ impl CacheMetrics {
         registry.register(Box::new(self.semantic_lookups.clone()))?;
         registry.register(Box::new(self.semantic_rejects.clone()))?;
         registry.register(Box::new(self.semantic_entries.clone()))?;
+        registry.register(Box::new(self.semantic_filled.clone()))?;
         Ok(())
     }
 

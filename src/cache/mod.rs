@@ -13,7 +13,8 @@
 //!    with HMAC-SHA256 under the fleet secret (`redis_secret`, [`mac`]); a value that fails any
 //!    check is a miss and is deleted.
 //! 5. Semantic tier ([`semantic`], opt-in): on an exact miss, a standalone chat question matched
-//!    by meaning (embedding cosine + a lexical guard) within its exact scope.
+//!    by meaning (embedding cosine + a lexical guard) within its exact scope. A hot answer
+//!    carries its question through Redis, and nodes that load it index the question too.
 //! 6. Single flight ([`flight`]): identical concurrent misses share one generation.
 //! 7. Fail-open: every Redis call is bounded by `redis_timeout` and guarded by a circuit breaker;
 //!    Redis trouble makes misses, never errors.

@@ -69,6 +69,13 @@ impl Index {
         self.len == 0
     }
 
+    /// True when `scope` holds a question under the exact key `key` (recency untouched).
+    pub fn contains(&self, scope: &CacheKey, key: &CacheKey) -> bool {
+        self.scopes
+            .get(scope)
+            .is_some_and(|s| s.entries.iter().any(|e| e.key == *key))
+    }
+
     /// The entry of `scope` most similar to `query` (a hit refreshes its recency).
     pub fn best(&mut self, scope: &CacheKey, query: &[f32]) -> Option<Match> {
         self.clock += 1;
@@ -169,6 +176,8 @@ mod tests {
         idx.insert(k(1), unit(1), "b".into(), k(11));
         assert_eq!(idx.best(&k(1), &unit(1)).unwrap().key, k(11));
         assert!(idx.best(&k(2), &unit(1)).is_none(), "scopes never share");
+        assert!(idx.contains(&k(1), &k(10)));
+        assert!(!idx.contains(&k(2), &k(10)), "per scope");
         // Full scope: the least recently used (`a`; `b` was just matched) goes.
         idx.insert(k(1), unit(2), "c".into(), k(12));
         assert_eq!(idx.len(), 2);

@@ -14,15 +14,19 @@
 //!   names, swapped relation, opposite words, CJK). The answer served is the stored question's
 //!   exact L1 entry; an entry whose answer has left L1 is dropped.
 //! - Fill: when a generation of a qualifying request finishes and its answer is stored in L1,
-//!   its question goes into the index.
+//!   its question goes into the index. The answer keeps its question (scope and text), and
+//!   carries it into Redis when it turns hot (`entry`, signed with the answer). A node that loads
+//!   such an answer from Redis — prewarm, or an L2 hit — embeds the question and indexes it too
+//!   ([`SemanticTier::fill`]), so the fleet's hot questions match paraphrases on every node.
 //!
-//! The index is the node's own (not shared through Redis).
+//! The index is the node's own: Redis carries the questions, not the vectors.
 
 pub mod guard;
 pub mod index;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +116,7 @@ impl SemanticConfig {
 }
 
 /// A qualifying request's question: what is embedded, and the scope it is matched in.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {
     /// [`semantic_scope`] of the request.
     pub scope: CacheKey,
@@ -129,12 +133,52 @@ pub struct Embedded {
     pub embedding: Vec<f32>,
 }
 
+/// Where a question indexed from Redis was read: the `from` label of
+/// `cache_semantic_filled_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillSource {
+    /// `CachedBackend::prewarm_from_redis`.
+    Prewarm,
+    /// An L2 hit of the exact question.
+    L2,
+}
+
+impl FillSource {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Prewarm => "prewarm",
+            Self::L2 => "l2",
+        }
+    }
+}
+
 /// The semantic tier of one `CachedBackend`.
 pub struct SemanticTier {
     encoder: Arc<SentenceEncoder>,
-    index: Mutex<Index>,
+    state: Mutex<State>,
     config: SemanticConfig,
     metrics: CacheMetrics,
+}
+
+/// What the tier's one lock guards.
+struct State {
+    index: Index,
+    /// Exact keys whose question read from Redis is being embedded ([`SemanticTier::fill`]),
+    /// so two loads of one answer embed it once.
+    filling: HashSet<CacheKey>,
+}
+
+/// Takes a key out of `State::filling` when its fill ends, finished or dropped.
+struct Filling<'a> {
+    tier: &'a SemanticTier,
+    key: CacheKey,
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.tier.state().filling.remove(&self.key);
+    }
 }
 
 impl SemanticTier {
@@ -152,10 +196,17 @@ impl SemanticTier {
         })?;
         Ok(Self {
             encoder: Arc::new(encoder),
-            index: Mutex::new(Index::new(config.max_scopes, config.max_entries_per_scope)),
+            state: Mutex::new(State {
+                index: Index::new(config.max_scopes, config.max_entries_per_scope),
+                filling: HashSet::new(),
+            }),
             config,
             metrics,
         })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The question of `req` when it qualifies for the tier.
@@ -209,11 +260,7 @@ impl SemanticTier {
     /// Counts the lookup, and the hit or the guard's refusal.
     pub fn lookup(&self, q: &Embedded) -> Option<CacheKey> {
         self.metrics.semantic_lookups.inc();
-        let best = self
-            .index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .best(&q.question.scope, &q.embedding);
+        let best = self.state().index.best(&q.question.scope, &q.embedding);
         let Some(best) = best.filter(|m| m.score >= self.config.threshold) else {
             self.metrics.miss("semantic");
             return None;
@@ -238,15 +285,41 @@ impl SemanticTier {
 
     /// Stores `q` as the question answered under the exact key `key`.
     pub fn insert(&self, q: Embedded, key: CacheKey) {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state();
+        let index = &mut state.index;
         index.insert(q.question.scope, q.embedding, q.question.text, key);
         self.metrics.semantic_entries.set(index.len() as i64);
     }
 
     /// Drops the question of `scope` stored under `key` (its answer is gone from L1).
     pub fn forget(&self, scope: &CacheKey, key: &CacheKey) {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state();
+        let index = &mut state.index;
         index.remove(scope, key);
         self.metrics.semantic_entries.set(index.len() as i64);
+    }
+
+    /// Indexes `question`, read from Redis with the answer that L1 now holds under `key`, so a
+    /// paraphrase asked on this node is a hit too. Embeds on the blocking pool: await it off
+    /// any caller's path. Does nothing when the scope already holds `key` (this node generated
+    /// the answer, or indexed it before) or another fill of `key` is running. Returns whether
+    /// the question was indexed (counted by `from`).
+    pub async fn fill(&self, question: Question, key: CacheKey, from: FillSource) -> bool {
+        {
+            let mut state = self.state();
+            if state.index.contains(&question.scope, &key) || !state.filling.insert(key) {
+                return false;
+            }
+        }
+        let _filling = Filling { tier: self, key };
+        let Some(embedded) = self.embed(question).await else {
+            return false;
+        };
+        self.insert(embedded, key);
+        self.metrics
+            .semantic_filled
+            .with_label_values(&[from.label()])
+            .inc();
+        true
     }
 }
