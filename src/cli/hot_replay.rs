@@ -187,7 +187,13 @@ pub async fn run(replay: HotReplay) -> anyhow::Result<()> {
     let started = Instant::now();
     let samples = send_all(&replay, draws).await?;
     let wall = started.elapsed();
-    let report = report(&replay, &mut classes, &samples, wall, (load_before, load_average()));
+    let report = report(
+        &replay,
+        &mut classes,
+        &samples,
+        wall,
+        (load_before, load_average()),
+    );
     println!("{report}");
     Ok(())
 }
@@ -201,7 +207,8 @@ async fn send_all(replay: &HotReplay, draws: Vec<(String, bool)>) -> anyhow::Res
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..replay.concurrency {
         let (draws, next, out) = (draws.clone(), next.clone(), out.clone());
-        let (url, model, max_tokens) = (replay.url.clone(), replay.model.clone(), replay.max_tokens);
+        let (url, model, max_tokens) =
+            (replay.url.clone(), replay.model.clone(), replay.max_tokens);
         workers.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +226,10 @@ async fn send_all(replay: &HotReplay, draws: Vec<(String, bool)>) -> anyhow::Res
         done??;
     }
     let out = std::mem::take(&mut *out.lock().expect("results lock"));
-    Ok(out.into_iter().map(|s| s.expect("every draw sent")).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every draw sent"))
+        .collect())
 }
 
 /// One streamed, greedy chat completion of one user question.
@@ -252,7 +262,14 @@ async fn ask(
             fingerprint = f.to_string();
         }
     };
-    post_sse(url, "/v1/chat/completions", "hot-replay", &body, &mut on_event).await?;
+    post_sse(
+        url,
+        "/v1/chat/completions",
+        "hot-replay",
+        &body,
+        &mut on_event,
+    )
+    .await?;
     let source = match fingerprint.as_str() {
         "qnode-model" => "model",
         "qnode-cache-l1" => "l1",
@@ -356,7 +373,10 @@ fn report(
             }
         }
     }
-    let _ = writeln!(out, "\n| tier | right | wrong (false hits, 95 % interval) |");
+    let _ = writeln!(
+        out,
+        "\n| tier | right | wrong (false hits, 95 % interval) |"
+    );
     let _ = writeln!(out, "|---|---|---|");
     for source in by_source.keys().filter(|s| **s != "model") {
         let r = right.get(source).copied().unwrap_or(0);

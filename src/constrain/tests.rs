@@ -346,9 +346,15 @@ fn json_numbers_end_after_the_longest_digit_run() {
     ] {
         let (text, ended) = zero_loop(grammar.clone(), prefix, 400);
         assert!(ended, "{grammar:?} looped: {text}");
-        let run = text.bytes().rev().skip(1).take_while(u8::is_ascii_digit).count();
+        let run = text
+            .bytes()
+            .rev()
+            .skip(1)
+            .take_while(u8::is_ascii_digit)
+            .count();
         assert_eq!(run, MAX_DIGIT_RUN, "{text}");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert!(v.is_object(), "{text}");
     }
 }
