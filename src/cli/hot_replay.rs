@@ -232,7 +232,7 @@ async fn send_all(replay: &HotReplay, draws: Vec<(String, bool)>) -> anyhow::Res
         .collect())
 }
 
-/// One streamed, greedy chat completion of one user question.
+/// One greedy chat completion of one user question.
 async fn ask(
     url: &str,
     model: &str,
@@ -245,7 +245,8 @@ async fn ask(
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": true,
+        // Not streamed: `system_fingerprint` (the cache tier) is on whole answers only.
+        "stream": false,
     })
     .to_string();
     let start = Instant::now();
@@ -253,7 +254,7 @@ async fn ask(
     let mut fingerprint = String::new();
     let mut on_event = |v: &Value| {
         if let Some(d) = v
-            .pointer("/choices/0/delta/content")
+            .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
         {
             answer.push_str(d);

@@ -330,7 +330,8 @@ async fn grpc_turn(
     Ok((text, sample))
 }
 
-/// POST `body` and feed every `data:` JSON event of the SSE reply to `on_event`. A minimal
+/// POST `body` and feed every `data:` JSON event of the SSE reply (or the one JSON body of a
+/// non-streamed reply) to `on_event`. A minimal
 /// HTTP/1.1 client (one request per connection, chunked or close-delimited bodies), so the
 /// bench needs no HTTP client dependency.
 pub(super) async fn post_sse(
@@ -407,10 +408,8 @@ pub(super) async fn post_sse(
             }
         } else {
             for line in lines.push(&mut decoded) {
-                let Some(data) = line.strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim();
+                // SSE `data:` lines; a non-streamed reply is one JSON line of its own.
+                let data = line.strip_prefix("data:").unwrap_or(&line).trim();
                 if data == "[DONE]" {
                     done = true;
                     continue;
@@ -428,6 +427,12 @@ pub(super) async fn post_sse(
             break;
         }
         body_in.extend_from_slice(&buf[..n]);
+    }
+    // A body that did not end in a newline (a non-streamed JSON reply).
+    if status == 200 {
+        if let Ok(v) = serde_json::from_slice::<Value>(&lines.partial) {
+            on_event(&v);
+        }
     }
     if status != 200 {
         bail!(
