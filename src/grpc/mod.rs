@@ -224,6 +224,10 @@ pub async fn run(
     // UNAVAILABLE instantly would attract a least-connections balancer's traffic for the whole
     // drain (measured in tests/fleet.rs). The graceful shutdown sends GOAWAY on every
     // connection and lets the calls in flight finish.
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "gRPC listening");
+    }
+    let (incoming, listener_closed) = accept_until_drain(listener, Arc::clone(&node));
     let (drain_started, drain_started_rx) = oneshot::channel::<()>();
     let signal = {
         let node = Arc::clone(&node);
@@ -232,8 +236,11 @@ pub async fn run(
                 () = shutdown => {}
                 () = node.drain_requested() => {}
             }
-            tracing::info!(in_flight = node.in_flight(), "draining: listener closed");
             node.drain();
+            // The accept task drops the listener when it sees the drain: wait for it, so that
+            // once this line is logged a new connection is refused (tests and operators read it).
+            let _ = listener_closed.await;
+            tracing::info!(in_flight = node.in_flight(), "draining: listener closed");
             follower.abort();
             let _ = follower.await;
             reporter.set_all(ServingStatus::NotServing);
@@ -244,10 +251,6 @@ pub async fn run(
         }
     };
 
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "gRPC listening");
-    }
-    let incoming = accept_until_drain(listener, Arc::clone(&node));
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -292,14 +295,19 @@ pub async fn run(
     }
 }
 
-/// Accepts connections until draining starts, then drops the listener so new connections are
+/// Accepts connections until draining starts, then drops the listener (and says so on the
+/// returned receiver) so new connections are
 /// refused at once (the server keeps its `incoming` until every connection has closed, and a
 /// listener that is bound but no longer accepted from leaves clients hanging in the backlog).
 fn accept_until_drain(
     listener: TcpListener,
     node: Arc<Node>,
-) -> ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+) -> (
+    ReceiverStream<std::io::Result<tokio::net::TcpStream>>,
+    oneshot::Receiver<()>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (closed_tx, closed_rx) = oneshot::channel();
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -316,12 +324,13 @@ fn accept_until_drain(
             }
         }
         drop(listener);
+        let _ = closed_tx.send(());
         // The stream stays open (pending) until the server drops it: the server must leave its
         // accept loop through the shutdown signal, which sets health first; a stream that ended
         // would make it drop that signal half-way.
         tx.closed().await;
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), closed_rx)
 }
 
 /// After the drain timeout, how long cut calls get to report UNAVAILABLE before `run` returns.
