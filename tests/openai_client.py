@@ -74,9 +74,11 @@ stream = real.chat.completions.create(
     stream=True,
     stream_options={"include_usage": True},
 )
-text, finish, usage, roles = "", None, None, []
+text, finish, usage, roles, prints = "", None, None, [], []
 for chunk in stream:
     ensure(chunk.object == "chat.completion.chunk", 'chunk.object == "chat.completion.chunk"')
+    ends = chunk.usage is not None or chunk.choices[0].finish_reason is not None
+    prints.append((ends, chunk.system_fingerprint))
     if chunk.usage is not None:
         ensure(chunk.choices == [], 'chunk.choices == []', chunk)
         usage = chunk.usage
@@ -90,6 +92,10 @@ ensure(text == greedy, 'text == greedy', (text, greedy))
 ensure(roles == ["assistant"], 'roles == ["assistant"]', roles)
 ensure(finish in ("stop", "length"), 'finish in ("stop", "length")')
 ensure(usage is not None and usage.completion_tokens >= 1, 'usage is not None and usage.completion_tokens >= 1')
+# Where the answer came from is known at its end: the finish and usage chunks say it.
+ends = {fp for end, fp in prints if end}
+ensure(len(ends) == 1 and str(ends.pop()).startswith("qnode-"), "finish and usage chunks carry one system_fingerprint", prints)
+ensure(all(fp is None for end, fp in prints if not end), "other chunks carry none", prints)
 check("chat streaming with usage")
 
 # Seeded sampling: streamed and unary give the same text.

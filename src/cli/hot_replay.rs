@@ -245,7 +245,7 @@ async fn ask(
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        // Not streamed: `system_fingerprint` (the cache tier) is on whole answers only.
+        // Not streamed: a whole answer is one read (a stream says its tier on the last chunk).
         "stream": false,
     })
     .to_string();

@@ -69,6 +69,16 @@ pub struct ToolBuffer {
 
 impl ChatStream {
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<super::types::Usage>) -> String {
+        self.chunk_from(choices, usage, None)
+    }
+
+    /// A chunk; `source` (the last and usage chunks) sets `system_fingerprint`.
+    fn chunk_from(
+        &self,
+        choices: Vec<ChunkChoice>,
+        usage: Option<super::types::Usage>,
+        source: Option<crate::types::Source>,
+    ) -> String {
         event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -76,7 +86,17 @@ impl ChatStream {
             model: self.model.clone(),
             choices,
             usage,
+            system_fingerprint: source.map(super::convert::fingerprint),
         })
+    }
+
+    /// The finish chunk, the usage chunk when asked for, then `[DONE]`.
+    fn end(&self, last: ChunkChoice, completion: &crate::types::Completion) -> String {
+        let source = Some(completion.source);
+        let usage_chunk = self
+            .include_usage
+            .then(|| self.chunk_from(Vec::new(), Some(usage(completion)), source));
+        closing(self.chunk_from(vec![last], None, source), usage_chunk)
     }
 
     fn role(&mut self) -> Option<&'static str> {
@@ -151,10 +171,7 @@ impl StreamFront for ChatStream {
                         finish_reason: Some(finish),
                         logprobs: None,
                     };
-                    let usage_chunk = self
-                        .include_usage
-                        .then(|| self.chunk(Vec::new(), Some(usage(completion))));
-                    text.push_str(&closing(self.chunk(vec![last], None), usage_chunk));
+                    text.push_str(&self.end(last, completion));
                     return vec![Ok(Bytes::from(text))];
                 }
             }
@@ -187,10 +204,7 @@ impl StreamFront for ChatStream {
                     finish_reason: Some(finish_reason(completion.finish_reason)),
                     logprobs: None,
                 };
-                let usage_chunk = self
-                    .include_usage
-                    .then(|| self.chunk(Vec::new(), Some(usage(completion))));
-                closing(self.chunk(vec![choice], None), usage_chunk)
+                self.end(choice, completion)
             }
         };
         vec![Ok(Bytes::from(text))]
@@ -227,6 +241,17 @@ pub struct TextStream {
 
 impl TextStream {
     fn chunk(&self, choices: Vec<TextChoice>, usage: Option<super::types::Usage>) -> String {
+        self.chunk_from(choices, usage, None)
+    }
+
+    /// A chunk; `source` (the last and usage chunks of one prompt's stream) sets
+    /// `system_fingerprint`.
+    fn chunk_from(
+        &self,
+        choices: Vec<TextChoice>,
+        usage: Option<super::types::Usage>,
+        source: Option<crate::types::Source>,
+    ) -> String {
         event(&TextCompletion {
             id: self.id.clone(),
             object: "text_completion",
@@ -234,7 +259,7 @@ impl TextStream {
             model: self.model.clone(),
             choices,
             usage,
-            system_fingerprint: None,
+            system_fingerprint: source.map(super::convert::fingerprint),
         })
     }
 }
@@ -261,7 +286,7 @@ impl StreamFront for TextStream {
                 )
             }
             Step::Finished(completion) => {
-                let last = self.chunk(
+                let last = self.chunk_from(
                     vec![TextChoice {
                         index: 0,
                         text: String::new(),
@@ -269,10 +294,11 @@ impl StreamFront for TextStream {
                         logprobs: None,
                     }],
                     None,
+                    Some(completion.source),
                 );
-                let usage_chunk = self
-                    .include_usage
-                    .then(|| self.chunk(Vec::new(), Some(usage(completion))));
+                let usage_chunk = self.include_usage.then(|| {
+                    self.chunk_from(Vec::new(), Some(usage(completion)), Some(completion.source))
+                });
                 closing(last, usage_chunk)
             }
         };

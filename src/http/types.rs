@@ -443,6 +443,10 @@ pub struct ChatCompletionChunk {
     /// sends it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// On the last chunk (the one with `finish_reason`) and the usage chunk: where the answer came
+    /// from (as on a whole answer), known once it has ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<&'static str>,
 }
 
 /// One choice of a legacy completion (streamed or not).
@@ -474,8 +478,8 @@ pub struct TextCompletion {
     /// On a whole answer and on the usage chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    /// On a whole answer: where it came from, as chat's (`qnode-mixed` when the prompts of a
-    /// batch were answered from different places).
+    /// On a whole answer, and on a stream's last and usage chunks: where it came from, as
+    /// chat's (`qnode-mixed` when the prompts of a batch were answered from different places).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system_fingerprint: Option<&'static str>,
 }

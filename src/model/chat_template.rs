@@ -4,7 +4,8 @@
 //! transformers renders with `trim_blocks` and `lstrip_blocks` on and gives templates
 //! `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and `raise_exception`; templates
 //! also call Python string methods (`.strip()`, `.startswith()`), which minijinja-contrib's
-//! pycompat callback provides. The same setup is reproduced here so prompts equal llama.cpp's and
+//! pycompat callback provides; `tojson` is Python's `json.dumps` ([`super::pyjson`]) and
+//! `strftime_now` the local time. The same setup is reproduced here so prompts equal llama.cpp's and
 //! transformers' renderings.
 
 use std::hash::{BuildHasher, Hasher};
@@ -66,6 +67,8 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", super::pyjson::tojson);
         env.add_template_owned(NAME, source)
             .map_err(|e| ModelError::Template(describe(&e)))?;
         let (options, reads_tools) = {
@@ -321,6 +324,26 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
 
+/// transformers' `strftime_now(format)`: the local time now, written as Python's `strftime`
+/// writes it (Llama 3.x and Granite templates print today's date). A format it cannot read is a
+/// template error, never a panic.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    use chrono::format::{Item, StrftimeItems};
+    let items: Vec<Item> = StrftimeItems::new(&format).collect();
+    if items.iter().any(|i| matches!(i, Item::Error)) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "strftime_now: cannot read the format {:?}",
+                crate::types::echo(&format)
+            ),
+        ));
+    }
+    Ok(chrono::Local::now()
+        .format_with_items(items.into_iter())
+        .to_string())
+}
+
 /// minijinja's message with its cause chain, on one line.
 fn describe(e: &minijinja::Error) -> String {
     let mut out = e.to_string();
@@ -366,6 +389,22 @@ mod tests {
         );
         assert_eq!(t.render(&[msg("user", "  x y  ")], false).unwrap(), "");
         assert_eq!(t.render(&[msg("user", "xy  ")], false).unwrap(), "XY");
+    }
+
+    #[test]
+    fn strftime_now_writes_the_local_date_and_refuses_bad_formats() {
+        let t = template("{{ strftime_now('%d %b %Y') }}|{{ messages[0].content }}");
+        let before = chrono::Local::now().format("%d %b %Y").to_string();
+        let got = t.render(&[msg("user", "hi")], false).unwrap();
+        let after = chrono::Local::now().format("%d %b %Y").to_string();
+        assert!(
+            got == format!("{before}|hi") || got == format!("{after}|hi"),
+            "{got}"
+        );
+        match template("{{ strftime_now('%Q') }}").render(&[], false) {
+            Err(ModelError::Template(m)) => assert!(m.contains("%Q"), "{m}"),
+            other => panic!("expected a template error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod loaded;
+pub mod pyjson;
 pub mod quantize;
 pub mod registry;
 pub mod tiny;

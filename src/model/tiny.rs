@@ -35,8 +35,24 @@ fn byte_chars() -> Vec<char> {
         .collect()
 }
 
+/// The tiny model's own chat template: plain ChatML.
+const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
 /// Write the tiny model to `path`; `seed` picks the weights.
 pub fn write_tiny_llama(path: &Path, seed: u64) -> Result<(), ModelError> {
+    write_tiny_llama_with_template(path, seed, CHATML, CONTEXT)
+}
+
+/// As [`write_tiny_llama`], with another chat template (a real model's, using the ChatML
+/// control tokens `<|im_start|>` / `<|im_end|>` the tiny vocabulary has) and context window
+/// (a byte-level vocabulary makes long prompts), so tests can serve what that template does
+/// (Qwen's `tools` block) through the whole node.
+pub fn write_tiny_llama_with_template(
+    path: &Path,
+    seed: u64,
+    template: &str,
+    context: usize,
+) -> Result<(), ModelError> {
     let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
     tokens.extend(specials.iter().map(|s| s.to_string()));
@@ -46,7 +62,6 @@ pub fn write_tiny_llama(path: &Path, seed: u64) -> Result<(), ModelError> {
     let types: Vec<Value> = (0..vocab)
         .map(|i| Value::I32(if (256..259).contains(&i) { 3 } else { 1 }))
         .collect();
-    let template = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
     let s = |v: &str| Value::String(v.to_string());
     let u = |v: usize| Value::U32(v as u32);
@@ -58,7 +73,7 @@ pub fn write_tiny_llama(path: &Path, seed: u64) -> Result<(), ModelError> {
         ("llama.feed_forward_length", u(FFN)),
         ("llama.attention.head_count", u(HEADS)),
         ("llama.attention.head_count_kv", u(KV_HEADS)),
-        ("llama.context_length", u(CONTEXT)),
+        ("llama.context_length", u(context)),
         ("llama.vocab_size", u(vocab)),
         ("llama.rope.freq_base", Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
