@@ -314,17 +314,19 @@ unsafe fn vnni512(n: u64) -> i32 {
 }
 
 /// `n` iterations of 12 independent `vpmaddubsw` + `vpmaddwd` + add chains (12 × 32 MACs).
+/// Each chain multiplies its own accumulator (read as bytes): with constant operands the
+/// products are loop-invariant, the compiler hoists them and the loop measures only adds (it
+/// reported 36,000 GOPS on a 2-core Zen 3).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2(n: u64) -> i32 {
     use core::arch::x86_64::*;
     let a = _mm256_set1_epi8(3);
-    let b = _mm256_set1_epi8(-2);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_si256(); 12];
+    let mut acc: [__m256i; 12] = std::array::from_fn(|i| _mm256_set1_epi8(i as i8 - 6));
     for _ in 0..n {
         for v in acc.iter_mut() {
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, *v), ones);
             *v = _mm256_add_epi32(*v, p);
         }
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 
-use qnode::cache::{CacheConfig, CachedBackend, ModelIdentity};
+use qnode::cache::{CacheConfig, CachedBackend};
 use qnode::config::Config;
 use qnode::engine::Backend;
 use qnode::grpc::proto::generate_request::Constraint;
@@ -36,12 +36,7 @@ async fn start() -> Fronts {
     .await
     .unwrap();
     let model = pool.loaded("smollm2").unwrap();
-    let identity = ModelIdentity {
-        model_id: "smollm2".into(),
-        file_digest: model.file_digest.clone(),
-        quant: model.quant.as_str().into(),
-        template_id: model.template_digest.clone(),
-    };
+    let identity = common::identity("smollm2", &model);
     let cache = Arc::new(
         CachedBackend::new(
             pool as Arc<dyn Backend>,

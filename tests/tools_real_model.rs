@@ -11,12 +11,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 
 use qnode::app::Generator;
-use qnode::cache::ModelIdentity;
 use qnode::config::Config;
 use qnode::engine::Backend;
 use qnode::grpc::proto::inference_client::InferenceClient;
@@ -41,15 +39,7 @@ async fn start() -> (Client, String) {
     .await
     .unwrap();
     let model = pool.loaded("smollm2").unwrap();
-    let identities = HashMap::from([(
-        "smollm2".to_owned(),
-        ModelIdentity {
-            model_id: "smollm2".into(),
-            file_digest: model.file_digest.clone(),
-            quant: model.quant.as_str().into(),
-            template_id: model.template_digest.clone(),
-        },
-    )]);
+    let identities = common::identities("smollm2", &model);
     let node = common::serve_both(
         Config::default(),
         Generator::Backend {

@@ -10,13 +10,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 
 use candle_core::Device;
 use qnode::app::Generator;
-use qnode::cache::ModelIdentity;
 use qnode::config::{Config, ModelConfig};
 use qnode::engine::Backend;
 use qnode::pool::metrics::PoolMetrics;
@@ -111,15 +109,7 @@ async fn a_tool_call_through_qwen_templates_tools_block() {
         "{prompt}"
     );
 
-    let identities = HashMap::from([(
-        "tiny".to_owned(),
-        ModelIdentity {
-            model_id: "tiny".into(),
-            file_digest: model.file_digest.clone(),
-            quant: model.quant.as_str().into(),
-            template_id: model.template_digest.clone(),
-        },
-    )]);
+    let identities = common::identities("tiny", &model);
     let node = common::serve_both(
         Config::default(),
         Generator::Backend {

@@ -52,6 +52,28 @@ pub fn smollm2_pool(
     std::sync::Arc::new(pool)
 }
 
+/// The answer cache's identity of a loaded model (its file digest, quantization and template),
+/// as the composition root registers it, keyed by `id` for [`qnode::app::Generator::Backend`].
+pub fn identities(
+    id: &str,
+    model: &qnode::model::loaded::LoadedModel,
+) -> std::collections::HashMap<String, qnode::cache::ModelIdentity> {
+    std::collections::HashMap::from([(id.to_owned(), identity(id, model))])
+}
+
+/// As [`identities`], the one identity.
+pub fn identity(
+    id: &str,
+    model: &qnode::model::loaded::LoadedModel,
+) -> qnode::cache::ModelIdentity {
+    qnode::cache::ModelIdentity {
+        model_id: id.into(),
+        file_digest: model.file_digest.clone(),
+        quant: model.quant.as_str().into(),
+        template_id: model.template_digest.clone(),
+    }
+}
+
 /// A node serving both fronts on free local ports.
 pub struct Served {
     /// A client connected to the gRPC front.
