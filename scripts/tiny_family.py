@@ -5,7 +5,7 @@ llama.cpp reference outputs that tests/family_reference.rs compares qnode agains
     python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
     python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
 
-FAMILY: qwen2 | qwen3 | llama3 | phi3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
+FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | phi3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
 byte-identical file on any machine (weights come from an integer hash of the tensor name, written
 straight as Q8_0 blocks or as F32 values that are exact in binary), so the tests regenerate the file
 llama.cpp ran and check its sha256 against the one recorded in the reference. `reference` needs
@@ -43,6 +43,13 @@ FAMILIES = {
     # R1 chat template).
     "qwen2": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, tied=False,
                   qkv_bias=True, qk_norm=False, rope_base=None, chatml=False),
+    # Qwen2.5 long-context files (Qwen2.5-*-Instruct-128K GGUFs): the qwen2 model with YaRN
+    # metadata, `rope.scaling.type = yarn`, factor 4 and an original context of 64 (not 32768), so
+    # that at these short positions the interpolated, ramped and kept frequency bands all exist;
+    # the file's context is factor x original (256), as a YaRN-extended model's is.
+    "qwen2-yarn": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128,
+                       tied=False, qkv_bias=True, qk_norm=False, rope_base=None, chatml=False,
+                       yarn=dict(factor=4.0, original_context=64), context=256),
     # Qwen3: per-head RMSNorm on Q and K before RoPE, no biases, head width set apart from the
     # hidden size (4 x 32 = 128 != 64, as Qwen3's `attention.key_length`), tied output head, and
     # Qwen's ChatML control tokens at their Qwen2.5 ids (151643..151645) with a thinking template.
@@ -275,13 +282,13 @@ def write(family, out, header):
     meta = {k: (t, s, v) for k, t, s, v in kv}
     tokens = meta["tokenizer.ggml.tokens"][2]
     vocab = len(tokens)
-    arch = family
+    arch = "qwen2" if family == "qwen2-yarn" else family
     w = gguf.GGUFWriter(out, arch)
     T = gguf.GGUFValueType
     w.add_key_value("general.name", f"qnode tiny {family} (random weights, {SEED})", T.STRING)
     u32 = lambda k, v: w.add_key_value(f"{arch}.{k}", v, T.UINT32)
     u32("block_count", cfg["layers"])
-    u32("context_length", 4096)
+    u32("context_length", cfg.get("context", 4096))
     u32("embedding_length", cfg["hidden"])
     u32("feed_forward_length", cfg["ffn"])
     u32("attention.head_count", cfg["heads"])
@@ -293,6 +300,12 @@ def write(family, out, header):
     w.add_key_value(f"{arch}.rope.freq_base", rope, T.FLOAT32)
     w.add_key_value(f"{arch}.attention.layer_norm_rms_epsilon",
                     meta["qwen2.attention.layer_norm_rms_epsilon"][2], T.FLOAT32)
+    if "yarn" in cfg:
+        # What convert_hf_to_gguf.py writes for `rope_scaling: {type: yarn, factor,
+        # original_max_position_embeddings}` (Qwen2.5's config has no beta/extrapolation keys).
+        w.add_key_value(f"{arch}.rope.scaling.type", "yarn", T.STRING)
+        w.add_key_value(f"{arch}.rope.scaling.factor", cfg["yarn"]["factor"], T.FLOAT32)
+        u32("rope.scaling.original_context_length", cfg["yarn"]["original_context"])
     for key, t, sub, value in kv:
         if not key.startswith("tokenizer."):
             continue

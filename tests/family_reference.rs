@@ -1,7 +1,8 @@
 //! The families beyond SmolLM2/gemma3 (qwen2, qwen3, Llama 3 style `llama`, phi3) against
 //! llama.cpp, on tiny random-weight GGUF files that carry the real Qwen tokenizer (152,064 tokens;
 //! llama3 and phi3 with their own control tokens and pre-tokenizer) and each family's metadata:
-//! Llama 3.1's `rope_freqs.weight`, Phi-3's fused matrices, partial rotary and su/longrope.
+//! Llama 3.1's `rope_freqs.weight`, Phi-3's fused matrices, partial rotary and su/longrope, and
+//! YaRN on qwen2 (`qwen2-yarn`).
 //!
 //! `scripts/tiny_family.py write FAMILY` regenerates the exact file llama.cpp ran (its sha256 is in
 //! the reference, so a changed generator fails here rather than comparing against another model);
@@ -127,11 +128,13 @@ struct Tiny {
 /// byte for byte (sha256) against the file llama.cpp ran.
 fn tiny(family: &'static str) -> &'static Tiny {
     static QWEN2: OnceLock<Tiny> = OnceLock::new();
+    static QWEN2_YARN: OnceLock<Tiny> = OnceLock::new();
     static QWEN3: OnceLock<Tiny> = OnceLock::new();
     static LLAMA3: OnceLock<Tiny> = OnceLock::new();
     static PHI3: OnceLock<Tiny> = OnceLock::new();
     let cell = match family {
         "qwen2" => &QWEN2,
+        "qwen2-yarn" => &QWEN2_YARN,
         "qwen3" => &QWEN3,
         "llama3" => &LLAMA3,
         "phi3" => &PHI3,
@@ -186,6 +189,7 @@ fn load(family: &'static str) -> (LoadedModel, &'static Value) {
 fn arch_of(family: &str) -> &str {
     match family {
         "llama3" => "llama",
+        "qwen2-yarn" => "qwen2",
         other => other,
     }
 }
@@ -512,6 +516,53 @@ fn qwen2_forward_matches_llama_cpp() {
 #[test]
 fn qwen2_through_the_engine_matches_llama_cpp_text() {
     check_engine("qwen2");
+}
+
+/// YaRN (`rope.scaling.type = yarn`, factor 4, original context 64): the ramp between kept and
+/// interpolated frequencies and the `1 + 0.1 ln 4` magnitude on cos and sin, as llama.cpp.
+#[test]
+fn qwen2_yarn_forward_matches_llama_cpp() {
+    check_forward("qwen2-yarn");
+}
+
+#[test]
+fn qwen2_yarn_through_the_engine_matches_llama_cpp_text() {
+    check_engine("qwen2-yarn");
+}
+
+/// The YaRN reference is one this test can fail: the same weights without the YaRN metadata (the
+/// plain tiny qwen2) are far from it.
+#[test]
+fn qwen2_yarn_reference_is_not_met_without_yarn() {
+    let (plain, _) = load("qwen2");
+    let reference = &tiny("qwen2-yarn").reference;
+    let (mut exact, mut total, mut worst) = (0, 0, 0f64);
+    for case in reference["greedy"].as_array().unwrap() {
+        let want = ids(&case["completion_ids"]);
+        let all = forced_logits(&plain.transformer, &ids(&case["prompt_ids"]), &want);
+        for ((logits, &want_tok), top) in all
+            .iter()
+            .zip(&want)
+            .zip(case["top_logprobs"].as_array().unwrap())
+        {
+            let best = logits.iter().cloned().fold(f32::MIN, f32::max);
+            exact += usize::from(logits[want_tok as usize] == best);
+            total += 1;
+            let lp = log_softmax(logits);
+            for pair in top.as_array().into_iter().flatten() {
+                let id = pair[0].as_u64().unwrap() as usize;
+                worst = worst.max((lp[id] - pair[1].as_f64().unwrap()).abs());
+            }
+        }
+    }
+    eprintln!(
+        "[family_reference] qwen2 without YaRN against the YaRN reference: {exact}/{total} exact, \
+         largest log-prob difference {worst:.3}"
+    );
+    assert!(
+        (exact as f64) < MIN_EXACT * total as f64 || worst > LOGPROB_TOL,
+        "the unscaled model meets the YaRN reference: {exact}/{total} exact, worst {worst}"
+    );
 }
 
 #[test]
