@@ -5,7 +5,7 @@ llama.cpp reference outputs that tests/family_reference.rs compares qnode agains
     python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
     python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
 
-FAMILY: qwen2 | qwen3 | llama3 | phi3 (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
+FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | phi3 | mistral (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
 byte-identical file on any machine (weights come from an integer hash of the tensor name, written
 straight as Q8_0 blocks or as F32 values that are exact in binary), so the tests regenerate the file
 llama.cpp ran and check its sha256 against the one recorded in the reference. `reference` needs
@@ -43,6 +43,13 @@ FAMILIES = {
     # R1 chat template).
     "qwen2": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, tied=False,
                   qkv_bias=True, qk_norm=False, rope_base=None, chatml=False),
+    # Qwen2.5 long-context files (Qwen2.5-*-Instruct-128K GGUFs): the qwen2 model with YaRN
+    # metadata, `rope.scaling.type = yarn`, factor 4 and an original context of 64 (not 32768), so
+    # that at these short positions the interpolated, ramped and kept frequency bands all exist;
+    # the file's context is factor x original (256), as a YaRN-extended model's is.
+    "qwen2-yarn": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128,
+                       tied=False, qkv_bias=True, qk_norm=False, rope_base=None, chatml=False,
+                       yarn=dict(factor=4.0, original_context=64), context=256),
     # Qwen3: per-head RMSNorm on Q and K before RoPE, no biases, head width set apart from the
     # hidden size (4 x 32 = 128 != 64, as Qwen3's `attention.key_length`), tied output head, and
     # Qwen's ChatML control tokens at their Qwen2.5 ids (151643..151645) with a thinking template.
@@ -78,7 +85,112 @@ FAMILIES = {
                  specials={151643: "<|endoftext|>", 151644: "<|user|>", 151645: "<|assistant|>",
                            151646: "<|system|>", 151647: "<|end|>"},
                  template="phi3"),
+    # Mistral 7B Instruct v0.3 as GGUF files label it: architecture `llama`, a SentencePiece
+    # vocabulary (`tokenizer.ggml.model = llama`, 32,768 pieces with [INST]/[/INST] control
+    # tokens and byte fallback), RoPE base 1e6, GQA, untied head, and v0.3's [INST] template.
+    # The vocabulary is mistral-common's v3 SentencePiece model (models/manifest.toml, id
+    # mistral-tokenizer-v3), written as convert_hf_to_gguf.py writes an SPM vocabulary.
+    "mistral": dict(arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
+                    ffn=256, tied=False, rope_base=1_000_000.0, rms_eps=1e-5,
+                    spm="mistral-tokenizer-v3", template="mistral-v0.3"),
 }
+
+# Mistral-7B-Instruct-v0.3's template (its tokenizer_config.json).
+MISTRAL_V03_TEMPLATE = (
+    '{%- if messages[0]["role"] == "system" %}\n'
+    '    {%- set system_message = messages[0]["content"] %}\n'
+    '    {%- set loop_messages = messages[1:] %}\n'
+    '{%- else %}\n'
+    '    {%- set loop_messages = messages %}\n'
+    '{%- endif %}\n'
+    '{%- if not tools is defined %}\n'
+    '    {%- set tools = none %}\n'
+    '{%- endif %}\n'
+    '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n'
+    '\n'
+    '{#- This block checks for alternating user/assistant messages, skipping tool calling '
+    'messages #}\n'
+    '{%- set ns = namespace() %}\n'
+    '{%- set ns.index = 0 %}\n'
+    '{%- for message in loop_messages %}\n'
+    '    {%- if not (message.role == "tool" or message.role == "tool_results" or '
+    '(message.tool_calls is defined and message.tool_calls is not none)) %}\n'
+    '        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}\n'
+    '            {{- raise_exception("After the optional system message, conversation roles '
+    'must alternate user/assistant/user/assistant/...") }}\n'
+    '        {%- endif %}\n'
+    '        {%- set ns.index = ns.index + 1 %}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '\n'
+    '{{- bos_token }}\n'
+    '{%- for message in loop_messages %}\n'
+    '    {%- if message["role"] == "user" %}\n'
+    '        {%- if tools is not none and (message == user_messages[-1]) %}\n'
+    '            {{- "[AVAILABLE_TOOLS] [" }}\n'
+    '            {%- for tool in tools %}\n'
+    '                {%- set tool = tool.function %}\n'
+    '                {{- \'{"type": "function", "function": {\' }}\n'
+    '                {%- for key, val in tool.items() if key != "return" %}\n'
+    '                    {%- if val is string %}\n'
+    '                        {{- \'"\' + key + \'": "\' + val + \'"\' }}\n'
+    '                    {%- else %}\n'
+    '                        {{- \'"\' + key + \'": \' + val|tojson }}\n'
+    '                    {%- endif %}\n'
+    '                    {%- if not loop.last %}\n'
+    '                        {{- ", " }}\n'
+    '                    {%- endif %}\n'
+    '                {%- endfor %}\n'
+    '                {{- "}}" }}\n'
+    '                {%- if not loop.last %}\n'
+    '                    {{- ", " }}\n'
+    '                {%- else %}\n'
+    '                    {{- "]" }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '            {{- "[/AVAILABLE_TOOLS]" }}\n'
+    '            {%- endif %}\n'
+    '        {%- if loop.last and system_message is defined %}\n'
+    '            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}\n'
+    '        {%- else %}\n'
+    '            {{- "[INST] " + message["content"] + "[/INST]" }}\n'
+    '        {%- endif %}\n'
+    '    {%- elif message.tool_calls is defined and message.tool_calls is not none %}\n'
+    '        {{- "[TOOL_CALLS] [" }}\n'
+    '        {%- for tool_call in message.tool_calls %}\n'
+    '            {%- set out = tool_call.function|tojson %}\n'
+    '            {{- out[:-1] }}\n'
+    '            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n'
+    '                {{- raise_exception("Tool call IDs should be alphanumeric strings with '
+    'length 9!") }}\n'
+    '            {%- endif %}\n'
+    '            {{- \', "id": "\' + tool_call.id + \'"}\' }}\n'
+    '            {%- if not loop.last %}\n'
+    '                {{- ", " }}\n'
+    '            {%- else %}\n'
+    '                {{- "]" + eos_token }}\n'
+    '            {%- endif %}\n'
+    '        {%- endfor %}\n'
+    '    {%- elif message["role"] == "assistant" %}\n'
+    '        {{- " " + message["content"]|trim + eos_token}}\n'
+    '    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}\n'
+    '        {%- if message.content is defined and message.content.content is defined %}\n'
+    '            {%- set content = message.content.content %}\n'
+    '        {%- else %}\n'
+    '            {%- set content = message.content %}\n'
+    '        {%- endif %}\n'
+    '        {{- \'[TOOL_RESULTS] {"content": \' + content|string + ", " }}\n'
+    '        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n'
+    '            {{- raise_exception("Tool call IDs should be alphanumeric strings with length '
+    '9!") }}\n'
+    '        {%- endif %}\n'
+    '        {{- \'"call_id": "\' + message.tool_call_id + \'"}[/TOOL_RESULTS]\' }}\n'
+    '    {%- else %}\n'
+    '        {{- raise_exception("Only user and assistant roles are supported, with the '
+    'exception of an initial optional system message!") }}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+)
 
 # Llama 3 Instruct's template (Meta-Llama-3-8B-Instruct's tokenizer_config.json).
 LLAMA3_TEMPLATE = (
@@ -100,7 +212,8 @@ PHI3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "phi3": PHI3_TEMPLATE}
+TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "phi3": PHI3_TEMPLATE,
+             "mistral-v0.3": MISTRAL_V03_TEMPLATE}
 
 # Qwen3's template, reduced to what a chat gateway sends (no tools): ChatML turns, and an empty
 # think block when `enable_thinking` is false.
@@ -206,6 +319,70 @@ def read_header(path):
     return out
 
 
+# --- reading a SentencePiece model ------------------------------------------------------------
+
+SPM_FILES = {"mistral-tokenizer-v3": "tokenizer.model.v3"}
+
+
+def _varint(b, i):
+    out = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        out |= (c & 0x7F) << shift
+        shift += 7
+        if c < 0x80:
+            return out, i
+
+
+def _proto_fields(b):
+    """(field number, value) of a protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        wire = key & 7
+        if wire == 0:
+            v, i = _varint(b, i)
+        elif wire == 1:
+            v, i = b[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(b, i)
+            v, i = b[i:i + n], i + n
+        elif wire == 5:
+            v, i = b[i:i + 4], i + 4
+        else:
+            sys.exit(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, v
+
+
+def spm_vocab(model_id):
+    """Pieces, scores and GGUF token types of a SentencePiece model, as convert_hf_to_gguf.py's
+    `_create_vocab_sentencepiece` makes them (unknown, control, unused and byte pieces keep their
+    type, every other piece is normal), read from the model's protobuf directly so that the
+    tests need no sentencepiece package."""
+    path = os.path.join(HERE, "..", "models", model_id, SPM_FILES[model_id])
+    if not os.path.exists(path):
+        sys.exit(f"{path} is missing: run `python3 models/fetch.py {model_id}`")
+    tokens, scores, types = [], [], []
+    for field, piece in _proto_fields(open(path, "rb").read()):
+        if field != 1:  # ModelProto.pieces
+            continue
+        text, score, kind = "", 0.0, 1
+        for f, v in _proto_fields(piece):
+            if f == 1:
+                text = v.decode("utf-8")
+            elif f == 2:
+                score = struct.unpack("<f", v)[0]
+            elif f == 3:
+                kind = v
+        tokens.append(text)
+        scores.append(score)
+        # SentencePiece's types (NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6)
+        # are GGUF's numbers; the converter does not test for user-defined pieces.
+        types.append(kind if kind in (2, 3, 5, 6) else 1)
+    return tokens, scores, types
+
+
 # --- deterministic weights --------------------------------------------------------------------
 
 def _hash(name, n):
@@ -275,13 +452,13 @@ def write(family, out, header):
     meta = {k: (t, s, v) for k, t, s, v in kv}
     tokens = meta["tokenizer.ggml.tokens"][2]
     vocab = len(tokens)
-    arch = family
+    arch = "qwen2" if family == "qwen2-yarn" else family
     w = gguf.GGUFWriter(out, arch)
     T = gguf.GGUFValueType
     w.add_key_value("general.name", f"qnode tiny {family} (random weights, {SEED})", T.STRING)
     u32 = lambda k, v: w.add_key_value(f"{arch}.{k}", v, T.UINT32)
     u32("block_count", cfg["layers"])
-    u32("context_length", 4096)
+    u32("context_length", cfg.get("context", 4096))
     u32("embedding_length", cfg["hidden"])
     u32("feed_forward_length", cfg["ffn"])
     u32("attention.head_count", cfg["heads"])
@@ -293,6 +470,12 @@ def write(family, out, header):
     w.add_key_value(f"{arch}.rope.freq_base", rope, T.FLOAT32)
     w.add_key_value(f"{arch}.attention.layer_norm_rms_epsilon",
                     meta["qwen2.attention.layer_norm_rms_epsilon"][2], T.FLOAT32)
+    if "yarn" in cfg:
+        # What convert_hf_to_gguf.py writes for `rope_scaling: {type: yarn, factor,
+        # original_max_position_embeddings}` (Qwen2.5's config has no beta/extrapolation keys).
+        w.add_key_value(f"{arch}.rope.scaling.type", "yarn", T.STRING)
+        w.add_key_value(f"{arch}.rope.scaling.factor", cfg["yarn"]["factor"], T.FLOAT32)
+        u32("rope.scaling.original_context_length", cfg["yarn"]["original_context"])
     for key, t, sub, value in kv:
         if not key.startswith("tokenizer."):
             continue
@@ -385,6 +568,23 @@ def write_family(family, out, header):
         w.add_key_value(f"{arch}.rope.scaling.type", "longrope", T.STRING)
         u32("rope.scaling.original_context_length", cfg["longrope"]["original_context"])
         f32v("rope.scaling.attn_factor", cfg["longrope"]["attn_factor"])
+    if "spm" in cfg:
+        # What convert_hf_to_gguf.py's `_set_vocab_sentencepiece` and SpecialVocab write for
+        # Mistral-7B-Instruct-v0.3 (no add_space_prefix key: llama.cpp's SPM default applies).
+        tokens, scores, types = spm_vocab(cfg["spm"])
+        vocab = len(tokens)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(TEMPLATES[cfg["template"]])
+        kv = []
     for key, t, sub, value in kv:
         if not key.startswith("tokenizer."):
             continue

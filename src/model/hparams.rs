@@ -120,7 +120,7 @@ impl Arch {
             // llama.cpp reads `rope_freqs.weight` (Llama 3.1/3.2 frequency factors) and, with
             // `rope.scaling.type = longrope`, the long/short factors, for its llama architecture.
             Self::Llama => ArchSpec {
-                extra_rope_scaling: &["longrope"],
+                extra_rope_scaling: &["longrope", "yarn"],
                 rope_freqs: true,
                 ..LLAMA
             },
@@ -137,17 +137,19 @@ impl Arch {
             Self::Qwen2 => ArchSpec {
                 rope: RopeStyle::Neox,
                 qkv_bias: true,
+                extra_rope_scaling: &["yarn"],
                 ..LLAMA
             },
             Self::Qwen3 => ArchSpec {
                 rope: RopeStyle::Neox,
                 qk_norm: true,
+                extra_rope_scaling: &["yarn"],
                 ..LLAMA
             },
             Self::Phi3 => ArchSpec {
                 rope: RopeStyle::Neox,
                 fused_gate_up: true,
-                extra_rope_scaling: &["longrope"],
+                extra_rope_scaling: &["longrope", "yarn"],
                 ..LLAMA
             },
         }
@@ -170,6 +172,34 @@ pub enum RopeScaling {
     /// it runs with), `rope_factors_short.weight` otherwise; cos and sin times
     /// `rope.scaling.attn_factor`.
     LongRope,
+    /// YaRN (Qwen2.5 / Qwen3 long-context files): angles of the low frequencies interpolated by
+    /// `1 / factor`, of the high ones kept, a linear ramp between (over the dimensions set by
+    /// [`Yarn::beta_fast`], [`Yarn::beta_slow`] and [`RopeConfig::original_context`]), and cos
+    /// and sin scaled by `1 + 0.1 ln(factor)`.
+    Yarn(Yarn),
+}
+
+/// YaRN's parameters, as llama.cpp runs the families qnode has: it reads only the factor and
+/// the original context from the file, and fixes the rest (`llama_hparams` defaults; its
+/// `yarn_*` keys are read for other architectures only). A file whose `yarn_*` keys ask for
+/// other values is refused (see `rope_config`), so these are always the values llama.cpp uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    /// `rope.scaling.factor`: context extension.
+    pub factor: f32,
+    /// Weight of the extrapolation mix (1: YaRN's ramp in full).
+    pub ext_factor: f32,
+    /// Rotations over the original context above which a frequency is kept as is.
+    pub beta_fast: f32,
+    /// Rotations below which a frequency is fully interpolated.
+    pub beta_slow: f32,
+}
+
+impl Yarn {
+    /// llama.cpp's fixed values for the families qnode runs.
+    const EXT_FACTOR: f32 = 1.0;
+    const BETA_FAST: f32 = 32.0;
+    const BETA_SLOW: f32 = 1.0;
 }
 
 /// RoPE hyper-parameters beyond the base.
@@ -183,7 +213,7 @@ pub struct RopeConfig {
     /// cos and sin are multiplied by this (`rope.scaling.attn_factor`, 1 when absent).
     pub attn_factor: f32,
     /// `rope.scaling.original_context_length` (the native context when absent): longer contexts
-    /// take the long su/longrope factors.
+    /// take the long su/longrope factors; YaRN's ramp is placed by it.
     pub original_context: usize,
 }
 
@@ -316,8 +346,8 @@ impl HParams {
 
 /// `{arch}.rope.*` as llama.cpp reads them (llama-model.cpp `load_hparams`): the scaling type
 /// defaults to `linear`, whose factor defaults to 1; `none` ignores any factor. Types this family
-/// does not run (`yarn`, or anything llama.cpp does not know) are refused naming the key, the value
-/// and what is supported.
+/// does not run (`longrope` outside phi3/llama, `yarn` for gemma3, anything llama.cpp does not
+/// know) are refused naming the key, the value and what is supported.
 fn rope_config(
     meta: Meta<'_>,
     arch: Arch,
@@ -378,6 +408,21 @@ fn rope_config(
             }
         },
         "longrope" if spec.extra_rope_scaling.contains(&"longrope") => RopeScaling::LongRope,
+        "yarn" if spec.extra_rope_scaling.contains(&"yarn") => match factor {
+            Some(f) if f.is_finite() && f > 0.0 => RopeScaling::Yarn(yarn(meta, name, f as f32)?),
+            Some(f) => {
+                return Err(bad(
+                    &key("rope.scaling.factor"),
+                    format!("{f} is not a positive scaling factor"),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    &key("rope.scaling.factor"),
+                    "missing: rope.scaling.type `yarn` needs a factor",
+                ))
+            }
+        },
         other => {
             return Err(bad(
                 &key("rope.scaling.type"),
@@ -401,6 +446,46 @@ fn rope_config(
         original_context: meta
             .opt_usize(&key("rope.scaling.original_context_length"))?
             .unwrap_or(context_length),
+    })
+}
+
+/// YaRN with `factor` for family `name`. llama.cpp does not read the `yarn_*` keys for these
+/// families (only for grok, mistral3 and deepseek2): it runs with `ext_factor` 1, `beta_fast` 32,
+/// `beta_slow` 1, no log multiplier, and the magnitude `1 + 0.1 ln(factor)`. A key present with that
+/// value is fine; another value is refused naming the key, rather than run the file other than
+/// its metadata says (or other than llama.cpp does).
+fn yarn(meta: Meta<'_>, name: &str, factor: f32) -> Result<Yarn, ModelError> {
+    let mscale = if factor <= 1.0 {
+        1.0
+    } else {
+        1.0 + 0.1 * f64::from(factor).ln()
+    };
+    let fixed = [
+        ("yarn_ext_factor", f64::from(Yarn::EXT_FACTOR)),
+        ("yarn_beta_fast", f64::from(Yarn::BETA_FAST)),
+        ("yarn_beta_slow", f64::from(Yarn::BETA_SLOW)),
+        ("yarn_log_multiplier", 0.0),
+        ("yarn_attn_factor", mscale),
+    ];
+    for (k, want) in fixed {
+        let full = format!("{name}.rope.scaling.{k}");
+        if let Some(v) = meta.opt_f64(&full)? {
+            if (v - want).abs() > 1e-4 * want.abs().max(1.0) {
+                return Err(bad(
+                    &full,
+                    format!(
+                        "{v} is not supported for {name} (supported: {want}, the value llama.cpp \
+                         runs {name} with; it does not read this key for {name})"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Yarn {
+        factor,
+        ext_factor: Yarn::EXT_FACTOR,
+        beta_fast: Yarn::BETA_FAST,
+        beta_slow: Yarn::BETA_SLOW,
     })
 }
 
@@ -473,7 +558,7 @@ mod tests {
 
     #[test]
     fn unknown_rope_scaling_names_the_key_and_what_is_supported() {
-        for kind in ["yarn", "llama3", "longrope", "dynamic"] {
+        for kind in ["llama3", "longrope", "dynamic"] {
             let c = content(
                 "qwen2",
                 &[("rope.scaling.type", Value::String(kind.into()))],
@@ -482,7 +567,7 @@ mod tests {
                 Err(ModelError::BadMetadata { key, reason }) => {
                     assert_eq!(key, "qwen2.rope.scaling.type");
                     assert!(
-                        reason.contains(kind) && reason.contains("supported: none, linear)"),
+                        reason.contains(kind) && reason.contains("supported: none, linear, yarn)"),
                         "{reason}"
                     );
                 }
@@ -491,15 +576,27 @@ mod tests {
         }
         let c = content(
             "llama",
-            &[("rope.scaling.type", Value::String("yarn".into()))],
+            &[("rope.scaling.type", Value::String("dynamic".into()))],
         );
         let msg = read(&c).unwrap_err().to_string();
         assert!(
             msg.contains("llama.rope.scaling.type")
-                && msg.contains("`yarn`")
+                && msg.contains("`dynamic`")
                 && msg.contains(
-                    "supported: none, linear, longrope; Llama 3 frequency factors in rope_freqs.weight"
+                    "supported: none, linear, longrope, yarn; Llama 3 frequency factors in \
+                     rope_freqs.weight"
                 ),
+            "{msg}"
+        );
+        let c = content(
+            "gemma3",
+            &[("rope.scaling.type", Value::String("yarn".into()))],
+        );
+        let msg = read(&c).unwrap_err().to_string();
+        assert!(
+            msg.contains("gemma3.rope.scaling.type")
+                && msg.contains("`yarn`")
+                && msg.contains("(supported: none, linear)"),
             "{msg}"
         );
         let none = content(
@@ -507,6 +604,70 @@ mod tests {
             &[("rope.scaling.type", Value::String("none".into()))],
         );
         assert_eq!(read(&none).unwrap().rope.scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn yarn_reads_as_llama_cpp_does() {
+        let f = |v: f32| Value::F32(v);
+        let yarn = |extra: &[(&str, Value)]| {
+            let mut kv = vec![
+                ("rope.scaling.type", Value::String("yarn".into())),
+                ("rope.scaling.factor", f(4.0)),
+                ("rope.scaling.original_context_length", Value::U32(32768)),
+            ];
+            kv.extend_from_slice(extra);
+            read(&content("qwen2", &kv))
+        };
+        let r = yarn(&[]).unwrap().rope;
+        assert_eq!(
+            r.scaling,
+            RopeScaling::Yarn(Yarn {
+                factor: 4.0,
+                ext_factor: 1.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0
+            })
+        );
+        assert_eq!(r.original_context, 32768);
+        // Keys llama.cpp ignores for qwen2 are fine at the values it runs with...
+        assert!(yarn(&[
+            ("rope.scaling.yarn_beta_fast", f(32.0)),
+            ("rope.scaling.yarn_beta_slow", f(1.0)),
+            ("rope.scaling.yarn_ext_factor", f(1.0)),
+            ("rope.scaling.yarn_attn_factor", f(1.138_629_4)),
+        ])
+        .is_ok());
+        // ...and refused, naming the key, at any other.
+        for (k, v) in [
+            ("yarn_beta_fast", 16.0),
+            ("yarn_ext_factor", 0.5),
+            ("yarn_log_multiplier", 0.1),
+            ("yarn_attn_factor", 1.0),
+        ] {
+            let key = format!("rope.scaling.{k}");
+            match yarn(&[(key.as_str(), f(v))]) {
+                Err(ModelError::BadMetadata { key, reason }) => {
+                    assert_eq!(key, format!("qwen2.rope.scaling.{k}"));
+                    assert!(reason.contains("llama.cpp"), "{reason}");
+                }
+                other => panic!("{k} = {v}: expected BadMetadata, got {other:?}"),
+            }
+        }
+        // No factor, or a bad one: refused naming the factor's key.
+        for kv in [
+            vec![("rope.scaling.type", Value::String("yarn".into()))],
+            vec![
+                ("rope.scaling.type", Value::String("yarn".into())),
+                ("rope.scaling.factor", f(-2.0)),
+            ],
+        ] {
+            match read(&content("qwen3", &kv)) {
+                Err(ModelError::BadMetadata { key, .. }) => {
+                    assert_eq!(key, "qwen3.rope.scaling.factor")
+                }
+                other => panic!("expected BadMetadata, got {other:?}"),
+            }
+        }
     }
 
     #[test]

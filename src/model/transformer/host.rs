@@ -179,10 +179,11 @@ pub(super) struct HostRope {
 }
 
 impl HostRope {
-    /// The tables ggml computes (`ggml_rope_cache_init` and `rope_yarn` without extrapolation):
-    /// an f32 running product `theta = p * base^(-2i / dims)`, each angle divided by its frequency
-    /// factor and times `freq_scale`, cos and sin times `mscale`. With no factors, no scaling and
-    /// `mscale` 1 every step is exact, so the tables are the unscaled ones bit for bit.
+    /// The tables ggml computes (`ggml_rope_cache_init` and `rope_yarn`): an f32 running product
+    /// `theta = p * base^(-2i / dims)`, each angle divided by its frequency factor and times
+    /// `freq_scale`, with YaRN mixed with the unscaled angle by the ramp, cos and sin times
+    /// `mscale`. With no factors, no scaling and `mscale` 1 every step is exact, so the tables are
+    /// the unscaled ones bit for bit.
     pub(super) fn new(positions: &[u32], head_dim: usize, params: &RopeParams) -> Self {
         let half = params.dims / 2;
         let theta_scale = (params.base as f32).powf(-2.0 / params.dims as f32);
@@ -192,7 +193,15 @@ impl HostRope {
             let mut theta = p as f32;
             for i in 0..half {
                 let ff = params.factors.as_ref().map_or(1.0, |f| f[i]);
-                let t = params.freq_scale * (theta / ff);
+                let extrap = theta / ff;
+                let interp = params.freq_scale * extrap;
+                let t = match &params.yarn {
+                    Some(y) => {
+                        let mix = y.mix(i);
+                        interp * (1.0 - mix) + extrap * mix
+                    }
+                    None => interp,
+                };
                 cos.push(t.cos() * params.mscale);
                 sin.push(t.sin() * params.mscale);
                 theta *= theta_scale;

@@ -7,9 +7,9 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::{Block, Norm, QkvBias, RopeFactors, RopeParams, Transformer};
+use super::{Block, Norm, QkvBias, RopeFactors, RopeParams, Transformer, YarnRamp};
 use crate::model::gguf::GgufFile;
-use crate::model::hparams::{Arch, ArchSpec, HParams, RopeScaling};
+use crate::model::hparams::{Arch, ArchSpec, HParams, RopeConfig, RopeScaling};
 use crate::model::kv_cache::KvDtype;
 use crate::model::linear::{Linear, MultiLinear};
 use crate::model::quantize::{read_converted, Quant};
@@ -155,18 +155,11 @@ impl Transformer {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let factors = rope_factors.pick(hp.context_length);
-        let rope = |base: f64| RopeParams {
-            base,
-            dims: hp.rope.dims,
-            freq_scale: match hp.rope.scaling {
-                RopeScaling::Linear { factor } => 1.0 / factor,
-                RopeScaling::None | RopeScaling::LongRope => 1.0,
-            },
-            factors: factors.clone(),
-            mscale: hp.rope.attn_factor,
-        };
         // [global layers, sliding-window layers] (Gemma 3 gives the latter their own base).
-        let ropes = vec![rope(hp.rope_base), rope(hp.rope_base_local)];
+        let ropes = vec![
+            rope_params(&hp.rope, hp.rope_base, false, factors.clone()),
+            rope_params(&hp.rope, hp.rope_base_local, true, factors),
+        ];
         Ok(Self {
             hp: hp.clone(),
             spec,
@@ -180,6 +173,82 @@ impl Transformer {
             kv_dtype: KvDtype::default(),
         })
     }
+}
+
+/// ggml's `rope_ext` parameters for layers of frequency base `base`, derived as llama.cpp derives
+/// them (llama-context.cpp, in f32 as there): `freq_scale = 1 / factor`; with YaRN, the magnitude
+/// `1 + 0.1 ln(factor)` (llama.cpp sets `attn_factor` to that over itself, ~1, and ggml multiplies
+/// by it again) and the ramp of `ggml_rope_yarn_corr_dims`. Sliding-window layers (Gemma 3) are
+/// never frequency-scaled: llama.cpp gives them `rope_freq_scale_train_swa`, 1 for every file.
+fn rope_params(
+    rope: &RopeConfig,
+    base: f64,
+    sliding: bool,
+    factors: Option<Arc<[f32]>>,
+) -> RopeParams {
+    let scale_train = match rope.scaling {
+        RopeScaling::Linear { factor } => 1.0 / factor,
+        RopeScaling::Yarn(y) => 1.0 / y.factor,
+        RopeScaling::None | RopeScaling::LongRope => 1.0,
+    };
+    let freq_scale = if sliding { 1.0 } else { scale_train };
+    let (attn, yarn) = match rope.scaling {
+        RopeScaling::Yarn(y) if y.ext_factor != 0.0 => {
+            let factor = 1.0 / scale_train;
+            let mscale = if factor <= 1.0 {
+                1.0
+            } else {
+                0.1 * factor.ln() + 1.0
+            };
+            let attn = mscale * (1.0 / (1.0 + 0.1 * factor.ln()));
+            let [low, high] = yarn_corr_dims(
+                rope.dims,
+                rope.original_context,
+                base as f32,
+                y.beta_fast,
+                y.beta_slow,
+            );
+            let ramp = YarnRamp {
+                ext_factor: y.ext_factor,
+                low,
+                high,
+            };
+            (attn, Some(ramp))
+        }
+        _ => (1.0, None),
+    };
+    let attn = attn * rope.attn_factor;
+    let mscale = match yarn {
+        Some(_) => attn * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+        None => attn,
+    };
+    RopeParams {
+        base,
+        dims: rope.dims,
+        freq_scale,
+        factors,
+        mscale,
+        yarn,
+    }
+}
+
+/// The pair indices between which YaRN's ramp runs: where a frequency turns `beta_fast`, and
+/// `beta_slow`, times over the original context (ggml's `ggml_rope_yarn_corr_dims`, in f32).
+fn yarn_corr_dims(
+    dims: usize,
+    original_context: usize,
+    base: f32,
+    beta_fast: f32,
+    beta_slow: f32,
+) -> [f32; 2] {
+    let corr = |rotations: f32| {
+        dims as f32 * (original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    [
+        corr(beta_fast).floor().max(0.0),
+        corr(beta_slow).ceil().min(dims as f32 - 1.0),
+    ]
 }
 
 /// Tensors every block of a family has (`blk.N.` omitted); `fused_qkv`: the block stores Q, K
@@ -281,6 +350,7 @@ fn read_rope_factors(file: &GgufFile, hp: &HParams) -> Result<RopeFactors, Model
                     RopeScaling::None => "none",
                     RopeScaling::Linear { .. } => "linear",
                     RopeScaling::LongRope => "longrope",
+                    RopeScaling::Yarn(_) => "yarn",
                 }
             )));
         }
@@ -342,4 +412,55 @@ fn check_shape(name: &str, t: &QTensor, want: &[usize]) -> Result<(), ModelError
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::hparams::Yarn;
+
+    fn config(scaling: RopeScaling) -> RopeConfig {
+        RopeConfig {
+            dims: 16,
+            scaling,
+            attn_factor: 1.0,
+            original_context: 64,
+        }
+    }
+
+    #[test]
+    fn linear_scaling_skips_sliding_window_layers_as_llama_cpp() {
+        // Gemma 3 4B+: `linear` factor 8 on global layers only (llama.cpp's swa freq scale is 1).
+        let c = config(RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(rope_params(&c, 1e6, false, None).freq_scale, 0.125);
+        assert_eq!(rope_params(&c, 1e4, true, None).freq_scale, 1.0);
+    }
+
+    #[test]
+    fn yarn_parameters_are_llama_cpps() {
+        let c = config(RopeScaling::Yarn(Yarn {
+            factor: 4.0,
+            ext_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        }));
+        let p = rope_params(&c, 1_000_000.0, false, None);
+        assert_eq!(p.freq_scale, 0.25);
+        // 1 + 0.1 ln 4 on cos and sin.
+        assert!((p.mscale - 1.138_629_4).abs() < 1e-6, "{}", p.mscale);
+        // 16 dims, original context 64, base 1e6: beta_fast 32 turns below pair 0, beta_slow 1
+        // at pair 1.34 -> ramp over pairs [0, 2].
+        let y = p.yarn.unwrap();
+        assert_eq!((y.low, y.high), (0.0, 2.0));
+        assert_eq!(
+            (y.mix(0), y.mix(1), y.mix(2), y.mix(7)),
+            (1.0, 0.5, 0.0, 0.0)
+        );
+        // No YaRN: no ramp, magnitude as the file's attn_factor.
+        let plain = rope_params(&config(RopeScaling::None), 1e6, false, None);
+        assert_eq!(
+            (plain.yarn, plain.mscale, plain.freq_scale),
+            (None, 1.0, 1.0)
+        );
+    }
 }

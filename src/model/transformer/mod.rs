@@ -142,21 +142,45 @@ struct Block {
     rope: usize,
 }
 
-/// RoPE of a layer: ggml's `rope_ext` parameters (ggml-cpu `ggml_rope_cache_init`, `rope_yarn`
-/// without YaRN's extrapolation mix).
+/// RoPE of a layer: ggml's `rope_ext` parameters (ggml-cpu `ggml_rope_cache_init`, `rope_yarn`).
 #[derive(Debug, Clone, PartialEq)]
 struct RopeParams {
     /// Frequency base.
     base: f64,
     /// Values of a head rotated (the first `dims`).
     dims: usize,
-    /// Every angle times this (`1 / rope.scaling.factor` for linear scaling).
+    /// Every angle times this (`1 / rope.scaling.factor` for linear and YaRN scaling).
     freq_scale: f32,
     /// Per-frequency divisors of the angle (`dims / 2`): Llama 3's `rope_freqs.weight`, Phi-3's
     /// long or short factors.
     factors: Option<Arc<[f32]>>,
-    /// cos and sin times this (`rope.scaling.attn_factor`).
+    /// cos and sin times this: `rope.scaling.attn_factor`, and with YaRN its magnitude
+    /// correction (`load::rope_params`).
     mscale: f32,
+    /// YaRN's mix of scaled and unscaled angles; `None` without YaRN.
+    yarn: Option<YarnRamp>,
+}
+
+/// Where YaRN keeps a frequency's angle (extrapolation) or scales it (interpolation): pairs
+/// below `low` keep theirs, pairs above `high` are scaled, a linear ramp between (ggml's
+/// `rope_yarn_ramp` over `ggml_rope_yarn_corr_dims`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct YarnRamp {
+    /// Weight of the unscaled angle where the ramp is 1.
+    ext_factor: f32,
+    /// First pair index of the ramp.
+    low: f32,
+    /// Last pair index of the ramp.
+    high: f32,
+}
+
+impl YarnRamp {
+    /// Share of the unscaled angle for pair `i`: 1 below `low`, 0 above `high`, times
+    /// `ext_factor`.
+    fn mix(&self, i: usize) -> f32 {
+        let y = (i as f32 - self.low) / (self.high - self.low).max(0.001);
+        (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor
+    }
 }
 
 /// Per-frequency RoPE factors a file carries; which apply depends on the context (su/longrope).
