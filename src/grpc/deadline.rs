@@ -1,4 +1,5 @@
-//! The caller's deadline, from the `grpc-timeout` header.
+//! The caller's deadline, from the `grpc-timeout` header: read by the Inference service, and
+//! enforced around the Admin service by [`AdminDeadline`].
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,80 @@ pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Wraps the Admin service so a call's `grpc-timeout` is honoured there too: when it runs out the
+/// caller gets DEADLINE_EXCEEDED at that moment, and the operation itself runs to its end on the
+/// node. A model load or warm-up cut halfway would leave the pool and the answer cache's model
+/// identities out of step; finished, a retry simply finds it done (`ALREADY_EXISTS`) or
+/// `NodeStatus` / `ListModels` show it. (Inference calls keep their own deadline, which also
+/// cancels the generation.)
+#[derive(Clone)]
+pub(crate) struct AdminDeadline<S> {
+    inner: S,
+}
+
+impl<S> AdminDeadline<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for AdminDeadline<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> tonic::codegen::Service<tonic::codegen::http::Request<B>> for AdminDeadline<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = tonic::codegen::http::Response<R>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+    R: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    R::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut tonic::codegen::Context<'_>,
+    ) -> tonic::codegen::Poll<Result<(), std::convert::Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let response = self.inner.call(request);
+        let Some(timeout) = timeout else {
+            return Box::pin(async move { Ok(response.await?.map(tonic::body::Body::new)) });
+        };
+        Box::pin(async move {
+            // Spawned, so that the caller leaving does not cut the operation short.
+            let mut operation = tokio::spawn(response);
+            match tokio::time::timeout(timeout, &mut operation).await {
+                Ok(Ok(Ok(done))) => Ok(done.map(tonic::body::Body::new)),
+                Ok(Ok(Err(never))) => match never {},
+                Ok(Err(panicked)) => Ok(tonic::Status::internal(format!(
+                    "the admin operation failed: {panicked}"
+                ))
+                .into_http()),
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the deadline (grpc-timeout, {} ms) passed; the operation goes on to its end on \
+                     the node: NodeStatus and ListModels show when it is done",
+                    timeout.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +140,85 @@ mod tests {
         ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    /// Answers after `delay`, then marks `done`.
+    #[derive(Clone)]
+    struct Slow {
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        delay: Duration,
+    }
+
+    impl tonic::codegen::Service<tonic::codegen::http::Request<()>> for Slow {
+        type Response = tonic::codegen::http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = tonic::codegen::BoxFuture<Self::Response, std::convert::Infallible>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut tonic::codegen::Context<'_>,
+        ) -> tonic::codegen::Poll<Result<(), std::convert::Infallible>> {
+            tonic::codegen::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: tonic::codegen::http::Request<()>) -> Self::Future {
+            let (done, delay) = (self.done.clone(), self.delay);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(tonic::codegen::http::Response::new(
+                    tonic::body::Body::empty(),
+                ))
+            })
+        }
+    }
+
+    /// Past its `grpc-timeout` an Admin call is answered DEADLINE_EXCEEDED while the operation
+    /// is still running, and the operation still ends; without one the call waits for it. (A
+    /// tonic client enforces the same header itself, so this is checked on the service.)
+    #[tokio::test]
+    async fn admin_calls_are_answered_at_their_deadline_and_the_work_finishes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tonic::codegen::Service;
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let mut service = AdminDeadline::new(Slow {
+            done: done.clone(),
+            delay: Duration::from_secs(2),
+        });
+        let request = tonic::codegen::http::Request::builder()
+            .header("grpc-timeout", "20m")
+            .body(())
+            .unwrap();
+        let answer = service.call(request).await.unwrap();
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a grpc-status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("goes on to its end"),
+            "{status:?}"
+        );
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "answered before the work ended"
+        );
+        for _ in 0..400 {
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(done.load(Ordering::SeqCst), "the operation ran to its end");
+
+        let waited = std::sync::Arc::new(AtomicBool::new(false));
+        let mut service = AdminDeadline::new(Slow {
+            done: waited.clone(),
+            delay: Duration::from_millis(50),
+        });
+        let answer = service
+            .call(tonic::codegen::http::Request::new(()))
+            .await
+            .unwrap();
+        assert!(tonic::Status::from_header_map(answer.headers()).is_none());
+        assert!(waited.load(Ordering::SeqCst), "no deadline: the call waits");
     }
 
     #[test]
