@@ -98,6 +98,23 @@ impl TestNode {
         AdminClient::new(self.channel.clone())
     }
 
+    /// An Admin client over plain hyper HTTP/2 that only sends a request's `grpc-timeout`
+    /// (tonic's `Channel` would enforce it itself, first): what a test sees is what the server did.
+    fn raw_admin(
+        &self,
+    ) -> AdminClient<
+        hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            tonic::body::Body,
+        >,
+    > {
+        let transport =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        AdminClient::with_origin(transport, format!("http://{}", self.addr).parse().unwrap())
+    }
+
     fn inference(&self) -> InferenceClient<Channel> {
         InferenceClient::new(self.channel.clone())
     }
@@ -356,6 +373,52 @@ async fn models_load_warm_and_unload_at_run_time() {
     assert_eq!(twice.code(), Code::NotFound);
     // The first model is untouched.
     node.generate(&node.model_id).await.unwrap();
+}
+
+/// An Admin call's `grpc-timeout` is the server's to honour: past it the caller gets
+/// DEADLINE_EXCEEDED saying the work goes on, and the load does finish (the model serves; loading
+/// it again is ALREADY_EXISTS). A malformed value is refused naming the header.
+#[tokio::test]
+async fn an_admin_deadline_answers_in_time_and_the_load_still_finishes() {
+    let node = start(Role::Active, None).await;
+    node.wait_warm().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), "late", 13);
+    let load = |timeout: &str| {
+        let mut request = tonic::Request::new(proto::LoadModelRequest {
+            id: path.to_str().unwrap().to_owned(),
+            instances: Some(1),
+            threads_per_instance: Some(1),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", timeout.parse().unwrap());
+        request
+    };
+    let bad = node.raw_admin().load_model(load("soon")).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("grpc-timeout"), "{bad:?}");
+    assert_eq!(
+        node.generate("late").await.unwrap_err().code(),
+        Code::NotFound,
+        "a refused call loads nothing"
+    );
+
+    let late = node.raw_admin().load_model(load("1u")).await.unwrap_err();
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    assert!(late.message().contains("goes on to its end"), "{late:?}");
+    let mut served = node.generate("late").await;
+    for _ in 0..400 {
+        if served.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        served = node.generate("late").await;
+    }
+    served.expect("the load past the caller's deadline finished and serves");
+    let again = node.raw_admin().load_model(load("10S")).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
 }
 
 #[tokio::test]

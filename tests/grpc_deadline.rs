@@ -80,3 +80,19 @@ async fn a_call_within_its_deadline_succeeds() {
         .unwrap();
     assert_eq!(response.into_inner().text, "Hello!");
 }
+
+/// A malformed `grpc-timeout` is refused naming the header, not run as "no deadline".
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_refused_naming_it() {
+    let server = TestServer::start().await;
+    let mut client = server.client_without_local_timeout();
+    let mut req = tonic::Request::new(request("hello"));
+    req.metadata_mut()
+        .insert("grpc-timeout", "10s".parse().unwrap());
+    let status = guard(client.generate(req)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("grpc-timeout") && status.message().contains("\"10s\""),
+        "{status:?}"
+    );
+}

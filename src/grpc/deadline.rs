@@ -5,11 +5,35 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
-/// When the caller stops waiting, counted from `arrival`; `None` without a valid `grpc-timeout`.
-pub(crate) fn from_metadata(metadata: &MetadataMap, arrival: Instant) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let timeout = parse_grpc_timeout(value)?;
-    Some(arrival + timeout)
+use crate::front::FrontError;
+use crate::types::echo;
+
+/// When the caller stops waiting, counted from `arrival`; `None` without `grpc-timeout`. A
+/// malformed value is refused naming the header (as HTTP's `x-qnode-timeout-ms`), never run as
+/// "no deadline".
+pub(crate) fn from_metadata(
+    metadata: &MetadataMap,
+    arrival: Instant,
+) -> Result<Option<Instant>, FrontError> {
+    Ok(timeout(metadata.get("grpc-timeout").map(|v| v.as_encoded_bytes()))?.map(|t| arrival + t))
+}
+
+/// The `grpc-timeout` value `raw`, if any, as a duration.
+fn timeout(raw: Option<&[u8]>) -> Result<Option<Duration>, FrontError> {
+    let Some(raw) = raw else { return Ok(None) };
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(parse_grpc_timeout)
+        .map(Some)
+        .ok_or_else(|| {
+            FrontError::invalid(
+                "grpc-timeout",
+                format!(
+                    "`grpc-timeout` must be 1 to 8 digits and a unit (H, M, S, m, u, n). Given: {:?}",
+                    echo(&String::from_utf8_lossy(raw))
+                ),
+            )
+        })
 }
 
 /// Parses the gRPC wire format: at most 8 ASCII digits then one unit letter
@@ -78,11 +102,13 @@ where
     }
 
     fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let timeout = match timeout(request.headers().get("grpc-timeout").map(|v| v.as_bytes())) {
+            Ok(timeout) => timeout,
+            Err(refused) => {
+                let status = super::status::status(refused);
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        };
         let response = self.inner.call(request);
         let Some(timeout) = timeout else {
             return Box::pin(async move { Ok(response.await?.map(tonic::body::Body::new)) });
@@ -219,6 +245,23 @@ mod tests {
             .unwrap();
         assert!(tonic::Status::from_header_map(answer.headers()).is_none());
         assert!(waited.load(Ordering::SeqCst), "no deadline: the call waits");
+
+        // A malformed deadline is refused naming the header, before the operation starts.
+        let untouched = std::sync::Arc::new(AtomicBool::new(false));
+        let mut service = AdminDeadline::new(Slow {
+            done: untouched.clone(),
+            delay: Duration::ZERO,
+        });
+        let request = tonic::codegen::http::Request::builder()
+            .header("grpc-timeout", "soon")
+            .body(())
+            .unwrap();
+        let answer = service.call(request).await.unwrap();
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a grpc-status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("grpc-timeout"), "{status:?}");
+        tokio::task::yield_now().await;
+        assert!(!untouched.load(Ordering::SeqCst), "the operation never ran");
     }
 
     #[test]
@@ -226,8 +269,12 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "100m".parse().unwrap());
         let arrival = Instant::now();
-        let deadline = from_metadata(&metadata, arrival).unwrap();
+        let deadline = from_metadata(&metadata, arrival).unwrap().unwrap();
         assert_eq!(deadline, arrival + Duration::from_millis(100));
-        assert_eq!(from_metadata(&MetadataMap::new(), arrival), None);
+        assert_eq!(from_metadata(&MetadataMap::new(), arrival).unwrap(), None);
+        metadata.insert("grpc-timeout", "10s".parse().unwrap());
+        let refused = from_metadata(&metadata, arrival).unwrap_err();
+        assert_eq!(refused.param.as_deref(), Some("grpc-timeout"));
+        assert!(refused.message.contains("\"10s\""), "{}", refused.message);
     }
 }

@@ -58,7 +58,7 @@ impl InferenceService {
             tenant,
             session,
             key_tenant: key_tenant.and_then(|k| k.0),
-            deadline: Ok(deadline),
+            deadline,
         };
         let (call, events) = self.front.begin(meta, raw).await?;
         Ok((call, events, tools))

@@ -11,7 +11,8 @@
 //! - `inference`: the service; unary collects, streaming forwards on a bounded channel.
 //! - `admin`: the Admin service (node lifecycle, models at run time, warm-up).
 //! - `health`: follows the node's readiness.
-//! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout` parsing, and Admin calls held to it.
+//! - `auth`: the front's bearer-key check as an interceptor. `deadline`: `grpc-timeout`
+//!   (a malformed one refused), and Admin calls held to it.
 //! - `codec`: prost with malformed requests as INVALID_ARGUMENT, counted like other refusals.
 //! - `transport`: the HTTP/2 server loop (ours, not tonic's `Server`, whose timeout layer raced
 //!   our deadlines).
