@@ -200,6 +200,16 @@ impl Yarn {
     const EXT_FACTOR: f32 = 1.0;
     const BETA_FAST: f32 = 32.0;
     const BETA_SLOW: f32 = 1.0;
+
+    /// YaRN's magnitude correction for context extension `factor`: `1 + 0.1 ln(factor)`, 1 for
+    /// a factor of at most 1 (in f32, as llama.cpp and ggml compute it).
+    pub fn magnitude(factor: f32) -> f32 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            1.0 + 0.1 * factor.ln()
+        }
+    }
 }
 
 /// RoPE hyper-parameters beyond the base.
@@ -455,11 +465,7 @@ fn rope_config(
 /// value is fine; another value is refused naming the key, rather than run the file other than
 /// its metadata says (or other than llama.cpp does).
 fn yarn(meta: Meta<'_>, name: &str, factor: f32) -> Result<Yarn, ModelError> {
-    let mscale = if factor <= 1.0 {
-        1.0
-    } else {
-        1.0 + 0.1 * f64::from(factor).ln()
-    };
+    let mscale = f64::from(Yarn::magnitude(factor));
     let fixed = [
         ("yarn_ext_factor", f64::from(Yarn::EXT_FACTOR)),
         ("yarn_beta_fast", f64::from(Yarn::BETA_FAST)),

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::{Block, Norm, QkvBias, RopeFactors, RopeParams, Transformer, YarnRamp};
 use crate::model::gguf::GgufFile;
-use crate::model::hparams::{Arch, ArchSpec, HParams, RopeConfig, RopeScaling};
+use crate::model::hparams::{Arch, ArchSpec, HParams, RopeConfig, RopeScaling, Yarn};
 use crate::model::kv_cache::KvDtype;
 use crate::model::linear::{Linear, MultiLinear};
 use crate::model::quantize::{read_converted, Quant};
@@ -194,13 +194,10 @@ fn rope_params(
     let freq_scale = if sliding { 1.0 } else { scale_train };
     let (attn, yarn) = match rope.scaling {
         RopeScaling::Yarn(y) if y.ext_factor != 0.0 => {
+            // llama.cpp divides its attn_factor by the magnitude ggml then multiplies by: ~1,
+            // kept in the same f32 steps.
             let factor = 1.0 / scale_train;
-            let mscale = if factor <= 1.0 {
-                1.0
-            } else {
-                0.1 * factor.ln() + 1.0
-            };
-            let attn = mscale * (1.0 / (1.0 + 0.1 * factor.ln()));
+            let attn = Yarn::magnitude(factor) * (1.0 / Yarn::magnitude(factor));
             let [low, high] = yarn_corr_dims(
                 rope.dims,
                 rope.original_context,
@@ -219,7 +216,7 @@ fn rope_params(
     };
     let attn = attn * rope.attn_factor;
     let mscale = match yarn {
-        Some(_) => attn * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+        Some(_) => attn * Yarn::magnitude(1.0 / freq_scale),
         None => attn,
     };
     RopeParams {
@@ -417,7 +414,6 @@ fn check_shape(name: &str, t: &QTensor, want: &[usize]) -> Result<(), ModelError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::hparams::Yarn;
 
     fn config(scaling: RopeScaling) -> RopeConfig {
         RopeConfig {
