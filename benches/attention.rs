@@ -1,9 +1,11 @@
 //! Attention of one layer, SmolLM2-135M's shape (9 query heads, 3 key/value heads, head_dim 64),
 //! on a 2-thread pool as one model instance runs it: a chat turn's new tokens (64 rows) against
-//! 0, 1,024 and 4,096 positions of history, and decode (one row) of 1 and 8 sequences at 1,024 and
+//! 0, 1,024 and 4,096 positions of history (and the multi-turn replay's last turn, 98 after
+//! 1,552), and decode (one row) of 1 and 8 sequences at 1,024 and
 //! 4,096.
 //!
-//! Each case runs on half-precision caches (the default `kv_dtype`) and on f32 ones.
+//! Each case runs on half-precision caches (the default `kv_dtype`) and on f32 ones, with the
+//! AVX2 kernels and, where the CPU has them, the 512-bit ones (ids `f16/avx2`, `f16/avx512`).
 //!
 //! Throughput is in elements/s with 2 × heads × head_dim × visible keys per row (the multiply-adds
 //! of `Q·Kᵀ` and `P·V`), i.e. flops/2.
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-use qnode::model::attention::{attend, AttnShape, SeqAttn};
+use qnode::model::attention::{attend_on, AttnShape, Isa, SeqAttn};
 use qnode::model::kv_cache::{key_index, HostLayerView, KvRows, KEY_TILE};
 
 const SHAPE: AttnShape = AttnShape {
@@ -24,15 +26,24 @@ const SHAPE: AttnShape = AttnShape {
 };
 
 /// (name, new rows per sequence, history, sequences)
-const CASES: [(&str, usize, usize, usize); 7] = [
+const CASES: [(&str, usize, usize, usize); 8] = [
     ("turn64@0", 64, 0, 1),
     ("turn64@1024", 64, 1024, 1),
+    // Turn 13 of `qnode bench --multi-turn`: 98 new tokens after 1,552 reused ones.
+    ("turn98@1552", 98, 1552, 1),
     ("turn64@4096", 64, 4096, 1),
     ("decode@1024", 1, 1024, 1),
     ("decode@4096", 1, 4096, 1),
     ("decode8@1024", 1, 1024, 8),
     ("decode8@4096", 1, 4096, 8),
 ];
+
+fn isa_name(isa: Isa) -> &'static str {
+    match isa {
+        Isa::Avx2 => "avx2",
+        Isa::Avx512 => "avx512",
+    }
+}
 
 fn noise(n: usize, seed: u32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);
@@ -54,6 +65,11 @@ fn bench(c: &mut Criterion) {
     let (nh, nkv, hd) = (SHAPE.n_head, SHAPE.n_kv_head, SHAPE.head_dim);
     let width = nh * hd;
     let q_stride = width + 2 * nkv * hd;
+    // The kernels this CPU runs, and the AVX2 ones beside them where it has wider ones.
+    let isas: Vec<Isa> = match Isa::detect() {
+        Isa::Avx2 => vec![Isa::Avx2],
+        wide => vec![Isa::Avx2, wide],
+    };
     let mut group = c.benchmark_group("attention");
     group
         .sample_size(20)
@@ -107,9 +123,12 @@ fn bench(c: &mut Criterion) {
         let macs: usize = (0..len).map(|i| 2 * nh * hd * (history + i + 1)).sum();
         group.throughput(Throughput::Elements((macs * n_seqs) as u64));
         for (dtype, seqs) in [("f16", &f16_seqs), ("f32", &f32_seqs)] {
-            group.bench_function(BenchmarkId::new(dtype, name), |b| {
-                b.iter(|| pool.install(|| attend(&SHAPE, &q, q_stride, seqs, &mut out)))
-            });
+            for isa in isas.iter().copied() {
+                let id = format!("{dtype}/{}", isa_name(isa));
+                group.bench_function(BenchmarkId::new(id, name), |b| {
+                    b.iter(|| pool.install(|| attend_on(isa, &SHAPE, &q, q_stride, seqs, &mut out)))
+                });
+            }
         }
     }
     group.finish();

@@ -123,6 +123,56 @@ pub fn attend(
     seqs: &[SeqAttn<'_>],
     out: &mut [f32],
 ) {
+    attend_on(Isa::detect(), shape, q, q_stride, seqs, out);
+}
+
+/// The kernels one call runs on. Every choice gives the same bits (each score, sum and output
+/// is the same chain of operations in the same order; only how many run side by side differs),
+/// so a machine's choice never changes what the prefix store's exactness rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable loops (and the AVX2 kernels where the CPU has them): queries 8 to a group.
+    Avx2,
+    /// 512-bit kernels for the prefill scores and the value sums: queries 16 to a group.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs: AVX-512 F beside the AVX2 + FMA + F16C the rest needs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if simd() && std::arch::is_x86_feature_detected!("avx512f") {
+            return Self::Avx512;
+        }
+        Self::Avx2
+    }
+
+    /// Queries per group in the packed query buffer.
+    fn lanes(self) -> usize {
+        match self {
+            Self::Avx2 => LANES,
+            Self::Avx512 => 2 * LANES,
+        }
+    }
+}
+
+/// [`attend`] on the kernels of `isa`, which the CPU must have ([`Isa::detect`] or narrower):
+/// for benchmarks and tests that set the paths side by side.
+///
+/// # Panics
+/// As [`attend`], and when `isa` is wider than this CPU.
+pub fn attend_on(
+    isa: Isa,
+    shape: &AttnShape,
+    q: &[f32],
+    q_stride: usize,
+    seqs: &[SeqAttn<'_>],
+    out: &mut [f32],
+) {
+    assert!(
+        isa == Isa::Avx2 || Isa::detect() == isa,
+        "{isa:?} kernels on a CPU without them"
+    );
     let (nh, hd) = (shape.n_head, shape.head_dim);
     let width = nh * hd;
     let rows: usize = seqs.iter().map(|s| s.off + s.len).max().unwrap_or(0);
@@ -160,7 +210,7 @@ pub fn attend(
         SCRATCH.with(|scratch| {
             let scratch = &mut scratch.borrow_mut();
             // SAFETY: the task's (row, head) cells are its own; bounds were checked above.
-            unsafe { run_task(shape, q, q_stride, &seqs[t.seq], *t, ptr, scratch) }
+            unsafe { run_task(isa, shape, q, q_stride, &seqs[t.seq], *t, ptr, scratch) }
         })
     };
     if macs < MIN_PAR_MACS || rayon::current_num_threads() == 1 {
@@ -176,7 +226,9 @@ pub fn attend(
 /// `out` points at a `[rows, n_head * head_dim]` buffer covering `s`'s rows, whose cells of
 /// (these rows, these heads) no other live task touches; `q` and `s.kv` were bounds-checked by
 /// [`attend`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn run_task(
+    isa: Isa,
     shape: &AttnShape,
     q: &[f32],
     q_stride: usize,
@@ -190,7 +242,10 @@ unsafe fn run_task(
     let width = nh * hd;
     // Query vector r = i * group + g: row t.r0 + i, head t.kvh * group + g.
     let m = t.n * group;
-    let lane_groups = m.div_ceil(LANES);
+    // Queries packed `w` to a group; the scores keep 8-lane groups (two per packed group at w = 16).
+    let w = isa.lanes();
+    let packed = m.div_ceil(w);
+    let lane_groups = packed * (w / LANES);
     let mp = lane_groups * LANES;
     let first_pos = s.start + t.r0;
     let hi = first_pos + t.n;
@@ -205,14 +260,14 @@ unsafe fn run_task(
     } = scratch;
 
     qt.clear();
-    qt.resize(lane_groups * hd * LANES, 0.0);
+    qt.resize(packed * hd * w, 0.0);
     for i in 0..t.n {
         let row = &q[(s.off + t.r0 + i) * q_stride + t.kvh * group * hd..][..group * hd];
         for (g, head) in row.chunks_exact(hd).enumerate() {
             let r = i * group + g;
-            let dst = &mut qt[(r / LANES) * hd * LANES + r % LANES..];
+            let dst = &mut qt[(r / w) * hd * w + r % w..];
             for (d, &x) in head.iter().enumerate() {
-                dst[d * LANES] = x;
+                dst[d * w] = x;
             }
         }
     }
@@ -251,7 +306,7 @@ unsafe fn run_task(
         let stride = (off + keys).next_multiple_of(KEY_TILE);
         p.clear();
         p.resize(m * stride, 0.0);
-        decode_scores(qt, hd, m, span, shape.scale, p, stride);
+        decode_scores(qt, w, hd, m, span, shape.scale, p, stride);
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
             softmax_row(row, off + first[r] as usize, off + end[r] as usize);
@@ -266,8 +321,31 @@ unsafe fn run_task(
     } else {
         p.clear();
         p.resize(keys * mp, 0.0);
-        scores(qt, hd, lane_groups, span, shape.scale, p, kbuf);
+        scores(isa, qt, hd, lane_groups, span, shape.scale, p, kbuf);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            for c in (0..lane_groups).step_by(2) {
+                let lanes = c * LANES..(c + 2) * LANES;
+                assert!(keys == 0 || (keys - 1) * mp + lanes.end <= p.len());
+                // SAFETY: `Isa::Avx512` only where the CPU has AVX-512 F; every row `j < keys`
+                // holds these 16 lanes (checked above).
+                unsafe {
+                    softmax_avx512(
+                        p,
+                        mp,
+                        c * LANES,
+                        keys,
+                        first[lanes.clone()].try_into().expect("16 lanes"),
+                        end[lanes.clone()].try_into().expect("16 lanes"),
+                        (&mut sums[lanes]).try_into().expect("16 lanes"),
+                    )
+                };
+            }
+        }
         for c in 0..lane_groups {
+            if isa == Isa::Avx512 {
+                break;
+            }
             let lanes = c * LANES..(c + 1) * LANES;
             softmax_lanes(
                 p,
@@ -286,6 +364,7 @@ unsafe fn run_task(
         }
     };
     weighted_values(
+        isa,
         probs,
         s.kv.v,
         head + lo * hd,
@@ -343,7 +422,9 @@ impl KeySpan<'_> {
 /// `r`, each sum one FMA chain over `d` in order (so the same in any lane, block or path). Keys
 /// (f16) are widened a tile at a time into `kbuf` (`[hd][KEY_TILE]`) or (f32) read in place; a
 /// tile stays in L1 while every query passes over it.
+#[allow(clippy::too_many_arguments)]
 fn scores(
+    isa: Isa,
     qt: &[f32],
     hd: usize,
     lane_groups: usize,
@@ -354,6 +435,7 @@ fn scores(
 ) {
     assert!(qt.len() >= lane_groups * hd * LANES && kbuf.len() >= KEY_TILE * hd);
     assert!(p.len() >= span.keys * lane_groups * LANES);
+    assert!(isa == Isa::Avx2 || lane_groups.is_multiple_of(2));
     let mp = lane_groups * LANES;
     for (t0, a, b) in span.tiles() {
         // f32 tiles are read in place.
@@ -365,6 +447,13 @@ fn scores(
             }
         };
         let (j0, kn, lane0) = (a - span.lo, b - a, a - t0);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            // SAFETY: `Isa::Avx512` is only chosen where the CPU has AVX-512 F; the buffer
+            // sizes were checked above (`qt` packed 16 to a group), `lane0 + kn <= KEY_TILE`.
+            unsafe { scores_avx512(qt, hd, lane_groups / 2, kt, lane0, j0, kn, scale, p) };
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA; the buffer sizes were checked above, and
@@ -474,6 +563,98 @@ unsafe fn scores_avx2(
     }
 }
 
+/// [`scores_avx2`] with 16 queries to a register (`qt` packed `[group][hd][16]`, `groups` of
+/// them): up to 3 groups × 8 keys per pass, 24 accumulators fed per `d` by 3 query loads and 8 key
+/// broadcasts. Each score is the same FMA chain over `d` as the other paths, so the same bits.
+///
+/// # Safety
+/// AVX-512 F present; `qt` holds `groups * hd * 16` values, `k` a widened tile, `p` rows of
+/// `groups * 16` for keys `j0..j0 + kn`; `1 <= kn`, `lane0 + kn <= KEY_TILE`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_avx512(
+    qt: &[f32],
+    hd: usize,
+    groups: usize,
+    k: &[f32],
+    lane0: usize,
+    j0: usize,
+    kn: usize,
+    scale: f32,
+    p: &mut [f32],
+) {
+    let mut c = 0;
+    while c < groups {
+        let g = (groups - c).min(3);
+        let args = (qt, hd, groups, k, lane0, j0, kn, scale, &mut *p, c);
+        // SAFETY: forwarded; groups c..c + g exist.
+        unsafe {
+            match g {
+                1 => scores_avx512_pass::<1>(args),
+                2 => scores_avx512_pass::<2>(args),
+                _ => scores_avx512_pass::<3>(args),
+            }
+        }
+        c += g;
+    }
+}
+
+/// Arguments of [`scores_avx512_pass`]: those of [`scores_avx512`] and the first group `c`.
+#[cfg(target_arch = "x86_64")]
+type Scores512Args<'a> = (
+    &'a [f32],
+    usize,
+    usize,
+    &'a [f32],
+    usize,
+    usize,
+    usize,
+    f32,
+    &'a mut [f32],
+    usize,
+);
+
+/// Groups `c..c + G` of [`scores_avx512`] against the tile's keys.
+///
+/// # Safety
+/// As [`scores_avx512`], and `c + G <= groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512_pass<const G: usize>(a: Scores512Args<'_>) {
+    use std::arch::x86_64::*;
+    let (qt, hd, groups, k, lane0, j0, kn, scale, p, c) = a;
+    const W: usize = 2 * LANES;
+    assert!(c + G <= groups && qt.len() >= groups * hd * W && k.len() >= hd * KEY_TILE);
+    assert!(kn >= 1 && lane0 + kn <= KEY_TILE && p.len() >= (j0 + kn) * groups * W);
+    let mp = groups * W;
+    let sc = _mm512_set1_ps(scale);
+    // A partial tile repeats its last key; those scores are not stored.
+    let kl: [usize; KEYS] = std::array::from_fn(|kk| lane0 + kk.min(kn - 1));
+    let kb = k.as_ptr();
+    let qs: [*const f32; G] = std::array::from_fn(|g| qt[(c + g) * hd * W..].as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); KEYS]; G];
+    for d in 0..hd {
+        // SAFETY: d < hd: within the query groups and within the tile (checked above).
+        unsafe {
+            let qd: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(qs[g].add(d * W)));
+            for kk in 0..KEYS {
+                let kd = _mm512_set1_ps(*kb.add(d * KEY_TILE + kl[kk]));
+                for g in 0..G {
+                    acc[g][kk] = _mm512_fmadd_ps(qd[g], kd, acc[g][kk]);
+                }
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        for (kk, a) in acc.iter().enumerate().take(kn) {
+            let dst = p[(j0 + kk) * mp + (c + g) * W..][..W].as_mut_ptr();
+            // SAFETY: 16 floats in bounds (slice above).
+            unsafe { _mm512_storeu_ps(dst, _mm512_mul_ps(*a, sc)) };
+        }
+    }
+}
+
 /// Whether the keys-in-lanes kernels may run: AVX2, FMA and F16C (they read half-precision keys
 /// and values straight from the cache).
 fn simd() -> bool {
@@ -510,8 +691,10 @@ macro_rules! by_queries {
 /// `d` as in [`scores`] (`q·k + acc` either way), so the same bits. Keys are read straight from
 /// the cache's tiles (widened on load for f16): with at most 4 queries per key, copying a tile
 /// out first cost more than the full lanes saved.
+#[allow(clippy::too_many_arguments)]
 fn decode_scores(
     qt: &[f32],
+    w: usize,
     hd: usize,
     m: usize,
     span: KeySpan<'_>,
@@ -521,7 +704,7 @@ fn decode_scores(
 ) {
     let base = span.lo / KEY_TILE * KEY_TILE;
     let end = span.lo + span.keys;
-    assert!((1..=DECODE_QUERIES).contains(&m) && qt.len() >= hd * LANES);
+    assert!((1..=DECODE_QUERIES).contains(&m) && m <= w && qt.len() >= hd * w);
     assert!(p.len() >= m * stride && base + stride >= end);
     assert!(span.k.len() >= span.head + end.next_multiple_of(KEY_TILE) * hd);
     #[cfg(target_arch = "x86_64")]
@@ -530,6 +713,7 @@ fn decode_scores(
         let (k, half) = raw(span.k);
         let args = (
             qt.as_ptr(),
+            w,
             hd,
             k,
             span.head,
@@ -546,7 +730,7 @@ fn decode_scores(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qt, hd, m, span, scale, p, stride);
+        let _ = (qt, w, hd, m, span, scale, p, stride);
         unreachable!("keys in lanes runs only where simd() holds");
     }
 }
@@ -582,11 +766,13 @@ unsafe fn load8<const HALF: bool>(base: *const u8, i: usize) -> std::arch::x86_6
     }
 }
 
-/// Arguments of [`decode_scores_avx2`]: queries (lane group 0), `hd`, key buffer, offset of the
-/// head in it, first tile's position, end of the span, scale, scores, row stride.
+/// Arguments of [`decode_scores_avx2`]: queries (lane group 0), queries per group, `hd`, key
+/// buffer, offset of the head in it, first tile's position, end of the span, scale, scores, row
+/// stride.
 #[cfg(target_arch = "x86_64")]
 type DecodeArgs = (
     *const f32,
+    usize,
     usize,
     *const u8,
     usize,
@@ -607,7 +793,7 @@ type DecodeArgs = (
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
     use std::arch::x86_64::*;
-    let (qt, hd, k, head, base, end, scale, p, stride) = a;
+    let (qt, w, hd, k, head, base, end, scale, p, stride) = a;
     const MAX_TILES: usize = 8;
     let tiles = (MAX_TILES / M).clamp(2, MAX_TILES);
     let sc = _mm256_set1_ps(scale);
@@ -628,7 +814,7 @@ unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
                     }
                 });
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let qd = _mm256_broadcast_ss(&*qt.add(d * LANES + r));
+                    let qd = _mm256_broadcast_ss(&*qt.add(d * w + r));
                     for i in 0..tiles {
                         acc[i] = _mm256_fmadd_ps(qd, kd[i], acc[i]);
                     }
@@ -804,6 +990,84 @@ unsafe fn softmax_avx2(
     }
 }
 
+/// [`softmax_avx2`] on 16 lanes: the same operations lane by lane (so the same bits), masks
+/// in mask registers.
+///
+/// # Safety
+/// AVX-512 F present; `(keys - 1) * mp + at + 16 <= p.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(
+    p: &mut [f32],
+    mp: usize,
+    at: usize,
+    keys: usize,
+    first: [u32; 2 * LANES],
+    end: [u32; 2 * LANES],
+    sums: &mut [f32; 2 * LANES],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: per the contract, every load and store below is in bounds.
+    unsafe {
+        let f = _mm512_loadu_si512(first.as_ptr().cast());
+        let e = _mm512_loadu_si512(end.as_ptr().cast());
+        let valid = |j: usize| {
+            let j = _mm512_set1_epi32(j as i32);
+            _mm512_cmple_epi32_mask(f, j) & _mm512_cmpgt_epi32_mask(e, j)
+        };
+        let base = p.as_mut_ptr().add(at);
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in 0..keys {
+            let x = _mm512_loadu_ps(base.add(j * mp));
+            max = _mm512_mask_max_ps(max, valid(j), max, x);
+        }
+        let mut sum = _mm512_setzero_ps();
+        for j in 0..keys {
+            let x = base.add(j * mp);
+            let y =
+                _mm512_maskz_mov_ps(valid(j), exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x), max)));
+            _mm512_storeu_ps(x, y);
+            sum = _mm512_add_ps(sum, y);
+        }
+        _mm512_storeu_ps(sums.as_mut_ptr(), sum);
+    }
+}
+
+/// [`exp_one`] on 16 lanes, operation for operation (so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let lim = _mm512_set1_ps(-87.0);
+    let a = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lim),
+        lim,
+        _mm512_min_ps(x, _mm512_setzero_ps()),
+    );
+    let round = _mm512_set1_ps(ROUND);
+    let n = _mm512_sub_ps(
+        _mm512_add_ps(_mm512_mul_ps(a, _mm512_set1_ps(LOG2E)), round),
+        round,
+    );
+    let r = _mm512_sub_ps(
+        _mm512_sub_ps(a, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
+        _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
+    );
+    let mut q = _mm512_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(c));
+    }
+    let e = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(q, r), r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvttps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(e, _mm512_castsi512_ps(bits))
+}
+
 /// All-ones lanes where `first <= j < end` (both softmaxes' key masks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -877,6 +1141,7 @@ impl Probs<'_> {
 /// tile is widened once into `vbuf` (`[V_TILE][hd]`) and read from there.
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(
+    isa: Isa,
     p: Probs<'_>,
     v: KvRows<'_>,
     base: usize,
@@ -905,8 +1170,47 @@ fn weighted_values(
                 v.widen(base + t0 * hd, &mut vbuf[..(t1 - t0) * hd]);
                 (vbuf.as_ptr().cast(), false, 0)
             };
+            let span = |r: usize| ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
+            if isa == Isa::Avx512 {
+                // Up to 4 queries at once over the keys all of them see (16 independent FMA
+                // chains); the keys only some see before and after, one query at a time, so each
+                // output's chain still runs over its keys in order.
+                let one = |o: &mut [f32], r: usize, a: usize, b: usize| {
+                    if a < b {
+                        let args = (p, r, src, at, t0, hd, a, b, &mut o[r * hd..(r + 1) * hd]);
+                        // SAFETY: AVX-512 F present (`Isa::Avx512`); t0 <= a < b <= t1 <= keys
+                        // and r < m keep every access in bounds (checked above: values `at..at +
+                        // (t1 - t0) * hd` lie in `v`, or in `vbuf` when widened); hd % 64 == 0.
+                        unsafe { values_avx512_dispatch::<1>(half, args) }
+                    }
+                };
+                let mut r = 0;
+                while r < m {
+                    let q = (m - r).min(4);
+                    let a = (r..r + q).map(|r| span(r).0).max().unwrap_or(t1);
+                    let b = (r..r + q).map(|r| span(r).1).min().unwrap_or(t0);
+                    if q == 1 || a >= b {
+                        (r..r + q).for_each(|r| one(o, r, span(r).0, span(r).1));
+                        r += q;
+                        continue;
+                    }
+                    (r..r + q).for_each(|r| one(o, r, span(r).0, a));
+                    let args = (p, r, src, at, t0, hd, a, b, &mut o[r * hd..(r + q) * hd]);
+                    // SAFETY: as in `one`, for queries r..r + q < m whose outputs `o` covers.
+                    unsafe {
+                        match q {
+                            2 => values_avx512_dispatch::<2>(half, args),
+                            3 => values_avx512_dispatch::<3>(half, args),
+                            _ => values_avx512_dispatch::<4>(half, args),
+                        }
+                    }
+                    (r..r + q).for_each(|r| one(o, r, b, span(r).1));
+                    r += q;
+                }
+                continue;
+            }
             for r in 0..m {
-                let (a, b) = ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
+                let (a, b) = span(r);
                 if a >= b {
                     continue;
                 }
@@ -985,6 +1289,69 @@ unsafe fn values_avx2<const HALF: bool>(args: ValuesArgs<'_, '_>) {
             }
             for (i, acc) in acc.iter().enumerate() {
                 _mm256_storeu_ps(op.add(8 * i), *acc);
+            }
+        }
+    }
+}
+
+/// [`values_avx512`] for f16 (`half`) or f32 values.
+///
+/// # Safety
+/// As [`values_avx512`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn values_avx512_dispatch<const Q: usize>(half: bool, args: ValuesArgs<'_, '_>) {
+    // SAFETY: forwarded.
+    unsafe {
+        if half {
+            values_avx512::<Q, true>(args)
+        } else {
+            values_avx512::<Q, false>(args)
+        }
+    }
+}
+
+/// [`values_avx2`] in 512-bit registers for `Q` queries `r..r + Q` at once, whose outputs lie
+/// one after another in `o` (`Q * hd` values): per key, 64 values loaded once into 4 registers
+/// feed `Q` × 4 independent FMA chains (one query's 4 chains alone wait on the FMA latency).
+/// Each output is the same fused chain over `j` as on the other paths, so the same bits.
+///
+/// # Safety
+/// As [`values_avx2`] for each of the `Q` queries, with AVX-512 F present and
+/// `o.len() == Q * hd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_avx512<const Q: usize, const HALF: bool>(args: ValuesArgs<'_, '_>) {
+    use std::arch::x86_64::*;
+    let (p, r, v, at, t0, hd, a, b, o) = args;
+    assert!(o.len() == Q * hd);
+    for d0 in (0..hd).step_by(64) {
+        // SAFETY: per the contract, every offset below is in bounds.
+        unsafe {
+            let op: [*mut f32; Q] = std::array::from_fn(|q| o.as_mut_ptr().add(q * hd + d0));
+            let mut acc: [[__m512; 4]; Q] = std::array::from_fn(|q| {
+                std::array::from_fn(|i| _mm512_loadu_ps(op[q].add(16 * i)))
+            });
+            for j in a..b {
+                let w: [__m512; Q] =
+                    std::array::from_fn(|q| _mm512_set1_ps(*p.p.as_ptr().add(p.at(j, r + q))));
+                let vj = at + (j - t0) * hd + d0;
+                // One load per `i` feeds every query's chain `i`: an index loop over both.
+                #[allow(clippy::needless_range_loop)]
+                for i in 0..4 {
+                    let x = if HALF {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(v.cast::<u16>().add(vj + 16 * i).cast()))
+                    } else {
+                        _mm512_loadu_ps(v.cast::<f32>().add(vj + 16 * i))
+                    };
+                    for q in 0..Q {
+                        acc[q][i] = _mm512_fmadd_ps(w[q], x, acc[q][i]);
+                    }
+                }
+            }
+            for q in 0..Q {
+                for (i, acc) in acc[q].iter().enumerate() {
+                    _mm512_storeu_ps(op[q].add(16 * i), *acc);
+                }
             }
         }
     }
@@ -1376,6 +1743,85 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The 512-bit kernels give the AVX2 kernels' bits (a machine's choice must not change an
+    /// output): ragged batches of prefill chunks and decode rows, f16 and f32 caches, group sizes
+    /// 3, 4 and 1, a sliding window, head widths 64 and 256.
+    #[test]
+    fn avx512_kernels_give_the_avx2_bits() {
+        if Isa::detect() != Isa::Avx512 {
+            eprintln!("skipped: this CPU has no AVX-512 F");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let cases = [
+            (
+                shape(9, 3, 64, None),
+                vec![(700, 40), (900, 1), (0, 17), (31, 3)],
+            ),
+            (shape(4, 1, 256, Some(512)), vec![(600, 33), (5, 1), (0, 9)]),
+            (shape(8, 8, 64, None), vec![(100, 21), (7, 2)]),
+        ];
+        for (shape, batch) in cases {
+            let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
+            let width = nh * hd;
+            let rows: usize = batch.iter().map(|b| b.1).sum();
+            let q: Vec<f32> = (0..rows * width)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let caches: Vec<(usize, Vec<f16>, Vec<f16>)> = batch
+                .iter()
+                .map(|&(st, l)| {
+                    let cap = (st + l).next_multiple_of(KEY_TILE);
+                    let mut g = || -> Vec<f16> {
+                        (0..nkv * cap * hd)
+                            .map(|_| f16::from_f32(rng.random_range(-2.0..2.0)))
+                            .collect()
+                    };
+                    (cap, g(), g())
+                })
+                .collect();
+            let wide: Vec<(Vec<f32>, Vec<f32>)> = caches
+                .iter()
+                .map(|(_, k, v)| (widened(k), widened(v)))
+                .collect();
+            for f32_caches in [false, true] {
+                let mut off = 0;
+                let seqs: Vec<SeqAttn> = batch
+                    .iter()
+                    .zip(caches.iter().zip(&wide))
+                    .map(|(&(start, len), ((capacity, k, v), (k32, v32)))| {
+                        let kv = if f32_caches {
+                            (KvRows::F32(k32), KvRows::F32(v32))
+                        } else {
+                            (KvRows::F16(k), KvRows::F16(v))
+                        };
+                        let s = SeqAttn {
+                            off,
+                            len,
+                            start,
+                            kv: HostLayerView {
+                                k: kv.0,
+                                v: kv.1,
+                                capacity: *capacity,
+                            },
+                        };
+                        off += len;
+                        s
+                    })
+                    .collect();
+                let run = |isa| {
+                    let mut out = vec![f32::NAN; rows * width];
+                    attend_on(isa, &shape, &q, width, &seqs, &mut out);
+                    out
+                };
+                assert!(
+                    bits_equal(&run(Isa::Avx2), &run(Isa::Avx512)),
+                    "{shape:?} {batch:?} (f32 caches: {f32_caches})"
+                );
+            }
+        }
     }
 
     #[test]
