@@ -5,17 +5,20 @@ llama.cpp reference outputs that tests/family_reference.rs compares qnode agains
     python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
     python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
 
-FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | phi3 | mistral (see FAMILIES). `write` is deterministic: the same FAMILY and header give a
-byte-identical file on any machine (weights come from an integer hash of the tensor name, written
-straight as Q8_0 blocks or as F32 values that are exact in binary), so the tests regenerate the file
-llama.cpp ran and check its sha256 against the one recorded in the reference. `reference` needs
-llama.cpp's `llama-server` (only to make the committed JSON; tests never run llama.cpp).
+FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | phi3 | mistral | mistral-nemo (see FAMILIES). `write`
+is deterministic: the same FAMILY and header give a byte-identical file on any machine (weights come
+from an integer hash of the tensor name, written straight as Q8_0 blocks or as F32 values that are
+exact in binary), so the tests regenerate the file llama.cpp ran and check its sha256 against the one
+recorded in the reference. `reference` needs llama.cpp's `llama-server` (only to make the committed
+JSON; tests never run llama.cpp).
 
 The tokenizer (152,064 tokens, 151,387 merges) and the architecture metadata the tiny model keeps
 (RoPE base, RMS epsilon) come from the header of DeepSeek-R1-Distill-Qwen-7B (models/manifest.toml,
 id deepseek-r1-qwen-header: only its first 99 MB are published, but they hold the whole header).
 The full vocabulary is kept, not a synthetic one: the point is to prove the real Qwen tokenizer and
-a 152k-row embedding/head, and at width 64 in Q8_0 that is 10 MB per matrix.
+a 152k-row embedding/head, and at width 64 in Q8_0 that is 10 MB per matrix. mistral and
+mistral-nemo take their vocabularies from mistral-common instead (a SentencePiece model, and the
+tekken tokenizer: models/manifest.toml ids mistral-tokenizer-v3, mistral-tekken).
 """
 import argparse
 import hashlib
@@ -93,6 +96,17 @@ FAMILIES = {
     "mistral": dict(arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
                     ffn=256, tied=False, rope_base=1_000_000.0, rms_eps=1e-5,
                     spm="mistral-tokenizer-v3", template="mistral-v0.3"),
+    # Mistral Nemo (12B, 2407) as GGUF files label it: architecture `llama` with a head width set
+    # apart from the hidden size (Nemo: 32 heads x 128 = 4096 != 5120; here 8 x 16 = 128 != 160,
+    # the same 0.8), GQA by 4 (Nemo: 8 KV heads), RoPE base 1e6, untied head, and the tekken
+    # tokenizer: a tiktoken-style byte-level BPE (`tokenizer.ggml.model = gpt2`, pre `tekken`)
+    # whose first 1,000 ids are reserved control tokens, written as convert_hf_to_gguf.py's
+    # `_set_vocab_mistral` (gguf-py's MistralVocab) writes it, from mistral-common's
+    # tekken_240718.json (models/manifest.toml, id mistral-tekken), with Nemo-Instruct-2407's
+    # [INST] template (no space after [INST]).
+    "mistral-nemo": dict(arch="llama", layers=2, hidden=160, heads=8, kv_heads=2, head_dim=16,
+                         ffn=256, tied=False, rope_base=1_000_000.0, rms_eps=1e-5,
+                         tekken="mistral-tekken", template="mistral-nemo"),
 }
 
 # Mistral-7B-Instruct-v0.3's template (its tokenizer_config.json).
@@ -212,8 +226,107 @@ PHI3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# Mistral-Nemo-Instruct-2407's template (its tokenizer_config.json; llama.cpp keeps a copy as
+# models/templates/mistralai-Mistral-Nemo-Instruct-2407.jinja): v0.3's with no space after
+# [INST], [AVAILABLE_TOOLS], [TOOL_CALLS] and [TOOL_RESULTS], and assistant turns untrimmed.
+MISTRAL_NEMO_TEMPLATE = (
+    '{%- if messages[0]["role"] == "system" %}\n'
+    '    {%- set system_message = messages[0]["content"] %}\n'
+    '    {%- set loop_messages = messages[1:] %}\n'
+    '{%- else %}\n'
+    '    {%- set loop_messages = messages %}\n'
+    '{%- endif %}\n'
+    '{%- if not tools is defined %}\n'
+    '    {%- set tools = none %}\n'
+    '{%- endif %}\n'
+    '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n'
+    '\n'
+    '{#- This block checks for alternating user/assistant messages, skipping tool calling '
+    'messages #}\n'
+    '{%- set ns = namespace() %}\n'
+    '{%- set ns.index = 0 %}\n'
+    '{%- for message in loop_messages %}\n'
+    '    {%- if not (message.role == "tool" or message.role == "tool_results" or '
+    '(message.tool_calls is defined and message.tool_calls is not none)) %}\n'
+    '        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}\n'
+    '            {{- raise_exception("After the optional system message, conversation roles '
+    'must alternate user/assistant/user/assistant/...") }}\n'
+    '        {%- endif %}\n'
+    '        {%- set ns.index = ns.index + 1 %}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '\n'
+    '{{- bos_token }}\n'
+    '{%- for message in loop_messages %}\n'
+    '    {%- if message["role"] == "user" %}\n'
+    '        {%- if tools is not none and (message == user_messages[-1]) %}\n'
+    '            {{- "[AVAILABLE_TOOLS][" }}\n'
+    '            {%- for tool in tools %}\n'
+    '                {%- set tool = tool.function %}\n'
+    '                {{- \'{"type": "function", "function": {\' }}\n'
+    '                {%- for key, val in tool.items() if key != "return" %}\n'
+    '                    {%- if val is string %}\n'
+    '                        {{- \'"\' + key + \'": "\' + val + \'"\' }}\n'
+    '                    {%- else %}\n'
+    '                        {{- \'"\' + key + \'": \' + val|tojson }}\n'
+    '                    {%- endif %}\n'
+    '                    {%- if not loop.last %}\n'
+    '                        {{- ", " }}\n'
+    '                    {%- endif %}\n'
+    '                {%- endfor %}\n'
+    '                {{- "}}" }}\n'
+    '                {%- if not loop.last %}\n'
+    '                    {{- ", " }}\n'
+    '                {%- else %}\n'
+    '                    {{- "]" }}\n'
+    '                {%- endif %}\n'
+    '            {%- endfor %}\n'
+    '            {{- "[/AVAILABLE_TOOLS]" }}\n'
+    '            {%- endif %}\n'
+    '        {%- if loop.last and system_message is defined %}\n'
+    '            {{- "[INST]" + system_message + "\\n\\n" + message["content"] + "[/INST]" }}\n'
+    '        {%- else %}\n'
+    '            {{- "[INST]" + message["content"] + "[/INST]" }}\n'
+    '        {%- endif %}\n'
+    '    {%- elif (message.tool_calls is defined and message.tool_calls is not none) %}\n'
+    '        {{- "[TOOL_CALLS][" }}\n'
+    '        {%- for tool_call in message.tool_calls %}\n'
+    '            {%- set out = tool_call.function|tojson %}\n'
+    '            {{- out[:-1] }}\n'
+    '            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}\n'
+    '                {{- raise_exception("Tool call IDs should be alphanumeric strings with '
+    'length 9!") }}\n'
+    '            {%- endif %}\n'
+    '            {{- \', "id": "\' + tool_call.id + \'"}\' }}\n'
+    '            {%- if not loop.last %}\n'
+    '                {{- ", " }}\n'
+    '            {%- else %}\n'
+    '                {{- "]" + eos_token }}\n'
+    '            {%- endif %}\n'
+    '        {%- endfor %}\n'
+    '    {%- elif message["role"] == "assistant" %}\n'
+    '        {{- message["content"] + eos_token}}\n'
+    '    {%- elif message["role"] == "tool_results" or message["role"] == "tool" %}\n'
+    '        {%- if message.content is defined and message.content.content is defined %}\n'
+    '            {%- set content = message.content.content %}\n'
+    '        {%- else %}\n'
+    '            {%- set content = message.content %}\n'
+    '        {%- endif %}\n'
+    '        {{- \'[TOOL_RESULTS]{"content": \' + content|string + ", " }}\n'
+    '        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}\n'
+    '            {{- raise_exception("Tool call IDs should be alphanumeric strings with length '
+    '9!") }}\n'
+    '        {%- endif %}\n'
+    '        {{- \'"call_id": "\' + message.tool_call_id + \'"}[/TOOL_RESULTS]\' }}\n'
+    '    {%- else %}\n'
+    '        {{- raise_exception("Only user and assistant roles are supported, with the '
+    'exception of an initial optional system message!") }}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+)
+
 TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "phi3": PHI3_TEMPLATE,
-             "mistral-v0.3": MISTRAL_V03_TEMPLATE}
+             "mistral-v0.3": MISTRAL_V03_TEMPLATE, "mistral-nemo": MISTRAL_NEMO_TEMPLATE}
 
 # Qwen3's template, reduced to what a chat gateway sends (no tools): ChatML turns, and an empty
 # think block when `enable_thinking` is false.
@@ -244,6 +357,26 @@ TOKENIZE_TEXTS = [
     "<|im_start|>user\nhi<|im_end|>\n",
     "<｜User｜>你好<｜Assistant｜>",
     "   ",
+]
+
+# More strings for the tekken families: where tekken's split differs from the other pre-tokenizers
+# (single digits; an upper-case run then lower case, `McDonald`, `XMLHttpRequest`; llama.cpp's
+# tekken regex counts every letter outside ASCII as both upper and lower case and leaves combining
+# marks out of words, unlike Mistral's own pattern; `/` and line breaks after punctuation, the one
+# place where qwen2's regex gives other ids on this vocabulary: the last string), non-Latin
+# scripts, and the control tokens tekken reserves ids 0..999 for.
+TEKKEN_TEXTS = [
+    "McDonald's iPhone XMLHttpRequest HTTPServer camelCaseWord ALLCAPS iOS",
+    "ÉCOLE École éA Ωμέγα ΑΘΗΝΑ Straße СЛОВО слово ǅemal aÉb żÓłw dasHAUS",
+    "cafe\u0301 e\u0301E\u0301 नमस्ते दुनिया ภาษาไทย",
+    "مرحبا بالعالم שָׁלוֹם עולם",
+    "3.14159 1,000,000 ٣٤٥ ①②③ 12345678901234567890 v2.0.1-rc3",
+    "path/to/file.rs // comment /* c */ a/b\n/c http://x.y/z?q=1&r=2",
+    "a    b\t\t\tc \n \n  d   \u3000\u3000e\u00a0\u00a0f\r\n\r\n\n",
+    "x+=1;\n\n\n    return {a:[1,2]}; // 😀👍🏽",
+    "[INST]hi[/INST]</s><s>[TOOL_CALLS]<SPECIAL_20>[IMG]<pad>",
+    "<unk>text<SPECIAL_999> [INST] spaced [/INST] <s",
+    "end.\n// next;\n/* c */\n/x",
 ]
 
 PROMPTS = [
@@ -381,6 +514,86 @@ def spm_vocab(model_id):
         # are GGUF's numbers; the converter does not test for user-defined pieces.
         types.append(kind if kind in (2, 3, 5, 6) else 1)
     return tokens, scores, types
+
+
+# --- reading a tekken tokenizer ---------------------------------------------------------------
+
+TEKKEN_FILES = {"mistral-tekken": "tekken_240718.json"}
+
+# The control tokens of a tekken file that lists none (version v3 and older, as tekken_240718.json):
+# mistral-common's `Tekkenizer.DEPRECATED_SPECIAL_TOKENS`, ids 0..19; ids 20 up to
+# `default_num_special_tokens` are `<SPECIAL_{id}>` fillers.
+TEKKEN_DEFAULT_SPECIALS = [
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+]
+
+
+def _byte_chars():
+    """GPT-2's byte -> printable character map (bytes_to_unicode)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = [""] * 256
+    for b, c in zip(bs, cs):
+        table[b] = chr(c)
+    return table
+
+
+def tekken_vocab(model_id):
+    """Tokens, GGUF token types, merges and (bos, eos, unk, pad) ids of a tekken tokenizer, as
+    gguf-py's MistralVocab and convert_hf_to_gguf.py's `_set_vocab_mistral` write them: the
+    `default_num_special_tokens` control tokens first (type CONTROL), then the first
+    `default_vocab_size - default_num_special_tokens` ranked byte sequences as GPT-2 byte-level
+    strings (type NORMAL); the merges reconstructed from the ranks (MistralVocab's
+    `extract_vocab_merges_from_model`): for each token from rank 256 up, every split into two
+    ranked halves, ordered by the halves' ranks, tokens in rank order. Read from the JSON directly
+    so that the tests need neither mistral-common nor tiktoken."""
+    import base64
+    path = os.path.join(HERE, "..", "models", model_id, TEKKEN_FILES[model_id])
+    if not os.path.exists(path):
+        sys.exit(f"{path} is missing: run `python3 models/fetch.py {model_id}`")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    config = data["config"]
+    n_special = config["default_num_special_tokens"]
+    n_inner = config["default_vocab_size"] - n_special
+    listed = data.get("special_tokens")
+    if listed is None:
+        specials = list(TEKKEN_DEFAULT_SPECIALS)
+    else:
+        specials = [t["token_str"] for t in sorted(listed, key=lambda t: t["rank"])]
+    specials += [f"<SPECIAL_{i}>" for i in range(len(specials), n_special)]
+    inner = []
+    for i, entry in enumerate(data["vocab"][:n_inner]):
+        assert entry["rank"] == i
+        inner.append(base64.b64decode(entry["token_bytes"]))
+    ranks = {b: i for i, b in enumerate(inner)}
+    assert len(ranks) == n_inner and all(inner[i] == bytes([i]) for i in range(256))
+
+    chars = _byte_chars()
+    text = lambda b: "".join(chars[x] for x in b)
+    merges = []
+    for i in range(256, n_inner):
+        token = inner[i]
+        splits = sorted((ranks[token[:j]], ranks[token[j:]], j) for j in range(1, len(token))
+                        if token[:j] in ranks and token[j:] in ranks)
+        if not splits:
+            sys.exit(f"{path}: no merge makes the token of rank {i}")
+        merges += [f"{text(token[:j])} {text(token[j:])}" for _, _, j in splits]
+    tokens = specials + [text(b) for b in inner]
+    types = [3] * n_special + [1] * n_inner
+    special_id = {t: i for i, t in enumerate(specials)}
+    ids = tuple(special_id[t] for t in ("<s>", "</s>", "<unk>", "<pad>"))
+    return tokens, types, merges, ids
 
 
 # --- deterministic weights --------------------------------------------------------------------
@@ -585,6 +798,29 @@ def write_family(family, out, header):
         w.add_add_eos_token(False)
         w.add_chat_template(TEMPLATES[cfg["template"]])
         kv = []
+    if "tekken" in cfg:
+        # What `_set_vocab_mistral` writes for a tekken tokenizer, in its order: scores are the
+        # int 0 it yields for every token (so an INT32 array; llama.cpp ignores scores for gpt2
+        # vocabularies), add_bos true, add_eos false. The template is Nemo-Instruct-2407's own
+        # Jinja (what a file converted from the Hugging Face checkpoint carries) instead of the
+        # name `mistral-v3-tekken` the converter writes for Mistral-format checkpoints.
+        tokens, types, merges, (bos, eos, unk, pad) = tekken_vocab(cfg["tekken"])
+        vocab = len(tokens)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("tekken")
+        w.add_token_merges(merges)
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(eos)
+        w.add_unk_token_id(unk)
+        w.add_pad_token_id(pad)
+        w.add_token_list(tokens)
+        w.add_token_scores([0] * vocab)
+        w.add_token_types(types)
+        w.add_vocab_size(vocab)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(TEMPLATES[cfg["template"]])
+        kv = []
     for key, t, sub, value in kv:
         if not key.startswith("tokenizer."):
             continue
@@ -736,7 +972,7 @@ def reference(family, out, header, llama_bin):
         with _Server(model, 2048, llama_bin, log) as port:
             tokenize = [{"text": t, "ids": _post(port, "/tokenize",
                                                  {"content": t, "add_special": False})["tokens"]}
-                        for t in TOKENIZE_TEXTS]
+                        for t in TOKENIZE_TEXTS + (TEKKEN_TEXTS if "tekken" in cfg else [])]
             greedy = _greedy(port)
             chats = []
             # Qwen3's template reads `enable_thinking`: record both settings.

@@ -1,9 +1,10 @@
 //! The families beyond SmolLM2/gemma3 (qwen2, qwen3, Llama 3 style `llama`, phi3, Mistral style
 //! `llama`) against llama.cpp, on tiny random-weight GGUF files that carry the real Qwen tokenizer
 //! (152,064 tokens; llama3 and phi3 with their own control tokens and pre-tokenizer) or, for
-//! mistral, mistral-common's v3 SentencePiece vocabulary (32,768 pieces), and each family's
-//! metadata: Llama 3.1's `rope_freqs.weight`, Phi-3's fused matrices, partial rotary and
-//! su/longrope, YaRN on qwen2 (`qwen2-yarn`), Mistral v0.3's [INST] template.
+//! mistral, mistral-common's v3 SentencePiece vocabulary (32,768 pieces), for mistral-nemo its
+//! tekken byte-level BPE (131,072 tokens, pre `tekken`), and each family's metadata: Llama 3.1's
+//! `rope_freqs.weight`, Phi-3's fused matrices, partial rotary and su/longrope, YaRN on qwen2
+//! (`qwen2-yarn`), Mistral v0.3's and Nemo's [INST] templates.
 //!
 //! `scripts/tiny_family.py write FAMILY` regenerates the exact file llama.cpp ran (its sha256 is in
 //! the reference, so a changed generator fails here rather than comparing against another model);
@@ -101,6 +102,22 @@ fn bounds(family: &str) -> Bounds {
             min_close_prompts: 0.0,
             logprob_tol: f64::INFINITY,
         }
+    } else if family == "mistral-nemo" {
+        // Measured: greedy 117/120 exact (gaps <= 0.08 logits), but in no prompt within
+        // `CLOSE_TOL` throughout (largest 0.40), and the prefill's output off by up to 0.085 in
+        // one prompt. Not a Nemo-specific error, as far as variants of the tiny model show (same
+        // tekken vocabulary, run once through llama.cpp, not committed): 8 heads of 16 at width
+        // 128 agree to 2e-4 at every position of 5/5 prompts, 4 heads of 32 with one KV head at
+        // width 160 (this model's head width apart from the hidden size) to 1e-4 in 3/5, and
+        // qnode's own host and candle paths differ by up to 0.28 on some of these variants: how
+        // close a prompt comes is how its rounding falls on these random weights.
+        Bounds {
+            tie_margin: TIE_MARGIN,
+            min_exact: MIN_EXACT,
+            first_tol: 0.15,
+            min_close_prompts: 0.0,
+            logprob_tol: LOGPROB_TOL,
+        }
     } else if wide {
         Bounds {
             tie_margin: 0.6,
@@ -135,6 +152,7 @@ fn tiny(family: &'static str) -> &'static Tiny {
     static LLAMA3: OnceLock<Tiny> = OnceLock::new();
     static PHI3: OnceLock<Tiny> = OnceLock::new();
     static MISTRAL: OnceLock<Tiny> = OnceLock::new();
+    static MISTRAL_NEMO: OnceLock<Tiny> = OnceLock::new();
     let cell = match family {
         "qwen2" => &QWEN2,
         "qwen2-yarn" => &QWEN2_YARN,
@@ -142,6 +160,7 @@ fn tiny(family: &'static str) -> &'static Tiny {
         "llama3" => &LLAMA3,
         "phi3" => &PHI3,
         "mistral" => &MISTRAL,
+        "mistral-nemo" => &MISTRAL_NEMO,
         other => panic!("no tiny family {other}"),
     };
     cell.get_or_init(|| {
@@ -192,7 +211,7 @@ fn load(family: &'static str) -> (LoadedModel, &'static Value) {
 /// `general.architecture` of the tiny FAMILY file (Llama 3 files say `llama`).
 fn arch_of(family: &str) -> &str {
     match family {
-        "llama3" | "mistral" => "llama",
+        "llama3" | "mistral" | "mistral-nemo" => "llama",
         "qwen2-yarn" => "qwen2",
         other => other,
     }
@@ -850,4 +869,33 @@ fn mistral_through_the_engine_matches_llama_cpp_text() {
 #[test]
 fn mistral_requantized_from_f32_matches_llama_cpp_greedy() {
     check_requantized_from_f32("mistral");
+}
+
+/// Mistral Nemo style: `llama` with a head width apart from the hidden size and the tekken
+/// tokenizer (mistral-common's tekken_240718.json as convert_hf_to_gguf.py writes it: byte-level
+/// BPE, pre `tekken`, 1,000 reserved control tokens, merges rebuilt from the ranks), with
+/// Nemo-Instruct-2407's [INST] template.
+#[test]
+fn mistral_nemo_tokenizer_matches_llama_cpp() {
+    check_tokenizer("mistral-nemo");
+}
+
+#[test]
+fn mistral_nemo_chat_template_matches_llama_cpp() {
+    check_chat_template("mistral-nemo");
+}
+
+#[test]
+fn mistral_nemo_forward_matches_llama_cpp() {
+    check_forward("mistral-nemo");
+}
+
+#[test]
+fn mistral_nemo_through_the_engine_matches_llama_cpp_text() {
+    check_engine("mistral-nemo");
+}
+
+#[test]
+fn mistral_nemo_requantized_from_f32_matches_llama_cpp_greedy() {
+    check_requantized_from_f32("mistral-nemo");
 }

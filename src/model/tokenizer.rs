@@ -3,8 +3,9 @@
 //!
 //! candle's own `TokenizerFromGguf` is wrong for our models (it adds a prefix space to byte-level BPE
 //! and rejects SentencePiece vocabularies), so the `tokenizers` pipeline is assembled here:
-//! - `gpt2` (byte-level BPE, e.g. SmolLM2): vocab + merges, a pre-tokenizer chosen by
-//!   `tokenizer.ggml.pre`, the ByteLevel decoder.
+//! - `gpt2` (byte-level BPE, e.g. SmolLM2, Qwen, Mistral Nemo's tekken): vocab + merges, a
+//!   pre-tokenizer chosen by `tokenizer.ggml.pre` with llama.cpp's flags for it (tekken: whole-word
+//!   tokens before merges, BOS by default), the ByteLevel decoder.
 //! - `llama` (SentencePiece, e.g. Gemma 3, Mistral 7B): a byte-fallback BPE whose merges are
 //!   derived from the piece scores the way transformers' SentencePiece converter does, `" "` →
 //!   `"▁"` normalization, and llama.cpp's space prefix (on unless the file says
@@ -68,9 +69,19 @@ const TURN_END_TOKENS: &[&str] = &[
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Split regex of llama.cpp's `tekken` pre-tokenizer (Mistral Nemo), verbatim from
+/// `llama-vocab.cpp`. It is not the regex of Mistral's own tokenizer files, which name upper- and
+/// lower-case letters and marks (`[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|...`):
+/// llama.cpp cannot run those classes and writes "upper case" as a letter that is not `a-z` and
+/// "lower case" as a letter that is not `A-Z`. Run on Unicode text this is exactly what llama.cpp
+/// runs on its collapsed text (every non-ASCII letter one placeholder byte, so outside ASCII a
+/// letter is both), and like llama.cpp it leaves combining marks (`\p{M}`) out of words: `é`
+/// written as `e` + U+0301 splits after the `e`.
+const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// `tokenizer.ggml.pre` values the byte-level BPE path supports.
-const SUPPORTED_PRE: &str =
-    "smollm, gpt2, default, llama-bpe, llama3, qwen2, deepseek-r1-qwen, megrez, kormo, f2llmv2";
+const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2, deepseek-r1-qwen, \
+     megrez, kormo, f2llmv2, tekken";
 
 /// Which GGUF tokenizer family a [`GgufTokenizer`] was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,11 +186,10 @@ impl GgufTokenizer {
             None => vec![TYPE_NORMAL; tokens.len()],
         };
         let (mut inner, kind, default_add_bos) = match model {
-            "gpt2" => (
-                build_gpt2(&meta, &tokens)?,
-                TokenizerKind::BytePairGpt2,
-                false,
-            ),
+            "gpt2" => {
+                let (tokenizer, add_bos) = build_gpt2(&meta, &tokens)?;
+                (tokenizer, TokenizerKind::BytePairGpt2, add_bos)
+            }
             "llama" => (
                 build_sentencepiece(&meta, &tokens, &types)?,
                 TokenizerKind::SentencePiece,
@@ -433,8 +443,9 @@ fn vocab_of(tokens: &[&str]) -> Vocab {
     vocab
 }
 
-/// Byte-level BPE (`tokenizer.ggml.model = gpt2`).
-fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError> {
+/// Byte-level BPE (`tokenizer.ggml.model = gpt2`), and whether prompts start with BOS when the file
+/// has no `tokenizer.ggml.add_bos_token` (llama.cpp's default for its pre-tokenizer).
+fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<(Tokenizer, bool), ModelError> {
     let merges = meta
         .string_array("tokenizer.ggml.merges")?
         .into_iter()
@@ -450,12 +461,17 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError>
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("gpt2");
+    // llama.cpp's `tekken` flags: a word that is a whole token is that token, whatever the merges
+    // say (`ignore_merges`, as tiktoken, whose ranks the converter turns into merges), and BOS is
+    // added unless the file says otherwise.
+    let tekken = pre == "tekken";
     let bpe = BPE::builder()
         .vocab_and_merges(vocab_of(tokens), merges)
+        .ignore_merges(tekken)
         .build()
         .map_err(|e| ModelError::Tokenizer(format!("byte-level BPE: {e}")))?;
 
-    let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("gpt2");
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         // GPT-2's own regex, applied by ByteLevel itself.
         "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
@@ -470,6 +486,7 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError>
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "kormo" | "f2llmv2" => {
             regex_then_bytes(QWEN2_REGEX)?
         }
+        "tekken" => regex_then_bytes(TEKKEN_REGEX)?,
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "unsupported tokenizer.ggml.pre `{other}` for a gpt2 tokenizer (supported: {SUPPORTED_PRE})"
@@ -480,7 +497,7 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer, ModelError>
     tokenizer
         .with_pre_tokenizer(Some(pre_tokenizer))
         .with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-    Ok(tokenizer)
+    Ok((tokenizer, tekken))
 }
 
 fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper, ModelError> {
@@ -709,10 +726,9 @@ mod tests {
         }
     }
 
-    /// Mistral Nemo's `tekken` (a tiktoken-style BPE) among them: not run yet, so refused by name.
     #[test]
     fn unknown_pre_is_refused() {
-        for pre in ["mystery", "tekken"] {
+        for pre in ["mystery", "tekken-v2"] {
             let c = tiny_gpt2(vec![("tokenizer.ggml.pre", Value::String(pre.into()))]);
             match GgufTokenizer::from_gguf(&c) {
                 Err(ModelError::Tokenizer(msg)) => assert!(
@@ -722,6 +738,75 @@ mod tests {
                 other => panic!("expected a tokenizer error, got {other:?}"),
             }
         }
+    }
+
+    /// The pieces `text` is split into before BPE (byte ranges of `text`, not byte-level strings).
+    fn split(tok: &GgufTokenizer, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut pre = PreTokenizedString::from(text);
+        tok.inner()
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut pre)
+            .unwrap();
+        pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| text[a..b].to_string())
+            .collect()
+    }
+
+    /// Mistral Nemo's `tekken` split as llama.cpp's regex makes it (the ids against llama.cpp's
+    /// own are in tests/family_reference.rs): case changes split words, digits stand alone, `/`
+    /// and line breaks stay with the punctuation before them, a letter outside ASCII counts as
+    /// lower case (`aÉ` is one word) and combining marks are not letters.
+    #[test]
+    fn tekken_splits_as_llama_cpp() {
+        let c = tiny_gpt2(vec![("tokenizer.ggml.pre", Value::String("tekken".into()))]);
+        let tok = GgufTokenizer::from_gguf(&c).unwrap();
+        assert_eq!(
+            split(&tok, "McDonald's iPhone XMLHttpRequest 2024!\n/x"),
+            [
+                "Mc", "Donald", "'s", " i", "Phone", " XMLHttp", "Request", " ", "2", "0", "2",
+                "4", "!\n/", "x"
+            ]
+        );
+        assert_eq!(
+            split(&tok, "aÉ ÉCOLEs e\u{301}t  \u{3000}日本"),
+            ["aÉ", " ÉCOLEs", " e", "\u{301}t", "  ", "\u{3000}日本"]
+        );
+    }
+
+    /// tekken runs with llama.cpp's `ignore_merges`: a word that is a token is that token even
+    /// when no merge leads to it; other byte-level files merge as their merges say.
+    #[test]
+    fn tekken_takes_whole_word_tokens_and_adds_bos() {
+        let c = |pre: &str| {
+            tiny_gpt2(vec![
+                ("tokenizer.ggml.pre", Value::String(pre.into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    strings(&["<|end|>", "a", "b", "ab", "bab"]),
+                ),
+                (
+                    "tokenizer.ggml.token_type",
+                    Value::Array(vec![
+                        Value::I32(3),
+                        Value::I32(1),
+                        Value::I32(1),
+                        Value::I32(1),
+                        Value::I32(1),
+                    ]),
+                ),
+                ("tokenizer.ggml.bos_token_id", Value::U32(0)),
+            ])
+        };
+        let tekken = GgufTokenizer::from_gguf(&c("tekken")).unwrap();
+        assert_eq!(tekken.encode("bab", false).unwrap(), vec![4]);
+        assert_eq!(tekken.encode("bab", true).unwrap(), vec![0, 4]);
+        assert!(tekken.add_bos());
+        let gpt2 = GgufTokenizer::from_gguf(&c("gpt2")).unwrap();
+        assert_eq!(gpt2.encode("bab", false).unwrap(), vec![2, 3]);
+        assert!(!gpt2.add_bos());
     }
 
     #[test]
