@@ -306,7 +306,7 @@ unsafe fn run_task(
         let stride = (off + keys).next_multiple_of(KEY_TILE);
         p.clear();
         p.resize(m * stride, 0.0);
-        decode_scores(qt, w, hd, m, span, shape.scale, p, stride);
+        decode_scores(isa, qt, w, hd, m, span, shape.scale, p, stride);
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
             softmax_row(row, off + first[r] as usize, off + end[r] as usize);
@@ -693,6 +693,7 @@ macro_rules! by_queries {
 /// out first cost more than the full lanes saved.
 #[allow(clippy::too_many_arguments)]
 fn decode_scores(
+    isa: Isa,
     qt: &[f32],
     w: usize,
     hd: usize,
@@ -726,11 +727,18 @@ fn decode_scores(
         // SAFETY: the CPU has AVX2, FMA and F16C; `qt` holds lane group 0, every tile covering
         // `base..end` lies in the key buffer and every row `r < m` of `p` holds its `stride >=
         // end - base` columns (all checked above).
-        unsafe { by_queries!(decode_scores_avx2, m, half, args) };
+        // `Isa::Avx512` only where the CPU has AVX-512 F.
+        unsafe {
+            if isa == Isa::Avx512 {
+                by_queries!(decode_scores_avx512, m, half, args)
+            } else {
+                by_queries!(decode_scores_avx2, m, half, args)
+            }
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qt, w, hd, m, span, scale, p, stride);
+        let _ = (isa, qt, w, hd, m, span, scale, p, stride);
         unreachable!("keys in lanes runs only where simd() holds");
     }
 }
@@ -825,6 +833,74 @@ unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
                     let t = t0 + i * KEY_TILE;
                     if t < end {
                         _mm256_storeu_ps(p.add(r * stride + t - base), _mm256_mul_ps(*a, sc));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`decode_scores_avx2`] with two tiles (16 keys) per 512-bit register, `2 × clamp(8 / M, 2,
+/// 8)` tiles per step; the same FMA chain per score, so the same bits.
+///
+/// # Safety
+/// As [`decode_scores_avx2`], with AVX-512 F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn decode_scores_avx512<const M: usize, const HALF: bool>(a: DecodeArgs) {
+    use std::arch::x86_64::*;
+    let (qt, w, hd, k, head, base, end, scale, p, stride) = a;
+    const MAX_PAIRS: usize = 8;
+    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS);
+    let sc = _mm512_set1_ps(scale);
+    // SAFETY: per the contract; d < hd keeps every load inside its tile and the query group; a
+    // tile past the span's end is read at the step's first tile and not stored.
+    unsafe {
+        let load16 = |x: usize, y: usize| -> __m512 {
+            if HALF {
+                let lo = _mm_loadu_si128(k.cast::<u16>().add(x).cast());
+                let hi = _mm_loadu_si128(k.cast::<u16>().add(y).cast());
+                _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+            } else {
+                let lo = _mm256_loadu_ps(k.cast::<f32>().add(x));
+                let hi = _mm256_loadu_ps(k.cast::<f32>().add(y));
+                // (`insertf64x4` is AVX-512 F; the f32x8 insert would need DQ.)
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                    _mm256_castps_pd(hi),
+                ))
+            }
+        };
+        for t0 in (base..end).step_by(2 * pairs * KEY_TILE) {
+            let at: [usize; 2 * MAX_PAIRS] = std::array::from_fn(|i| {
+                let t = t0 + i * KEY_TILE;
+                head + if t < end { t } else { t0 } * hd
+            });
+            let mut acc = [[_mm512_setzero_ps(); MAX_PAIRS]; M];
+            for d in 0..hd {
+                let kd: [__m512; MAX_PAIRS] = std::array::from_fn(|i| {
+                    if i < pairs {
+                        load16(at[2 * i] + d * KEY_TILE, at[2 * i + 1] + d * KEY_TILE)
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let qd = _mm512_set1_ps(*qt.add(d * w + r));
+                    for i in 0..pairs {
+                        acc[i] = _mm512_fmadd_ps(qd, kd[i], acc[i]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (i, a) in acc.iter().enumerate().take(pairs) {
+                    let t = t0 + 2 * i * KEY_TILE;
+                    let dst = p.add(r * stride + t - base);
+                    let x = _mm512_mul_ps(*a, sc);
+                    if t + KEY_TILE < end {
+                        _mm512_storeu_ps(dst, x);
+                    } else if t < end {
+                        _mm256_storeu_ps(dst, _mm512_castps512_ps256(x));
                     }
                 }
             }
@@ -1746,8 +1822,9 @@ mod tests {
     }
 
     /// The 512-bit kernels give the AVX2 kernels' bits (a machine's choice must not change an
-    /// output): ragged batches of prefill chunks and decode rows, f16 and f32 caches, group sizes
-    /// 3, 4 and 1, a sliding window, head widths 64 and 256.
+    /// output): ragged batches of prefill chunks and decode rows (1 to 4 query vectors: the
+    /// keys-in-lanes kernels), f16 and f32 caches, group sizes 3, 4 and 1, a sliding window, head
+    /// widths 64 and 256.
     #[test]
     fn avx512_kernels_give_the_avx2_bits() {
         if Isa::detect() != Isa::Avx512 {
@@ -1761,7 +1838,7 @@ mod tests {
                 vec![(700, 40), (900, 1), (0, 17), (31, 3)],
             ),
             (shape(4, 1, 256, Some(512)), vec![(600, 33), (5, 1), (0, 9)]),
-            (shape(8, 8, 64, None), vec![(100, 21), (7, 2)]),
+            (shape(8, 8, 64, None), vec![(100, 21), (7, 2), (300, 1)]),
         ];
         for (shape, batch) in cases {
             let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
