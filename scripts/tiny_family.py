@@ -5,7 +5,8 @@ llama.cpp reference outputs that tests/family_reference.rs compares qnode agains
     python3 scripts/tiny_family.py write FAMILY OUT.gguf [--header FILE]
     python3 scripts/tiny_family.py reference FAMILY OUT.json [--header FILE] [--llama-bin DIR]
 
-FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | phi3 | mistral | mistral-nemo (see FAMILIES). `write`
+FAMILY: qwen2 | qwen2-yarn | qwen3 | llama3 | llama3-no-add-bos | phi3 | mistral | mistral-nemo
+(see FAMILIES). `write`
 is deterministic: the same FAMILY and header give a byte-identical file on any machine (weights come
 from an integer hash of the tensor name, written straight as Q8_0 blocks or as F32 values that are
 exact in binary), so the tests regenerate the file llama.cpp ran and check its sha256 against the one
@@ -108,6 +109,12 @@ FAMILIES = {
                          ffn=256, tied=False, rope_base=1_000_000.0, rms_eps=1e-5,
                          tekken="mistral-tekken", template="mistral-nemo"),
 }
+# The tiny llama3 with no `tokenizer.ggml.add_bos_token` key, tokenizer only (no forward
+# reference). Llama 3's tokenizer_config.json has no add_bos_token (its BOS comes from the
+# post-processor), so a converter that does not read the post-processor writes no key, and
+# llama.cpp then adds BOS by its own default for the `llama-bpe` pre-tokenizer (llama-vocab.cpp:
+# `add_bos = true`, with `ignore_merges`, for every name it maps to LLAMA3).
+FAMILIES["llama3-no-add-bos"] = dict(FAMILIES["llama3"], add_bos=None, tokenizer_only=True)
 
 # Mistral-7B-Instruct-v0.3's template (its tokenizer_config.json).
 MISTRAL_V03_TEMPLATE = (
@@ -835,6 +842,8 @@ def write_family(family, out, header):
         elif key == "tokenizer.ggml.eos_token_id":
             value = cfg["eos"]
         elif key == "tokenizer.ggml.add_bos_token":
+            if cfg["add_bos"] is None:
+                continue
             value = cfg["add_bos"]
         elif key == "tokenizer.chat_template":
             value = TEMPLATES[cfg["template"]]
@@ -973,6 +982,21 @@ def reference(family, out, header, llama_bin):
             tokenize = [{"text": t, "ids": _post(port, "/tokenize",
                                                  {"content": t, "add_special": False})["tokens"]}
                         for t in TOKENIZE_TEXTS + (TEKKEN_TEXTS if "tekken" in cfg else [])]
+            if cfg.get("tokenizer_only"):
+                # The prompts with add_special = true (BOS as llama.cpp decides it), nothing run.
+                extra["tokenize_add_special"] = [
+                    {"text": t, "ids": _post(port, "/tokenize",
+                                             {"content": t, "add_special": True})["tokens"]}
+                    for t in PROMPTS]
+                ref = {"family": family,
+                       "made_with": "scripts/tiny_family.py reference: llama.cpp server /tokenize "
+                                    "with add_special false (tokenize) and true "
+                                    "(tokenize_add_special)",
+                       "gguf_sha256": digest, "config": cfg, "tokenize": tokenize, **extra}
+                with open(out, "w") as f:
+                    json.dump(ref, f, ensure_ascii=False, indent=1)
+                    f.write("\n")
+                return
             greedy = _greedy(port)
             chats = []
             # Qwen3's template reads `enable_thinking`: record both settings.

@@ -13,7 +13,9 @@
 //!
 //! Checks, per family:
 //! - tokenizer ids equal llama.cpp's on a shared string set (CJK, emoji, code, numbers, control
-//!   tokens), and prompt ids with BOS as the file's `add_bos_token` says;
+//!   tokens), and prompt ids with BOS as the file's `add_bos_token` says, or as llama.cpp's
+//!   default for the pre-tokenizer says where a Llama 3 file has no such key
+//!   (`llama3-no-add-bos`, tokenizer only);
 //! - the chat template renders to llama.cpp's prompt ids;
 //! - teacher-forced greedy tokens: at every position llama.cpp's token is our argmax, or within
 //!   `TIE_MARGIN` logits of it (a near-tie, as in tests/model_reference.rs), and most are exact;
@@ -150,6 +152,7 @@ fn tiny(family: &'static str) -> &'static Tiny {
     static QWEN2_YARN: OnceLock<Tiny> = OnceLock::new();
     static QWEN3: OnceLock<Tiny> = OnceLock::new();
     static LLAMA3: OnceLock<Tiny> = OnceLock::new();
+    static LLAMA3_NO_ADD_BOS: OnceLock<Tiny> = OnceLock::new();
     static PHI3: OnceLock<Tiny> = OnceLock::new();
     static MISTRAL: OnceLock<Tiny> = OnceLock::new();
     static MISTRAL_NEMO: OnceLock<Tiny> = OnceLock::new();
@@ -158,6 +161,7 @@ fn tiny(family: &'static str) -> &'static Tiny {
         "qwen2-yarn" => &QWEN2_YARN,
         "qwen3" => &QWEN3,
         "llama3" => &LLAMA3,
+        "llama3-no-add-bos" => &LLAMA3_NO_ADD_BOS,
         "phi3" => &PHI3,
         "mistral" => &MISTRAL,
         "mistral-nemo" => &MISTRAL_NEMO,
@@ -780,6 +784,55 @@ fn qwen3_requantized_from_f32_matches_llama_cpp_greedy() {
 #[test]
 fn llama3_tokenizer_matches_llama_cpp() {
     check_tokenizer("llama3");
+}
+
+/// A Llama 3 file with no `tokenizer.ggml.add_bos_token` (the tiny llama3 without the key,
+/// tokenizer only): llama.cpp adds BOS by its `llama-bpe` default, and so must we (without that
+/// default every prompt here lacked its BOS). The plain ids are the llama3 family's.
+#[test]
+fn llama3_without_add_bos_token_adds_bos_as_llama_cpp() {
+    use candle_core::quantized::gguf_file::Content;
+    use qnode::model::tokenizer::GgufTokenizer;
+    let t = tiny("llama3-no-add-bos");
+    let content = Content::read(&mut std::fs::File::open(&t.path).unwrap()).unwrap();
+    assert!(!content
+        .metadata
+        .contains_key("tokenizer.ggml.add_bos_token"));
+    let tok = GgufTokenizer::from_gguf(&content).unwrap();
+    let bos = t.reference["config"]["bos"].as_u64().unwrap() as u32;
+    let mut failures = Vec::new();
+    for case in t.reference["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap();
+        if got != ids(&case["ids"]) {
+            failures.push(format!("{text:?}: got {got:?}, llama.cpp {}", case["ids"]));
+        }
+    }
+    let with_bos = t.reference["tokenize_add_special"].as_array().unwrap();
+    for case in with_bos {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        assert_eq!(
+            want.first(),
+            Some(&bos),
+            "llama.cpp's ids for {text:?} start with BOS"
+        );
+        let got = tok.encode(text, true).unwrap();
+        if got != want {
+            failures.push(format!(
+                "{text:?} with BOS: got {got:?}, llama.cpp {want:?}"
+            ));
+        }
+    }
+    eprintln!(
+        "[family_reference] llama3 without add_bos_token: {} failures over {} strings and {} \
+         prompts with BOS",
+        failures.len(),
+        t.reference["tokenize"].as_array().unwrap().len(),
+        with_bos.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(tok.add_bos());
 }
 
 #[test]

@@ -4,8 +4,9 @@
 //! candle's own `TokenizerFromGguf` is wrong for our models (it adds a prefix space to byte-level BPE
 //! and rejects SentencePiece vocabularies), so the `tokenizers` pipeline is assembled here:
 //! - `gpt2` (byte-level BPE, e.g. SmolLM2, Qwen, Mistral Nemo's tekken): vocab + merges, a
-//!   pre-tokenizer chosen by `tokenizer.ggml.pre` with llama.cpp's flags for it (tekken: whole-word
-//!   tokens before merges, BOS by default), the ByteLevel decoder.
+//!   pre-tokenizer chosen by `tokenizer.ggml.pre` with llama.cpp's flags for it (Llama 3's
+//!   `llama-bpe` and tekken: whole-word tokens before merges, BOS by default; see `PreFlags`),
+//!   the ByteLevel decoder.
 //! - `llama` (SentencePiece, e.g. Gemma 3, Mistral 7B): a byte-fallback BPE whose merges are
 //!   derived from the piece scores the way transformers' SentencePiece converter does, `" "` →
 //!   `"▁"` normalization, and llama.cpp's space prefix (on unless the file says
@@ -82,6 +83,43 @@ const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}]
 /// `tokenizer.ggml.pre` values the byte-level BPE path supports.
 const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2, deepseek-r1-qwen, \
      megrez, kormo, f2llmv2, tekken";
+
+/// The flags llama.cpp sets for a byte-level BPE pre-tokenizer besides its regex (`llama_vocab`'s
+/// `load`, llama-vocab.cpp), for the `tokenizer.ggml.pre` values qnode accepts:
+///
+/// | pre | llama.cpp type | `ignore_merges` | `add_bos` default |
+/// |---|---|---|---|
+/// | `llama-bpe`, `llama3` | LLAMA3 | yes | yes |
+/// | `tekken` | TEKKEN | yes | yes |
+/// | `default`, `smollm`, `qwen2`, `deepseek-r1-qwen`, `megrez`, `kormo`, `f2llmv2` | DEFAULT, SMOLLM, QWEN2 | no | no |
+/// | `gpt2` (qnode's name when the key is missing; llama.cpp refuses it) | — | no | no |
+///
+/// `dbrx` and `smaug-bpe` run Llama 3's regex in llama.cpp but without these flags, and llama.cpp
+/// also maps `llama-v3`, `falcon3`, `pixtral` and others to LLAMA3; qnode accepts none of those
+/// names. `clean_spaces` is left out: it changes no id, only the text of llama.cpp's
+/// whole-sequence `llama_detokenize` (generated text goes through `token_to_piece`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PreFlags {
+    /// A word the pre-tokenizer splits off that is a whole vocabulary token is that token, whatever
+    /// the merges say (the vocabularies come from tiktoken ranks, whose conversion to merges does
+    /// not reach every token).
+    ignore_merges: bool,
+    /// Prompts start with BOS when the file has no `tokenizer.ggml.add_bos_token` (Llama 3's own
+    /// tokenizer_config.json has no `add_bos_token`: its BOS comes from the post-processor).
+    add_bos: bool,
+}
+
+impl PreFlags {
+    const NONE: PreFlags = PreFlags {
+        ignore_merges: false,
+        add_bos: false,
+    };
+    /// llama.cpp's LLAMA3 and TEKKEN types.
+    const WHOLE_WORDS_AND_BOS: PreFlags = PreFlags {
+        ignore_merges: true,
+        add_bos: true,
+    };
+}
 
 /// Which GGUF tokenizer family a [`GgufTokenizer`] was built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,42 +500,46 @@ fn build_gpt2(meta: &Meta<'_>, tokens: &[&str]) -> Result<(Tokenizer, bool), Mod
         })
         .collect::<Result<Vec<_>, _>>()?;
     let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("gpt2");
-    // llama.cpp's `tekken` flags: a word that is a whole token is that token, whatever the merges
-    // say (`ignore_merges`, as tiktoken, whose ranks the converter turns into merges), and BOS is
-    // added unless the file says otherwise.
-    let tekken = pre == "tekken";
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab_of(tokens), merges)
-        .ignore_merges(tekken)
-        .build()
-        .map_err(|e| ModelError::Tokenizer(format!("byte-level BPE: {e}")))?;
-
-    let pre_tokenizer: PreTokenizerWrapper = match pre {
+    let (pre_tokenizer, flags): (PreTokenizerWrapper, PreFlags) = match pre {
         // GPT-2's own regex, applied by ByteLevel itself.
-        "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+        "gpt2" | "default" => (ByteLevel::new(false, true, true).into(), PreFlags::NONE),
         // Each digit alone, then GPT-2's regex (llama.cpp: `\p{N}` then the GPT-2 pattern).
-        "smollm" => PreSequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
-        "llama-bpe" | "llama3" => regex_then_bytes(LLAMA3_REGEX)?,
+        "smollm" => (
+            PreSequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            PreFlags::NONE,
+        ),
+        "llama-bpe" | "llama3" => (
+            regex_then_bytes(LLAMA3_REGEX)?,
+            PreFlags::WHOLE_WORDS_AND_BOS,
+        ),
         // The names llama.cpp maps to its QWEN2 pre-tokenizer (llama-vocab.cpp).
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "kormo" | "f2llmv2" => {
-            regex_then_bytes(QWEN2_REGEX)?
+            (regex_then_bytes(QWEN2_REGEX)?, PreFlags::NONE)
         }
-        "tekken" => regex_then_bytes(TEKKEN_REGEX)?,
+        "tekken" => (
+            regex_then_bytes(TEKKEN_REGEX)?,
+            PreFlags::WHOLE_WORDS_AND_BOS,
+        ),
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "unsupported tokenizer.ggml.pre `{other}` for a gpt2 tokenizer (supported: {SUPPORTED_PRE})"
             )))
         }
     };
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab_of(tokens), merges)
+        .ignore_merges(flags.ignore_merges)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(format!("byte-level BPE: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer
         .with_pre_tokenizer(Some(pre_tokenizer))
         .with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-    Ok((tokenizer, tekken))
+    Ok((tokenizer, flags.add_bos))
 }
 
 fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper, ModelError> {
@@ -776,37 +818,72 @@ mod tests {
         );
     }
 
-    /// tekken runs with llama.cpp's `ignore_merges`: a word that is a token is that token even
-    /// when no merge leads to it; other byte-level files merge as their merges say.
+    /// The tiny vocabulary plus `bab`, a whole-word token no merge reaches (the only merge is
+    /// `a b`), BOS id 0, with `tokenizer.ggml.pre = pre` and `extra` keys.
+    fn whole_word_vocab(pre: &str, extra: Vec<(&str, Value)>) -> Content {
+        let mut entries = vec![
+            ("tokenizer.ggml.pre", Value::String(pre.into())),
+            (
+                "tokenizer.ggml.tokens",
+                strings(&["<|end|>", "a", "b", "ab", "bab"]),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(vec![
+                    Value::I32(3),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                ]),
+            ),
+            ("tokenizer.ggml.bos_token_id", Value::U32(0)),
+        ];
+        entries.extend(extra);
+        tiny_gpt2(entries)
+    }
+
+    /// llama.cpp's flags per pre-tokenizer (`PreFlags`): Llama 3's `llama-bpe` (also written
+    /// `llama3`) and tekken run with `ignore_merges`, so a word that is a token is that token even
+    /// when no merge leads to it, and add BOS when the file has no `add_bos_token`; every other
+    /// accepted pre merges as its merges say and adds no BOS by default. Fails with either flag
+    /// tied to tekken alone (as before Llama 3 got them), or set for every pre.
     #[test]
-    fn tekken_takes_whole_word_tokens_and_adds_bos() {
-        let c = |pre: &str| {
-            tiny_gpt2(vec![
-                ("tokenizer.ggml.pre", Value::String(pre.into())),
-                (
-                    "tokenizer.ggml.tokens",
-                    strings(&["<|end|>", "a", "b", "ab", "bab"]),
-                ),
-                (
-                    "tokenizer.ggml.token_type",
-                    Value::Array(vec![
-                        Value::I32(3),
-                        Value::I32(1),
-                        Value::I32(1),
-                        Value::I32(1),
-                        Value::I32(1),
-                    ]),
-                ),
-                ("tokenizer.ggml.bos_token_id", Value::U32(0)),
-            ])
-        };
-        let tekken = GgufTokenizer::from_gguf(&c("tekken")).unwrap();
-        assert_eq!(tekken.encode("bab", false).unwrap(), vec![4]);
-        assert_eq!(tekken.encode("bab", true).unwrap(), vec![0, 4]);
-        assert!(tekken.add_bos());
-        let gpt2 = GgufTokenizer::from_gguf(&c("gpt2")).unwrap();
-        assert_eq!(gpt2.encode("bab", false).unwrap(), vec![2, 3]);
-        assert!(!gpt2.add_bos());
+    fn llama3_and_tekken_take_whole_word_tokens_and_add_bos() {
+        for pre in ["llama-bpe", "llama3", "tekken"] {
+            let tok = GgufTokenizer::from_gguf(&whole_word_vocab(pre, vec![])).unwrap();
+            assert_eq!(tok.encode("bab", false).unwrap(), vec![4], "{pre}");
+            assert_eq!(tok.encode("bab", true).unwrap(), vec![0, 4], "{pre}");
+            assert!(tok.add_bos(), "{pre}");
+        }
+        for pre in [
+            "gpt2",
+            "default",
+            "smollm",
+            "qwen2",
+            "deepseek-r1-qwen",
+            "megrez",
+            "kormo",
+            "f2llmv2",
+        ] {
+            let tok = GgufTokenizer::from_gguf(&whole_word_vocab(pre, vec![])).unwrap();
+            assert_eq!(tok.encode("bab", false).unwrap(), vec![2, 3], "{pre}");
+            assert_eq!(tok.encode("bab", true).unwrap(), vec![2, 3], "{pre}");
+            assert!(!tok.add_bos(), "{pre}");
+        }
+    }
+
+    /// The file's `add_bos_token` wins over the pre-tokenizer's default either way, as in
+    /// llama.cpp (the key is read after the pre's flags); `ignore_merges` stays the pre's.
+    #[test]
+    fn add_bos_token_overrides_the_pre_default() {
+        let key = |v| vec![("tokenizer.ggml.add_bos_token", Value::Bool(v))];
+        let llama3 = GgufTokenizer::from_gguf(&whole_word_vocab("llama-bpe", key(false))).unwrap();
+        assert!(!llama3.add_bos());
+        assert_eq!(llama3.encode("bab", true).unwrap(), vec![4]);
+        let qwen2 = GgufTokenizer::from_gguf(&whole_word_vocab("qwen2", key(true))).unwrap();
+        assert!(qwen2.add_bos());
+        assert_eq!(qwen2.encode("bab", true).unwrap(), vec![0, 2, 3]);
     }
 
     #[test]
