@@ -851,7 +851,9 @@ unsafe fn decode_scores_avx512<const M: usize, const HALF: bool>(a: DecodeArgs) 
     use std::arch::x86_64::*;
     let (qt, w, hd, k, head, base, end, scale, p, stride) = a;
     const MAX_PAIRS: usize = 8;
-    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS);
+    // No more pairs per step than the span holds: a short context would rescore padding.
+    let span_pairs = (end - base).div_ceil(2 * KEY_TILE);
+    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS).min(span_pairs.max(1));
     let sc = _mm512_set1_ps(scale);
     // SAFETY: per the contract; d < hd keeps every load inside its tile and the query group; a
     // tile past the span's end is read at the step's first tile and not stored.
