@@ -3,7 +3,7 @@
 //! on the same file, run right after ours so both see the same machine load.
 //!
 //! ```sh
-//! for f in qwen2 qwen2-yarn qwen3 llama3 phi3 mistral; do
+//! for f in qwen2 qwen2-yarn qwen3 llama3 phi3 mistral mistral-nemo; do
 //!     python3 scripts/tiny_family.py write $f /tmp/fam/tiny-$f.gguf
 //! done
 //! FAMILY_DIR=/tmp/fam LLAMA_BENCH=/path/to/llama-bench cargo bench --bench families
