@@ -97,7 +97,7 @@ fn smollm2_conversation_reuses_its_history_and_answers_the_same() {
             "turn {turn}: the response reports the tokens the store served"
         );
         if turn > 0 {
-            // Everything but the new user turn and the tail of the last answer's block.
+            // Everything but the new user turn (and where the answer re-tokenizes otherwise).
             assert!(
                 hit * 2 > prompt,
                 "turn {turn}: only {hit} of {prompt} prompt tokens came from the store"

@@ -11,9 +11,16 @@
 //! the attention reading one contiguous buffer per layer; it costs a memcpy per reused position,
 //! small against the prefill it saves.
 //!
+//! A sequence's tail (its positions after the last whole block) is stored too, as a partial
+//! block under the same parent, and a restore that has matched whole blocks takes the first
+//! tokens of the child block (whole or partial) that agrees longest with the prompt: the next
+//! turn of a conversation resends the previous turn's answer, which rarely ends on a block
+//! boundary, and reusing to the token is what llama.cpp's server does. A partial block is never
+//! extended; one that another child of its parent begins with is dropped as redundant.
+//!
 //! What is stored is exactly what a recompute would produce: only positions the cache holds
-//! (fed through the model, so generated tokens count once they were fed back), only whole
-//! blocks, and only from sequences whose last step completed (a step that failed drops its
+//! (fed through the model, so generated tokens count once they were fed back), and only from
+//! sequences whose last step completed (a step that failed drops its
 //! cache unstored). Keys and values at position `p` depend on the tokens up to `p` alone, in
 //! every layer, sliding-window layers included: the cache keeps every position of every layer
 //! and the window only limits which positions attention reads, so a copied prefix serves any
@@ -88,6 +95,9 @@ pub struct PrefixStore {
 #[derive(Default)]
 struct Inner {
     blocks: HashMap<BlockKey, Block>,
+    /// The children of each parent (`None`: the root), for matching a prompt's tail against
+    /// the first tokens of a child.
+    kids: HashMap<Option<BlockKey>, Vec<BlockKey>>,
     /// Blocks nothing extends, by last use: the eviction order.
     leaves: BTreeSet<(u64, BlockKey)>,
     clock: u64,
@@ -99,6 +109,7 @@ struct Inner {
 
 struct Block {
     parent: Option<BlockKey>,
+    /// `block_tokens` tokens, or fewer for a partial block (a sequence's tail).
     tokens: Box<[u32]>,
     /// Raw values `[layer][k, v][kv_head][block_tokens][head_dim]`, as
     /// `KvCache::read_positions` lays them out.
@@ -178,11 +189,15 @@ impl PrefixStore {
     }
 
     /// Copy the longest stored prefix of `prompt` into the empty `cache` and return its length
-    /// in tokens: whole blocks only, and always at least one prompt token left to prefill (its
-    /// logits start the generation). Counts the prompt in the hit metrics.
+    /// in tokens: whole blocks, then the first tokens of the child block that agrees longest
+    /// with the rest, always leaving at least one prompt token to prefill (its logits start the
+    /// generation). Counts the prompt in the hit metrics.
     pub fn restore(&self, prompt: &[u32], cache: &mut KvCache) -> usize {
-        let usable = prompt.len().saturating_sub(1) / self.block_tokens;
-        let found: Vec<Arc<[u8]>> = if cache.is_empty() && cache.is_host() && usable > 0 {
+        // Tokens that may come from the store: all but the last.
+        let limit = prompt.len().saturating_sub(1);
+        let usable = limit / self.block_tokens;
+        let mut tail: Option<(Arc<[u8]>, usize, usize)> = None;
+        let found: Vec<Arc<[u8]>> = if cache.is_empty() && cache.is_host() && limit > 0 {
             let mut inner = self.lock();
             inner.clock += 1;
             let stamp = inner.clock;
@@ -198,6 +213,22 @@ impl PrefixStore {
                     _ => break,
                 }
                 parent = Some(key);
+            }
+            // The child of the last matched block that agrees longest with the rest.
+            let rest = &prompt[found.len() * self.block_tokens..limit];
+            let best = inner.kids.get(&parent).and_then(|kids| {
+                kids.iter()
+                    .filter_map(|k| {
+                        let b = inner.blocks.get(k)?;
+                        let n = common_prefix(&b.tokens, rest);
+                        (n > 0).then_some((n, *k))
+                    })
+                    .max_by_key(|&(n, _)| n)
+            });
+            if let Some((n, k)) = best {
+                let b = &inner.blocks[&k];
+                tail = Some((Arc::clone(&b.data), b.tokens.len(), n));
+                inner.touch(&k, stamp);
             }
             // Mark the chain used (walked again: the keys are cheap to recompute).
             let mut key = self.root;
@@ -219,6 +250,17 @@ impl PrefixStore {
             }
             restored += self.block_tokens;
         }
+        if let Some((data, stored, n)) = tail {
+            if restored == found.len() * self.block_tokens {
+                match cache.push_positions_prefix(&data, stored, n) {
+                    Ok(()) => restored += n,
+                    Err(_) => {
+                        cache.clear();
+                        restored = 0;
+                    }
+                }
+            }
+        }
         let mut inner = self.lock();
         inner.hit_tokens += restored as u64;
         inner.prompt_tokens += prompt.len() as u64;
@@ -229,21 +271,24 @@ impl PrefixStore {
         restored
     }
 
-    /// Store the whole blocks of `tokens` whose keys and values `cache` holds (its first
-    /// `cache.len()` positions are `tokens`' first ones). Blocks already stored are marked used;
-    /// new ones are copied in, evicting least recently used leaves of other chains to stay
-    /// within the budget (the chain being stored is never evicted by itself). Returns the
-    /// blocks added.
+    /// Store the blocks of `tokens` whose keys and values `cache` holds (its first
+    /// `cache.len()` positions are `tokens`' first ones): the whole blocks, then the tail as a
+    /// partial block unless a stored child of the same parent already begins with it. Blocks
+    /// already stored are marked used; new ones are copied in, evicting least recently used
+    /// leaves of other chains to stay within the budget (the chain being stored is never
+    /// evicted by itself). Returns the blocks added (a partial one included).
     pub fn insert(&self, tokens: &[u32], cache: &KvCache) -> usize {
         if !cache.is_host() || self.block_bytes > self.budget {
             return 0;
         }
-        let n = tokens.len().min(cache.len()) / self.block_tokens;
-        if n == 0 {
+        let bt = self.block_tokens;
+        let held = tokens.len().min(cache.len());
+        let (n, tail) = (held / bt, held % bt);
+        if held == 0 {
             return 0;
         }
-        let blocks: Vec<&[u32]> = tokens.chunks_exact(self.block_tokens).take(n).collect();
-        let keys = self.keys(&tokens[..n * self.block_tokens]);
+        let blocks: Vec<&[u32]> = tokens.chunks_exact(bt).take(n).collect();
+        let keys = self.keys(&tokens[..n * bt]);
         // Which blocks are already there (touched now, so this chain is the newest).
         let (first_new, stamp) = {
             let mut inner = self.lock();
@@ -268,24 +313,22 @@ impl PrefixStore {
         // At most as many new blocks as the budget could ever hold beside their ancestors.
         let room = (self.budget / self.block_bytes).saturating_sub(first_new);
         let last = n.min(first_new + room);
-        if first_new >= last {
-            return 0;
-        }
         // Copy outside the lock: the dispatch probes the store meanwhile.
-        let mut fresh = Vec::with_capacity(last - first_new);
-        for i in first_new..last {
-            let mut data = Vec::with_capacity(self.bytes_per_block);
-            if cache
-                .read_positions(i * self.block_tokens, self.block_tokens, &mut data)
-                .is_err()
-            {
-                break;
-            }
-            fresh.push(Arc::<[u8]>::from(data));
-        }
+        let read = |at: usize, t: usize| -> Option<Arc<[u8]>> {
+            let mut data = Vec::with_capacity(t * self.bytes_per_block / bt);
+            cache.read_positions(at, t, &mut data).ok()?;
+            Some(Arc::from(data))
+        };
+        let fresh: Vec<Arc<[u8]>> = (first_new..last.max(first_new))
+            .map_while(|i| read(i * bt, bt))
+            .collect();
+        let tail_data = if tail > 0 && first_new + fresh.len() == n {
+            read(n * bt, tail)
+        } else {
+            None
+        };
         let mut inner = self.lock();
-        let mut added = 0;
-        let (mut bytes_delta, mut evicted) = (0i64, 0u64);
+        let mut delta = Delta::default();
         for (j, data) in fresh.into_iter().enumerate() {
             let i = first_new + j;
             let key = keys[i];
@@ -297,53 +340,62 @@ impl PrefixStore {
             if parent.is_some_and(|p| !inner.blocks.contains_key(&p)) {
                 break; // the chain lost an ancestor: never leave a hole
             }
-            let mut fits = true;
-            while inner.used + self.block_bytes > self.budget {
-                match inner.evict_one(stamp) {
-                    Some(freed) => {
-                        bytes_delta -= freed as i64;
-                        evicted += 1;
-                    }
-                    None => {
-                        fits = false;
-                        break;
-                    }
-                }
-            }
-            if !fits {
+            if !self.make_room(&mut inner, self.block_bytes, stamp, &mut delta) {
                 break;
             }
-            if let Some(p) = parent {
-                let pb = inner.blocks.get_mut(&p).expect("checked above");
-                pb.children += 1;
-                let was_leaf = pb.children == 1;
-                let ps = pb.stamp;
-                if was_leaf {
-                    inner.leaves.remove(&(ps, p));
-                }
+            inner.add(key, parent, blocks[i].into(), data, stamp, self.block_bytes);
+            delta.added += 1;
+            delta.bytes += self.block_bytes as i64;
+            inner.drop_covered(parent, key, bt, &mut delta);
+        }
+        let chain_whole = n == 0 || inner.blocks.contains_key(&keys[n - 1]);
+        if let (Some(data), true) = (tail_data, chain_whole) {
+            let parent = (n > 0).then(|| keys[n - 1]);
+            let part = &tokens[n * bt..held];
+            let covering = inner.kids.get(&parent).and_then(|kids| {
+                kids.iter()
+                    .find(|k| {
+                        inner
+                            .blocks
+                            .get(*k)
+                            .is_some_and(|b| b.tokens.starts_with(part))
+                    })
+                    .copied()
+            });
+            let bytes = data.len() + part.len() * 4 + BLOCK_OVERHEAD;
+            if let Some(k) = covering {
+                inner.touch(&k, stamp);
+            } else if self.make_room(&mut inner, bytes, stamp, &mut delta) {
+                let key = child_key(parent.as_ref().unwrap_or(&self.root), part);
+                inner.add(key, parent, part.into(), data, stamp, bytes);
+                delta.added += 1;
+                delta.bytes += bytes as i64;
+                inner.drop_covered(parent, key, bt, &mut delta);
             }
-            inner.blocks.insert(
-                key,
-                Block {
-                    parent,
-                    tokens: blocks[i].into(),
-                    data,
-                    children: 0,
-                    stamp,
-                },
-            );
-            inner.leaves.insert((stamp, key));
-            inner.used += self.block_bytes;
-            bytes_delta += self.block_bytes as i64;
-            added += 1;
         }
-        inner.evictions += evicted;
+        inner.evictions += delta.evicted;
         if let Some(m) = &self.metrics {
-            m.bytes.add(bytes_delta);
-            m.blocks.add(added as i64 - evicted as i64);
-            m.evictions.inc_by(evicted);
+            m.bytes.add(delta.bytes);
+            m.blocks.add(delta.added as i64 - delta.removed as i64);
+            m.evictions.inc_by(delta.evicted);
         }
-        added
+        delta.added
+    }
+
+    /// Evict least recently used leaves older than `stamp` until `bytes` more fit the budget;
+    /// false when they cannot.
+    fn make_room(&self, inner: &mut Inner, bytes: usize, stamp: u64, delta: &mut Delta) -> bool {
+        while inner.used + bytes > self.budget {
+            match inner.evict_one(stamp) {
+                Some(freed) => {
+                    delta.bytes -= freed as i64;
+                    delta.evicted += 1;
+                    delta.removed += 1;
+                }
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Drop every block (the model is unloaded, or tests start over).
@@ -354,6 +406,7 @@ impl PrefixStore {
             m.blocks.sub(inner.blocks.len() as i64);
         }
         inner.blocks.clear();
+        inner.kids.clear();
         inner.leaves.clear();
         inner.used = 0;
     }
@@ -396,10 +449,55 @@ impl Inner {
         if stamp >= before {
             return None;
         }
-        self.leaves.remove(&(stamp, key));
-        let block = self.blocks.remove(&key)?;
+        self.remove(&key)
+    }
+
+    /// Add a block (its parent, if any, is stored) taking `bytes` of the budget.
+    fn add(
+        &mut self,
+        key: BlockKey,
+        parent: Option<BlockKey>,
+        tokens: Box<[u32]>,
+        data: Arc<[u8]>,
+        stamp: u64,
+        bytes: usize,
+    ) {
+        if let Some(p) = parent {
+            if let Some(pb) = self.blocks.get_mut(&p) {
+                pb.children += 1;
+                let (was_leaf, ps) = (pb.children == 1, pb.stamp);
+                if was_leaf {
+                    self.leaves.remove(&(ps, p));
+                }
+            }
+        }
+        self.blocks.insert(
+            key,
+            Block {
+                parent,
+                tokens,
+                data,
+                children: 0,
+                stamp,
+            },
+        );
+        self.leaves.insert((stamp, key));
+        self.kids.entry(parent).or_default().push(key);
+        self.used += bytes;
+    }
+
+    /// Remove leaf `key`; returns the bytes freed.
+    fn remove(&mut self, key: &BlockKey) -> Option<usize> {
+        let block = self.blocks.remove(key)?;
+        self.leaves.remove(&(block.stamp, *key));
         let freed = block.data.len() + block.tokens.len() * 4 + BLOCK_OVERHEAD;
         self.used -= freed;
+        if let Some(list) = self.kids.get_mut(&block.parent) {
+            list.retain(|k| k != key);
+            if list.is_empty() {
+                self.kids.remove(&block.parent);
+            }
+        }
         if let Some(p) = block.parent {
             if let Some(pb) = self.blocks.get_mut(&p) {
                 pb.children -= 1;
@@ -410,6 +508,53 @@ impl Inner {
         }
         Some(freed)
     }
+
+    /// Drop the partial children of `parent` (fewer than `block_tokens` tokens) that `key`, a
+    /// block just added beside them, begins with: it serves their tokens and more.
+    fn drop_covered(
+        &mut self,
+        parent: Option<BlockKey>,
+        key: BlockKey,
+        block_tokens: usize,
+        delta: &mut Delta,
+    ) {
+        let Some(new) = self.blocks.get(&key).map(|b| b.tokens.clone()) else {
+            return;
+        };
+        let covered: Vec<BlockKey> = self
+            .kids
+            .get(&parent)
+            .into_iter()
+            .flatten()
+            .filter(|k| **k != key)
+            .filter(|k| {
+                self.blocks.get(*k).is_some_and(|b| {
+                    b.tokens.len() < block_tokens && b.children == 0 && new.starts_with(&b.tokens)
+                })
+            })
+            .copied()
+            .collect();
+        for k in covered {
+            if let Some(freed) = self.remove(&k) {
+                delta.bytes -= freed as i64;
+                delta.removed += 1;
+            }
+        }
+    }
+}
+
+/// What one insert changed, for the metrics.
+#[derive(Default)]
+struct Delta {
+    bytes: i64,
+    added: usize,
+    removed: usize,
+    evicted: u64,
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn child_key(parent: &BlockKey, tokens: &[u32]) -> BlockKey {
@@ -484,16 +629,18 @@ mod tests {
         let s = store(100);
         let tokens: Vec<u32> = (0..14).collect();
         let src = filled(&tokens);
-        // 14 tokens: 3 whole blocks.
-        assert_eq!(s.insert(&tokens, &src), 3);
+        // 14 tokens: 3 whole blocks and a partial one of 2.
+        assert_eq!(s.insert(&tokens, &src), 4);
         let mut longer = tokens.clone();
         longer.extend([99, 98, 97]);
         let mut c = empty();
-        assert_eq!(s.restore(&longer, &mut c), 12);
-        assert_eq!(c.len(), 12);
-        assert_eq!(values(&c, 12), values(&src, 12));
+        assert_eq!(s.restore(&longer, &mut c), 14);
+        assert_eq!(c.len(), 14);
+        assert_eq!(values(&c, 14), values(&src, 14));
         let st = s.stats();
-        assert_eq!((st.blocks, st.hit_tokens, st.prompt_tokens), (3, 12, 17));
+        assert_eq!((st.blocks, st.hit_tokens, st.prompt_tokens), (4, 14, 17));
+        let partial = src.bytes_per_position() * 2 + 2 * 4 + BLOCK_OVERHEAD;
+        assert_eq!(st.bytes, 3 * s.block_bytes() + partial);
     }
 
     #[test]
@@ -502,10 +649,13 @@ mod tests {
         let tokens: Vec<u32> = (0..8).collect();
         s.insert(&tokens, &filled(&tokens));
         let mut c = empty();
-        // The whole prompt is cached, but its last token must be fed for logits.
-        assert_eq!(s.restore(&tokens, &mut c), 4);
+        // The whole prompt is cached, but its last token must be fed for logits: one whole
+        // block and the first 3 tokens of the next.
+        assert_eq!(s.restore(&tokens, &mut c), 7);
         let mut c = empty();
-        assert_eq!(s.restore(&tokens[..4], &mut c), 0);
+        assert_eq!(s.restore(&tokens[..4], &mut c), 3);
+        let mut c = empty();
+        assert_eq!(s.restore(&tokens[..1], &mut c), 0);
     }
 
     #[test]
@@ -514,10 +664,10 @@ mod tests {
         let tokens: Vec<u32> = (0..16).collect();
         s.insert(&tokens, &filled(&tokens));
         let mut other = tokens.clone();
-        other[9] = 500; // inside the third block
+        other[9] = 500; // inside the third block: its first token still serves
         other.push(1);
         let mut c = empty();
-        assert_eq!(s.restore(&other, &mut c), 8);
+        assert_eq!(s.restore(&other, &mut c), 9);
         // Another model's store shares nothing.
         let probe = KvCache::new(LAYERS, NKV, HD, 1, &Device::Cpu);
         let t = PrefixStore::new(
@@ -535,11 +685,12 @@ mod tests {
         let s = store(100);
         let tokens: Vec<u32> = (0..16).collect();
         // The cache holds 9 positions (e.g. a sequence cancelled mid-prompt, or the last sampled
-        // token not fed yet): 2 whole blocks.
+        // token not fed yet): 2 whole blocks and a partial one of 1.
         let src = filled(&tokens[..9]);
-        assert_eq!(s.insert(&tokens, &src), 2);
+        assert_eq!(s.insert(&tokens, &src), 3);
         let mut c = empty();
-        assert_eq!(s.restore(&tokens, &mut c), 8);
+        assert_eq!(s.restore(&tokens, &mut c), 9);
+        assert_eq!(values(&c, 9), values(&src, 9));
     }
 
     #[test]
@@ -587,5 +738,38 @@ mod tests {
         assert_eq!(s.insert(&b, &filled(&b)), 2);
         assert_eq!(s.stats().blocks, 6);
         assert_eq!(s.probe(&s.keys(&b)), 16);
+    }
+
+    /// The next turn resends the previous one whole, then more: the previous tail serves it to
+    /// the token, and once a longer sequence stores a block that begins with the tail, the
+    /// partial block is dropped (its tokens are served by that block).
+    #[test]
+    fn a_partial_tail_serves_the_next_turn_then_gives_way() {
+        let s = store(100);
+        let turn1: Vec<u32> = (0..6).collect(); // a block and a tail of 2
+        let src1 = filled(&turn1);
+        assert_eq!(s.insert(&turn1, &src1), 2);
+        let turn2: Vec<u32> = (0..11).collect();
+        let mut c = empty();
+        assert_eq!(s.restore(&turn2, &mut c), 6);
+        assert_eq!(values(&c, 6), values(&src1, 6));
+        // Turn 2 ends: blocks [0..4), [4..8) (begins with the tail [4, 5]: it replaces it) and
+        // the tail [8, 9, 10].
+        let src2 = filled(&turn2);
+        assert_eq!(s.insert(&turn2, &src2), 2);
+        let st = s.stats();
+        let partial = src2.bytes_per_position() * 3 + 3 * 4 + BLOCK_OVERHEAD;
+        assert_eq!((st.blocks, st.bytes), (3, 2 * s.block_bytes() + partial));
+        // A tail that a stored block already begins with is not stored again.
+        assert_eq!(s.insert(&turn2[..6], &filled(&turn2[..6])), 0);
+        assert_eq!(s.stats().blocks, 3);
+        // Another conversation diverging inside the second block takes its first tokens.
+        let other = [turn2[..5].to_vec(), vec![77, 78, 79]].concat();
+        let mut c = empty();
+        assert_eq!(s.restore(&other, &mut c), 5);
+        assert_eq!(values(&c, 5), values(&src2, 5));
+        // Clearing takes partial blocks with the rest: the byte count returns to zero.
+        s.clear();
+        assert_eq!((s.stats().blocks, s.stats().bytes), (0, 0));
     }
 }

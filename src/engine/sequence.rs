@@ -131,7 +131,7 @@ impl Sequence {
         n
     }
 
-    /// Hand the whole blocks of this sequence's computed positions (prompt and the generated
+    /// Hand the blocks (and the tail) of this sequence's computed positions (prompt and the generated
     /// tokens fed back so far) to its prefix store, once, for a later turn of the
     /// conversation. Runs between steps, when the cache holds exactly `cache.len()` computed
     /// positions, and before the caller hears the end, so its next turn finds them.

@@ -233,6 +233,15 @@ impl HostBuf {
         }
     }
 
+    /// Writes key positions `start..start + t` of head `h` from row-major values
+    /// (`[position][head_dim]`), whatever the span's alignment.
+    fn scatter_key_rows(&mut self, at: RowSpan, src: &[u8]) {
+        let raw = self.raw_mut();
+        at.key_offsets()
+            .zip(src.chunks_exact(at.size))
+            .for_each(|(o, e)| raw[o..o + at.size].copy_from_slice(e));
+    }
+
     /// A buffer of `n` values holding `len` values per head from `old` (`old_cap` per head).
     fn regrow(&self, heads: usize, old_cap: usize, new_cap: usize, len: usize, hd: usize) -> Self {
         fn copy<T: Copy + Default>(
@@ -254,6 +263,23 @@ impl HostBuf {
             Self::F32(x) => Self::F32(copy(x, heads, oc, nc, n)),
         }
     }
+}
+
+/// The first `t` positions of one head's keys as [`HostBuf::read_rows`] serialized a run of
+/// `stored` positions starting on a tile, in row-major order (`[position][head_dim]`): a run of
+/// whole tiles is in tile order (`[tile][head_dim][KEY_TILE]`), any other is row-major already.
+fn key_rows_prefix(src: &[u8], stored: usize, t: usize, hd: usize, size: usize) -> Vec<u8> {
+    if !stored.is_multiple_of(KEY_TILE) {
+        return src[..t * hd * size].to_vec();
+    }
+    let mut out = Vec::with_capacity(t * hd * size);
+    for pos in 0..t {
+        for d in 0..hd {
+            let e = ((pos / KEY_TILE) * hd + d) * KEY_TILE + pos % KEY_TILE;
+            out.extend_from_slice(&src[e * size..(e + 1) * size]);
+        }
+    }
+    out
 }
 
 /// Capacity grows in multiples of this many positions (amortizes the copy on growth).
@@ -602,11 +628,23 @@ impl KvCache {
     /// Append `t` positions to every layer of a host cache from `data`, laid out as
     /// [`Self::read_positions`] writes it, and advance past them.
     pub fn push_positions(&mut self, data: &[u8], t: usize) -> candle_core::Result<()> {
-        if data.len() != self.bytes_per_position() * t {
+        self.push_positions_prefix(data, t, t)
+    }
+
+    /// Append the first `t` of the `stored` positions that `data` holds (laid out as
+    /// [`Self::read_positions`] writes `stored` positions): a stored block whose first tokens
+    /// match a prompt serves those positions alone.
+    pub fn push_positions_prefix(
+        &mut self,
+        data: &[u8],
+        stored: usize,
+        t: usize,
+    ) -> candle_core::Result<()> {
+        if data.len() != self.bytes_per_position() * stored || t > stored {
             candle_core::bail!(
-                "KV block holds {} bytes, expected {} for {t} positions",
+                "KV block holds {} bytes, expected {} for {stored} positions (want the first {t})",
                 data.len(),
-                self.bytes_per_position() * t
+                self.bytes_per_position() * stored
             );
         }
         if !self.is_host() {
@@ -621,11 +659,11 @@ impl KvCache {
             candle_core::bail!("KV cache is not in host memory");
         };
         let size = self.dtype.size();
-        let mut chunks = data.chunks_exact(t * hd * size);
+        let mut chunks = data.chunks_exact(stored * hd * size);
         for layer in layers.iter_mut() {
             for (buf, keys) in [(&mut layer.k, true), (&mut layer.v, false)] {
                 for h in 0..nkv {
-                    let src = chunks.next().expect("length checked");
+                    let chunk = chunks.next().expect("length checked");
                     let at = RowSpan {
                         size,
                         cap,
@@ -634,7 +672,14 @@ impl KvCache {
                         start: len,
                         t,
                     };
-                    buf.write_rows(keys, at, src);
+                    if keys && t < stored {
+                        // The stored run may be in tile order (see `read_rows`): take its first
+                        // `t` positions row by row and scatter them.
+                        let rows = key_rows_prefix(chunk, stored, t, hd, size);
+                        buf.scatter_key_rows(at, &rows);
+                    } else {
+                        buf.write_rows(keys, at, &chunk[..t * hd * size]);
+                    }
                 }
             }
         }
@@ -730,6 +775,57 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The first positions of a stored run (whole tiles, so serialized in tile order, or not)
+    /// pushed into an empty cache give exactly the source's keys and values, and the cache goes
+    /// on at an unaligned position.
+    #[test]
+    fn the_first_positions_of_a_stored_run_round_trip() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let src = filled(dtype, 27);
+            for (stored, t) in [
+                (16, 7),
+                (16, 8),
+                (16, 9),
+                (16, 15),
+                (8, 3),
+                (11, 5),
+                (11, 11),
+            ] {
+                let mut data = Vec::new();
+                src.read_positions(0, stored, &mut data).unwrap();
+                let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+                dst.push_positions_prefix(&data, stored, t).unwrap();
+                assert_eq!(dst.len(), t);
+                for layer in 0..LAYERS {
+                    let (a, b) = (
+                        src.host_layer(layer).unwrap(),
+                        dst.host_layer(layer).unwrap(),
+                    );
+                    for h in 0..NKV {
+                        for pos in 0..t {
+                            for d in 0..HD {
+                                let (i, j) = (
+                                    key_index(a.capacity, HD, h, pos, d),
+                                    key_index(b.capacity, HD, h, pos, d),
+                                );
+                                assert_eq!(a.k.get(i), b.k.get(j), "{dtype:?} {stored}/{t}");
+                                let (i, j) = (
+                                    (h * a.capacity + pos) * HD + d,
+                                    (h * b.capacity + pos) * HD + d,
+                                );
+                                assert_eq!(a.v.get(i), b.v.get(j), "{dtype:?} {stored}/{t}");
+                            }
+                        }
+                    }
+                }
+            }
+            let mut data = Vec::new();
+            src.read_positions(0, 8, &mut data).unwrap();
+            let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+            assert!(dst.push_positions_prefix(&data, 8, 9).is_err());
         }
     }
 
