@@ -733,6 +733,29 @@ mod tests {
         c
     }
 
+    /// Keys and values of positions `0..n` of every layer and head are equal in `a` and `b`.
+    fn same_positions(a: &KvCache, b: &KvCache, n: usize, what: &str) {
+        for layer in 0..LAYERS {
+            let (a, b) = (a.host_layer(layer).unwrap(), b.host_layer(layer).unwrap());
+            for h in 0..NKV {
+                for pos in 0..n {
+                    for d in 0..HD {
+                        let (i, j) = (
+                            key_index(a.capacity, HD, h, pos, d),
+                            key_index(b.capacity, HD, h, pos, d),
+                        );
+                        assert_eq!(a.k.get(i), b.k.get(j), "{what}: key {h}/{pos}/{d}");
+                        let (i, j) = (
+                            (h * a.capacity + pos) * HD + d,
+                            (h * b.capacity + pos) * HD + d,
+                        );
+                        assert_eq!(a.v.get(i), b.v.get(j), "{what}: value {h}/{pos}/{d}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn keys_are_tiled_and_blocks_round_trip_aligned_or_not() {
         for dtype in [KvDtype::F16, KvDtype::F32] {
@@ -752,28 +775,7 @@ mod tests {
                     dst.push_positions(&data, block).unwrap();
                     start += block;
                 }
-                for layer in 0..LAYERS {
-                    let (a, b) = (
-                        src.host_layer(layer).unwrap(),
-                        dst.host_layer(layer).unwrap(),
-                    );
-                    for h in 0..NKV {
-                        for pos in 0..24 {
-                            for d in 0..HD {
-                                let (i, j) = (
-                                    key_index(a.capacity, HD, h, pos, d),
-                                    key_index(b.capacity, HD, h, pos, d),
-                                );
-                                assert_eq!(a.k.get(i), b.k.get(j), "{dtype:?} block {block}");
-                                let (i, j) = (
-                                    (h * a.capacity + pos) * HD + d,
-                                    (h * b.capacity + pos) * HD + d,
-                                );
-                                assert_eq!(a.v.get(i), b.v.get(j), "{dtype:?} block {block}");
-                            }
-                        }
-                    }
-                }
+                same_positions(&src, &dst, 24, &format!("{dtype:?} block {block}"));
             }
         }
     }
@@ -799,28 +801,11 @@ mod tests {
                 let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
                 dst.push_positions_prefix(&data, stored, t).unwrap();
                 assert_eq!(dst.len(), t);
-                for layer in 0..LAYERS {
-                    let (a, b) = (
-                        src.host_layer(layer).unwrap(),
-                        dst.host_layer(layer).unwrap(),
-                    );
-                    for h in 0..NKV {
-                        for pos in 0..t {
-                            for d in 0..HD {
-                                let (i, j) = (
-                                    key_index(a.capacity, HD, h, pos, d),
-                                    key_index(b.capacity, HD, h, pos, d),
-                                );
-                                assert_eq!(a.k.get(i), b.k.get(j), "{dtype:?} {stored}/{t}");
-                                let (i, j) = (
-                                    (h * a.capacity + pos) * HD + d,
-                                    (h * b.capacity + pos) * HD + d,
-                                );
-                                assert_eq!(a.v.get(i), b.v.get(j), "{dtype:?} {stored}/{t}");
-                            }
-                        }
-                    }
-                }
+                // The cache goes on from there (an unaligned position for most `t`).
+                let mut more = Vec::new();
+                src.read_positions(t, 5, &mut more).unwrap();
+                dst.push_positions(&more, 5).unwrap();
+                same_positions(&src, &dst, t + 5, &format!("{dtype:?} {stored}/{t}"));
             }
             let mut data = Vec::new();
             src.read_positions(0, 8, &mut data).unwrap();
