@@ -251,6 +251,54 @@ async fn fleet_behind_nginx_loses_no_request() {
         nginx_retries(&resend, mark),
     );
 
+    // Before S drains, as an orchestrator would: B (killed) leaves the upstream (its entry
+    // becomes A's: same config shape), and A is back in nginx's rotation. Otherwise nginx may
+    // still skip A (its `fail_timeout` after the first kill) or pick dead B while S drains: no
+    // node for a call, which comes back as nginx's UNAVAILABLE page (seen on a fast machine,
+    // where the phases before take less than 5 s).
+    // The reload is asynchronous: wait for the new workers and for the old ones to exit, so
+    // that no call of the drain phase meets the old configuration or a worker shutting down.
+    let log_mark = plain.error_log().len();
+    plain.reload(&nginx_config(&deploy, p1, [pa, pa, ps], true, false));
+    let reloading = Instant::now();
+    loop {
+        let log = plain.error_log();
+        let new = &log[log_mark.min(log.len())..];
+        if new.iter().any(|l| l.contains("start worker process"))
+            && new.iter().any(|l| l.trim_end().ends_with(": exit"))
+        {
+            break;
+        }
+        assert!(
+            reloading.elapsed() < Duration::from_secs(15),
+            "nginx did not finish its reload in 15 s:\n{}",
+            plain.error_log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let back = Instant::now();
+    let mut round = 0;
+    while a.ok_calls() == 0 {
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "the restarted A took no traffic through nginx in 60 s:\n{}",
+            plain.error_log_tail()
+        );
+        let load = Load::start(
+            channel(p1),
+            asks(&format!("a-back-{round}"), 8),
+            CONCURRENCY,
+        );
+        let part = load.finish().await;
+        assert_eq!(
+            part.failed,
+            0,
+            "a call failed while A came back: {}",
+            part.line()
+        );
+        round += 1;
+    }
+
     // 4. Drain S mid-load: it finishes its calls, refuses new ones (UNAVAILABLE, the clients
     // retry), exits 0.
     let mark = plain.access_log().len();
