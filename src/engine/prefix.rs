@@ -114,7 +114,6 @@ struct Block {
     /// Raw values `[layer][k, v][kv_head][block_tokens][head_dim]`, as
     /// `KvCache::read_positions` lays them out.
     data: Arc<[u8]>,
-    children: usize,
     stamp: u64,
 }
 
@@ -431,10 +430,17 @@ impl Drop for PrefixStore {
 }
 
 impl Inner {
+    /// Whether nothing stored extends block `key` (its children are listed in `kids`, whose
+    /// empty lists are removed).
+    fn is_leaf(&self, key: &BlockKey) -> bool {
+        !self.kids.contains_key(&Some(*key))
+    }
+
     /// Mark block `key` used at `stamp`.
     fn touch(&mut self, key: &BlockKey, stamp: u64) {
+        let leaf = self.is_leaf(key);
         if let Some(b) = self.blocks.get_mut(key) {
-            if b.children == 0 {
+            if leaf {
                 self.leaves.remove(&(b.stamp, *key));
                 self.leaves.insert((stamp, *key));
             }
@@ -463,10 +469,8 @@ impl Inner {
         bytes: usize,
     ) {
         if let Some(p) = parent {
-            if let Some(pb) = self.blocks.get_mut(&p) {
-                pb.children += 1;
-                let (was_leaf, ps) = (pb.children == 1, pb.stamp);
-                if was_leaf {
+            if let Some(ps) = self.blocks.get(&p).map(|b| b.stamp) {
+                if self.is_leaf(&p) {
                     self.leaves.remove(&(ps, p));
                 }
             }
@@ -477,7 +481,6 @@ impl Inner {
                 parent,
                 tokens,
                 data,
-                children: 0,
                 stamp,
             },
         );
@@ -499,10 +502,9 @@ impl Inner {
             }
         }
         if let Some(p) = block.parent {
-            if let Some(pb) = self.blocks.get_mut(&p) {
-                pb.children -= 1;
-                if pb.children == 0 {
-                    self.leaves.insert((pb.stamp, p));
+            if let Some(ps) = self.blocks.get(&p).map(|b| b.stamp) {
+                if self.is_leaf(&p) {
+                    self.leaves.insert((ps, p));
                 }
             }
         }
@@ -528,9 +530,9 @@ impl Inner {
             .flatten()
             .filter(|k| **k != key)
             .filter(|k| {
-                self.blocks.get(*k).is_some_and(|b| {
-                    b.tokens.len() < block_tokens && b.children == 0 && new.starts_with(&b.tokens)
-                })
+                self.blocks
+                    .get(*k)
+                    .is_some_and(|b| b.tokens.len() < block_tokens && new.starts_with(&b.tokens))
             })
             .copied()
             .collect();
