@@ -139,12 +139,16 @@ pub enum Isa {
 
 impl Isa {
     /// The widest this CPU runs: AVX-512 F beside the AVX2 + FMA + F16C the rest needs.
+    /// Detected once: every layer of every step asks.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if simd() && std::arch::is_x86_feature_detected!("avx512f") {
-            return Self::Avx512;
-        }
-        Self::Avx2
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if simd() && std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            Self::Avx2
+        })
     }
 
     /// Queries per group in the packed query buffer.
