@@ -98,8 +98,89 @@ pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut ActBuf) -> R) -> R {
     r
 }
 
-/// Quantizes one row: `x.len() == q.len() == 32 * d.len() == 32 * corr.len()`.
+/// Quantizes one row: `x.len() == q.len() == 32 * d.len() == 32 * corr.len()`. Uses the
+/// AVX-512 block quantizer where the CPU has it (bit-identical to [`quantize_row_scalar`]: a
+/// prefill spent a sixth of its time here when the scalar `max` fold did not vectorize).
 pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        assert!(x.len() == q.len() && x.len() == QK * d.len() && d.len() == corr.len());
+        // SAFETY: the CPU has AVX-512 F/BW (checked above); the lengths are checked above.
+        unsafe { quantize_row_avx512(x, q, d, corr) };
+        return;
+    }
+    quantize_row_scalar(x, q, d, corr);
+}
+
+/// Whether the AVX-512 block quantizer can run (std caches the CPUID answer).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// [`quantize_block`] on 32 values as two 512-bit registers, operation for operation the same
+/// IEEE results: the `max` fold ignores NaN as `f32::max` does (`vmaxps` returns its second
+/// operand, the running maximum, when the first is NaN); `x · id` is the same product; NaN
+/// becomes 0 and the rest is clamped to ±127 (clamping integers commutes with rounding); and
+/// rounding is half away from zero like `f32::round`: truncate, then step away from zero where
+/// the exact remainder is at least one half.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW; `x.len() == q.len() == 32 * d.len() == 32 * corr.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+    let sign_mask = _mm512_set1_epi32(i32::MIN);
+    let abs = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+    for (b, (d, c)) in d.iter_mut().zip(corr.iter_mut()).enumerate() {
+        // SAFETY: block b lies within x and q (lengths checked by the caller).
+        let (v0, v1) = unsafe {
+            (
+                _mm512_loadu_ps(x.as_ptr().add(b * QK)),
+                _mm512_loadu_ps(x.as_ptr().add(b * QK + 16)),
+            )
+        };
+        let m = _mm512_max_ps(abs(v1), _mm512_max_ps(abs(v0), _mm512_setzero_ps()));
+        let amax = _mm512_reduce_max_ps(m);
+        let scale = amax / 127.0;
+        let id = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_ps(1.0);
+        let quant = |v: __m512| {
+            let p = _mm512_mul_ps(v, id);
+            let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p);
+            let p = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_mov_ps(finite, p), lo), hi);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs(_mm512_sub_ps(p, t)), half);
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_and_si512(_mm512_castps_si512(p), sign_mask),
+                _mm512_castps_si512(one),
+            ));
+            _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, step))
+        };
+        let (i0, i1) = (quant(v0), quant(v1));
+        // SAFETY: as the loads above.
+        unsafe {
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(b * QK) as *mut __m128i,
+                _mm512_cvtepi32_epi8(i0),
+            );
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(b * QK + 16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(i1),
+            );
+        }
+        *d = f16::from_f32(scale).to_f32();
+        *c = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    }
+}
+
+/// The portable [`quantize_row`].
+pub(crate) fn quantize_row_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     for (((xs, qs), d), c) in x
         .chunks_exact(QK)
         .zip(q.chunks_exact_mut(QK))

@@ -1,7 +1,7 @@
 //! The exact scalar definition every kernel path is tested against.
 
 use super::pack::QK;
-use super::quantize::quantize_row;
+use super::quantize::quantize_row_scalar;
 
 /// `out = quant(x) · Wᵀ` computed naively from unpacked Q8_0 weights.
 ///
@@ -33,7 +33,7 @@ pub fn matmul_reference(
     let mut ad = vec![0f32; kb];
     let mut corr = vec![0i32; kb];
     for i in 0..m {
-        quantize_row(&x[i * k..(i + 1) * k], &mut aq, &mut ad, &mut corr);
+        quantize_row_scalar(&x[i * k..(i + 1) * k], &mut aq, &mut ad, &mut corr);
         for j in 0..n {
             let mut acc = 0f32;
             for b in 0..kb {

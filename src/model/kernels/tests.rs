@@ -518,3 +518,63 @@ fn amx_is_detected_and_skipped_cleanly() {
     assert!(isa_report().contains(&status.to_string()));
     say(&format!("kernel path amx: NOT BUILT - AMX {status}"));
 }
+
+/// The AVX-512 block quantizer gives the scalar one's bytes, scales and corrections on rows
+/// built to hit its edges: exact halves (`x · id` = n + 0.5 for both signs), values just
+/// below a half, ±0, NaN, ±∞, subnormals, all-zero and constant blocks.
+#[test]
+fn simd_quantizer_gives_the_scalar_bits() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let k = 32 * 12;
+    for round in 0..400 {
+        let mut x: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        for b in 0..k / 32 {
+            let blk = &mut x[b * 32..(b + 1) * 32];
+            match (round + b) % 8 {
+                // amax 127 → id 1: halves round away from zero, -2.5 → -3, 2.5 → 3.
+                0 => blk.iter_mut().enumerate().for_each(|(j, v)| {
+                    *v = if j == 0 {
+                        127.0
+                    } else {
+                        (j as f32 - 16.0) + 0.5
+                    }
+                }),
+                1 => blk.iter_mut().for_each(|v| *v = 0.0),
+                2 => blk
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, v)| *v = if j % 2 == 0 { -0.0 } else { 1e-41 * j as f32 }),
+                3 => {
+                    blk[rng.random_range(0..32)] = f32::NAN;
+                }
+                4 => {
+                    blk[rng.random_range(0..32)] = if rng.random() {
+                        f32::INFINITY
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                5 => blk.iter_mut().enumerate().for_each(|(j, v)| {
+                    *v = if j == 3 {
+                        127.0
+                    } else {
+                        f32::from_bits(0x3eff_ffff) * (j as f32 - 9.0).signum()
+                    }
+                }),
+                6 => blk.iter_mut().for_each(|v| *v = 7.25),
+                _ => {}
+            }
+        }
+        let (mut q0, mut d0, mut c0) = (vec![0i8; k], vec![0f32; k / 32], vec![0i32; k / 32]);
+        let (mut q1, mut d1, mut c1) = (q0.clone(), d0.clone(), c0.clone());
+        quantize::quantize_row_scalar(&x, &mut q0, &mut d0, &mut c0);
+        quantize::quantize_row(&x, &mut q1, &mut d1, &mut c1);
+        assert_eq!(q1, q0, "quants, round {round}");
+        assert_eq!(
+            d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            d0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "scales, round {round}"
+        );
+        assert_eq!(c1, c0, "corrections, round {round}");
+    }
+}
