@@ -19,6 +19,9 @@
 use rayon::prelude::*;
 
 use super::kv_cache::{HostLayerView, KvRows, KEY_TILE};
+use super::vmath::exp_one;
+#[cfg(target_arch = "x86_64")]
+use super::vmath::{exp_avx2, exp_avx512};
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -1034,7 +1037,7 @@ fn softmax_lanes(
     *sums = sum;
 }
 
-/// [`softmax_lanes`] on AVX2: masks from integer compares, [`exp_one`]'s arithmetic lane-wise.
+/// [`softmax_lanes`] on AVX2: masks from integer compares, [`exp_one`](super::vmath::exp_one)'s arithmetic lane-wise.
 ///
 /// # Safety
 /// AVX2 and FMA present; `(keys - 1) * mp + at + 8 <= p.len()`.
@@ -1115,41 +1118,6 @@ unsafe fn softmax_avx512(
     }
 }
 
-/// [`exp_one`] on 16 lanes, operation for operation (so the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let lim = _mm512_set1_ps(-87.0);
-    let a = _mm512_mask_blend_ps(
-        _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lim),
-        lim,
-        _mm512_min_ps(x, _mm512_setzero_ps()),
-    );
-    let round = _mm512_set1_ps(ROUND);
-    let n = _mm512_sub_ps(
-        _mm512_add_ps(_mm512_mul_ps(a, _mm512_set1_ps(LOG2E)), round),
-        round,
-    );
-    let r = _mm512_sub_ps(
-        _mm512_sub_ps(a, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
-        _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
-    );
-    let mut q = _mm512_set1_ps(EXP_P[0]);
-    for &c in &EXP_P[1..] {
-        q = _mm512_add_ps(_mm512_mul_ps(q, r), _mm512_set1_ps(c));
-    }
-    let e = _mm512_add_ps(
-        _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(q, r), r), r),
-        _mm512_set1_ps(1.0),
-    );
-    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvttps_epi32(n),
-        _mm512_set1_epi32(127),
-    ));
-    _mm512_mul_ps(e, _mm512_castsi512_ps(bits))
-}
-
 /// All-ones lanes where `first <= j < end` (both softmaxes' key masks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -1163,41 +1131,6 @@ fn in_range(
         _mm256_cmpgt_epi32(first, j),
         _mm256_cmpgt_epi32(end, j),
     ))
-}
-
-/// [`exp_one`] on 8 lanes, operation for operation (so the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let lim = _mm256_set1_ps(-87.0);
-    let a = _mm256_blendv_ps(
-        lim,
-        _mm256_min_ps(x, _mm256_setzero_ps()),
-        _mm256_cmp_ps::<_CMP_GE_OQ>(x, lim),
-    );
-    let round = _mm256_set1_ps(ROUND);
-    let n = _mm256_sub_ps(
-        _mm256_add_ps(_mm256_mul_ps(a, _mm256_set1_ps(LOG2E)), round),
-        round,
-    );
-    let r = _mm256_sub_ps(
-        _mm256_sub_ps(a, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
-        _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
-    );
-    let mut q = _mm256_set1_ps(EXP_P[0]);
-    for &c in &EXP_P[1..] {
-        q = _mm256_add_ps(_mm256_mul_ps(q, r), _mm256_set1_ps(c));
-    }
-    let e = _mm256_add_ps(
-        _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(q, r), r), r),
-        _mm256_set1_ps(1.0),
-    );
-    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvttps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(e, _mm256_castsi256_ps(bits))
 }
 
 /// Probabilities of the keys for each query: key `j`, query `r` at `p[j * per_key + r *
@@ -1453,39 +1386,6 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
     }
 }
 
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// Adding then subtracting 1.5·2²³ rounds to the nearest integer in the FPU's default mode.
-const ROUND: f32 = 12_582_912.0;
-/// Cephes' `expf` polynomial, highest degree first.
-const EXP_P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
-
-/// `exp(x)` for `x ≤ 0` (softmax after subtracting the max): Cody–Waite range reduction and
-/// Cephes' degree-6 polynomial, within 2 ulp of libm's `expf`; only adds, multiplies and bit
-/// casts, so [`exp_avx2`] repeats it lane-wise where libm's `expf` is a call per element (6 % of
-/// a long prompt's time before). Arguments are clamped to [−87, 0] (below −87 the result is
-/// ~1e-38): padding and fully masked lanes (±inf, NaN) give a value that is discarded.
-#[inline(always)]
-fn exp_one(x: f32) -> f32 {
-    let a = if x >= -87.0 { x.min(0.0) } else { -87.0 };
-    let n = (a * LOG2E + ROUND) - ROUND;
-    let r = a - n * LN2_HI - n * LN2_LO;
-    let mut q = EXP_P[0];
-    for &c in &EXP_P[1..] {
-        q = q * r + c;
-    }
-    let e = q * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1695,25 +1595,6 @@ mod tests {
             window,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
-    }
-
-    #[test]
-    fn exp_matches_libm_within_2_ulp() {
-        let mut worst = 0u32;
-        let xs: Vec<f32> = (0..=200_000)
-            .map(|i| -87.0 * i as f32 / 200_000.0)
-            .collect();
-        let got: Vec<f32> = xs.iter().map(|&x| exp_one(x)).collect();
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = x.exp();
-            let ulp = (g.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32;
-            worst = worst.max(ulp);
-        }
-        assert!(worst <= 2, "worst error {worst} ulp");
-        let edge = [0.0f32, -1e-30, -200.0, f32::NEG_INFINITY].map(exp_one);
-        assert_eq!(edge[0], 1.0);
-        assert_eq!(edge[1], 1.0);
-        assert!(edge[2] < 1e-37 && edge[3] < 1e-37 && edge[3] >= 0.0);
     }
 
     #[test]

@@ -16,5 +16,6 @@ pub mod registry;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vmath;
 
 pub use error::ModelError;

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::{Logits, RopeParams, SeqStep, Span, Transformer};
 use crate::model::attention::{self, AttnShape, SeqAttn};
 use crate::model::hparams::{Activation, RopeStyle};
-use crate::model::ModelError;
+use crate::model::{vmath, ModelError};
 
 impl Transformer {
     /// The CPU step on host rows; see the module docs. `positions` holds the position of every
@@ -32,14 +32,18 @@ impl Transformer {
         }
         let mut ropes: Vec<Option<HostRope>> = (0..self.ropes.len()).map(|_| None).collect();
         let mut attn_out = vec![0f32; n_tok * q_dim];
+        // One buffer per role, reused by every layer (the shapes repeat): no allocation or
+        // zeroing per layer.
+        let (mut h, mut qkv, mut o) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut gu, mut act, mut mlp) = (Vec::new(), vec![0f32; n_tok * hp.ffn], Vec::new());
         for (li, block) in self.blocks.iter().enumerate() {
             let rope = &*ropes[block.rope]
                 .get_or_insert_with(|| HostRope::new(positions, hd, &self.ropes[block.rope]));
 
             // Attention.
-            let mut h = x.clone();
+            h.clone_from(&x);
             rms_norm_rows(&mut h, dim, &block.attn_norm.h, eps);
-            let mut qkv = block.qkv.forward_f32(&h, n_tok)?;
+            block.qkv.forward_f32_into(&h, n_tok, &mut qkv)?;
             let width = block.qkv.width();
             let neox = self.spec.rope == RopeStyle::Neox;
             par_rows(&mut qkv, width, |row, r| {
@@ -86,30 +90,30 @@ impl Transformer {
                 scale: (1.0 / (hd as f64).sqrt()) as f32,
             };
             attention::attend(&shape, &qkv, width, &seqs, &mut attn_out);
-            let mut o = block.wo.forward_f32(&attn_out, n_tok)?;
+            block.wo.forward_f32_into(&attn_out, n_tok, &mut o)?;
             if let Some(w) = &block.post_attn_norm {
                 rms_norm_rows(&mut o, dim, &w.h, eps);
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             // Feed-forward.
-            let mut h = x.clone();
+            h.clone_from(&x);
             rms_norm_rows(&mut h, dim, &block.ffn_norm.h, eps);
-            let gu = block.gate_up.forward_f32(&h, n_tok)?;
+            block.gate_up.forward_f32_into(&h, n_tok, &mut gu)?;
             let ffn = hp.ffn;
-            let mut act = vec![0f32; n_tok * ffn];
             let activation = self.spec.activation;
             par_rows(&mut act, ffn, |row, a| {
                 let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    let g = match activation {
-                        Activation::Silu => g / (1.0 + (-g).exp()),
-                        Activation::GeluTanh => gelu_tanh(g),
-                    };
-                    *a = g * u;
+                match activation {
+                    Activation::Silu => vmath::silu_mul(g, u, a),
+                    Activation::GeluTanh => {
+                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                            *a = gelu_tanh(g) * u;
+                        }
+                    }
                 }
             });
-            let mut mlp = block.down.forward_f32(&act, n_tok)?;
+            block.down.forward_f32_into(&act, n_tok, &mut mlp)?;
             if let Some(w) = &block.post_ffn_norm {
                 rms_norm_rows(&mut mlp, dim, &w.h, eps);
             }
