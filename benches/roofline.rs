@@ -51,6 +51,13 @@ fn main() {
         );
         std::process::exit(2);
     }
+    if let Some(secs) = args
+        .iter()
+        .find_map(|a| a.strip_prefix("profile=")?.parse::<u64>().ok())
+    {
+        profile_prefill(threads, secs);
+        return;
+    }
     println!("# Roofline report");
     println!("cpu: {}", cpu_line());
     println!("kernel path: {} ({})", isa(), isa_report());
@@ -143,6 +150,24 @@ fn main() {
     }
     println!();
     println!("load after: {}", load_avg());
+}
+
+/// `profile=SECS`: prefill 512 tokens over and over for SECS seconds and nothing else, for
+/// `perf record` to attribute a prefill step's time.
+fn profile_prefill(threads: usize, secs: u64) {
+    let model =
+        LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu).expect("load");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut steps = 0;
+    while Instant::now() < until {
+        pool.install(|| prefill(&model.transformer, 512, 0));
+        steps += 1;
+    }
+    println!("{steps} rounds of prefill 512");
 }
 
 /// Parameters of the matrices: (all layers, output head).
