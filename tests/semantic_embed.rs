@@ -14,7 +14,9 @@ fn encoder() -> Option<SentenceEncoder> {
 
 /// The encoder under `models/<id>`, or `None` (with a message saying how to fetch it).
 fn encoder_id(id: &str) -> Option<SentenceEncoder> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(id);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(id);
     if FILES.iter().any(|f| !dir.join(f).exists()) {
         eprintln!(
             "SKIPPED: {} is missing; fetch it with `python3 models/fetch.py {id}` \
@@ -36,7 +38,10 @@ struct Reference {
 #[test]
 fn embeddings_match_the_numpy_reference() {
     let Some(enc) = encoder() else { return };
-    assert!(!enc.reads_cjk(), "MiniLM's vocabulary is not built for Chinese");
+    assert!(
+        !enc.reads_cjk(),
+        "MiniLM's vocabulary is not built for Chinese"
+    );
     check_reference(&enc, include_str!("data/minilm_reference.json"));
 }
 
