@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference sentence embeddings of all-MiniLM-L6-v2, computed without torch.
+"""Reference sentence embeddings of a BERT sentence encoder, computed without torch.
 
 What sentence-transformers does for this model (modules.json: Transformer → mean Pooling →
 Normalize), written out in numpy from the published safetensors and the `tokenizers` package's
@@ -8,6 +8,9 @@ committed as tests/data/minilm_reference.json; tests/semantic_embed.rs checks th
 encoder agrees (cosine >= 0.999).
 
 Usage: python3 scripts/minilm_reference.py models/minilm-l6 > tests/data/minilm_reference.json
+       python3 scripts/minilm_reference.py models/m3e-small --zh > tests/data/m3e_reference.json
+(`--zh` adds Chinese sentences; the pooling is 1_Pooling/config.json's when the directory has
+one — CLS or mean — and mean otherwise, as for both of these.)
 Needs: numpy, tokenizers.
 """
 import json
@@ -27,6 +30,17 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "法国的首都是哪里？",
     "",
+]
+
+# More Chinese (`--zh`), for an encoder that reads it: paraphrases, a negation, a number.
+ZH_SENTENCES = [
+    "番茄炒蛋怎么做？",
+    "西红柿炒鸡蛋的做法",
+    "可以退货吗？",
+    "为什么不能退货？",
+    "北京到上海的高铁要多久？",
+    "3岁的孩子可以吃蜂蜜吗？",
+    "How do I reset my password? 我忘记密码了",
 ]
 
 
@@ -56,7 +70,7 @@ def gelu(x):  # exact (erf) GELU, as BERT's "gelu"
     return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
-def embed(w, cfg, ids):
+def embed(w, cfg, ids, pooling="mean"):
     p = "" if "embeddings.word_embeddings.weight" in w else "bert."
     eps = cfg["layer_norm_eps"]
     heads = cfg["num_attention_heads"]
@@ -82,23 +96,34 @@ def embed(w, cfg, ids):
         h = gelu(lin(x, "intermediate.dense"))
         x = layer_norm(x + lin(h, "output.dense"), w[q + "output.LayerNorm.weight"],
                        w[q + "output.LayerNorm.bias"], eps)
-    v = x.mean(0)
+    v = x[0] if pooling == "cls" else x.mean(0)
     return v / max(np.linalg.norm(v), 1e-12)
 
 
-def main(model_dir):
+def pooling_of(model_dir):
+    """`cls` or `mean`, from sentence-transformers' 1_Pooling/config.json (mean when absent)."""
+    try:
+        cfg = json.load(open(f"{model_dir}/1_Pooling/config.json"))
+    except FileNotFoundError:
+        return "mean"
+    return "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+
+
+def main(model_dir, zh=False):
     w = load_safetensors(f"{model_dir}/model.safetensors")
     cfg = json.load(open(f"{model_dir}/config.json"))
     tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
     tok.no_padding()
     tok.enable_truncation(256)  # sentence_bert_config.json: max_seq_length
+    pooling = pooling_of(model_dir)
     out = []
-    for s in SENTENCES:
+    for s in SENTENCES + (ZH_SENTENCES if zh else []):
         ids = tok.encode(s).ids
-        out.append({"text": s, "ids": ids, "embedding": [round(float(v), 7) for v in embed(w, cfg, ids)]})
+        v = embed(w, cfg, ids, pooling)
+        out.append({"text": s, "ids": ids, "embedding": [round(float(x), 7) for x in v]})
     json.dump(out, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], zh="--zh" in sys.argv[2:])

@@ -689,14 +689,24 @@ impl Config {
         if args.semantic_cache {
             self.cache.semantic.enabled = true;
         }
-        // Unset, the encoder is the manifest's, under the models directory.
-        if self.cache.semantic.encoder.is_none() {
-            self.cache.semantic.encoder = Some(
-                self.server
-                    .models_dir
-                    .join(crate::cache::semantic::DEFAULT_ENCODER),
-            );
-        }
+        // Unset, the encoder is the manifest's, under the models directory; an encoder id of the
+        // manifest (`m3e-small`) is its directory there too.
+        let encoder = self
+            .cache
+            .semantic
+            .encoder
+            .take()
+            .unwrap_or_else(|| PathBuf::from(crate::cache::semantic::DEFAULT_ENCODER));
+        self.cache.semantic.encoder = Some(
+            match crate::model::embed::EncoderSpec::parse(
+                &encoder.to_string_lossy(),
+                &self.server.models_dir,
+            ) {
+                Ok(crate::model::embed::EncoderSpec::Dir(dir)) => dir,
+                // `hf:` (checked by validate) and anything unparsable stay as written.
+                _ => encoder,
+            },
+        );
         if !args.models.is_empty() {
             let from_file = std::mem::take(&mut self.models);
             self.models = args
@@ -993,6 +1003,38 @@ mod tests {
         let f = file("[cache.semantic]\nenabled = true\nthreshold = 1.5\n");
         let bad = Config::from_file(f.path()).unwrap();
         assert!(bad.cache.validate().is_err(), "threshold over 1 is refused");
+    }
+
+    #[test]
+    fn semantic_encoder_takes_a_manifest_id_a_directory_or_hf() {
+        let with = |toml: &str| {
+            let f = file(toml);
+            let args = parse(&[
+                "--config",
+                f.path().to_str().unwrap(),
+                "--models-dir",
+                "/srv/m",
+            ]);
+            Config::from_args_with_cores(&args, 4)
+        };
+        // An encoder id of the manifest is its directory under the models directory.
+        let c = with("[cache.semantic]\nenabled = true\nencoder = \"m3e-small\"\n").unwrap();
+        assert_eq!(
+            c.cache.semantic.encoder,
+            Some(PathBuf::from("/srv/m/m3e-small"))
+        );
+        let c = with("[cache.semantic]\nenabled = true\nencoder = \"/opt/enc\"\n").unwrap();
+        assert_eq!(c.cache.semantic.encoder, Some(PathBuf::from("/opt/enc")));
+        let c = with("[cache.semantic]\nenabled = true\nencoder = \"hf:BAAI/bge-small-zh-v1.5\"\n")
+            .unwrap();
+        assert_eq!(
+            c.cache.semantic.encoder,
+            Some(PathBuf::from("hf:BAAI/bge-small-zh-v1.5"))
+        );
+        // A malformed hf: spec is refused at start, naming the setting.
+        let c = with("[cache.semantic]\nenabled = true\nencoder = \"hf:only-owner\"\n").unwrap();
+        let err = c.cache.validate().unwrap_err().to_string();
+        assert!(err.contains("semantic.encoder"), "{err}");
     }
 
     #[test]

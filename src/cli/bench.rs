@@ -80,7 +80,8 @@ pub struct BenchArgs {
     /// Labelled pairs for `--semantic`.
     #[arg(long, default_value = "tests/data/semantic_pairs.tsv")]
     pairs: std::path::PathBuf,
-    /// Sentence encoder directory for `--semantic`.
+    /// Sentence encoder for `--semantic`: a directory, an encoder id of the manifest
+    /// (`minilm-l6`, `m3e-small`) or `hf:OWNER/REPO`.
     #[arg(long, default_value = "models/minilm-l6")]
     encoder: std::path::PathBuf,
     /// Thresholds reported by `--semantic`, comma separated.

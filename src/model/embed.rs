@@ -14,6 +14,11 @@
 //! model's own `tokenizer.json` read by the `tokenizers` crate, padding off and truncation at
 //! [`MAX_TOKENS`] (the model's `max_seq_length`). Checked against a numpy f32 reference of the
 //! same model (`scripts/minilm_reference.py`, `tests/semantic_embed.rs`: cosine >= 0.999).
+//!
+//! Other BERT encoders load the same way: the pooling is sentence-transformers'
+//! `1_Pooling/config.json` when the directory has one (mean or CLS; mean without it), and
+//! [`resolve`] turns `cache.semantic.encoder` — a directory, a manifest id (`minilm-l6`,
+//! `m3e-small` for Chinese) or `hf:OWNER/REPO` — into a directory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +41,9 @@ pub const FILES: [&str; 3] = ["model.safetensors", "tokenizer.json", "config.jso
 /// What the encoder reads of `config.json` (a BERT config).
 #[derive(serde::Deserialize)]
 struct Config {
+    /// `bert`: the only forward written here (RoBERTa / XLM-R offset their positions).
+    #[serde(default = "bert")]
+    model_type: String,
     hidden_size: usize,
     num_hidden_layers: usize,
     num_attention_heads: usize,
@@ -47,6 +55,57 @@ struct Config {
 
 fn gelu() -> String {
     "gelu".into()
+}
+
+fn bert() -> String {
+    "bert".into()
+}
+
+/// How token states become one vector (sentence-transformers' Pooling module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over the tokens (all-MiniLM-L6-v2, m3e).
+    Mean,
+    /// The first token's state, `[CLS]` (bge).
+    Cls,
+}
+
+/// What sentence-transformers' `1_Pooling/config.json` asks for.
+#[derive(serde::Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+}
+
+/// The pooling of the encoder in `dir`: its `1_Pooling/config.json`, or mean without one.
+pub fn pooling_of(dir: &Path) -> Result<Pooling, ModelError> {
+    let path = dir.join("1_Pooling").join("config.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Pooling::Mean),
+        Err(source) => return Err(ModelError::Io { path, source }),
+    };
+    let bad = |reason: String| ModelError::BadMetadata {
+        key: path.display().to_string(),
+        reason,
+    };
+    let c: PoolingConfig = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    match (
+        c.pooling_mode_cls_token,
+        c.pooling_mode_mean_tokens,
+        c.pooling_mode_max_tokens,
+    ) {
+        (true, false, false) => Ok(Pooling::Cls),
+        (false, true, false) => Ok(Pooling::Mean),
+        _ => Err(bad(
+            "only one of CLS or mean pooling is supported (max pooling and combinations are not)"
+                .into(),
+        )),
+    }
 }
 
 /// One encoder layer: Q/K/V in f32 (as `[in, 3 × out]`, row-major), the other three matrices
@@ -76,6 +135,18 @@ pub struct SentenceEncoder {
     hidden: usize,
     heads: usize,
     eps: f32,
+    pooling: Pooling,
+    reads_cjk: bool,
+}
+
+/// Vocabulary entries with a CJK ideograph an encoder needs to count as reading Chinese
+/// ([`SentenceEncoder::reads_cjk`]). all-MiniLM-L6-v2 has 488 (BERT's uncased vocabulary keeps the
+/// commonest characters, seen in little Chinese text: its Chinese similarities are noise — 73 %
+/// of the labelled Chinese near-misses score over 0.82); m3e-small has 14,642.
+const MIN_CJK_TOKENS: usize = 2000;
+
+fn is_cjk_ideograph(c: char) -> bool {
+    matches!(c as u32, 0x3400..=0x4dbf | 0x4e00..=0x9fff | 0xf900..=0xfaff | 0x20000..=0x2fa1f)
 }
 
 impl SentenceEncoder {
@@ -91,6 +162,16 @@ impl SentenceEncoder {
                 reason: e.to_string(),
             }
         })?;
+        if config.model_type != "bert" {
+            return Err(ModelError::BadMetadata {
+                key: format!("{}: model_type", path("config.json").display()),
+                reason: format!(
+                    "only BERT encoders are supported, got {:?} (RoBERTa / XLM-R models such as \
+                     multilingual-e5 number positions differently)",
+                    config.model_type
+                ),
+            });
+        }
         if config.hidden_act != "gelu"
             || config.num_attention_heads == 0
             || !config
@@ -149,6 +230,13 @@ impl SentenceEncoder {
             });
         }
         let hidden = config.hidden_size;
+        let pooling = pooling_of(dir)?;
+        let reads_cjk = tokenizer
+            .get_vocab(false)
+            .keys()
+            .filter(|t| t.chars().any(is_cjk_ideograph))
+            .count()
+            >= MIN_CJK_TOKENS;
         let mut token_type = weights.f32(&format!("{e}token_type_embeddings.weight"))?;
         token_type.truncate(hidden); // type 0: a single sentence
         Ok(Self {
@@ -161,7 +249,22 @@ impl SentenceEncoder {
             hidden,
             heads: config.num_attention_heads,
             eps: config.layer_norm_eps as f32,
+            pooling,
+            reads_cjk,
         })
+    }
+
+    /// How the token states are pooled.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Whether the vocabulary was built for Chinese (at least 2,000 entries with a CJK
+    /// ideograph): only then is the embedding taken to say something about Chinese, and the
+    /// guard lets Chinese pairs with different characters through to its Chinese checks
+    /// ([`crate::cache::semantic::guard::Guard`]).
+    pub fn reads_cjk(&self) -> bool {
+        self.reads_cjk
     }
 
     /// Length of every embedding (384 for MiniLM-L6).
@@ -178,8 +281,8 @@ impl SentenceEncoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The unit-length embedding of `text`: the mean of the last hidden states over its tokens,
-    /// L2-normalised.
+    /// The unit-length embedding of `text`: the mean of the last hidden states over its tokens
+    /// (or the first token's, [`Pooling::Cls`]), L2-normalised.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
         let ids = self.token_ids(text)?;
         let (n, h) = (ids.len(), self.hidden);
@@ -203,7 +306,11 @@ impl SentenceEncoder {
             x = self.layer(layer, x, n)?;
         }
         let mut v = vec![0f32; h];
-        for row in x.chunks_exact(h) {
+        let rows = match self.pooling {
+            Pooling::Mean => &x[..],
+            Pooling::Cls => &x[..h],
+        };
+        for row in rows.chunks_exact(h) {
             v.iter_mut().zip(row).for_each(|(s, r)| *s += r);
         }
         let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
@@ -333,7 +440,226 @@ fn layer_norm(x: &mut [f32], h: usize, (w, b): &(Vec<f32>, Vec<f32>), eps: f32) 
     }
 }
 
+/// Files fetched for `hf:OWNER/REPO` besides [`FILES`] when the repository has them (the
+/// pooling of a sentence-transformers model).
+pub const OPTIONAL_HUB_FILES: [&str; 1] = ["1_Pooling/config.json"];
+
+/// Where an encoder spec (`cache.semantic.encoder`) points, before any I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncoderSpec {
+    /// A directory holding [`FILES`].
+    Dir(PathBuf),
+    /// A repository on the Hugging Face hub, `hf:OWNER/REPO` (optionally `@REVISION`).
+    Hub {
+        /// `OWNER/REPO`.
+        repo: String,
+        /// A branch, tag or commit; `main` when not given.
+        revision: Option<String>,
+    },
+}
+
+impl EncoderSpec {
+    /// Reads a spec: `hf:OWNER/REPO[@REVISION]`, an encoder id of the manifest (its directory
+    /// under `models_dir`), or a directory. A malformed `hf:` spec is an error naming the form.
+    pub fn parse(spec: &str, models_dir: &Path) -> Result<Self, ModelError> {
+        if let Some(hub) = spec.strip_prefix("hf:") {
+            let (repo, revision) = match hub.split_once('@') {
+                Some((r, rev)) => (r, Some(rev)),
+                None => (hub, None),
+            };
+            let parts: Vec<&str> = repo.split('/').collect();
+            let ok_part = |p: &str| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            };
+            if parts.len() != 2 || !parts.iter().all(|p| ok_part(p)) || revision == Some("") {
+                return Err(ModelError::ModelNotFound {
+                    id: spec.to_string(),
+                    hint:
+                        "cache.semantic.encoder: expected hf:OWNER/REPO or hf:OWNER/REPO@REVISION \
+                           (a sentence-transformers BERT repository with model.safetensors, \
+                           tokenizer.json and config.json)"
+                            .into(),
+                });
+            }
+            return Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision: revision.map(str::to_string),
+            });
+        }
+        let manifest = super::registry::Manifest::builtin();
+        if manifest.encoders.iter().any(|e| e.id == spec) {
+            return Ok(Self::Dir(models_dir.join(spec)));
+        }
+        Ok(Self::Dir(PathBuf::from(spec)))
+    }
+}
+
+/// The directory of the encoder `spec` names ([`EncoderSpec::parse`]), downloading it first for
+/// `hf:` (needs internet; one attempt, a clear error without it). A directory is checked for
+/// [`FILES`]; a missing one names the setting and, for a manifest id, the fetch command.
+pub fn resolve(spec: &str, models_dir: &Path) -> Result<PathBuf, ModelError> {
+    match EncoderSpec::parse(spec, models_dir)? {
+        EncoderSpec::Dir(dir) => {
+            if let Some(missing) = FILES.iter().find(|f| !dir.join(f).is_file()) {
+                let id = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                let known = super::registry::Manifest::builtin();
+                let fetch = match id {
+                    Some(id) if known.encoders.iter().any(|e| e.id == id) => {
+                        format!("; fetch it with `python3 models/fetch.py {id}`")
+                    }
+                    _ => format!(
+                        "; known encoder ids: {}, or hf:OWNER/REPO",
+                        known
+                            .encoders
+                            .iter()
+                            .map(|e| e.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                return Err(ModelError::ModelNotFound {
+                    id: spec.to_string(),
+                    hint: format!(
+                        "cache.semantic.encoder: {} has no {missing}{fetch}",
+                        dir.display()
+                    ),
+                });
+            }
+            Ok(dir)
+        }
+        EncoderSpec::Hub { repo, revision } => resolve_hub(spec, &repo, revision.as_deref()),
+    }
+}
+
+fn resolve_hub(spec: &str, repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    let bad = |hint: String| ModelError::ModelNotFound {
+        id: spec.to_string(),
+        hint: format!("cache.semantic.encoder: {hint}"),
+    };
+    let (owner, name) = repo.split_once('/').expect("parse checked OWNER/REPO");
+    let client = hf_hub::HFClient::builder()
+        .retry_max_attempts(0)
+        .build()
+        .and_then(hf_hub::HFClientSync::from_inner)
+        .map_err(|e| bad(format!("cannot set up the Hugging Face hub client: {e}")))?;
+    let model = client.model(owner, name);
+    let get = |file: &str| {
+        model
+            .download_file()
+            .filename(file)
+            .maybe_revision(revision.map(str::to_string))
+            .send()
+    };
+    let mut dir = None;
+    for file in FILES {
+        let path = get(file).map_err(|e| {
+            bad(format!(
+                "downloading {file} of {repo} from the Hugging Face hub failed ({e}); without \
+                 internet access, copy the repository's model.safetensors, tokenizer.json and \
+                 config.json (and 1_Pooling/config.json) into a directory and name that"
+            ))
+        })?;
+        dir.get_or_insert_with(|| path.parent().map(Path::to_path_buf));
+    }
+    for file in OPTIONAL_HUB_FILES {
+        // Absent from many repositories (then mean pooling); any failure reads as absent.
+        if let Err(e) = get(file) {
+            tracing::debug!(%e, file, repo, "optional encoder file not fetched");
+        }
+    }
+    dir.flatten()
+        .ok_or_else(|| bad("the hub returned no directory".into()))
+}
+
 /// Dot product; the cosine similarity of two unit vectors.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_specs_parse() {
+        let models = Path::new("/srv/models");
+        assert_eq!(
+            EncoderSpec::parse("hf:BAAI/bge-small-zh-v1.5", models).unwrap(),
+            EncoderSpec::Hub {
+                repo: "BAAI/bge-small-zh-v1.5".into(),
+                revision: None
+            }
+        );
+        assert_eq!(
+            EncoderSpec::parse("hf:moka-ai/m3e-small@v1", models).unwrap(),
+            EncoderSpec::Hub {
+                repo: "moka-ai/m3e-small".into(),
+                revision: Some("v1".into())
+            }
+        );
+        for bad in [
+            "hf:", "hf:owner", "hf:a/b/c", "hf:a/b@", "hf:/b", "hf:a b/c",
+        ] {
+            let err = EncoderSpec::parse(bad, models).unwrap_err().to_string();
+            assert!(
+                err.contains("cache.semantic.encoder") && err.contains("hf:OWNER/REPO"),
+                "{bad}: {err}"
+            );
+        }
+        // Manifest encoder ids live under the models directory; anything else is a path.
+        assert_eq!(
+            EncoderSpec::parse("m3e-small", models).unwrap(),
+            EncoderSpec::Dir(models.join("m3e-small"))
+        );
+        assert_eq!(
+            EncoderSpec::parse("minilm-l6", models).unwrap(),
+            EncoderSpec::Dir(models.join("minilm-l6"))
+        );
+        assert_eq!(
+            EncoderSpec::parse("my/encoder", models).unwrap(),
+            EncoderSpec::Dir(PathBuf::from("my/encoder"))
+        );
+    }
+
+    #[test]
+    fn a_missing_encoder_names_the_setting_and_the_fix() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = resolve("m3e-small", empty.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("cache.semantic.encoder")
+                && err.contains("model.safetensors")
+                && err.contains("python3 models/fetch.py m3e-small"),
+            "{err}"
+        );
+        let err = resolve(&empty.path().display().to_string(), empty.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("known encoder ids: minilm-l6, m3e-small"),
+            "{err}"
+        );
+        // A directory with the three files resolves to itself (no loading here).
+        for f in FILES {
+            std::fs::write(empty.path().join(f), b"").unwrap();
+        }
+        let dir = empty.path().display().to_string();
+        assert_eq!(resolve(&dir, Path::new("x")).unwrap(), empty.path());
+    }
+
+    #[test]
+    fn pooling_follows_the_sentence_transformers_config() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pooling_of(dir.path()).unwrap(), Pooling::Mean);
+        let pooling = dir.path().join("1_Pooling");
+        std::fs::create_dir(&pooling).unwrap();
+        let write = |json: &str| std::fs::write(pooling.join("config.json"), json).unwrap();
+        write(r#"{"word_embedding_dimension": 512, "pooling_mode_cls_token": true}"#);
+        assert_eq!(pooling_of(dir.path()).unwrap(), Pooling::Cls);
+        write(r#"{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": false}"#);
+        assert_eq!(pooling_of(dir.path()).unwrap(), Pooling::Mean);
+        write(r#"{"pooling_mode_max_tokens": true}"#);
+        assert!(pooling_of(dir.path()).is_err());
+    }
 }

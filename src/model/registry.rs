@@ -36,6 +36,22 @@ pub struct Manifest {
     /// Known models.
     #[serde(rename = "model")]
     pub models: Vec<ManifestModel>,
+    /// Sentence encoders of the semantic cache tier (`[[embedding]]`), by id.
+    #[serde(rename = "embedding", default)]
+    pub encoders: Vec<ManifestEncoder>,
+}
+
+/// One `[[embedding]]` entry of the manifest: a sentence encoder, a directory under
+/// `models/<id>/` (what `cache.semantic.encoder` may name by id).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestEncoder {
+    /// Id: `cache.semantic.encoder = "<id>"`, `python3 models/fetch.py <id>`.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Hugging Face repository (`hf:<repo>`) for users with internet access.
+    #[serde(default)]
+    pub hf_repo: Option<String>,
 }
 
 /// The manifest compiled into the binary, so `qnode` knows the ids wherever it runs.

@@ -44,8 +44,11 @@ pub struct SemanticConfig {
     /// Turn the tier on. Off by default: a semantic hit serves an answer to a question that was
     /// not asked in those words (see the README for the measured false-hit rate).
     pub enabled: bool,
-    /// Directory of the sentence encoder (`model.safetensors`, `tokenizer.json`, `config.json`),
-    /// as `python3 models/fetch.py minilm-l6` writes it. Unset: `<server.models_dir>/minilm-l6`.
+    /// The sentence encoder: a directory (`model.safetensors`, `tokenizer.json`, `config.json`,
+    /// as `python3 models/fetch.py minilm-l6` writes it), an encoder id of the manifest
+    /// (`minilm-l6`; `m3e-small` for Chinese — under `server.models_dir`), or `hf:OWNER/REPO`
+    /// (a BERT sentence-transformers repository, downloaded at start; needs internet). Unset:
+    /// `<server.models_dir>/minilm-l6`.
     pub encoder: Option<PathBuf>,
     /// Least cosine similarity of a hit (chosen by `qnode bench --semantic` on the labelled set
     /// `tests/data/semantic_pairs.tsv`: the lowest threshold whose false-hit rate, guard on, is
@@ -102,6 +105,17 @@ impl SemanticConfig {
                 "must be in (0, 1]",
             );
         }
+        if let Some(spec) = self.encoder.as_ref().and_then(|p| p.to_str()) {
+            if spec.starts_with("hf:")
+                && crate::model::embed::EncoderSpec::parse(spec, Path::new(".")).is_err()
+            {
+                return bad(
+                    "semantic.encoder",
+                    spec.to_string(),
+                    "hf: takes OWNER/REPO or OWNER/REPO@REVISION",
+                );
+            }
+        }
         if self.max_scopes == 0 {
             return bad("semantic.max_scopes", "0".into(), "must be >= 1");
         }
@@ -156,6 +170,7 @@ impl FillSource {
 /// The semantic tier of one `CachedBackend`.
 pub struct SemanticTier {
     encoder: Arc<SentenceEncoder>,
+    guard: guard::Guard,
     state: Mutex<State>,
     config: SemanticConfig,
     metrics: CacheMetrics,
@@ -184,17 +199,21 @@ impl Drop for Filling<'_> {
 impl SemanticTier {
     /// Loads the encoder (a few hundred ms; at start, before serving).
     pub fn load(config: SemanticConfig, metrics: CacheMetrics) -> Result<Self, CacheError> {
-        let dir = config
+        let spec = config
             .encoder
             .clone()
             .unwrap_or_else(|| Path::new("models").join(DEFAULT_ENCODER));
+        let spec = spec.to_string_lossy();
+        let dir = crate::model::embed::resolve(&spec, Path::new("models"))
+            .map_err(|e| CacheError::Encoder(e.to_string()))?;
         let encoder = SentenceEncoder::load(&dir).map_err(|e| {
             CacheError::Encoder(format!(
-                "{}: {e} (fetch it with `python3 models/fetch.py {DEFAULT_ENCODER}`)",
+                "cache.semantic.encoder = {spec:?} ({}): {e}",
                 dir.display()
             ))
         })?;
         Ok(Self {
+            guard: guard::Guard::for_encoder(&encoder),
             encoder: Arc::new(encoder),
             state: Mutex::new(State {
                 index: Index::new(config.max_scopes, config.max_entries_per_scope),
@@ -266,7 +285,7 @@ impl SemanticTier {
             return None;
         };
         if self.config.guard {
-            if let Err(why) = guard::check(&best.question, &q.question.text) {
+            if let Err(why) = self.guard.check(&best.question, &q.question.text) {
                 tracing::debug!(
                     score = best.score,
                     guard = why.label(),
