@@ -9,9 +9,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-python3 models/fetch.py all
-bash scripts/install-tools.sh
-
 MISSING=()
 command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
 # nginx lives in /usr/sbin, which a non-root PATH may lack.
@@ -32,5 +29,10 @@ pyver() { python3 -c 'import importlib.metadata as m, sys; print(m.version(sys.a
 # tests/tools_client.py drives tool calls through LangChain's OpenAI chat model too.
 [[ $(pyver langchain-openai) == 1.6.6 && $(pyver langchain-core) == 1.8.3 ]] ||
     python3 -m pip install -q "langchain-openai==1.6.6" "langchain-core==1.8.3"
+
+# After the pip installs: fetch.py converts m3e-small's pytorch_model.bin with numpy (gguf's
+# dependency).
+python3 models/fetch.py all
+bash scripts/install-tools.sh
 
 cargo test --no-fail-fast "$@"
