@@ -104,6 +104,49 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// [`Self::forward_f32_into`] with input row `i` (`k` values) written by `row(i, dst)`; on
+    /// the int8 kernels the row goes straight to the activation quantizer
+    /// ([`Q8Matrix::matmul_rows_f32`]), elsewhere the rows are gathered first.
+    pub fn forward_rows_into(
+        &self,
+        m: usize,
+        k: usize,
+        row: &(dyn Fn(usize, &mut [f32]) + Sync),
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        match &self.inner {
+            Kind::Q8(w) => q8_forward_rows_into(w, m, k, row, out),
+            Kind::Candle(_) => self.forward_f32_into(&gather_rows(m, k, row), m, out),
+        }
+    }
+}
+
+/// The rows `row` writes, side by side: `[m, k]`.
+fn gather_rows(m: usize, k: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    let mut x = vec![0f32; m * k];
+    for (i, r) in x.chunks_exact_mut(k.max(1)).enumerate() {
+        row(i, r);
+    }
+    x
+}
+
+/// [`Q8Matrix::matmul_rows_f32`] after checking `k`.
+fn q8_forward_rows_into(
+    w: &Q8Matrix,
+    m: usize,
+    k: usize,
+    row: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut Vec<f32>,
+) -> candle_core::Result<()> {
+    if k != w.k() {
+        candle_core::bail!("linear input rows hold {k} values, expected {}", w.k());
+    }
+    out.resize(m * w.n_out(), 0.0);
+    w.matmul_rows_f32(m, row, out);
+    Ok(())
+}
+
 /// The kernel writes every element, so `out` keeps whatever it held where its length fits.
 fn q8_forward_f32_into(
     w: &Q8Matrix,
@@ -193,6 +236,20 @@ impl MultiLinear {
         let mut out = Vec::new();
         self.forward_f32_into(x, m, &mut out)?;
         Ok(out)
+    }
+
+    /// [`Linear::forward_rows_into`] for every layer: `[m, width]` into `out`.
+    pub fn forward_rows_into(
+        &self,
+        m: usize,
+        k: usize,
+        row: &(dyn Fn(usize, &mut [f32]) + Sync),
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        match &self.inner {
+            MultiKind::Stacked(w) => q8_forward_rows_into(w, m, k, row, out),
+            MultiKind::Each(_) => self.forward_f32_into(&gather_rows(m, k, row), m, out),
+        }
     }
 
     /// [`Self::forward_f32`] into `out`, resized to `[m, width]` (see [`Linear::forward_f32_into`]).

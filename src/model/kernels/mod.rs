@@ -239,6 +239,40 @@ impl Q8Matrix {
             "x holds {} values, expected m × k",
             x.len()
         );
+        self.run(path, m, out, |buf, parallel| {
+            buf.quantize(x, m, w.k, parallel)
+        });
+    }
+
+    /// `y = x · Wᵀ` where row `i` of `x` (`k` values) is written by `row(i, dst)` just before it
+    /// is quantized: an activation fused with the matmul's own pass over its input, so its
+    /// `[m, k]` result never goes to memory (the SiLU product and the norms were memory-bound
+    /// passes of their own). `out` is `[m, n_out]`.
+    ///
+    /// # Panics
+    /// If `out.len() != m * n_out`.
+    pub fn matmul_rows_f32(
+        &self,
+        m: usize,
+        row: &(dyn Fn(usize, &mut [f32]) + Sync),
+        out: &mut [f32],
+    ) {
+        let k = self.packed.k;
+        self.run(isa_path(), m, out, |buf, parallel| {
+            buf.quantize_rows(m, k, parallel, row)
+        });
+    }
+
+    /// Quantizes the activations with `quantize` (told whether to split over threads), then
+    /// runs the micro-kernels over the panels on the current rayon pool.
+    fn run(
+        &self,
+        path: Path,
+        m: usize,
+        out: &mut [f32],
+        quantize: impl for<'b> FnOnce(&'b mut quantize::ActBuf, bool) -> quantize::ActQ<'b>,
+    ) {
+        let w = &*self.packed;
         assert_eq!(
             out.len(),
             m * w.n,
@@ -254,7 +288,7 @@ impl Q8Matrix {
         }
         let tasks = task_count(m, w);
         quantize::with_scratch(|buf| {
-            let act = buf.quantize(x, m, w.k, tasks > 1);
+            let act = quantize(buf, tasks > 1);
             let ptr = OutPtr {
                 ptr: out.as_mut_ptr(),
                 n: w.n,

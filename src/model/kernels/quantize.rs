@@ -43,6 +43,40 @@ impl ActBuf {
     /// Quantizes `x` (`[m, k]` row-major) into this buffer and returns the view.
     pub(crate) fn quantize(&mut self, x: &[f32], m: usize, k: usize, parallel: bool) -> ActQ<'_> {
         debug_assert_eq!(x.len(), m * k);
+        self.quantize_by(m, k, parallel, |i, q, d, c| {
+            quantize_row(&x[i * k..(i + 1) * k], q, d, c)
+        })
+    }
+
+    /// Quantizes rows that `row(i, dst)` writes into a scratch row of `k` values, one at a time:
+    /// an activation (norm, SiLU) fused with the quantization reads its inputs once and never
+    /// writes its `[m, k]` f32 result to memory.
+    pub(crate) fn quantize_rows(
+        &mut self,
+        m: usize,
+        k: usize,
+        parallel: bool,
+        row: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) -> ActQ<'_> {
+        self.quantize_by(m, k, parallel, |i, q, d, c| {
+            ROW.with(|r| {
+                let mut r = r.borrow_mut();
+                r.resize(k, 0.0);
+                row(i, &mut r[..]);
+                quantize_row(&r[..], q, d, c);
+            })
+        })
+    }
+
+    /// Runs `quant(row, quants, scales, corrections)` for every row, in parallel when asked and
+    /// worth it, and returns the view.
+    fn quantize_by(
+        &mut self,
+        m: usize,
+        k: usize,
+        parallel: bool,
+        quant: impl Fn(usize, &mut [i8], &mut [f32], &mut [i32]) + Sync,
+    ) -> ActQ<'_> {
         debug_assert_eq!(k % QK, 0);
         let kb = k / QK;
         self.qs.resize(m * k, 0);
@@ -57,16 +91,16 @@ impl ActBuf {
             qs.par_chunks_mut(k)
                 .zip(d.par_chunks_mut(kb))
                 .zip(corr.par_chunks_mut(kb))
-                .zip(x.par_chunks(k))
-                .for_each(|(((q, d), c), x)| quantize_row(x, q, d, c));
+                .enumerate()
+                .for_each(|(i, ((q, d), c))| quant(i, q, d, c));
         } else if k > 0 {
-            for (((q, d), c), x) in qs
+            for (i, ((q, d), c)) in qs
                 .chunks_mut(k)
                 .zip(d.chunks_mut(kb))
                 .zip(corr.chunks_mut(kb))
-                .zip(x.chunks(k))
+                .enumerate()
             {
-                quantize_row(x, q, d, c);
+                quant(i, q, d, c);
             }
         }
         ActQ {
@@ -77,6 +111,11 @@ impl ActBuf {
             corr: &self.corr[..m * kb],
         }
     }
+}
+
+thread_local! {
+    /// One f32 row for [`ActBuf::quantize_rows`] per thread.
+    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 thread_local! {

@@ -34,16 +34,19 @@ impl Transformer {
         let mut attn_out = vec![0f32; n_tok * q_dim];
         // One buffer per role, reused by every layer (the shapes repeat): no allocation or
         // zeroing per layer.
-        let (mut h, mut qkv, mut o) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut gu, mut act, mut mlp) = (Vec::new(), vec![0f32; n_tok * hp.ffn], Vec::new());
+        let (mut qkv, mut o, mut gu, mut mlp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (li, block) in self.blocks.iter().enumerate() {
             let rope = &*ropes[block.rope]
                 .get_or_insert_with(|| HostRope::new(positions, hd, &self.ropes[block.rope]));
 
             // Attention.
-            h.clone_from(&x);
-            rms_norm_rows(&mut h, dim, &block.attn_norm.h, eps);
-            block.qkv.forward_f32_into(&h, n_tok, &mut qkv)?;
+            let norm = &block.attn_norm.h;
+            block.qkv.forward_rows_into(
+                n_tok,
+                dim,
+                &|i, dst| rms_norm_to(&x[i * dim..(i + 1) * dim], dst, norm, eps),
+                &mut qkv,
+            )?;
             let width = block.qkv.width();
             let neox = self.spec.rope == RopeStyle::Neox;
             par_rows(&mut qkv, width, |row, r| {
@@ -97,23 +100,32 @@ impl Transformer {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             // Feed-forward.
-            h.clone_from(&x);
-            rms_norm_rows(&mut h, dim, &block.ffn_norm.h, eps);
-            block.gate_up.forward_f32_into(&h, n_tok, &mut gu)?;
+            let norm = &block.ffn_norm.h;
+            block.gate_up.forward_rows_into(
+                n_tok,
+                dim,
+                &|i, dst| rms_norm_to(&x[i * dim..(i + 1) * dim], dst, norm, eps),
+                &mut gu,
+            )?;
             let ffn = hp.ffn;
             let activation = self.spec.activation;
-            par_rows(&mut act, ffn, |row, a| {
-                let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
-                match activation {
-                    Activation::Silu => vmath::silu_mul(g, u, a),
-                    Activation::GeluTanh => {
-                        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                            *a = gelu_tanh(g) * u;
+            let gu = &gu;
+            block.down.forward_rows_into(
+                n_tok,
+                ffn,
+                &|row, a| {
+                    let (g, u) = gu[row * 2 * ffn..(row + 1) * 2 * ffn].split_at(ffn);
+                    match activation {
+                        Activation::Silu => vmath::silu_mul(g, u, a),
+                        Activation::GeluTanh => {
+                            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                                *a = gelu_tanh(g) * u;
+                            }
                         }
                     }
-                }
-            });
-            block.down.forward_f32_into(&act, n_tok, &mut mlp)?;
+                },
+                &mut mlp,
+            )?;
             if let Some(w) = &block.post_ffn_norm {
                 rms_norm_rows(&mut mlp, dim, &w.h, eps);
             }
@@ -150,20 +162,35 @@ fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 fn rms_norm_rows(buf: &mut [f32], width: usize, w: &[f32], eps: f32) {
     debug_assert_eq!(w.len(), width);
     par_rows(buf, width, |_, r| {
-        let mut acc = [0f32; 8];
-        let chunks = r.chunks_exact(8);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for c in chunks {
-            for l in 0..8 {
-                acc[l] += c[l] * c[l];
-            }
-        }
-        let sum2 = acc.iter().sum::<f32>() + tail;
-        let m = (sum2 / width as f32 + eps).sqrt();
+        let m = rms_denominator(r, eps);
         for (v, &g) in r.iter_mut().zip(w) {
             *v = *v / m * g;
         }
     });
+}
+
+/// [`rms_norm_rows`] of one row `src` written to `dst`, the same operations in the same order
+/// (so the same bits): fused into the next matmul's quantization, the normed row never goes to
+/// memory.
+fn rms_norm_to(src: &[f32], dst: &mut [f32], w: &[f32], eps: f32) {
+    let m = rms_denominator(src, eps);
+    for ((d, &v), &g) in dst.iter_mut().zip(src).zip(w) {
+        *d = v / m * g;
+    }
+}
+
+/// `sqrt(mean(x²) + eps)` of a row, the sum over 8 strided partial sums then the tail.
+fn rms_denominator(r: &[f32], eps: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = r.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] * c[l];
+        }
+    }
+    let sum2 = acc.iter().sum::<f32>() + tail;
+    (sum2 / r.len() as f32 + eps).sqrt()
 }
 
 /// candle's `gelu` (tanh approximation) on one value.
