@@ -102,9 +102,7 @@ impl Linear {
             }
         }
     }
-}
 
-impl Linear {
     /// [`Self::forward_f32_into`] with input row `i` (`k` values) written by `row(i, dst)`; on
     /// the int8 kernels the row goes straight to the activation quantizer
     /// ([`Q8Matrix::matmul_rows_f32`]), elsewhere the rows are gathered first.

@@ -40,11 +40,10 @@ impl Transformer {
                 .get_or_insert_with(|| HostRope::new(positions, hd, &self.ropes[block.rope]));
 
             // Attention.
-            let norm = &block.attn_norm.h;
             block.qkv.forward_rows_into(
                 n_tok,
                 dim,
-                &|i, dst| rms_norm_to(&x[i * dim..(i + 1) * dim], dst, norm, eps),
+                &normed_rows(&x, dim, &block.attn_norm.h, eps),
                 &mut qkv,
             )?;
             let width = block.qkv.width();
@@ -100,11 +99,10 @@ impl Transformer {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             // Feed-forward.
-            let norm = &block.ffn_norm.h;
             block.gate_up.forward_rows_into(
                 n_tok,
                 dim,
-                &|i, dst| rms_norm_to(&x[i * dim..(i + 1) * dim], dst, norm, eps),
+                &normed_rows(&x, dim, &block.ffn_norm.h, eps),
                 &mut gu,
             )?;
             let ffn = hp.ffn;
@@ -177,6 +175,16 @@ fn rms_norm_to(src: &[f32], dst: &mut [f32], w: &[f32], eps: f32) {
     for ((d, &v), &g) in dst.iter_mut().zip(src).zip(w) {
         *d = v / m * g;
     }
+}
+
+/// Row `i` of `x` (rows of `dim`) RMS-normed with weights `w`, for a matmul's fused quantization.
+fn normed_rows<'a>(
+    x: &'a [f32],
+    dim: usize,
+    w: &'a [f32],
+    eps: f32,
+) -> impl Fn(usize, &mut [f32]) + Sync + 'a {
+    move |i, dst| rms_norm_to(&x[i * dim..(i + 1) * dim], dst, w, eps)
 }
 
 /// `sqrt(mean(x²) + eps)` of a row, the sum over 8 strided partial sums then the tail.
