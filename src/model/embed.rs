@@ -539,12 +539,9 @@ fn resolve_hub(spec: &str, repo: &str, revision: Option<&str>) -> Result<PathBuf
         hint: format!("cache.semantic.encoder: {hint}"),
     };
     let (owner, name) = repo.split_once('/').expect("parse checked OWNER/REPO");
-    let client = hf_hub::HFClient::builder()
-        .retry_max_attempts(0)
-        .build()
-        .and_then(hf_hub::HFClientSync::from_inner)
-        .map_err(|e| bad(format!("cannot set up the Hugging Face hub client: {e}")))?;
-    let model = client.model(owner, name);
+    let model = super::registry::hub_client()
+        .map_err(bad)?
+        .model(owner, name);
     let get = |file: &str| {
         model
             .download_file()

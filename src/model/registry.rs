@@ -135,13 +135,8 @@ fn resolve_hub(spec: &str) -> Result<ResolvedModel, ModelError> {
     let (Some(owner), Some(repo), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad("expected hf:OWNER/REPO/FILE.gguf".into()));
     };
-    // One attempt: a machine without internet should hear so now, not after backing off.
-    let client = hf_hub::HFClient::builder()
-        .retry_max_attempts(0)
-        .build()
-        .and_then(hf_hub::HFClientSync::from_inner)
-        .map_err(|e| bad(format!("cannot set up the Hugging Face hub client: {e}")))?;
-    let path = client
+    let path = hub_client()
+        .map_err(bad)?
         .model(owner, repo)
         .download_file()
         .filename(file)
@@ -161,6 +156,16 @@ fn resolve_hub(spec: &str) -> Result<ResolvedModel, ModelError> {
         path,
         expected_sha256: None,
     })
+}
+
+/// The Hugging Face hub client of every download (models and sentence encoders): one attempt,
+/// so a machine without internet hears so now, not after backing off. The error says what failed.
+pub(crate) fn hub_client() -> Result<hf_hub::HFClientSync, String> {
+    hf_hub::HFClient::builder()
+        .retry_max_attempts(0)
+        .build()
+        .and_then(hf_hub::HFClientSync::from_inner)
+        .map_err(|e| format!("cannot set up the Hugging Face hub client: {e}"))
 }
 
 /// Logs a hub download's start, every tenth of its bytes, and its end (a model is hundreds of MB).
