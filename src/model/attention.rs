@@ -352,20 +352,19 @@ unsafe fn run_task(
                 };
             }
         }
-        for c in 0..lane_groups {
-            if isa == Isa::Avx512 {
-                break;
+        if isa != Isa::Avx512 {
+            for c in 0..lane_groups {
+                let lanes = c * LANES..(c + 1) * LANES;
+                softmax_lanes(
+                    p,
+                    mp,
+                    c * LANES,
+                    keys,
+                    first[lanes.clone()].try_into().expect("LANES"),
+                    end[lanes.clone()].try_into().expect("LANES"),
+                    (&mut sums[lanes]).try_into().expect("LANES"),
+                );
             }
-            let lanes = c * LANES..(c + 1) * LANES;
-            softmax_lanes(
-                p,
-                mp,
-                c * LANES,
-                keys,
-                first[lanes.clone()].try_into().expect("LANES"),
-                end[lanes.clone()].try_into().expect("LANES"),
-                (&mut sums[lanes]).try_into().expect("LANES"),
-            );
         }
         Probs {
             p,

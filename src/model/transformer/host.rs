@@ -261,6 +261,8 @@ impl HostRope {
         let half = self.half;
         let cos = &self.cos[row * half..(row + 1) * half];
         let sin = &self.sin[row * half..(row + 1) * half];
+        #[cfg(target_arch = "x86_64")]
+        let wide = !neox && rope_avx512();
         for head in x.chunks_exact_mut(self.head_dim) {
             if neox {
                 let (a, b) = head[..2 * half].split_at_mut(half);
@@ -272,7 +274,7 @@ impl HostRope {
             } else {
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if rope_avx512() {
+                if wide {
                     // SAFETY: the CPU has AVX-512 F; `head` holds 2 * half values, the
                     // tables half each.
                     done = unsafe { rotate_pairs_avx512(&mut head[..2 * half], cos, sin) };
