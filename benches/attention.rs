@@ -5,7 +5,8 @@
 //! 4,096.
 //!
 //! Each case runs on half-precision caches (the default `kv_dtype`) and on f32 ones, with the
-//! AVX2 kernels and, where the CPU has them, the 512-bit ones (ids `f16/avx2`, `f16/avx512`).
+//! AVX2 kernels and, where the CPU has them, the 512-bit ones (ids `f16/avx2`, `f16/avx512`), and
+//! on 8-bit keys (`kv_dtype = "q8_keys"`, f16 values) with the widest kernels (`q8k/...`).
 //!
 //! Throughput is in elements/s with 2 × heads × head_dim × visible keys per row (the multiply-adds
 //! of `Q·Kᵀ` and `P·V`), i.e. flops/2.
@@ -15,7 +16,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use qnode::model::attention::{attend_on, AttnShape, Isa, SeqAttn};
-use qnode::model::kv_cache::{key_index, HostLayerView, KvRows, KEY_TILE};
+use qnode::model::kv_cache::{
+    key_elem, key_index, q8_block, quantize_key_q8, HostLayerView, KvRows, KEY_TILE,
+};
 
 const SHAPE: AttnShape = AttnShape {
     n_head: 9,
@@ -102,6 +105,28 @@ fn bench(c: &mut Criterion) {
         let half = |x: &[f32]| -> Vec<f16> { x.iter().copied().map(f16::from_f32).collect() };
         let halves: Vec<(Vec<f16>, Vec<f16>)> =
             kvs.iter().map(|(k, v)| (half(k), half(v))).collect();
+        // 8-bit keys: each (head, position) row quantized, in the 8-bit tile layout.
+        let q8: Vec<(Vec<u8>, Vec<f32>)> = kvs
+            .iter()
+            .map(|(k, _)| {
+                let nb = hd / q8_block(hd);
+                let (mut q, mut scale) = (vec![0u8; k.len()], vec![0f32; nkv * capacity * nb]);
+                let mut row = vec![0u8; hd];
+                for h in 0..nkv {
+                    for pos in 0..capacity {
+                        let x: Vec<f32> = (0..hd)
+                            .map(|d| k[key_index(capacity, hd, h, pos, d)])
+                            .collect();
+                        let at = (h * capacity + pos) * nb;
+                        quantize_key_q8(&x, &mut row, &mut scale[at..at + nb]);
+                        for (d, &b) in row.iter().enumerate() {
+                            q[h * capacity * hd + key_elem(true, hd, pos, d)] = b;
+                        }
+                    }
+                }
+                (q, scale)
+            })
+            .collect();
         let q = noise(n_seqs * len * q_stride, 99);
         let seq = |i: usize, k, v| SeqAttn {
             off: i * len,
@@ -119,11 +144,20 @@ fn bench(c: &mut Criterion) {
             .enumerate()
             .map(|(i, (k, v))| seq(i, KvRows::F32(k), KvRows::F32(v)))
             .collect();
+        let q8_seqs: Vec<SeqAttn> = q8
+            .iter()
+            .zip(&halves)
+            .enumerate()
+            .map(|(i, ((q, scale), (_, v)))| seq(i, KvRows::Q8 { q, scale, hd }, KvRows::F16(v)))
+            .collect();
         let mut out = vec![0f32; n_seqs * len * width];
         let macs: usize = (0..len).map(|i| 2 * nh * hd * (history + i + 1)).sum();
         group.throughput(Throughput::Elements((macs * n_seqs) as u64));
-        for (dtype, seqs) in [("f16", &f16_seqs), ("f32", &f32_seqs)] {
+        for (dtype, seqs) in [("f16", &f16_seqs), ("f32", &f32_seqs), ("q8k", &q8_seqs)] {
             for isa in isas.iter().copied() {
+                if dtype == "q8k" && isa != Isa::detect() {
+                    continue;
+                }
                 let id = format!("{dtype}/{}", isa_name(isa));
                 group.bench_function(BenchmarkId::new(id, name), |b| {
                     b.iter(|| pool.install(|| attend_on(isa, &SHAPE, &q, q_stride, seqs, &mut out)))

@@ -17,7 +17,9 @@
 //!   the last token only); attention's own work is not counted, so long prompts sit lower.
 //!
 //! Arguments (after `--`): `depth` adds prefill of 512 tokens and decode after 2048 / 4096 tokens
-//! of context (slow before the tiled attention: minutes); `threads=N` sets the pool (default 2).
+//! of context (slow before the tiled attention: minutes); `threads=N` sets the pool (default 2);
+//! `kv=q8_keys` (or `f32`) sets the KV cache type (default f16), and llama.cpp then runs with the
+//! matching `-ctk q8_0`.
 //! With `LLAMA_BENCH=/path/to/llama-bench` and `LLAMA_MODEL=/path/to/SmolLM2...Q8_0.gguf` the
 //! same run also runs llama.cpp's `llama-bench` (same thread count) right after each of our
 //! measurements and prints each of ours as a ratio to it, so both see the same machine load.
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use qnode::model::hparams::HParams;
+use qnode::model::kv_cache::KvDtype;
 use qnode::model::kernels::{isa, isa_report};
 use qnode::model::loaded::LoadedModel;
 use qnode::model::quantize::Quant;
@@ -45,6 +48,11 @@ fn main() {
         .iter()
         .find_map(|a| a.strip_prefix("threads=")?.parse().ok())
         .unwrap_or(2usize);
+    let kv: KvDtype = args
+        .iter()
+        .find_map(|a| a.strip_prefix("kv="))
+        .map(|s| s.parse().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_default();
     if !Path::new(MODEL).exists() {
         eprintln!(
             "{MODEL} is missing: `bash scripts/test.sh` fetches it (or `python3 models/fetch.py all`)"
@@ -55,7 +63,11 @@ fn main() {
         .iter()
         .find_map(|a| a.strip_prefix("profile=")?.parse::<u64>().ok())
     {
-        profile_prefill(threads, secs);
+        let at = args
+            .iter()
+            .find_map(|a| a.strip_prefix("at=")?.parse().ok())
+            .unwrap_or(0);
+        profile_prefill(threads, secs, kv, at);
         return;
     }
     println!("# Roofline report");
@@ -81,10 +93,12 @@ fn main() {
         peak / 1e9
     );
 
-    let model =
-        LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu).expect("load");
+    let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu)
+        .expect("load")
+        .with_kv_dtype(kv);
     let t = &model.transformer;
     let hp = t.hparams();
+    println!("KV cache: {}", kv.as_str());
     let (layer_params, head_params) = matrix_params(hp);
     let step_bytes = (layer_params + head_params) as f64 * 34.0 / 32.0;
     println!();
@@ -99,7 +113,7 @@ fn main() {
         .num_threads(threads)
         .build()
         .expect("pool");
-    let llama = Llama::from_env(threads);
+    let llama = Llama::from_env(threads, kv);
 
     println!();
     println!("| workload | qnode tok/s | roofline tok/s | fraction of roofline | llama.cpp tok/s | qnode / llama.cpp |");
@@ -154,9 +168,10 @@ fn main() {
 
 /// `profile=SECS`: prefill 512 tokens over and over for SECS seconds and nothing else, for
 /// `perf record` to attribute a prefill step's time.
-fn profile_prefill(threads: usize, secs: u64) {
-    let model =
-        LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu).expect("load");
+fn profile_prefill(threads: usize, secs: u64, kv: KvDtype, at: usize) {
+    let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu)
+        .expect("load")
+        .with_kv_dtype(kv);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -164,7 +179,7 @@ fn profile_prefill(threads: usize, secs: u64) {
     let until = Instant::now() + Duration::from_secs(secs);
     let mut rates = Vec::new();
     while Instant::now() < until {
-        rates.push(pool.install(|| prefill(&model.transformer, 512, 0)));
+        rates.push(pool.install(|| prefill(&model.transformer, 512, at)));
     }
     rates.sort_by(f64::total_cmp);
     println!(
@@ -415,10 +430,12 @@ struct Llama {
     bin: String,
     model: String,
     threads: usize,
+    /// `-ctk` matching our KV cache type.
+    cache_k: &'static str,
 }
 
 impl Llama {
-    fn from_env(threads: usize) -> Option<Self> {
+    fn from_env(threads: usize, kv: KvDtype) -> Option<Self> {
         let bin = std::env::var("LLAMA_BENCH").ok()?;
         let model = std::env::var("LLAMA_MODEL").ok()?;
         for p in [&bin, &model] {
@@ -427,10 +444,16 @@ impl Llama {
                 std::process::exit(2);
             }
         }
+        let cache_k = match kv {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
+            KvDtype::Q8Keys => "q8_0",
+        };
         Some(Self {
             bin,
             model,
             threads,
+            cache_k,
         })
     }
 
@@ -442,6 +465,7 @@ impl Llama {
             .args(["-t", &self.threads.to_string()])
             .args(["-p", &prompt.to_string(), "-n", &gen.to_string()])
             .args(["-d", &depth.to_string()])
+            .args(["-ctk", self.cache_k])
             .output()
             .ok()?;
         if !out.status.success() {

@@ -303,8 +303,10 @@ pub struct ModelConfig {
     #[serde(default = "default_kv_cache_mb")]
     pub kv_cache_mb: usize,
     /// Element type of the host KV caches (running sequences and the prefix store): `f16`
-    /// halves their memory (llama.cpp's default), `f32` keeps exactly what the layers computed.
-    /// Unset: `f16` on the CPU; GPU caches are always f32, so `f16` there is refused.
+    /// halves their memory (llama.cpp's default), `f32` keeps exactly what the layers computed,
+    /// `q8_keys` stores keys in 8 bits (values f16) and scores them with integer dot products
+    /// (llama.cpp's `-ctk q8_0`): faster long contexts, 0.78× the bytes of f16.
+    /// Unset: `f16` on the CPU; GPU caches are always f32, so anything else there is refused.
     #[serde(default)]
     pub kv_dtype: Option<KvDtype>,
 }
@@ -544,7 +546,7 @@ pub struct ServeArgs {
     /// KV prefix store budget per model in MiB (0: no prefix reuse). [default: 1024]
     #[arg(long, env = "QNODE_KV_CACHE_MB", value_name = "MIB")]
     pub kv_cache_mb: Option<usize>,
-    /// KV cache element type of every model: f16 or f32. [default: f16]
+    /// KV cache element type of every model: f16, f32 or q8_keys. [default: f16]
     #[arg(long, env = "QNODE_KV_DTYPE", value_name = "TYPE")]
     pub kv_dtype: Option<KvDtype>,
     /// Time in-flight calls get to finish after shutdown starts: 30s, 500ms, 2m. [default: 30s]
@@ -805,12 +807,15 @@ impl Config {
             if let Some(n) = model.context_length {
                 at_least(&field("context_length"), n as usize, 1)?;
             }
-            if self.server.device != DeviceKind::Cpu && model.kv_dtype == Some(KvDtype::F16) {
-                return Err(out_of_range(
-                    &field("kv_dtype"),
-                    "f32 or unset on a GPU (device KV caches are f32)",
-                    "f16",
-                ));
+            match model.kv_dtype {
+                Some(d) if self.server.device != DeviceKind::Cpu && d != KvDtype::F32 => {
+                    return Err(out_of_range(
+                        &field("kv_dtype"),
+                        "f32 or unset on a GPU (device KV caches are f32)",
+                        d.as_str(),
+                    ));
+                }
+                _ => {}
             }
             let threads = match model.threads_per_instance {
                 Some(n) => n,
@@ -1060,6 +1065,13 @@ mod tests {
         assert_eq!(config.models[0].kv_dtype, Some(KvDtype::F32));
         let config = Config::from_args_with_cores(&parse(&["--kv-dtype", "f16"]), 4).unwrap();
         assert_eq!(config.models[0].kv_dtype, Some(KvDtype::F16));
+        let err =
+            Config::from_args_with_cores(&parse(&["--device", "cuda", "--kv-dtype", "q8_keys"]), 4)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("kv_dtype") && err.contains("q8_keys"), "{err}");
+        let config = Config::from_args_with_cores(&parse(&["--kv-dtype", "q8_keys"]), 4).unwrap();
+        assert_eq!(config.models[0].kv_dtype, Some(KvDtype::Q8Keys));
     }
 
     #[test]

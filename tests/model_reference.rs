@@ -270,3 +270,97 @@ fn gemma3_q8_0_matches_llama_cpp_q8_0() {
         "gemma3-270m-q8_0",
     );
 }
+
+/// [`load`] with 8-bit keys in the KV cache (`kv_dtype = "q8_keys"`).
+fn load_q8_keys(id: &str) -> Transformer {
+    let mut model = load(id, Quant::Q8_0);
+    model.set_kv_dtype(qnode::model::kv_cache::KvDtype::Q8Keys);
+    model
+}
+
+/// 8-bit keys hold the same bar against llama.cpp (f16 cache) as f16 keys: every forced token
+/// llama.cpp's or a near-tie, the first within 0.1 logits, ≥ 85 % exact.
+#[test]
+fn smollm2_q8_0_with_8bit_keys_matches_llama_cpp() {
+    check(
+        "smollm2 (8-bit keys)",
+        Quant::Q8_0,
+        &load_q8_keys("smollm2"),
+        "smollm2-q8_0",
+    );
+}
+
+#[test]
+fn gemma3_q8_0_with_8bit_keys_matches_llama_cpp() {
+    check(
+        "gemma3-270m (8-bit keys)",
+        Quant::Q8_0,
+        &load_q8_keys("gemma3-270m"),
+        "gemma3-270m-q8_0",
+    );
+}
+
+/// At a long context (the reference's texts repeated to ~1,600 tokens, then 48 forced tokens of
+/// the f16 cache's greedy continuation) 8-bit keys pick the f16 cache's token or a near-tie at
+/// every step, on both models: where the scores' error would add up, if it did.
+#[test]
+fn eight_bit_keys_follow_f16_at_a_long_context() {
+    for (id, reference) in [("smollm2", "smollm2-q8_0"), ("gemma3-270m", "gemma3-270m-q8_0")] {
+        let reference = common::reference(reference);
+        let mut prompt: Vec<u32> = Vec::new();
+        let cases = reference["greedy"].as_array().unwrap();
+        'fill: loop {
+            for case in cases {
+                prompt.extend(ids(&case["prompt_ids"]));
+                prompt.extend(ids(&case["completion_ids"]));
+                if prompt.len() >= 1600 {
+                    break 'fill;
+                }
+            }
+        }
+        let f16 = load(id, Quant::Q8_0);
+        // The f16 cache's own greedy continuation.
+        let mut cache = f16.new_cache(4096);
+        let mut next = prompt.clone();
+        let mut want = Vec::new();
+        for _ in 0..48 {
+            let logits = f16
+                .forward(&mut [SeqStep {
+                    tokens: &next,
+                    cache: &mut cache,
+                }])
+                .unwrap();
+            let row = logits.row(0).to_vec();
+            let tok = (0..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap() as u32;
+            want.push(tok);
+            next = vec![tok];
+        }
+        let q8 = load_q8_keys(id);
+        let (mut exact, mut worst) = (0, 0f32);
+        for (i, (logits, &w)) in forced_logits(&q8, &prompt, &want)
+            .iter()
+            .zip(&want)
+            .enumerate()
+        {
+            let best = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let gap = best - logits[w as usize];
+            exact += usize::from(gap == 0.0);
+            worst = worst.max(gap);
+            assert!(
+                gap <= TIE_MARGIN,
+                "{id}: token {i} after {} positions: the f16 cache's token is {gap} logits below \
+                 the 8-bit keys' best",
+                prompt.len()
+            );
+        }
+        eprintln!(
+            "[model_reference] {id} at {} positions: 8-bit keys chose the f16 cache's token in \
+             {exact}/{} forced steps, largest gap {worst:.3} logits",
+            prompt.len(),
+            want.len()
+        );
+        assert!(exact as f64 >= MIN_EXACT * want.len() as f64);
+    }
+}

@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use super::kv_cache::{HostLayerView, KvRows, KEY_TILE};
+use super::scores_q8::{self, Q8Keys, Q8Queries};
 use super::vmath::exp_one;
 #[cfg(target_arch = "x86_64")]
 use super::vmath::{exp_avx2, exp_avx512};
@@ -106,6 +107,8 @@ struct Scratch {
     k: Vec<f32>,
     /// Values widened likewise: `[V_TILE][head_dim]`.
     v: Vec<f32>,
+    /// Queries in 8 bits, for caches of 8-bit keys.
+    q8: Q8Queries,
 }
 
 thread_local! {
@@ -264,14 +267,24 @@ unsafe fn run_task(
         o,
         k: kbuf,
         v: vbuf,
+        q8: qq,
     } = scratch;
 
-    qt.clear();
-    qt.resize(packed * hd * w, 0.0);
+    let q8 = matches!(s.kv.k, KvRows::Q8 { .. });
+    if q8 {
+        qq.reset(packed, w, hd);
+    } else {
+        qt.clear();
+        qt.resize(packed * hd * w, 0.0);
+    }
     for i in 0..t.n {
         let row = &q[(s.off + t.r0 + i) * q_stride + t.kvh * group * hd..][..group * hd];
         for (g, head) in row.chunks_exact(hd).enumerate() {
             let r = i * group + g;
+            if q8 {
+                qq.set(r, head, shape.scale);
+                continue;
+            }
             let dst = &mut qt[(r / w) * hd * w + r % w..];
             for (d, &x) in head.iter().enumerate() {
                 dst[d * w] = x;
@@ -313,7 +326,10 @@ unsafe fn run_task(
         let stride = (off + keys).next_multiple_of(KEY_TILE);
         p.clear();
         p.resize(m * stride, 0.0);
-        decode_scores(isa, qt, w, hd, m, span, shape.scale, p, stride);
+        match span.q8() {
+            Some(k) => scores_q8::decode(isa == Isa::Avx512, qq, m, k, p, stride),
+            None => decode_scores(isa, qt, w, hd, m, span, shape.scale, p, stride),
+        }
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
             softmax_row(row, off + first[r] as usize, off + end[r] as usize);
@@ -331,7 +347,10 @@ unsafe fn run_task(
         if p.len() < keys * mp {
             p.resize(keys * mp, 0.0);
         }
-        scores(isa, qt, hd, lane_groups, span, shape.scale, p, kbuf);
+        match span.q8() {
+            Some(k) => scores_q8::prefill(isa == Isa::Avx512, qq, packed, k, p),
+            None => scores(isa, qt, hd, lane_groups, span, shape.scale, p, kbuf),
+        }
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             for c in (0..lane_groups).step_by(2) {
@@ -421,6 +440,20 @@ impl KeySpan<'_> {
         })
     }
 
+    /// The span of an 8-bit key cache, which scores in [`scores_q8`].
+    fn q8(&self) -> Option<Q8Keys<'_>> {
+        match self.k {
+            KvRows::Q8 { q, scale, .. } => Some(Q8Keys {
+                q,
+                scale,
+                head: self.head,
+                lo: self.lo,
+                keys: self.keys,
+            }),
+            _ => None,
+        }
+    }
+
     /// Widens the tile starting at position `t0` into `dst` (`[hd][KEY_TILE]`).
     fn widen_tile(&self, t0: usize, hd: usize, dst: &mut [f32]) {
         self.k.widen(self.head + t0 * hd, &mut dst[..KEY_TILE * hd]);
@@ -454,6 +487,7 @@ fn scores(
                 span.widen_tile(t0, hd, kbuf);
                 kbuf
             }
+            KvRows::Q8 { .. } => unreachable!("8-bit keys are scored in scores_q8"),
         };
         let (j0, kn, lane0) = (a - span.lo, b - a, a - t0);
         #[cfg(target_arch = "x86_64")]
@@ -758,6 +792,7 @@ fn raw(x: KvRows<'_>) -> (*const u8, bool) {
     match x {
         KvRows::F16(x) => (x.as_ptr().cast(), true),
         KvRows::F32(x) => (x.as_ptr().cast(), false),
+        KvRows::Q8 { .. } => unreachable!("8-bit keys are scored in scores_q8"),
     }
 }
 
@@ -1391,7 +1426,7 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::key_index;
+    use crate::model::kv_cache::{key_elem, key_index, q8_block, quantize_key_q8};
     use candle_core::{Device, Tensor};
     use half::f16;
     use rand::{Rng, SeedableRng};
@@ -1614,7 +1649,7 @@ mod tests {
         total: usize,
         cuts: &[usize],
         with_other: bool,
-        f32_caches: bool,
+        cache: Cache,
     ) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let (nh, nkv, hd) = (shape.n_head, shape.n_kv_head, shape.head_dim);
@@ -1630,15 +1665,28 @@ mod tests {
         let ok = tiled(&ok, nkv, 304, hd);
         let oq = g(20 * width);
         let (k32, v32, ok32, ov32) = (widened(&k), widened(&v), widened(&ok), widened(&ov));
-        let pick = |h, w| {
-            if f32_caches {
-                KvRows::F32(w)
-            } else {
-                KvRows::F16(h)
+        let (k8, ok8) = (q8_keys(&k32, nkv, cap, hd), q8_keys(&ok32, nkv, 304, hd));
+        fn pick<'a>(
+            cache: Cache,
+            h: &'a [f16],
+            w: &'a [f32],
+            k8: Option<&'a (Vec<u8>, Vec<f32>)>,
+            hd: usize,
+        ) -> KvRows<'a> {
+            match (cache, k8) {
+                (Cache::F32, _) => KvRows::F32(w),
+                (Cache::Q8, Some((q, scale))) => KvRows::Q8 { q, scale, hd },
+                _ => KvRows::F16(h),
             }
-        };
-        let (kr, vr) = (pick(&k, &k32), pick(&v, &v32));
-        let (okr, ovr) = (pick(&ok, &ok32), pick(&ov, &ov32));
+        }
+        let (kr, vr) = (
+            pick(cache, &k, &k32, Some(&k8), hd),
+            pick(cache, &v, &v32, None, hd),
+        );
+        let (okr, ovr) = (
+            pick(cache, &ok, &ok32, Some(&ok8), hd),
+            pick(cache, &ov, &ov32, None, hd),
+        );
         let mut out = vec![f32::NAN; total * width];
         let mut start = 0;
         for &len in cuts {
@@ -1675,6 +1723,32 @@ mod tests {
         out
     }
 
+    /// The key cache a test attends over.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Cache {
+        F16,
+        F32,
+        Q8,
+    }
+
+    /// Tiled keys (`[nkv][cap / KEY_TILE][hd][KEY_TILE]`, f32) in the 8-bit layout, with scales.
+    fn q8_keys(k: &[f32], nkv: usize, cap: usize, hd: usize) -> (Vec<u8>, Vec<f32>) {
+        let nb = hd / q8_block(hd);
+        let (mut q, mut scale) = (vec![0x80u8; nkv * cap * hd], vec![0f32; nkv * cap * nb]);
+        let mut row = vec![0u8; hd];
+        for h in 0..nkv {
+            for pos in 0..cap {
+                let x: Vec<f32> = (0..hd).map(|d| k[key_index(cap, hd, h, pos, d)]).collect();
+                let at = (h * cap + pos) * nb;
+                quantize_key_q8(&x, &mut row, &mut scale[at..at + nb]);
+                for (d, &b) in row.iter().enumerate() {
+                    q[h * cap * hd + key_elem(true, hd, pos, d)] = b;
+                }
+            }
+        }
+        (q, scale)
+    }
+
     #[test]
     fn outputs_are_bit_identical_however_the_sequence_is_cut() {
         // What the prefix store's exactness rests on: a position's output does not depend on
@@ -1691,21 +1765,35 @@ mod tests {
                 shape(4, 2, 64, Some(40)),
                 shape(2, 2, 64, None),
             ] {
-                let whole = chunked(shape, 90, &[90], false, false);
-                for (cuts, other, f32_caches) in [
-                    (&[37, 1, 1, 16, 35][..], false, false),
-                    (&[5, 80, 1, 1, 1, 1, 1][..], true, false),
-                    (&[1; 90][..], true, false),
-                    (&[90][..], false, true),
-                    (&[1; 90][..], true, true),
+                let whole = chunked(shape, 90, &[90], false, Cache::F16);
+                let whole8 = chunked(shape, 90, &[90], false, Cache::Q8);
+                for (cuts, other, cache) in [
+                    (&[37, 1, 1, 16, 35][..], false, Cache::F16),
+                    (&[5, 80, 1, 1, 1, 1, 1][..], true, Cache::F16),
+                    (&[1; 90][..], true, Cache::F16),
+                    (&[90][..], false, Cache::F32),
+                    (&[1; 90][..], true, Cache::F32),
+                    (&[37, 1, 1, 16, 35][..], false, Cache::Q8),
+                    (&[5, 80, 1, 1, 1, 1, 1][..], true, Cache::Q8),
+                    (&[1; 90][..], true, Cache::Q8),
                 ] {
-                    let got = chunked(shape, 90, cuts, other, f32_caches);
+                    let got = chunked(shape, 90, cuts, other, cache);
+                    let want = if cache == Cache::Q8 { &whole8 } else { &whole };
                     assert!(
-                        bits_equal(&whole, &got),
-                        "cuts {cuts:?} (with another sequence: {other}, f32 caches: \
-                         {f32_caches}) changed bits"
+                        bits_equal(want, &got),
+                        "cuts {cuts:?} (with another sequence: {other}, {cache:?} cache) \
+                         changed bits"
                     );
                 }
+                // 8-bit keys stay close to f16 ones (here, scores of ±2-valued vectors: the
+                // worst output moves by a few hundredths).
+                let worst = whole
+                    .iter()
+                    .zip(&whole8)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                eprintln!("{shape:?}: worst |q8 - f16| = {worst}");
+                assert!(worst > 0.0 && worst < 0.05, "{shape:?}: 8-bit keys off by {worst}");
             }
         });
     }
@@ -1752,16 +1840,21 @@ mod tests {
                 .iter()
                 .map(|(_, k, v)| (widened(k), widened(v)))
                 .collect();
-            for f32_caches in [false, true] {
+            let q8: Vec<(Vec<u8>, Vec<f32>)> = caches
+                .iter()
+                .zip(&wide)
+                .map(|((cap, _, _), (k32, _))| q8_keys(k32, nkv, *cap, hd))
+                .collect();
+            for cache in [Cache::F16, Cache::F32, Cache::Q8] {
                 let mut off = 0;
                 let seqs: Vec<SeqAttn> = batch
                     .iter()
-                    .zip(caches.iter().zip(&wide))
-                    .map(|(&(start, len), ((capacity, k, v), (k32, v32)))| {
-                        let kv = if f32_caches {
-                            (KvRows::F32(k32), KvRows::F32(v32))
-                        } else {
-                            (KvRows::F16(k), KvRows::F16(v))
+                    .zip(caches.iter().zip(wide.iter().zip(&q8)))
+                    .map(|(&(start, len), ((capacity, k, v), ((k32, v32), (q, scale))))| {
+                        let kv = match cache {
+                            Cache::F32 => (KvRows::F32(k32), KvRows::F32(v32)),
+                            Cache::F16 => (KvRows::F16(k), KvRows::F16(v)),
+                            Cache::Q8 => (KvRows::Q8 { q, scale, hd }, KvRows::F16(v)),
                         };
                         let s = SeqAttn {
                             off,
@@ -1784,7 +1877,7 @@ mod tests {
                 };
                 assert!(
                     bits_equal(&run(Isa::Avx2), &run(Isa::Avx512)),
-                    "{shape:?} {batch:?} (f32 caches: {f32_caches})"
+                    "{shape:?} {batch:?} ({cache:?} caches)"
                 );
             }
         }

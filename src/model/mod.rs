@@ -13,6 +13,7 @@ pub mod loaded;
 pub mod pyjson;
 pub mod quantize;
 pub mod registry;
+mod scores_q8;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;

@@ -1,0 +1,499 @@
+//! Attention scores on 8-bit keys: one exact integer dot product per (query, key), then the same
+//! two float products in every path.
+//!
+//! A cache of [`KvDtype::Q8Keys`](super::kv_cache::KvDtype) holds each head's key as 8-bit
+//! values (offset by +128) and one scale; queries are quantized the same way, per query vector,
+//! when a task packs them. A score is `(Σ q·k) as f32 × (q_scale × k_scale)`, where the sum is an
+//! exact `i32` however it is computed (`vpdpbusd` on 16 queries in lanes, 8 keys in lanes, or a
+//! plain loop), so it has the same bits whichever block, lane, batch or path a query lands in —
+//! what the prefix store's exactness rests on, as for f16 keys. At head_dim 64 one `vpdpbusd`
+//! does the work of four f32 FMAs, and the keys take half the bytes of f16 (llama.cpp's
+//! `-ctk q8_0` does the same with 32-value blocks; we keep one block per head).
+
+use super::kv_cache::{q8_block, quantize_q8, KEY_TILE, Q8_GROUP};
+
+/// A task's queries in 8 bits, packed `w` to a group as `[group][hd / 4][w][4]` (four values of
+/// one query per 32-bit lane), with each query vector's per-block scales (times the attention
+/// scale) and `128 × Σ q` per block (what the +128 offset of the keys adds to a `vpdpbusd`
+/// sum), both `[group][block][w]`.
+#[derive(Default)]
+pub(super) struct Q8Queries {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    sum128: Vec<i32>,
+    row: Vec<u8>,
+    w: usize,
+    hd: usize,
+    block: usize,
+    nb: usize,
+}
+
+impl Q8Queries {
+    /// Empties the buffers for `packed` groups of `w` query vectors of `hd` values (padding
+    /// vectors stay zero, scale 0).
+    pub(super) fn reset(&mut self, packed: usize, w: usize, hd: usize) {
+        assert!(hd.is_multiple_of(Q8_GROUP), "8-bit keys need head_dim a multiple of 4");
+        (self.w, self.hd, self.block) = (w, hd, q8_block(hd));
+        self.nb = hd / self.block;
+        self.q.clear();
+        self.q.resize(packed * w * hd, 0);
+        self.scale.clear();
+        self.scale.resize(packed * w * self.nb, 0.0);
+        self.sum128.clear();
+        self.sum128.resize(packed * w * self.nb, 0);
+    }
+
+    /// Quantizes query vector `r` (`x`, already position-encoded) with the attention scale.
+    pub(super) fn set(&mut self, r: usize, x: &[f32], attn_scale: f32) {
+        let (w, hd, block) = (self.w, self.hd, self.block);
+        let mut row = std::mem::take(&mut self.row);
+        row.resize(hd, 0);
+        for (b, (x, row)) in x.chunks(block).zip(row.chunks_mut(block)).enumerate() {
+            let d = quantize_q8(x, row);
+            let at = self.sb(r, b);
+            self.scale[at] = d * attn_scale;
+            self.sum128[at] = 128 * row.iter().map(|&v| i32::from((v ^ 0x80) as i8)).sum::<i32>();
+        }
+        self.row = row;
+        for (i, &b) in self.row.iter().enumerate() {
+            self.q[(r / w) * hd * w + (i / Q8_GROUP * w + r % w) * Q8_GROUP + i % Q8_GROUP] =
+                (b ^ 0x80) as i8;
+        }
+    }
+
+    /// Where block `b` of query vector `r` has its scale and sum.
+    fn sb(&self, r: usize, b: usize) -> usize {
+        ((r / self.w) * self.nb + b) * self.w + r % self.w
+    }
+
+    /// Value `d` of query vector `r`.
+    fn at(&self, r: usize, d: usize) -> i32 {
+        let (w, hd) = (self.w, self.hd);
+        i32::from(self.q[(r / w) * hd * w + (d / Q8_GROUP * w + r % w) * Q8_GROUP + d % Q8_GROUP])
+    }
+}
+
+/// The keys one task scores: positions `lo..lo + keys` of one head, whose tiles start at byte
+/// `head` of `q` and whose scales at `scale[head / hd * blocks..]`.
+#[derive(Clone, Copy)]
+pub(super) struct Q8Keys<'a> {
+    pub q: &'a [u8],
+    pub scale: &'a [f32],
+    pub head: usize,
+    pub lo: usize,
+    pub keys: usize,
+}
+
+impl Q8Keys<'_> {
+    /// The exact `Σ q·k` over block `b` of query `r` and the key at `pos`.
+    fn dot(&self, qq: &Q8Queries, r: usize, pos: usize, b: usize) -> i32 {
+        let hd = qq.hd;
+        let tile = self.head + pos / KEY_TILE * KEY_TILE * hd;
+        (b * qq.block..(b + 1) * qq.block)
+            .map(|d| {
+                let at = tile + (d / Q8_GROUP * KEY_TILE + pos % KEY_TILE) * Q8_GROUP;
+                qq.at(r, d) * i32::from((self.q[at + d % Q8_GROUP] ^ 0x80) as i8)
+            })
+            .sum()
+    }
+
+    /// Index of the scale of block `b` of the key at `pos`.
+    fn scale_at(&self, qq: &Q8Queries, pos: usize, b: usize) -> usize {
+        (self.head / qq.hd + pos) * qq.nb + b
+    }
+
+    /// The score of query `r` and the key at `pos`: per block in order, one fused multiply-add
+    /// of the exact dot product by the two scales' product — the float sequence every path runs.
+    fn score(&self, qq: &Q8Queries, r: usize, pos: usize) -> f32 {
+        (0..qq.nb).fold(0f32, |s, b| {
+            let scales = qq.scale[qq.sb(r, b)] * self.scale[self.scale_at(qq, pos, b)];
+            (self.dot(qq, r, pos, b) as f32).mul_add(scales, s)
+        })
+    }
+
+    /// Checks that the tiles and scales covering the span lie in the buffers.
+    fn check(&self, qq: &Q8Queries) {
+        let end = (self.lo + self.keys).next_multiple_of(KEY_TILE);
+        assert!(self.q.len() >= self.head + end * qq.hd);
+        assert!(self.scale.len() >= (self.head / qq.hd + end) * qq.nb);
+    }
+}
+
+/// Whether the 512-bit integer kernels may run.
+fn vnni512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Key-major scores, `p[j * mp + r]` for key `lo + j` and query `r < mp` (the layout of the
+/// lane-wise softmax), `mp = groups × w`. `wide` asks for the 512-bit kernel (queries packed 16
+/// to a group); it runs where the CPU has AVX-512 VNNI, the portable loop elsewhere.
+pub(super) fn prefill(wide: bool, qq: &Q8Queries, groups: usize, k: Q8Keys<'_>, p: &mut [f32]) {
+    let w = qq.w;
+    let mp = groups * w;
+    assert!(qq.q.len() >= mp * qq.hd && qq.scale.len() >= mp * qq.nb);
+    assert!(p.len() >= k.keys * mp);
+    k.check(qq);
+    #[cfg(target_arch = "x86_64")]
+    if wide && w == 16 && vnni512() {
+        // SAFETY: AVX-512 F and VNNI present; every query group, key tile, scale and score row
+        // read or written lies in the buffers (checked above).
+        unsafe { prefill_avx512(qq, groups, k, p) };
+        return;
+    }
+    let _ = wide;
+    for j in 0..k.keys {
+        for r in 0..mp {
+            p[j * mp + r] = k.score(qq, r, k.lo + j);
+        }
+    }
+}
+
+/// Query-major scores of the first `m` query vectors, `p[r * stride + pos - base]` for every
+/// position `pos` of the span, `base` its first tile's position (the layout of the
+/// keys-in-lanes softmax).
+pub(super) fn decode(
+    wide: bool,
+    qq: &Q8Queries,
+    m: usize,
+    k: Q8Keys<'_>,
+    p: &mut [f32],
+    stride: usize,
+) {
+    let base = k.lo / KEY_TILE * KEY_TILE;
+    let end = k.lo + k.keys;
+    assert!(m <= qq.w && m <= 4 && p.len() >= m * stride && base + stride >= end);
+    k.check(qq);
+    #[cfg(target_arch = "x86_64")]
+    if wide && vnni512() && qq.block.is_multiple_of(2 * Q8_GROUP) && qq.hd <= 8 * MAX_STEPS {
+        // SAFETY: AVX-512 F and VNNI present; every tile covering `base..end`, its scales and
+        // every row `r < m` of `p` lie in the buffers (checked above).
+        unsafe {
+            match m {
+                1 => decode_avx512::<1>(qq, k, p, stride),
+                2 => decode_avx512::<2>(qq, k, p, stride),
+                3 => decode_avx512::<3>(qq, k, p, stride),
+                _ => decode_avx512::<4>(qq, k, p, stride),
+            }
+        }
+        return;
+    }
+    let _ = wide;
+    for r in 0..m {
+        for pos in k.lo..end {
+            p[r * stride + pos - base] = k.score(qq, r, pos);
+        }
+    }
+}
+
+/// Keys scored side by side per query group in [`prefill_avx512`].
+#[cfg(target_arch = "x86_64")]
+const KEYS: usize = 8;
+
+/// [`prefill`] with 16 queries in lanes: per 4 values, one load per query group and one 4-byte
+/// key broadcast per key feed `vpdpbusd`; 3 groups × 8 keys = 24 accumulators. After each block
+/// the scores in `p` take its fused multiply-add.
+///
+/// # Safety
+/// AVX-512 F and VNNI present; buffers as [`prefill`] checks them, `qq.w == 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn prefill_avx512(qq: &Q8Queries, groups: usize, k: Q8Keys<'_>, p: &mut [f32]) {
+    let mut c = 0;
+    while c < groups {
+        let g = (groups - c).min(3);
+        // SAFETY: forwarded; groups c..c + g exist.
+        unsafe {
+            match g {
+                1 => prefill_pass::<1>(qq, groups, k, p, c),
+                2 => prefill_pass::<2>(qq, groups, k, p, c),
+                _ => prefill_pass::<3>(qq, groups, k, p, c),
+            }
+        }
+        c += g;
+    }
+}
+
+/// Query groups `c..c + G` of [`prefill_avx512`] against every tile of the span.
+///
+/// # Safety
+/// As [`prefill_avx512`], and `c + G <= groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn prefill_pass<const G: usize>(
+    qq: &Q8Queries,
+    groups: usize,
+    k: Q8Keys<'_>,
+    p: &mut [f32],
+    c: usize,
+) {
+    use std::arch::x86_64::*;
+    const W: usize = 16;
+    let (hd, block, nb) = (qq.hd, qq.block, qq.nb);
+    let mp = groups * W;
+    let (lo, hi) = (k.lo, k.lo + k.keys);
+    // SAFETY: per the contract, every offset below lies in its buffer: query groups c..c + G,
+    // tiles covering lo..hi, scales of those tiles, score rows j < keys.
+    unsafe {
+        let qb = qq.q.as_ptr();
+        for t in lo / KEY_TILE..hi.div_ceil(KEY_TILE) {
+            let t0 = t * KEY_TILE;
+            let (a, b) = (lo.max(t0), hi.min(t0 + KEY_TILE));
+            let (lane0, kn) = (a - t0, b - a);
+            // A partial tile repeats its last key; those scores are not stored.
+            let kl: [usize; KEYS] = std::array::from_fn(|kk| (lane0 + kk.min(kn - 1)) * Q8_GROUP);
+            let tile = k.q.as_ptr().add(k.head + t0 * hd);
+            for blk in 0..nb {
+                let mut acc = [[_mm512_setzero_si512(); KEYS]; G];
+                for d4 in blk * block / Q8_GROUP..(blk + 1) * block / Q8_GROUP {
+                    let qd: [__m512i; G] = std::array::from_fn(|g| {
+                        _mm512_loadu_si512(qb.add((c + g) * hd * W + d4 * W * Q8_GROUP).cast())
+                    });
+                    let kt = tile.add(d4 * KEY_TILE * Q8_GROUP);
+                    for kk in 0..KEYS {
+                        let kb = _mm512_set1_epi32(kt.add(kl[kk]).cast::<i32>().read_unaligned());
+                        for g in 0..G {
+                            acc[g][kk] = _mm512_dpbusd_epi32(acc[g][kk], kb, qd[g]);
+                        }
+                    }
+                }
+                for (g, acc) in acc.iter().enumerate() {
+                    let sb = ((c + g) * nb + blk) * W;
+                    let qs = _mm512_loadu_ps(qq.scale.as_ptr().add(sb));
+                    let qsum = _mm512_loadu_si512(qq.sum128.as_ptr().add(sb).cast());
+                    for (kk, a) in acc.iter().enumerate().take(kn) {
+                        let pos = t0 + lane0 + kk;
+                        let ks = _mm512_set1_ps(k.scale[k.scale_at(qq, pos, blk)]);
+                        let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, qsum));
+                        let dst = p[(pos - lo) * mp + (c + g) * W..][..W].as_mut_ptr();
+                        let prev = if blk == 0 {
+                            _mm512_setzero_ps()
+                        } else {
+                            _mm512_loadu_ps(dst)
+                        };
+                        _mm512_storeu_ps(dst, _mm512_fmadd_ps(dot, _mm512_mul_ps(qs, ks), prev));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Most 8-value steps over `head_dim` in [`decode_avx512`] (head_dim up to 256).
+const MAX_STEPS: usize = 32;
+
+/// [`decode`] for `M` query vectors with 8 keys in lanes: a 64-byte load holds 8 values of 8
+/// keys (two 4-value groups, lanes 0–7 and 8–15), fed with the query's matching 8 values (built
+/// once per call); the two halves are added at the end of each block (integers: exact), whose
+/// fused multiply-add goes into the scores. `8 / M` tiles (2 to 8) per step.
+///
+/// # Safety
+/// AVX-512 F, VNNI, AVX2 and FMA present; buffers as [`decode`] checks them; the block a
+/// multiple of 8, `hd <= 8 * MAX_STEPS`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni,avx2,fma")]
+unsafe fn decode_avx512<const M: usize>(qq: &Q8Queries, k: Q8Keys<'_>, p: &mut [f32], stride: usize) {
+    use std::arch::x86_64::*;
+    const MAX_TILES: usize = 8;
+    let (hd, w, block, nb) = (qq.hd, qq.w, qq.block, qq.nb);
+    let base = k.lo / KEY_TILE * KEY_TILE;
+    let end = k.lo + k.keys;
+    let span_tiles = (end - base).div_ceil(KEY_TILE);
+    let tiles = (MAX_TILES / M).clamp(2, MAX_TILES).min(span_tiles.max(1));
+    let steps = block / (2 * Q8_GROUP);
+    // SAFETY: per the contract; a tile past the span's end is read at the step's first tile
+    // and not stored; every load stays inside its tile, scales and the query group.
+    unsafe {
+        let qb = qq.q.as_ptr();
+        let mut qv = [[_mm512_setzero_si512(); MAX_STEPS]; M];
+        for (r, qv) in qv.iter_mut().enumerate() {
+            for (d8, v) in qv.iter_mut().enumerate().take(hd / (2 * Q8_GROUP)) {
+                // Values 8·d8..8·d8 + 8 of query r: groups 2·d8 (lanes 0–7), 2·d8 + 1 (8–15).
+                let lo = qb.add((2 * d8 * w + r) * Q8_GROUP).cast::<i32>().read_unaligned();
+                let hi = qb.add(((2 * d8 + 1) * w + r) * Q8_GROUP).cast::<i32>().read_unaligned();
+                *v = _mm512_inserti64x4::<1>(_mm512_set1_epi32(lo), _mm256_set1_epi32(hi));
+            }
+        }
+        // Scales of one block for the 8 keys of a tile: `nb` apart.
+        let lanes = _mm256_mullo_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(nb as i32),
+        );
+        for t0 in (base..end).step_by(tiles * KEY_TILE) {
+            let at: [usize; MAX_TILES] = std::array::from_fn(|i| {
+                let t = t0 + i * KEY_TILE;
+                if t < end {
+                    t
+                } else {
+                    t0
+                }
+            });
+            let mut s = [[_mm256_setzero_ps(); MAX_TILES]; M];
+            for blk in 0..nb {
+                let mut acc = [[_mm512_setzero_si512(); MAX_TILES]; M];
+                for d8 in blk * steps..(blk + 1) * steps {
+                    let kd: [__m512i; MAX_TILES] = std::array::from_fn(|i| {
+                        if i < tiles {
+                            let off = k.head + at[i] * hd + d8 * 2 * KEY_TILE * Q8_GROUP;
+                            _mm512_loadu_si512(k.q.as_ptr().add(off).cast())
+                        } else {
+                            _mm512_setzero_si512()
+                        }
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let qd = qv[r][d8];
+                        for i in 0..tiles {
+                            acc[i] = _mm512_dpbusd_epi32(acc[i], kd[i], qd);
+                        }
+                    }
+                }
+                let ks: [__m256; MAX_TILES] = std::array::from_fn(|i| {
+                    if i < tiles {
+                        let first = k.scale.as_ptr().add(k.scale_at(qq, at[i], blk));
+                        _mm256_i32gather_ps::<4>(first, lanes)
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                for (r, (acc, s)) in acc.iter().zip(s.iter_mut()).enumerate() {
+                    let at = qq.sb(r, blk);
+                    let qs = _mm256_set1_ps(qq.scale[at]);
+                    let qsum = _mm256_set1_epi32(qq.sum128[at]);
+                    for i in 0..tiles {
+                        let sum = _mm256_add_epi32(
+                            _mm512_castsi512_si256(acc[i]),
+                            _mm512_extracti64x4_epi64::<1>(acc[i]),
+                        );
+                        let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, qsum));
+                        s[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(qs, ks[i]), s[i]);
+                    }
+                }
+            }
+            for (r, s) in s.iter().enumerate() {
+                for (i, s) in s.iter().enumerate().take(tiles) {
+                    let t = t0 + i * KEY_TILE;
+                    if t < end {
+                        _mm256_storeu_ps(p.as_mut_ptr().add(r * stride + t - base), *s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kv_cache::{key_elem, quantize_key_q8};
+    use rand::{Rng, SeedableRng};
+
+    /// A head of `n` random keys in the cache's 8-bit layout, with scales.
+    fn keys(n: usize, hd: usize, rng: &mut rand::rngs::StdRng) -> (Vec<u8>, Vec<f32>) {
+        let cap = n.next_multiple_of(KEY_TILE);
+        let nb = hd / q8_block(hd);
+        let (mut q, mut scale) = (vec![0x80u8; cap * hd], vec![0f32; cap * nb]);
+        let mut row = vec![0u8; hd];
+        for pos in 0..n {
+            let x: Vec<f32> = (0..hd).map(|_| rng.random_range(-3.0..3.0)).collect();
+            quantize_key_q8(&x, &mut row, &mut scale[pos * nb..(pos + 1) * nb]);
+            for (d, &b) in row.iter().enumerate() {
+                q[key_elem(true, hd, pos, d)] = b;
+            }
+        }
+        (q, scale)
+    }
+
+    /// The 512-bit kernels give the portable loop's bits, key-major and query-major, on partial
+    /// tiles at both ends, for 1 to 4 decode queries and 1 to 5 prefill groups.
+    #[test]
+    fn simd_scores_give_the_portable_bits() {
+        if !vnni512() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for hd in [64, 256, 8, 96, 36] {
+            let (kq, ks) = keys(77, hd, &mut rng);
+            for (lo, n) in [(0, 77), (3, 70), (13, 1), (8, 16), (5, 9)] {
+                let k = Q8Keys {
+                    q: &kq,
+                    scale: &ks,
+                    head: 0,
+                    lo,
+                    keys: n,
+                };
+                for groups in 1..=5 {
+                    let mut qq = Q8Queries::default();
+                    qq.reset(groups, 16, hd);
+                    for r in 0..groups * 16 - 3 {
+                        let x: Vec<f32> = (0..hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+                        qq.set(r, &x, 0.125);
+                    }
+                    let mp = groups * 16;
+                    let (mut a, mut b) = (vec![0f32; n * mp], vec![1f32; n * mp]);
+                    prefill(true, &qq, groups, k, &mut a);
+                    prefill(false, &qq, groups, k, &mut b);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "prefill hd {hd} lo {lo} n {n} g {groups}");
+                    for m in 1..=4 {
+                        let base = lo / KEY_TILE * KEY_TILE;
+                        let stride = (lo + n - base).next_multiple_of(KEY_TILE);
+                        let (mut x, mut y) = (vec![0f32; m * stride], vec![0f32; m * stride]);
+                        decode(true, &qq, m, k, &mut x, stride);
+                        decode(false, &qq, m, k, &mut y, stride);
+                        for r in 0..m {
+                            for pos in lo..lo + n {
+                                let (u, v) = (x[r * stride + pos - base], y[r * stride + pos - base]);
+                                assert_eq!(u.to_bits(), v.to_bits(), "decode hd {hd} m {m} {pos}");
+                                // The same score as key-major.
+                                assert_eq!(u.to_bits(), b[(pos - lo) * mp + r].to_bits());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The integer dot times the scales is within the quantization error of the f32 score.
+    #[test]
+    fn scores_approximate_the_float_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let hd = 64;
+        let (kq, ks) = keys(16, hd, &mut rng);
+        let mut qq = Q8Queries::default();
+        qq.reset(1, 16, hd);
+        let x: Vec<f32> = (0..hd).map(|_| rng.random_range(-2.0..2.0)).collect();
+        qq.set(0, &x, 1.0);
+        let k = Q8Keys {
+            q: &kq,
+            scale: &ks,
+            head: 0,
+            lo: 0,
+            keys: 16,
+        };
+        let mut p = vec![0f32; 16 * 16];
+        prefill(false, &qq, 1, k, &mut p);
+        for j in 0..16 {
+            let exact: f32 = (0..hd)
+                .map(|d| {
+                    let k = ((kq[key_elem(true, hd, j, d)] ^ 0x80) as i8) as f32;
+                    x[d] * k * ks[j * 2 + d / 32]
+                })
+                .sum();
+            let err = (p[j * 16] - exact).abs();
+            // |q| ≤ 2, |k| ≤ 3: each of 64 products off by at most 3·(2/254) + 2·(3/254).
+            assert!(err < 64.0 * 12.0 / 254.0 / 4.0, "key {j}: {} vs {exact}", p[j * 16]);
+        }
+    }
+}
