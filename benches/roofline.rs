@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use qnode::model::hparams::HParams;
-use qnode::model::kv_cache::KvDtype;
 use qnode::model::kernels::{isa, isa_report};
+use qnode::model::kv_cache::KvDtype;
 use qnode::model::loaded::LoadedModel;
 use qnode::model::quantize::Quant;
 use qnode::model::transformer::{SeqStep, Transformer};

@@ -305,7 +305,10 @@ fn gemma3_q8_0_with_8bit_keys_matches_llama_cpp() {
 /// every step, on both models: where the scores' error would add up, if it did.
 #[test]
 fn eight_bit_keys_follow_f16_at_a_long_context() {
-    for (id, reference) in [("smollm2", "smollm2-q8_0"), ("gemma3-270m", "gemma3-270m-q8_0")] {
+    for (id, reference) in [
+        ("smollm2", "smollm2-q8_0"),
+        ("gemma3-270m", "gemma3-270m-q8_0"),
+    ] {
         let reference = common::reference(reference);
         let mut prompt: Vec<u32> = Vec::new();
         let cases = reference["greedy"].as_array().unwrap();

@@ -1793,7 +1793,10 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 eprintln!("{shape:?}: worst |q8 - f16| = {worst}");
-                assert!(worst > 0.0 && worst < 0.05, "{shape:?}: 8-bit keys off by {worst}");
+                assert!(
+                    worst > 0.0 && worst < 0.05,
+                    "{shape:?}: 8-bit keys off by {worst}"
+                );
             }
         });
     }
@@ -1850,25 +1853,27 @@ mod tests {
                 let seqs: Vec<SeqAttn> = batch
                     .iter()
                     .zip(caches.iter().zip(wide.iter().zip(&q8)))
-                    .map(|(&(start, len), ((capacity, k, v), ((k32, v32), (q, scale))))| {
-                        let kv = match cache {
-                            Cache::F32 => (KvRows::F32(k32), KvRows::F32(v32)),
-                            Cache::F16 => (KvRows::F16(k), KvRows::F16(v)),
-                            Cache::Q8 => (KvRows::Q8 { q, scale, hd }, KvRows::F16(v)),
-                        };
-                        let s = SeqAttn {
-                            off,
-                            len,
-                            start,
-                            kv: HostLayerView {
-                                k: kv.0,
-                                v: kv.1,
-                                capacity: *capacity,
-                            },
-                        };
-                        off += len;
-                        s
-                    })
+                    .map(
+                        |(&(start, len), ((capacity, k, v), ((k32, v32), (q, scale))))| {
+                            let kv = match cache {
+                                Cache::F32 => (KvRows::F32(k32), KvRows::F32(v32)),
+                                Cache::F16 => (KvRows::F16(k), KvRows::F16(v)),
+                                Cache::Q8 => (KvRows::Q8 { q, scale, hd }, KvRows::F16(v)),
+                            };
+                            let s = SeqAttn {
+                                off,
+                                len,
+                                start,
+                                kv: HostLayerView {
+                                    k: kv.0,
+                                    v: kv.1,
+                                    capacity: *capacity,
+                                },
+                            };
+                            off += len;
+                            s
+                        },
+                    )
                     .collect();
                 let run = |isa| {
                     let mut out = vec![f32::NAN; rows * width];

@@ -32,7 +32,10 @@ impl Q8Queries {
     /// Empties the buffers for `packed` groups of `w` query vectors of `hd` values (padding
     /// vectors stay zero, scale 0).
     pub(super) fn reset(&mut self, packed: usize, w: usize, hd: usize) {
-        assert!(hd.is_multiple_of(Q8_GROUP), "8-bit keys need head_dim a multiple of 4");
+        assert!(
+            hd.is_multiple_of(Q8_GROUP),
+            "8-bit keys need head_dim a multiple of 4"
+        );
         (self.w, self.hd, self.block) = (w, hd, q8_block(hd));
         self.nb = hd / self.block;
         self.q.clear();
@@ -52,12 +55,19 @@ impl Q8Queries {
             let d = quantize_q8(x, row);
             let at = self.sb(r, b);
             self.scale[at] = d * attn_scale;
-            self.sum128[at] = 128 * row.iter().map(|&v| i32::from((v ^ 0x80) as i8)).sum::<i32>();
+            self.sum128[at] = 128
+                * row
+                    .iter()
+                    .map(|&v| i32::from((v ^ 0x80) as i8))
+                    .sum::<i32>();
         }
         self.row = row;
-        for (i, &b) in self.row.iter().enumerate() {
-            self.q[(r / w) * hd * w + (i / Q8_GROUP * w + r % w) * Q8_GROUP + i % Q8_GROUP] =
-                (b ^ 0x80) as i8;
+        let group = (r / w) * hd * w + (r % w) * Q8_GROUP;
+        for (g, b) in self.row.chunks_exact(Q8_GROUP).enumerate() {
+            let at = group + g * w * Q8_GROUP;
+            for (dst, &b) in self.q[at..at + Q8_GROUP].iter_mut().zip(b) {
+                *dst = (b ^ 0x80) as i8;
+            }
         }
     }
 
@@ -175,7 +185,7 @@ pub(super) fn decode(
     assert!(m <= qq.w && m <= 4 && p.len() >= m * stride && base + stride >= end);
     k.check(qq);
     #[cfg(target_arch = "x86_64")]
-    if wide && vnni512() && qq.block.is_multiple_of(2 * Q8_GROUP) && qq.hd <= 8 * MAX_STEPS {
+    if wide && vnni512() {
         // SAFETY: AVX-512 F and VNNI present; every tile covering `base..end`, its scales and
         // every row `r < m` of `p` lie in the buffers (checked above).
         unsafe {
@@ -246,6 +256,7 @@ unsafe fn prefill_pass<const G: usize>(
     // tiles covering lo..hi, scales of those tiles, score rows j < keys.
     unsafe {
         let qb = qq.q.as_ptr();
+        let scales = k.scale.as_ptr().add(k.scale_at(qq, 0, 0));
         for t in lo / KEY_TILE..hi.div_ceil(KEY_TILE) {
             let t0 = t * KEY_TILE;
             let (a, b) = (lo.max(t0), hi.min(t0 + KEY_TILE));
@@ -267,13 +278,16 @@ unsafe fn prefill_pass<const G: usize>(
                         }
                     }
                 }
+                // This block's scale of each key of the tile.
+                let ks: [f32; KEYS] =
+                    std::array::from_fn(|kk| *scales.add((t0 + lane0 + kk.min(kn - 1)) * nb + blk));
                 for (g, acc) in acc.iter().enumerate() {
                     let sb = ((c + g) * nb + blk) * W;
                     let qs = _mm512_loadu_ps(qq.scale.as_ptr().add(sb));
                     let qsum = _mm512_loadu_si512(qq.sum128.as_ptr().add(sb).cast());
                     for (kk, a) in acc.iter().enumerate().take(kn) {
                         let pos = t0 + lane0 + kk;
-                        let ks = _mm512_set1_ps(k.scale[k.scale_at(qq, pos, blk)]);
+                        let ks = _mm512_set1_ps(ks[kk]);
                         let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, qsum));
                         let dst = p[(pos - lo) * mp + (c + g) * W..][..W].as_mut_ptr();
                         let prev = if blk == 0 {
@@ -289,48 +303,41 @@ unsafe fn prefill_pass<const G: usize>(
     }
 }
 
-/// Most 8-value steps over `head_dim` in [`decode_avx512`] (head_dim up to 256).
-const MAX_STEPS: usize = 32;
-
-/// [`decode`] for `M` query vectors with 8 keys in lanes: a 64-byte load holds 8 values of 8
-/// keys (two 4-value groups, lanes 0–7 and 8–15), fed with the query's matching 8 values (built
-/// once per call); the two halves are added at the end of each block (integers: exact), whose
-/// fused multiply-add goes into the scores. `8 / M` tiles (2 to 8) per step.
+/// [`decode`] for `M` query vectors with 16 keys in lanes (two tiles, 4 values per lane): per 4
+/// values, one 32-byte load from each tile, one query broadcast per query, `M` × pairs
+/// `vpdpbusd`; after each block its fused multiply-add goes into the scores. `clamp(8 / M, 2, 8)`
+/// pairs of tiles per step at most (no more than the span holds).
 ///
 /// # Safety
-/// AVX-512 F, VNNI, AVX2 and FMA present; buffers as [`decode`] checks them; the block a
-/// multiple of 8, `hd <= 8 * MAX_STEPS`.
+/// AVX-512 F, VNNI, AVX2 and FMA present; buffers as [`decode`] checks them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni,avx2,fma")]
-unsafe fn decode_avx512<const M: usize>(qq: &Q8Queries, k: Q8Keys<'_>, p: &mut [f32], stride: usize) {
+unsafe fn decode_avx512<const M: usize>(
+    qq: &Q8Queries,
+    k: Q8Keys<'_>,
+    p: &mut [f32],
+    stride: usize,
+) {
     use std::arch::x86_64::*;
-    const MAX_TILES: usize = 8;
+    const MAX_PAIRS: usize = 8;
     let (hd, w, block, nb) = (qq.hd, qq.w, qq.block, qq.nb);
     let base = k.lo / KEY_TILE * KEY_TILE;
     let end = k.lo + k.keys;
-    let span_tiles = (end - base).div_ceil(KEY_TILE);
-    let tiles = (MAX_TILES / M).clamp(2, MAX_TILES).min(span_tiles.max(1));
-    let steps = block / (2 * Q8_GROUP);
+    let span_pairs = (end - base).div_ceil(2 * KEY_TILE);
+    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS).min(span_pairs.max(1));
+    let groups = block / Q8_GROUP;
     // SAFETY: per the contract; a tile past the span's end is read at the step's first tile
     // and not stored; every load stays inside its tile, scales and the query group.
     unsafe {
         let qb = qq.q.as_ptr();
-        let mut qv = [[_mm512_setzero_si512(); MAX_STEPS]; M];
-        for (r, qv) in qv.iter_mut().enumerate() {
-            for (d8, v) in qv.iter_mut().enumerate().take(hd / (2 * Q8_GROUP)) {
-                // Values 8·d8..8·d8 + 8 of query r: groups 2·d8 (lanes 0–7), 2·d8 + 1 (8–15).
-                let lo = qb.add((2 * d8 * w + r) * Q8_GROUP).cast::<i32>().read_unaligned();
-                let hi = qb.add(((2 * d8 + 1) * w + r) * Q8_GROUP).cast::<i32>().read_unaligned();
-                *v = _mm512_inserti64x4::<1>(_mm512_set1_epi32(lo), _mm256_set1_epi32(hi));
-            }
-        }
+        let scales = k.scale.as_ptr().add(k.scale_at(qq, 0, 0));
         // Scales of one block for the 8 keys of a tile: `nb` apart.
         let lanes = _mm256_mullo_epi32(
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             _mm256_set1_epi32(nb as i32),
         );
-        for t0 in (base..end).step_by(tiles * KEY_TILE) {
-            let at: [usize; MAX_TILES] = std::array::from_fn(|i| {
+        for t0 in (base..end).step_by(2 * pairs * KEY_TILE) {
+            let at: [usize; 2 * MAX_PAIRS] = std::array::from_fn(|i| {
                 let t = t0 + i * KEY_TILE;
                 if t < end {
                     t
@@ -338,52 +345,64 @@ unsafe fn decode_avx512<const M: usize>(qq: &Q8Queries, k: Q8Keys<'_>, p: &mut [
                     t0
                 }
             });
-            let mut s = [[_mm256_setzero_ps(); MAX_TILES]; M];
+            let mut s = [[_mm512_setzero_ps(); MAX_PAIRS]; M];
             for blk in 0..nb {
-                let mut acc = [[_mm512_setzero_si512(); MAX_TILES]; M];
-                for d8 in blk * steps..(blk + 1) * steps {
-                    let kd: [__m512i; MAX_TILES] = std::array::from_fn(|i| {
-                        if i < tiles {
-                            let off = k.head + at[i] * hd + d8 * 2 * KEY_TILE * Q8_GROUP;
-                            _mm512_loadu_si512(k.q.as_ptr().add(off).cast())
+                let mut acc = [[_mm512_setzero_si512(); MAX_PAIRS]; M];
+                for d4 in blk * groups..(blk + 1) * groups {
+                    let kd: [__m512i; MAX_PAIRS] = std::array::from_fn(|i| {
+                        if i < pairs {
+                            let off = |t: usize| k.head + t * hd + d4 * KEY_TILE * Q8_GROUP;
+                            let lo = _mm256_loadu_si256(k.q.as_ptr().add(off(at[2 * i])).cast());
+                            let hi =
+                                _mm256_loadu_si256(k.q.as_ptr().add(off(at[2 * i + 1])).cast());
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
                         } else {
                             _mm512_setzero_si512()
                         }
                     });
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let qd = qv[r][d8];
-                        for i in 0..tiles {
+                        let q4 = qb
+                            .add((d4 * w + r) * Q8_GROUP)
+                            .cast::<i32>()
+                            .read_unaligned();
+                        let qd = _mm512_set1_epi32(q4);
+                        for i in 0..pairs {
                             acc[i] = _mm512_dpbusd_epi32(acc[i], kd[i], qd);
                         }
                     }
                 }
-                let ks: [__m256; MAX_TILES] = std::array::from_fn(|i| {
-                    if i < tiles {
-                        let first = k.scale.as_ptr().add(k.scale_at(qq, at[i], blk));
-                        _mm256_i32gather_ps::<4>(first, lanes)
+                // A tile past the span's end gathers the step's first tile's scales (not stored).
+                let ks: [__m512; MAX_PAIRS] = std::array::from_fn(|i| {
+                    if i < pairs {
+                        let lo = _mm256_i32gather_ps::<4>(scales.add(at[2 * i] * nb + blk), lanes);
+                        let hi =
+                            _mm256_i32gather_ps::<4>(scales.add(at[2 * i + 1] * nb + blk), lanes);
+                        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                            _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                            _mm256_castps_pd(hi),
+                        ))
                     } else {
-                        _mm256_setzero_ps()
+                        _mm512_setzero_ps()
                     }
                 });
                 for (r, (acc, s)) in acc.iter().zip(s.iter_mut()).enumerate() {
                     let at = qq.sb(r, blk);
-                    let qs = _mm256_set1_ps(qq.scale[at]);
-                    let qsum = _mm256_set1_epi32(qq.sum128[at]);
-                    for i in 0..tiles {
-                        let sum = _mm256_add_epi32(
-                            _mm512_castsi512_si256(acc[i]),
-                            _mm512_extracti64x4_epi64::<1>(acc[i]),
-                        );
-                        let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, qsum));
-                        s[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(qs, ks[i]), s[i]);
+                    let qs = _mm512_set1_ps(qq.scale[at]);
+                    let qsum = _mm512_set1_epi32(qq.sum128[at]);
+                    for i in 0..pairs {
+                        let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], qsum));
+                        s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qs, ks[i]), s[i]);
                     }
                 }
             }
             for (r, s) in s.iter().enumerate() {
-                for (i, s) in s.iter().enumerate().take(tiles) {
-                    let t = t0 + i * KEY_TILE;
-                    if t < end {
-                        _mm256_storeu_ps(p.as_mut_ptr().add(r * stride + t - base), *s);
+                for (i, s) in s.iter().enumerate().take(pairs) {
+                    let t = t0 + 2 * i * KEY_TILE;
+                    let dst = p.as_mut_ptr().add(r * stride + t - base);
+                    if t + KEY_TILE < end {
+                        _mm512_storeu_ps(dst, *s);
+                    } else if t < end {
+                        _mm256_storeu_ps(dst, _mm512_castps512_ps256(*s));
                     }
                 }
             }
@@ -444,7 +463,11 @@ mod tests {
                     prefill(true, &qq, groups, k, &mut a);
                     prefill(false, &qq, groups, k, &mut b);
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a), bits(&b), "prefill hd {hd} lo {lo} n {n} g {groups}");
+                    assert_eq!(
+                        bits(&a),
+                        bits(&b),
+                        "prefill hd {hd} lo {lo} n {n} g {groups}"
+                    );
                     for m in 1..=4 {
                         let base = lo / KEY_TILE * KEY_TILE;
                         let stride = (lo + n - base).next_multiple_of(KEY_TILE);
@@ -453,7 +476,8 @@ mod tests {
                         decode(false, &qq, m, k, &mut y, stride);
                         for r in 0..m {
                             for pos in lo..lo + n {
-                                let (u, v) = (x[r * stride + pos - base], y[r * stride + pos - base]);
+                                let (u, v) =
+                                    (x[r * stride + pos - base], y[r * stride + pos - base]);
                                 assert_eq!(u.to_bits(), v.to_bits(), "decode hd {hd} m {m} {pos}");
                                 // The same score as key-major.
                                 assert_eq!(u.to_bits(), b[(pos - lo) * mp + r].to_bits());
@@ -493,7 +517,11 @@ mod tests {
                 .sum();
             let err = (p[j * 16] - exact).abs();
             // |q| ≤ 2, |k| ≤ 3: each of 64 products off by at most 3·(2/254) + 2·(3/254).
-            assert!(err < 64.0 * 12.0 / 254.0 / 4.0, "key {j}: {} vs {exact}", p[j * 16]);
+            assert!(
+                err < 64.0 * 12.0 / 254.0 / 4.0,
+                "key {j}: {} vs {exact}",
+                p[j * 16]
+            );
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::engine::prefix::{PrefixStore, DEFAULT_BLOCK_TOKENS};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Admitted;
 use crate::engine::{Backend, EngineError, EventStream, GenerationRequest, ModelInfo, ModelState};
+use crate::model::kv_cache::KvDtype;
 use crate::model::loaded::LoadedModel;
 use crate::model::registry::{self, ResolvedModel};
 use crate::model::ModelError;
@@ -426,8 +427,19 @@ impl ModelPool {
             &entry.resolved.path,
             cfg.quant,
             &self.device,
-        )?
-        .with_kv_dtype(cfg.kv_dtype.unwrap_or_default());
+        )?;
+        let kv_dtype = cfg.kv_dtype.unwrap_or_default();
+        let head_dim = model.hparams().head_dim;
+        if kv_dtype == KvDtype::Q8Keys && !head_dim.is_multiple_of(4) {
+            return Err(ModelError::BadMetadata {
+                key: "attention.key_length".into(),
+                reason: format!(
+                    "head_dim {head_dim} is not a multiple of 4, which kv_dtype = \"q8_keys\" \
+                     needs; serve this model with kv_dtype = \"f16\""
+                ),
+            });
+        }
+        let model = model.with_kv_dtype(kv_dtype);
         let native = model.hparams().context_length;
         let context_length = cfg
             .context_length
