@@ -19,7 +19,8 @@
 //! Arguments (after `--`): `depth` adds prefill of 512 tokens and decode after 2048 / 4096 tokens
 //! of context (slow before the tiled attention: minutes); `threads=N` sets the pool (default 2);
 //! `kv=q8_keys` (or `f32`) sets the KV cache type (default f16), and llama.cpp then runs with the
-//! matching `-ctk q8_0`.
+//! matching `-ctk q8_0`; `profile=SECS` only loops a prefill of 512 tokens (after `at=DEPTH`
+//! tokens of context, default 0) for `perf record`, printing the best and median rates.
 //! With `LLAMA_BENCH=/path/to/llama-bench` and `LLAMA_MODEL=/path/to/SmolLM2...Q8_0.gguf` the
 //! same run also runs llama.cpp's `llama-bench` (same thread count) right after each of our
 //! measurements and prints each of ours as a ratio to it, so both see the same machine load.
