@@ -332,7 +332,7 @@ unsafe fn run_task(
         }
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
-            softmax_row(row, off + first[r] as usize, off + end[r] as usize);
+            softmax_row(isa, row, off + first[r] as usize, off + end[r] as usize);
         }
         // The same sums as the lane-wise softmax: in key order, masked keys adding +0.
         row_sums(p, m, stride, &mut sums);
@@ -981,16 +981,71 @@ fn row_sums(p: &[f32], m: usize, stride: usize, sums: &mut [f32]) {
 
 /// One query's softmax numerators in place over its row of scores: columns `a..b` become
 /// `exp(score − max)` (the same `exp` as the lane-wise softmax, so the same bits), the others 0.
-fn softmax_row(row: &mut [f32], a: usize, b: usize) {
+fn softmax_row(isa: Isa, row: &mut [f32], a: usize, b: usize) {
     assert!(row.len().is_multiple_of(LANES) && a < b && b <= row.len());
     #[cfg(target_arch = "x86_64")]
     {
         assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
+        if isa == Isa::Avx512 {
+            // SAFETY: `Isa::Avx512` only where the CPU has AVX-512 F; a < b <= row.len().
+            unsafe { softmax_row_avx512(row, a, b) };
+            return;
+        }
         // SAFETY: AVX2 and FMA present; the row is whole vectors (checked above).
         unsafe { softmax_row_avx2(row, a, b) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("keys in lanes runs only where simd() holds");
+    {
+        let _ = isa;
+        unreachable!("keys in lanes runs only where simd() holds");
+    }
+}
+
+/// [`softmax_row`] 16 columns at a time (a decoded token's long rows spent most of their
+/// softmax in the 8-lane `exp`); masked loads and stores cover a row of 8 · odd columns. The
+/// same `exp` on 16 lanes gives the 8-lane bits, and the max is exact in any order.
+///
+/// # Safety
+/// AVX-512 F present; `a < b <= row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    // SAFETY: every load and store is masked to columns < n.
+    unsafe {
+        let idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let (lo, hi, len) = (
+            _mm512_set1_epi32(a as i32),
+            _mm512_set1_epi32(b as i32),
+            _mm512_set1_epi32(n as i32),
+        );
+        let cols = |c: usize| _mm512_add_epi32(idx, _mm512_set1_epi32(c as i32));
+        let inside = |c: usize| _mm512_cmplt_epi32_mask(cols(c), len);
+        let valid = |c: usize| {
+            let j = cols(c);
+            _mm512_cmpge_epi32_mask(j, lo) & _mm512_cmplt_epi32_mask(j, hi)
+        };
+        let base = row.as_mut_ptr();
+        let (c0, c1) = (a / 16 * 16, b.div_ceil(16) * 16);
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for c in (c0..c1).step_by(16) {
+            let m = valid(c);
+            let x = _mm512_maskz_loadu_ps(m, base.add(c));
+            max = _mm512_mask_max_ps(max, m, max, x);
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        for c in (0..n).step_by(16) {
+            let (m, keep) = (valid(c), inside(c));
+            let y = if c + 16 <= c0 || c >= c1 {
+                _mm512_setzero_ps()
+            } else {
+                let x = _mm512_maskz_loadu_ps(m, base.add(c));
+                _mm512_maskz_mov_ps(m, exp_avx512(_mm512_sub_ps(x, max)))
+            };
+            _mm512_mask_storeu_ps(base.add(c), keep, y);
+        }
+    }
 }
 
 /// [`softmax_row`] on AVX2.
