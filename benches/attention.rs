@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use qnode::model::attention::{attend_on, AttnShape, Isa, SeqAttn};
 use qnode::model::kv_cache::{
-    key_elem, key_index, q8_block, quantize_key_q8, HostLayerView, KvRows, KEY_TILE,
+    key_elem, key_index, q8_blocks, quantize_key_q8, HostLayerView, KvRows, KEY_TILE,
 };
 
 const SHAPE: AttnShape = AttnShape {
@@ -109,7 +109,7 @@ fn bench(c: &mut Criterion) {
         let q8: Vec<(Vec<u8>, Vec<f32>)> = kvs
             .iter()
             .map(|(k, _)| {
-                let nb = hd / q8_block(hd);
+                let nb = q8_blocks(hd);
                 let (mut q, mut scale) = (vec![0u8; k.len()], vec![0f32; nkv * capacity * nb]);
                 let mut row = vec![0u8; hd];
                 for h in 0..nkv {

@@ -1481,7 +1481,7 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::{key_elem, key_index, q8_block, quantize_key_q8};
+    use crate::model::kv_cache::{key_elem, key_index, q8_blocks, quantize_key_q8};
     use candle_core::{Device, Tensor};
     use half::f16;
     use rand::{Rng, SeedableRng};
@@ -1788,7 +1788,7 @@ mod tests {
 
     /// Tiled keys (`[nkv][cap / KEY_TILE][hd][KEY_TILE]`, f32) in the 8-bit layout, with scales.
     fn q8_keys(k: &[f32], nkv: usize, cap: usize, hd: usize) -> (Vec<u8>, Vec<f32>) {
-        let nb = hd / q8_block(hd);
+        let nb = q8_blocks(hd);
         let (mut q, mut scale) = (vec![0x80u8; nkv * cap * hd], vec![0f32; nkv * cap * nb]);
         let mut row = vec![0u8; hd];
         for h in 0..nkv {

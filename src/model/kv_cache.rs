@@ -17,6 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::kernels::{quantize_row, Q8_0_BLOCK};
+
 /// Element type of a host KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,7 +65,7 @@ impl KvDtype {
     fn key_row_bytes(self, hd: usize) -> usize {
         hd * self.key_size()
             + if self == Self::Q8Keys {
-                4 * hd / q8_block(hd)
+                4 * q8_blocks(hd)
             } else {
                 0
             }
@@ -98,14 +100,10 @@ pub const KEY_TILE: usize = 8;
 /// Key values per 32-bit group of an 8-bit key tile (one `vpdpbusd` lane).
 pub const Q8_GROUP: usize = 4;
 
-/// Values per scale of an 8-bit key: 32 (llama.cpp's Q8_0 block) where `hd` is a multiple of it,
-/// else the whole head. A key's scales lie `[kv_head][capacity][hd / block]`.
-pub fn q8_block(hd: usize) -> usize {
-    if hd.is_multiple_of(32) {
-        32
-    } else {
-        hd
-    }
+/// Scales per 8-bit key of `hd` values: one per Q8_0 block of 32 (`hd` must be a multiple of
+/// it). A head's scales lie `[capacity][blocks]`.
+pub fn q8_blocks(hd: usize) -> usize {
+    hd / Q8_0_BLOCK
 }
 
 /// Where value `d` of the key at `pos` lies in a run of tiles starting at position 0: f16/f32
@@ -128,32 +126,23 @@ pub fn key_index(cap: usize, hd: usize, h: usize, pos: usize, d: usize) -> usize
     h * cap * hd + key_elem(false, hd, pos, d)
 }
 
-/// One block `x` of a key in 8 bits: the scale `max |x| / 127` and the values rounded to it,
-/// stored offset by +128 (`vpdpbusd`'s unsigned operand). Every path quantizes keys and queries
-/// with this one function, so their integer dot products are the same whoever computes them.
-pub fn quantize_q8(x: &[f32], out: &mut [u8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let (d, id) = if amax > 0.0 {
-        (amax / 127.0, 127.0 / amax)
-    } else {
-        (0.0, 0.0)
-    };
-    // Round to nearest even by the 1.5 · 2^23 trick (|v · id| <= 127): two adds, which
-    // vectorize, where `round` is a libm call per value.
-    const MAGIC: f32 = 12_582_912.0;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = ((((v * id) + MAGIC) - MAGIC) as i8 as u8) ^ 0x80;
-    }
-    d
-}
-
-/// One head's key `x` in 8 bits, block by block ([`q8_block`]): the values into `out`, the
-/// block scales into `scales` (`x.len() / block` of them).
+/// One head's key `x` (a multiple of 32 values) in 8 bits with the matmuls' activation
+/// quantizer (Q8_0 blocks: f16-rounded scale `max |x| / 127`, values rounded to it): the values
+/// into `out` offset by +128 (`vpdpbusd`'s unsigned operand), the block scales into `scales`.
+/// Queries go through the same quantizer, so every path's integer dot products agree.
 pub fn quantize_key_q8(x: &[f32], out: &mut [u8], scales: &mut [f32]) {
-    let block = q8_block(x.len());
-    for ((x, out), s) in x.chunks(block).zip(out.chunks_mut(block)).zip(scales) {
-        *s = quantize_q8(x, out);
+    thread_local! {
+        static ROW: std::cell::RefCell<(Vec<i8>, Vec<i32>)> = Default::default();
     }
+    ROW.with(|row| {
+        let (q, corr) = &mut *row.borrow_mut();
+        q.resize(x.len(), 0);
+        corr.resize(scales.len(), 0);
+        quantize_row(x, q, scales, corr);
+        for (o, &v) in out.iter_mut().zip(q.iter()) {
+            *o = v as u8 ^ 0x80;
+        }
+    });
 }
 
 /// Keys or values of a host cache, in the cache's element type.
@@ -201,8 +190,7 @@ impl KvRows<'_> {
                 // group the value's block.
                 let pos = i / (KEY_TILE * hd) * KEY_TILE + i % (KEY_TILE * Q8_GROUP) / Q8_GROUP;
                 let d = i % (KEY_TILE * hd) / (KEY_TILE * Q8_GROUP) * Q8_GROUP + i % Q8_GROUP;
-                let block = q8_block(*hd);
-                ((q[i] ^ 0x80) as i8 as f32) * scale[pos * (hd / block) + d / block]
+                ((q[i] ^ 0x80) as i8 as f32) * scale[pos * q8_blocks(*hd) + d / Q8_0_BLOCK]
             }
         }
     }
@@ -263,7 +251,7 @@ impl RowSpan {
 
     /// The span's scales in a `[head][cap][blocks]` scale buffer.
     fn scales(&self) -> std::ops::Range<usize> {
-        let nb = self.hd / q8_block(self.hd);
+        let nb = q8_blocks(self.hd);
         let at = (self.h * self.cap + self.start) * nb;
         at..at + self.t * nb
     }
@@ -339,7 +327,7 @@ impl HostBuf {
                     heap.resize(hd, 0);
                     &mut heap[..]
                 };
-                let nb = hd / q8_block(hd);
+                let nb = q8_blocks(hd);
                 let at_scale = (h * cap + pos) * nb;
                 quantize_key_q8(src, row, &mut scale[at_scale..at_scale + nb]);
                 // Four values of the key per 32-bit lane of its tile.
@@ -440,7 +428,7 @@ impl HostBuf {
             Self::F16(x) => Self::F16(copy(x, heads, oc, nc, n)),
             Self::F32(x) => Self::F32(copy(x, heads, oc, nc, n)),
             Self::Q8 { q, scale } => {
-                let nb = hd / q8_block(hd);
+                let nb = q8_blocks(hd);
                 Self::Q8 {
                     q: copy(q, heads, oc, nc, n),
                     scale: copy(scale, heads, old_cap * nb, new_cap * nb, len * nb),
@@ -467,7 +455,7 @@ fn key_rows_prefix(src: &[u8], stored: usize, t: usize, hd: usize, dtype: KvDtyp
         }
     }
     if q8 {
-        out.extend_from_slice(&src[stored * hd..][..t * 4 * hd / q8_block(hd)]);
+        out.extend_from_slice(&src[stored * hd..][..t * 4 * q8_blocks(hd)]);
     }
     out
 }
@@ -530,6 +518,10 @@ impl KvCache {
     }
 
     /// [`Self::new`] storing `dtype` in host memory (device caches are always f32).
+    ///
+    /// # Panics
+    /// With [`KvDtype::Q8Keys`] and `head_dim` not a multiple of 32 (the pool refuses such a
+    /// model first).
     pub fn with_dtype(
         n_layer: usize,
         n_kv_head: usize,
@@ -538,6 +530,10 @@ impl KvCache {
         dtype: KvDtype,
         device: &Device,
     ) -> Self {
+        assert!(
+            dtype != KvDtype::Q8Keys || head_dim.is_multiple_of(Q8_0_BLOCK),
+            "8-bit keys need head_dim a multiple of 32"
+        );
         let store = if device.is_cpu() {
             let empty = || HostLayer {
                 k: HostBuf::empty(dtype, true),
@@ -920,12 +916,23 @@ mod tests {
     const NKV: usize = 2;
     const HD: usize = 8;
 
-    /// A cache of `n` positions whose every key and value is distinct and exact in f16.
+    /// Head width of a test cache: [`HD`], or one Q8_0 block (32) for 8-bit keys.
+    fn width(dtype: KvDtype) -> usize {
+        if dtype == KvDtype::Q8Keys {
+            Q8_0_BLOCK
+        } else {
+            HD
+        }
+    }
+
+    /// A cache of `n` positions whose every key and value is distinct and exact in f16 (at
+    /// [`HD`]; 8-bit keys round theirs).
     fn filled(dtype: KvDtype, n: usize) -> KvCache {
-        let mut c = KvCache::with_dtype(LAYERS, NKV, HD, 1000, dtype, &Device::Cpu);
+        let hd = width(dtype);
+        let mut c = KvCache::with_dtype(LAYERS, NKV, hd, 1000, dtype, &Device::Cpu);
         c.reserve(n).unwrap();
         let row = |layer: usize, kv: usize, pos: usize| -> Vec<f32> {
-            (0..NKV * HD)
+            (0..NKV * hd)
                 .map(|j| ((layer * 2 + kv) * 512 + pos * 16 + j) as f32 / 4.0)
                 .collect()
         };
@@ -940,19 +947,20 @@ mod tests {
 
     /// Keys and values of positions `0..n` of every layer and head are equal in `a` and `b`.
     fn same_positions(a: &KvCache, b: &KvCache, n: usize, what: &str) {
+        let hd = a.head_dim;
         for layer in 0..LAYERS {
             let (a, b) = (a.host_layer(layer).unwrap(), b.host_layer(layer).unwrap());
             for h in 0..NKV {
                 for pos in 0..n {
-                    for d in 0..HD {
+                    for d in 0..hd {
                         let (x, y) = (
-                            a.k.key(a.capacity, HD, h, pos, d),
-                            b.k.key(b.capacity, HD, h, pos, d),
+                            a.k.key(a.capacity, hd, h, pos, d),
+                            b.k.key(b.capacity, hd, h, pos, d),
                         );
                         assert_eq!(x.to_bits(), y.to_bits(), "{what}: key {h}/{pos}/{d}");
                         let (i, j) = (
-                            (h * a.capacity + pos) * HD + d,
-                            (h * b.capacity + pos) * HD + d,
+                            (h * a.capacity + pos) * hd + d,
+                            (h * b.capacity + pos) * hd + d,
                         );
                         assert_eq!(a.v.get(i), b.v.get(j), "{what}: value {h}/{pos}/{d}");
                     }
@@ -967,10 +975,11 @@ mod tests {
             let src = filled(dtype, 27);
             let view = src.host_layer(1).unwrap();
             // Key of layer 1, head 1, position 13, value 5 (8-bit keys: within half a step).
-            let want = ((2 * 512 + 13 * 16 + HD + 5) as f32) / 4.0;
-            let got = view.k.key(view.capacity, HD, 1, 13, 5);
+            let hd = width(dtype);
+            let want = ((2 * 512 + 13 * 16 + hd + 5) as f32) / 4.0;
+            let got = view.k.key(view.capacity, hd, 1, 13, 5);
             let step = if dtype == KvDtype::Q8Keys {
-                (2 * 512 + 13 * 16 + 2 * HD) as f32 / 4.0 / 127.0
+                (2 * 512 + 13 * 16 + 2 * hd) as f32 / 4.0 / 127.0
             } else {
                 0.0
             };
@@ -980,7 +989,8 @@ mod tests {
             );
             // Blocks of 8 (whole tiles, copied as stored) and of 3 (gathered).
             for block in [8, 3] {
-                let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+                let mut dst =
+                    KvCache::with_dtype(LAYERS, NKV, width(dtype), 64, dtype, &Device::Cpu);
                 let mut start = 0;
                 while start + block <= 24 {
                     let mut data = Vec::new();
@@ -1012,7 +1022,8 @@ mod tests {
             ] {
                 let mut data = Vec::new();
                 src.read_positions(0, stored, &mut data).unwrap();
-                let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+                let mut dst =
+                    KvCache::with_dtype(LAYERS, NKV, width(dtype), 64, dtype, &Device::Cpu);
                 dst.push_positions_prefix(&data, stored, t).unwrap();
                 assert_eq!(dst.len(), t);
                 // The cache goes on from there (an unaligned position for most `t`).
@@ -1023,7 +1034,7 @@ mod tests {
             }
             let mut data = Vec::new();
             src.read_positions(0, 8, &mut data).unwrap();
-            let mut dst = KvCache::with_dtype(LAYERS, NKV, HD, 64, dtype, &Device::Cpu);
+            let mut dst = KvCache::with_dtype(LAYERS, NKV, width(dtype), 64, dtype, &Device::Cpu);
             assert!(dst.push_positions_prefix(&data, 8, 9).is_err());
         }
     }
@@ -1032,12 +1043,13 @@ mod tests {
     fn growing_keeps_a_partial_key_tile() {
         for dtype in [KvDtype::F16, KvDtype::Q8Keys] {
             let mut c = filled(dtype, 5);
-            let before = c.host_layer(0).unwrap().k.key(c.capacity, HD, 1, 4, 7);
+            let hd = width(dtype);
+            let before = c.host_layer(0).unwrap().k.key(c.capacity, hd, 1, 4, 7);
             assert_eq!(c.capacity, 256);
             c.reserve(300).unwrap();
             let view = c.host_layer(0).unwrap();
             assert!(view.capacity >= 305 && view.capacity.is_multiple_of(KEY_TILE));
-            assert_eq!(view.k.key(view.capacity, HD, 1, 4, 7), before, "{dtype:?}");
+            assert_eq!(view.k.key(view.capacity, hd, 1, 4, 7), before, "{dtype:?}");
         }
     }
 
@@ -1046,16 +1058,17 @@ mod tests {
     #[test]
     fn eight_bit_keys_index_both_ways() {
         let c = filled(KvDtype::Q8Keys, 20);
+        let hd = width(KvDtype::Q8Keys);
         let view = c.host_layer(1).unwrap();
         for h in 0..NKV {
             for pos in 0..20 {
-                for d in 0..HD {
-                    let flat = h * view.capacity * HD + key_elem(true, HD, pos, d);
-                    assert_eq!(view.k.get(flat), view.k.key(view.capacity, HD, h, pos, d));
+                for d in 0..hd {
+                    let flat = h * view.capacity * hd + key_elem(true, hd, pos, d);
+                    assert_eq!(view.k.get(flat), view.k.key(view.capacity, hd, h, pos, d));
                 }
             }
         }
-        assert_eq!(c.bytes_per_position(), LAYERS * NKV * (HD + 4 + 2 * HD));
+        assert_eq!(c.bytes_per_position(), LAYERS * NKV * (hd + 4 + 2 * hd));
         let mut data = Vec::new();
         c.read_positions(3, 5, &mut data).unwrap();
         assert_eq!(data.len(), 5 * c.bytes_per_position());

@@ -2,29 +2,31 @@
 //! two float products in every path.
 //!
 //! A cache of [`KvDtype::Q8Keys`](super::kv_cache::KvDtype) holds each head's key as 8-bit
-//! values (offset by +128) and one scale; queries are quantized the same way, per query vector,
-//! when a task packs them. A score is `(Σ q·k) as f32 × (q_scale × k_scale)`, where the sum is an
-//! exact `i32` however it is computed (`vpdpbusd` on 16 queries in lanes, 8 keys in lanes, or a
-//! plain loop), so it has the same bits whichever block, lane, batch or path a query lands in —
-//! what the prefix store's exactness rests on, as for f16 keys. At head_dim 64 one `vpdpbusd`
-//! does the work of four f32 FMAs, and the keys take half the bytes of f16 (llama.cpp's
-//! `-ctk q8_0` does the same with 32-value blocks; we keep one block per head).
+//! values (offset by +128) with a scale per 32 (llama.cpp's `-ctk q8_0` blocks); queries are
+//! quantized by the same quantizer (the matmuls' activation one), per query vector, when a task
+//! packs them. A score is, block by block in order, `score = (Σ q·k) as f32 × (q_scale ×
+//! k_scale) + score`, one fused multiply-add, where the sum is an exact `i32` however it is
+//! computed (`vpdpbusd` on 16 queries in lanes, 16 keys in lanes, or a plain loop), so it has the
+//! same bits whichever block, lane, batch or path a query lands in — what the prefix store's
+//! exactness rests on, as for f16 keys. At head_dim 64 one `vpdpbusd` does the work of four f32
+//! FMAs.
 
-use super::kv_cache::{q8_block, quantize_q8, KEY_TILE, Q8_GROUP};
+use super::kernels::{quantize_row, Q8_0_BLOCK};
+use super::kv_cache::{q8_blocks, KEY_TILE, Q8_GROUP};
 
 /// A task's queries in 8 bits, packed `w` to a group as `[group][hd / 4][w][4]` (four values of
 /// one query per 32-bit lane), with each query vector's per-block scales (times the attention
-/// scale) and `128 × Σ q` per block (what the +128 offset of the keys adds to a `vpdpbusd`
-/// sum), both `[group][block][w]`.
+/// scale) and `−128 × Σ q` per block (removes what the +128 offset of the keys adds to a
+/// `vpdpbusd` sum), both `[group][block][w]`.
 #[derive(Default)]
 pub(super) struct Q8Queries {
     q: Vec<i8>,
     scale: Vec<f32>,
-    sum128: Vec<i32>,
-    row: Vec<u8>,
+    corr: Vec<i32>,
+    /// One query vector's quantizer output: values, block scales, block corrections.
+    row: (Vec<i8>, Vec<f32>, Vec<i32>),
     w: usize,
     hd: usize,
-    block: usize,
     nb: usize,
 }
 
@@ -33,42 +35,37 @@ impl Q8Queries {
     /// vectors stay zero, scale 0).
     pub(super) fn reset(&mut self, packed: usize, w: usize, hd: usize) {
         assert!(
-            hd.is_multiple_of(Q8_GROUP),
-            "8-bit keys need head_dim a multiple of 4"
+            hd.is_multiple_of(Q8_0_BLOCK),
+            "8-bit keys need head_dim a multiple of 32"
         );
-        (self.w, self.hd, self.block) = (w, hd, q8_block(hd));
-        self.nb = hd / self.block;
+        (self.w, self.hd, self.nb) = (w, hd, q8_blocks(hd));
         self.q.clear();
         self.q.resize(packed * w * hd, 0);
         self.scale.clear();
         self.scale.resize(packed * w * self.nb, 0.0);
-        self.sum128.clear();
-        self.sum128.resize(packed * w * self.nb, 0);
+        self.corr.clear();
+        self.corr.resize(packed * w * self.nb, 0);
+        self.row.0.resize(hd, 0);
+        self.row.1.resize(self.nb, 0.0);
+        self.row.2.resize(self.nb, 0);
     }
 
     /// Quantizes query vector `r` (`x`, already position-encoded) with the attention scale.
     pub(super) fn set(&mut self, r: usize, x: &[f32], attn_scale: f32) {
-        let (w, hd, block) = (self.w, self.hd, self.block);
-        let mut row = std::mem::take(&mut self.row);
-        row.resize(hd, 0);
-        for (b, (x, row)) in x.chunks(block).zip(row.chunks_mut(block)).enumerate() {
-            let d = quantize_q8(x, row);
+        let (w, hd) = (self.w, self.hd);
+        let (mut q, mut d, mut corr) = std::mem::take(&mut self.row);
+        quantize_row(x, &mut q, &mut d, &mut corr);
+        for (b, (&d, &c)) in d.iter().zip(&corr).enumerate() {
             let at = self.sb(r, b);
             self.scale[at] = d * attn_scale;
-            self.sum128[at] = 128
-                * row
-                    .iter()
-                    .map(|&v| i32::from((v ^ 0x80) as i8))
-                    .sum::<i32>();
+            self.corr[at] = c;
         }
-        self.row = row;
         let group = (r / w) * hd * w + (r % w) * Q8_GROUP;
-        for (g, b) in self.row.chunks_exact(Q8_GROUP).enumerate() {
+        for (g, v) in q.chunks_exact(Q8_GROUP).enumerate() {
             let at = group + g * w * Q8_GROUP;
-            for (dst, &b) in self.q[at..at + Q8_GROUP].iter_mut().zip(b) {
-                *dst = (b ^ 0x80) as i8;
-            }
+            self.q[at..at + Q8_GROUP].copy_from_slice(v);
         }
+        self.row = (q, d, corr);
     }
 
     /// Where block `b` of query vector `r` has its scale and sum.
@@ -99,7 +96,7 @@ impl Q8Keys<'_> {
     fn dot(&self, qq: &Q8Queries, r: usize, pos: usize, b: usize) -> i32 {
         let hd = qq.hd;
         let tile = self.head + pos / KEY_TILE * KEY_TILE * hd;
-        (b * qq.block..(b + 1) * qq.block)
+        (b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK)
             .map(|d| {
                 let at = tile + (d / Q8_GROUP * KEY_TILE + pos % KEY_TILE) * Q8_GROUP;
                 qq.at(r, d) * i32::from((self.q[at + d % Q8_GROUP] ^ 0x80) as i8)
@@ -249,7 +246,8 @@ unsafe fn prefill_pass<const G: usize>(
 ) {
     use std::arch::x86_64::*;
     const W: usize = 16;
-    let (hd, block, nb) = (qq.hd, qq.block, qq.nb);
+    let (hd, nb) = (qq.hd, qq.nb);
+    let per_block = Q8_0_BLOCK / Q8_GROUP;
     let mp = groups * W;
     let (lo, hi) = (k.lo, k.lo + k.keys);
     // SAFETY: per the contract, every offset below lies in its buffer: query groups c..c + G,
@@ -266,7 +264,7 @@ unsafe fn prefill_pass<const G: usize>(
             let tile = k.q.as_ptr().add(k.head + t0 * hd);
             for blk in 0..nb {
                 let mut acc = [[_mm512_setzero_si512(); KEYS]; G];
-                for d4 in blk * block / Q8_GROUP..(blk + 1) * block / Q8_GROUP {
+                for d4 in blk * per_block..(blk + 1) * per_block {
                     let qd: [__m512i; G] = std::array::from_fn(|g| {
                         _mm512_loadu_si512(qb.add((c + g) * hd * W + d4 * W * Q8_GROUP).cast())
                     });
@@ -284,11 +282,11 @@ unsafe fn prefill_pass<const G: usize>(
                 for (g, acc) in acc.iter().enumerate() {
                     let sb = ((c + g) * nb + blk) * W;
                     let qs = _mm512_loadu_ps(qq.scale.as_ptr().add(sb));
-                    let qsum = _mm512_loadu_si512(qq.sum128.as_ptr().add(sb).cast());
+                    let corr = _mm512_loadu_si512(qq.corr.as_ptr().add(sb).cast());
                     for (kk, a) in acc.iter().enumerate().take(kn) {
                         let pos = t0 + lane0 + kk;
                         let ks = _mm512_set1_ps(ks[kk]);
-                        let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, qsum));
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(*a, corr));
                         let dst = p[(pos - lo) * mp + (c + g) * W..][..W].as_mut_ptr();
                         let prev = if blk == 0 {
                             _mm512_setzero_ps()
@@ -320,12 +318,12 @@ unsafe fn decode_avx512<const M: usize>(
 ) {
     use std::arch::x86_64::*;
     const MAX_PAIRS: usize = 8;
-    let (hd, w, block, nb) = (qq.hd, qq.w, qq.block, qq.nb);
+    let (hd, w, nb) = (qq.hd, qq.w, qq.nb);
     let base = k.lo / KEY_TILE * KEY_TILE;
     let end = k.lo + k.keys;
     let span_pairs = (end - base).div_ceil(2 * KEY_TILE);
     let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS).min(span_pairs.max(1));
-    let groups = block / Q8_GROUP;
+    let groups = Q8_0_BLOCK / Q8_GROUP;
     // SAFETY: per the contract; a tile past the span's end is read at the step's first tile
     // and not stored; every load stays inside its tile, scales and the query group.
     unsafe {
@@ -388,9 +386,9 @@ unsafe fn decode_avx512<const M: usize>(
                 for (r, (acc, s)) in acc.iter().zip(s.iter_mut()).enumerate() {
                     let at = qq.sb(r, blk);
                     let qs = _mm512_set1_ps(qq.scale[at]);
-                    let qsum = _mm512_set1_epi32(qq.sum128[at]);
+                    let corr = _mm512_set1_epi32(qq.corr[at]);
                     for i in 0..pairs {
-                        let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], qsum));
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[i], corr));
                         s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qs, ks[i]), s[i]);
                     }
                 }
@@ -419,7 +417,7 @@ mod tests {
     /// A head of `n` random keys in the cache's 8-bit layout, with scales.
     fn keys(n: usize, hd: usize, rng: &mut rand::rngs::StdRng) -> (Vec<u8>, Vec<f32>) {
         let cap = n.next_multiple_of(KEY_TILE);
-        let nb = hd / q8_block(hd);
+        let nb = q8_blocks(hd);
         let (mut q, mut scale) = (vec![0x80u8; cap * hd], vec![0f32; cap * nb]);
         let mut row = vec![0u8; hd];
         for pos in 0..n {
@@ -441,7 +439,7 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for hd in [64, 256, 8, 96, 36] {
+        for hd in [64, 256, 32, 96] {
             let (kq, ks) = keys(77, hd, &mut rng);
             for (lo, n) in [(0, 77), (3, 70), (13, 1), (8, 16), (5, 9)] {
                 let k = Q8Keys {

@@ -430,12 +430,12 @@ impl ModelPool {
         )?;
         let kv_dtype = cfg.kv_dtype.unwrap_or_default();
         let head_dim = model.hparams().head_dim;
-        if kv_dtype == KvDtype::Q8Keys && !head_dim.is_multiple_of(4) {
+        if kv_dtype == KvDtype::Q8Keys && !head_dim.is_multiple_of(32) {
             return Err(ModelError::BadMetadata {
                 key: "attention.key_length".into(),
                 reason: format!(
-                    "head_dim {head_dim} is not a multiple of 4, which kv_dtype = \"q8_keys\" \
-                     needs; serve this model with kv_dtype = \"f16\""
+                    "head_dim {head_dim} is not a multiple of 32 (one Q8_0 block), which \
+                     kv_dtype = \"q8_keys\" needs; serve this model with kv_dtype = \"f16\""
                 ),
             });
         }

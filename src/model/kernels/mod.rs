@@ -29,7 +29,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use pack::{Packed, BLOCK_BYTES, QK};
+pub(crate) use quantize::quantize_row;
 pub use reference::matmul_reference;
+
+/// Values per Q8_0 block (one scale): what [`quantize_row`] quantizes at a time.
+pub const Q8_0_BLOCK: usize = QK;
 
 /// Why a Q8_0 matmul could not be built or run. Carries the limit and the value given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
