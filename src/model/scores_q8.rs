@@ -11,7 +11,7 @@
 //! exactness rests on, as for f16 keys. At head_dim 64 one `vpdpbusd` does the work of four f32
 //! FMAs.
 
-use super::kernels::{quantize_row, Q8_0_BLOCK};
+use super::kernels::{quantize_row, Path, Q8_0_BLOCK};
 use super::kv_cache::{q8_blocks, KEY_TILE, Q8_GROUP};
 
 /// A task's queries in 8 bits, packed `w` to a group as `[group][hd / 4][w][4]` (four values of
@@ -126,20 +126,11 @@ impl Q8Keys<'_> {
     }
 }
 
-/// Whether the 512-bit integer kernels may run.
+/// Whether the 512-bit integer kernels may run: the CPU runs the matmuls' AVX-512 VNNI path (and
+/// the AVX2 + FMA one, which the decode kernel's 256-bit steps use).
 fn vnni512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| Path::Avx512Vnni.available() && Path::Avx2.available())
 }
 
 /// Key-major scores, `p[j * mp + r]` for key `lo + j` and query `r < mp` (the layout of the
