@@ -20,7 +20,8 @@
 //! of context (slow before the tiled attention: minutes); `threads=N` sets the pool (default 2);
 //! `kv=q8_keys` (or `f32`) sets the KV cache type (default f16), and llama.cpp then runs with the
 //! matching `-ctk q8_0`; `profile=SECS` only loops a prefill of 512 tokens (after `at=DEPTH`
-//! tokens of context, default 0) for `perf record`, printing the best and median rates.
+//! tokens of context, default 0) for `perf record`, printing the best and median rates; with
+//! `decode` beside it, it loops decode of one stream after `at=DEPTH` tokens instead.
 //! With `LLAMA_BENCH=/path/to/llama-bench` and `LLAMA_MODEL=/path/to/SmolLM2...Q8_0.gguf` the
 //! same run also runs llama.cpp's `llama-bench` (same thread count) right after each of our
 //! measurements and prints each of ours as a ratio to it, so both see the same machine load.
@@ -68,7 +69,11 @@ fn main() {
             .iter()
             .find_map(|a| a.strip_prefix("at=")?.parse().ok())
             .unwrap_or(0);
-        profile_prefill(threads, secs, kv, at);
+        if args.iter().any(|a| a == "decode") {
+            profile_decode(threads, secs, kv, at);
+        } else {
+            profile_prefill(threads, secs, kv, at);
+        }
         return;
     }
     println!("# Roofline report");
@@ -185,6 +190,44 @@ fn profile_prefill(threads: usize, secs: u64, kv: KvDtype, at: usize) {
     rates.sort_by(f64::total_cmp);
     println!(
         "{} rounds of prefill 512 (each the best of {PREFILL_RUNS}): best {:.1} tok/s, median {:.1}",
+        rates.len(),
+        rates[rates.len() - 1],
+        rates[rates.len() / 2]
+    );
+}
+
+/// `profile=SECS decode`: decode one stream after `at=DEPTH` tokens of context, 64 steps at a
+/// time over and over for SECS seconds, for `perf record` to attribute a decode step's time.
+fn profile_decode(threads: usize, secs: u64, kv: KvDtype, at: usize) {
+    let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu)
+        .expect("load")
+        .with_kv_dtype(kv);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let t = &model.transformer;
+    const STEPS: usize = 64;
+    let mut cache = t.new_cache(at + STEPS + 8);
+    pool.install(|| fill(t, std::slice::from_mut(&mut cache), at));
+    let next = [1234u32];
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut rates = Vec::new();
+    while Instant::now() < until {
+        cache.truncate(at);
+        let started = Instant::now();
+        for _ in 0..STEPS {
+            let step = SeqStep {
+                tokens: &next,
+                cache: &mut cache,
+            };
+            pool.install(|| black_box(t.forward(&mut [step]).expect("forward")));
+        }
+        rates.push(STEPS as f64 / started.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "{} rounds of decode @ {at} (64 steps each): best {:.1} tok/s, median {:.1}",
         rates.len(),
         rates[rates.len() - 1],
         rates[rates.len() / 2]

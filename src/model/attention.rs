@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::kv_cache::{HostLayerView, KvRows, KEY_TILE};
-use super::scores_q8::{self, Q8Keys, Q8Queries};
+use super::scores_q8::{self, Q8Keys, Q8Queries, PREFETCH_STEPS};
 use super::vmath::exp_one;
 #[cfg(target_arch = "x86_64")]
 use super::vmath::{exp_avx2, exp_avx512};
@@ -63,6 +63,18 @@ const LANES: usize = 8;
 const KEYS: usize = 8;
 /// Keys per tile of the value pass (16 KB of values at head_dim 64: stays in L1).
 const V_TILE: usize = 64;
+/// Positions per chunk of the softmax: each query's keys are cut at multiples of this, every
+/// chunk gets its own softmax (max, sum, weighted values), and the chunks are merged in order
+/// ([`merge_query`]). The cut is by position, never by how the work was split, so a query's
+/// output has the same bits in one task or spread over several — which is what lets one
+/// decoded token's keys run on every thread.
+const CHUNK: usize = 256;
+/// A call with fewer tasks than this many per thread cuts its long tasks into pieces of whole
+/// chunks (one decoded token has only one task per key/value head: 3 on 2 threads for SmolLM2).
+const TASKS_PER_THREAD: usize = 6;
+/// Fewest chunks per piece when a task is cut (smaller pieces cost more to schedule than they
+/// share).
+const MIN_PIECE_CHUNKS: usize = 2;
 
 /// Raw output rows shared by tasks that write disjoint (row, head) slices.
 #[derive(Clone, Copy)]
@@ -85,13 +97,25 @@ impl OutPtr {
 }
 
 /// One unit of parallel work: rows `r0..r0 + n` of sequence `seq`, for every query head of
-/// key/value head `kvh`.
+/// key/value head `kvh`, over the keys of chunks `c0..c1`.
 #[derive(Clone, Copy)]
 struct Task {
     seq: usize,
     kvh: usize,
     r0: usize,
     n: usize,
+    c0: usize,
+    c1: usize,
+    /// Where a piece of a cut task leaves its chunks' partial results in the call's shared
+    /// buffer (`None`: the task covers all its chunks and writes the output itself).
+    part: Option<usize>,
+}
+
+impl Task {
+    /// Floats of one chunk's partial result: `m` outputs of `hd`, then `m` maxima, `m` sums.
+    fn slot(&self, group: usize, hd: usize) -> usize {
+        self.n * group * (hd + 2)
+    }
 }
 
 /// Per-thread buffers, reused across tasks and calls.
@@ -101,8 +125,8 @@ struct Scratch {
     q: Vec<f32>,
     /// Scores, then probabilities: `[key][padded query]`.
     p: Vec<f32>,
-    /// Unnormalised outputs `[query][head_dim]`.
-    o: Vec<f32>,
+    /// Partial results of a whole task's chunks (see [`Task::slot`]).
+    parts: Vec<f32>,
     /// Keys widened from the cache's half precision: `[KEYS][head_dim]`.
     k: Vec<f32>,
     /// Values widened likewise: `[V_TILE][head_dim]`.
@@ -209,33 +233,161 @@ pub fn attend_on(
     for (seq, s) in seqs.iter().enumerate() {
         for r0 in (0..s.len).step_by(ROWS_PER_TASK) {
             let n = ROWS_PER_TASK.min(s.len - r0);
+            let first_pos = s.start + r0;
+            let c0 = first_visible(shape, first_pos) / CHUNK;
+            let c1 = (first_pos + n).div_ceil(CHUNK);
             for kvh in 0..shape.n_kv_head {
-                tasks.push(Task { seq, kvh, r0, n });
+                tasks.push(Task {
+                    seq,
+                    kvh,
+                    r0,
+                    n,
+                    c0,
+                    c1,
+                    part: None,
+                });
             }
         }
         macs += 2 * nh * hd * s.len * (s.start + s.len);
     }
-    let ptr = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    let parallel = macs >= MIN_PAR_MACS && threads > 1;
+    let group = nh / shape.n_kv_head;
+    // Few tasks for the threads (a decoded token): long ones are cut into pieces of whole chunks,
+    // which leave their partial results in `parts` for the merge below.
+    let mut cut = Vec::new();
+    let mut parts_len = 0;
+    if parallel && tasks.len() < TASKS_PER_THREAD * threads {
+        let want = (TASKS_PER_THREAD * threads).div_ceil(tasks.len());
+        let mut pieces = Vec::new();
+        for t in tasks {
+            let chunks = t.c1 - t.c0;
+            let n = want.min(chunks / MIN_PIECE_CHUNKS);
+            if n < 2 {
+                pieces.push(t);
+                continue;
+            }
+            cut.push((t, parts_len));
+            for i in 0..n {
+                let (a, b) = (t.c0 + chunks * i / n, t.c0 + chunks * (i + 1) / n);
+                pieces.push(Task {
+                    c0: a,
+                    c1: b,
+                    part: Some(parts_len),
+                    ..t
+                });
+                parts_len += (b - a) * t.slot(group, hd);
+            }
+        }
+        tasks = pieces;
+    }
+    let mut parts = vec![0f32; parts_len];
+    let (ptr, parts_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(parts.as_mut_ptr()));
     let run = |t: &Task| {
         SCRATCH.with(|scratch| {
             let scratch = &mut scratch.borrow_mut();
-            // SAFETY: the task's (row, head) cells are its own; bounds were checked above.
-            unsafe { run_task(isa, shape, q, q_stride, &seqs[t.seq], *t, ptr, scratch) }
+            let (s, slot) = (&seqs[t.seq], t.slot(group, hd));
+            let len = (t.c1 - t.c0) * slot;
+            if let Some(at) = t.part {
+                // SAFETY: pieces own disjoint ranges of `parts`, which outlives this section.
+                let dst = unsafe { parts_ptr.slice(at, len) };
+                // SAFETY: bounds were checked above; the task writes only `dst`.
+                unsafe { run_task(isa, shape, q, q_stride, s, *t, dst, scratch) };
+                return;
+            }
+            let mut own = std::mem::take(&mut scratch.parts);
+            own.resize(len, 0.0);
+            // SAFETY: bounds were checked above; the task writes only `own`.
+            unsafe { run_task(isa, shape, q, q_stride, s, *t, &mut own, scratch) };
+            // SAFETY: the task's (row, head) cells are its own.
+            unsafe { write_out(shape, s, t, &own, ptr) };
+            scratch.parts = own;
         })
     };
-    if macs < MIN_PAR_MACS || rayon::current_num_threads() == 1 {
-        tasks.iter().for_each(run);
-    } else {
+    if parallel {
         tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+    for (t, at) in cut {
+        let len = (t.c1 - t.c0) * t.slot(group, hd);
+        // SAFETY: the parallel section is over; `out` is ours again and the cells in range.
+        unsafe { write_out(shape, &seqs[t.seq], &t, &parts[at..at + len], ptr) };
     }
 }
 
-/// The query heads sharing key/value head `t.kvh`, rows `t.r0..t.r0 + t.n` of `s`.
+/// Merges the chunks' partial results of task `t` (whole) query by query and writes its
+/// outputs.
 ///
 /// # Safety
-/// `out` points at a `[rows, n_head * head_dim]` buffer covering `s`'s rows, whose cells of
-/// (these rows, these heads) no other live task touches; `q` and `s.kv` were bounds-checked by
-/// [`attend`].
+/// `out` points at the `[rows, n_head * head_dim]` output, whose (row, head) cells of `t` no
+/// other live task touches.
+unsafe fn write_out(shape: &AttnShape, s: &SeqAttn<'_>, t: &Task, parts: &[f32], out: OutPtr) {
+    let (nh, hd) = (shape.n_head, shape.head_dim);
+    let group = nh / shape.n_kv_head;
+    let (m, slot) = (t.n * group, t.slot(group, hd));
+    for i in 0..t.n {
+        let row = s.off + t.r0 + i;
+        for g in 0..group {
+            let h = t.kvh * group + g;
+            // SAFETY: per the contract, this task alone writes the (row, h) cell.
+            let dst = unsafe { out.slice(row * nh * hd + h * hd, hd) };
+            merge_query(parts, t.c1 - t.c0, slot, m, hd, i * group + g, dst);
+        }
+    }
+}
+
+/// Query `r`'s output from its chunks' partial results (unnormalised outputs, maxima, sums,
+/// laid out as [`Task::slot`] says), merged in chunk order: the first chunk it sees as it is,
+/// each later one rescaled to the running maximum (`o = o·e^(M−M') + o_c·e^(m_c−M')`), then
+/// divided by the sum. One sequence of operations whoever computed the chunks, so the same bits;
+/// with one chunk, the unmerged softmax's bits.
+fn merge_query(
+    parts: &[f32],
+    chunks: usize,
+    slot: usize,
+    m: usize,
+    hd: usize,
+    r: usize,
+    dst: &mut [f32],
+) {
+    let (mut max, mut sum, mut started) = (f32::NEG_INFINITY, 0f32, false);
+    for c in 0..chunks {
+        let part = &parts[c * slot..(c + 1) * slot];
+        let (o_c, m_c, s_c) = (
+            &part[r * hd..(r + 1) * hd],
+            part[m * hd + r],
+            part[m * hd + m + r],
+        );
+        // A chunk the query sees nothing of has a sum of +0 (one it sees has at least e^0).
+        if s_c == 0.0 {
+            continue;
+        }
+        if !started {
+            dst.copy_from_slice(o_c);
+            (max, sum, started) = (m_c, s_c, true);
+            continue;
+        }
+        let top = max.max(m_c);
+        let (a, b) = (exp_one(max - top), exp_one(m_c - top));
+        for (x, &y) in dst.iter_mut().zip(o_c) {
+            *x = b.mul_add(y, *x * a);
+        }
+        sum = b.mul_add(s_c, sum * a);
+        max = top;
+    }
+    let inv = 1.0 / sum;
+    for x in dst {
+        *x *= inv;
+    }
+}
+
+/// The query heads sharing key/value head `t.kvh`, rows `t.r0..t.r0 + t.n` of `s`, over the
+/// keys of chunks `t.c0..t.c1`: each chunk's partial result (unnormalised outputs, maxima, sums)
+/// into its slot of `parts` (see [`Task::slot`]), for [`merge_query`].
+///
+/// # Safety
+/// `q` and `s.kv` were bounds-checked by [`attend_on`]; `parts` holds `t.c1 - t.c0` slots.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_task(
     isa: Isa,
@@ -244,30 +396,28 @@ unsafe fn run_task(
     q_stride: usize,
     s: &SeqAttn<'_>,
     t: Task,
-    out: OutPtr,
+    parts: &mut [f32],
     scratch: &mut Scratch,
 ) {
     let (nh, hd) = (shape.n_head, shape.head_dim);
     let group = nh / shape.n_kv_head;
-    let width = nh * hd;
     // Query vector r = i * group + g: row t.r0 + i, head t.kvh * group + g.
     let m = t.n * group;
+    let slot = t.slot(group, hd);
+    assert!(parts.len() >= (t.c1 - t.c0) * slot);
     // Queries packed `w` to a group; the scores keep 8-lane groups (two per packed group at w = 16).
     let w = isa.lanes();
     let packed = m.div_ceil(w);
     let lane_groups = packed * (w / LANES);
     let mp = lane_groups * LANES;
     let first_pos = s.start + t.r0;
-    let hi = first_pos + t.n;
-    let lo = first_visible(shape, first_pos);
-    let keys = hi - lo;
     let Scratch {
         q: qt,
         p,
-        o,
         k: kbuf,
         v: vbuf,
         q8: qq,
+        ..
     } = scratch;
 
     let q8 = matches!(s.kv.k, KvRows::Q8 { .. });
@@ -291,28 +441,114 @@ unsafe fn run_task(
             }
         }
     }
-    // Visible keys of each query vector, as offsets from `lo`: `vis[r].0..vis[r].1`. Padding
-    // lanes see nothing.
-    let mut first = [0u32; ROWS_PER_TASK * 16];
-    let mut end = [0u32; ROWS_PER_TASK * 16];
     assert!(
-        mp <= first.len(),
+        mp <= ROWS_PER_TASK * 16,
         "more query heads per key/value head than supported"
     );
-    for i in 0..t.n {
-        let pos = first_pos + i;
-        for g in 0..group {
-            first[i * group + g] = (first_visible(shape, pos) - lo) as u32;
-            end[i * group + g] = (pos + 1 - lo) as u32;
-        }
-    }
-
-    let head = t.kvh * s.kv.capacity * hd;
-    let mut sums = [0f32; ROWS_PER_TASK * 16];
     kbuf.resize(KEY_TILE * hd, 0.0);
     vbuf.resize(V_TILE * hd, 0.0);
-    o.clear();
-    o.resize(m * hd, 0.0);
+    let head = t.kvh * s.kv.capacity * hd;
+    for (c, part) in (t.c0..t.c1).zip(parts.chunks_exact_mut(slot)) {
+        let lo = first_visible(shape, first_pos).max(c * CHUNK);
+        let hi = (first_pos + t.n).min((c + 1) * CHUNK);
+        let (o, rest) = part.split_at_mut(m * hd);
+        let (maxes, sums) = rest.split_at_mut(m);
+        o.fill(0.0);
+        maxes.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        if lo >= hi {
+            continue;
+        }
+        // SAFETY: forwarded; the chunk's keys lie inside the span `attend_on` checked.
+        unsafe {
+            chunk(
+                isa,
+                shape,
+                s,
+                Chunk {
+                    m,
+                    w,
+                    packed,
+                    first_pos,
+                    n: t.n,
+                    head,
+                    lo,
+                    hi,
+                },
+                (qt, qq, p, kbuf, vbuf),
+                (o, maxes, sums),
+            )
+        };
+    }
+}
+
+/// What one chunk of one task covers: `m` query vectors (`n` rows from `first_pos`, packed `w`
+/// to a group in `packed` groups) over the keys at positions `lo..hi` of the head at `head`.
+#[derive(Clone, Copy)]
+struct Chunk {
+    m: usize,
+    w: usize,
+    packed: usize,
+    first_pos: usize,
+    n: usize,
+    head: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// A task's packed queries and working buffers: f32 queries, 8-bit queries, scores, one key
+/// tile, one value tile.
+type Bufs<'a> = (
+    &'a [f32],
+    &'a Q8Queries,
+    &'a mut Vec<f32>,
+    &'a mut [f32],
+    &'a mut [f32],
+);
+
+/// One chunk's scores, softmax (each query's maximum and sum into `maxes`, `sums`) and
+/// weighted values (into `o`, zeroed) for the packed queries.
+///
+/// # Safety
+/// As [`run_task`]: `s.kv` holds the positions `lo..hi`.
+unsafe fn chunk(
+    isa: Isa,
+    shape: &AttnShape,
+    s: &SeqAttn<'_>,
+    c: Chunk,
+    (qt, qq, p, kbuf, vbuf): Bufs<'_>,
+    (o, maxes, sums): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let hd = shape.head_dim;
+    let group = shape.n_head / shape.n_kv_head;
+    let Chunk {
+        m,
+        w,
+        packed,
+        first_pos,
+        n,
+        head,
+        lo,
+        hi,
+    } = c;
+    let lane_groups = packed * (w / LANES);
+    let mp = lane_groups * LANES;
+    let keys = hi - lo;
+    // Visible keys of each query vector in this chunk, as offsets from `lo`: `first[r]..end[r]`
+    // (empty where the query sees none of it). Padding lanes see nothing.
+    let mut first = [0u32; ROWS_PER_TASK * 16];
+    let mut end = [0u32; ROWS_PER_TASK * 16];
+    for i in 0..n {
+        let pos = first_pos + i;
+        let a = first_visible(shape, pos).clamp(lo, hi);
+        let b = (pos + 1).clamp(a, hi);
+        for g in 0..group {
+            first[i * group + g] = (a - lo) as u32;
+            end[i * group + g] = (b - lo) as u32;
+        }
+    }
+    let mut lane_sums = [0f32; ROWS_PER_TASK * 16];
+    let mut lane_maxes = [f32::NEG_INFINITY; ROWS_PER_TASK * 16];
     let span = KeySpan {
         k: s.kv.k,
         head,
@@ -332,10 +568,11 @@ unsafe fn run_task(
         }
         for r in 0..m {
             let row = &mut p[r * stride..(r + 1) * stride];
-            softmax_row(isa, row, off + first[r] as usize, off + end[r] as usize);
+            let (a, b) = (off + first[r] as usize, off + end[r] as usize);
+            lane_maxes[r] = softmax_row(isa, row, a, b);
         }
         // The same sums as the lane-wise softmax: in key order, masked keys adding +0.
-        row_sums(p, m, stride, &mut sums);
+        row_sums(p, m, stride, &mut lane_sums);
         Probs {
             p: &p[off..],
             per_key: 1,
@@ -366,7 +603,10 @@ unsafe fn run_task(
                         keys,
                         first[lanes.clone()].try_into().expect("16 lanes"),
                         end[lanes.clone()].try_into().expect("16 lanes"),
-                        (&mut sums[lanes]).try_into().expect("16 lanes"),
+                        (&mut lane_sums[lanes.clone()])
+                            .try_into()
+                            .expect("16 lanes"),
+                        (&mut lane_maxes[lanes]).try_into().expect("16 lanes"),
                     )
                 };
             }
@@ -381,7 +621,8 @@ unsafe fn run_task(
                     keys,
                     first[lanes.clone()].try_into().expect("LANES"),
                     end[lanes.clone()].try_into().expect("LANES"),
-                    (&mut sums[lanes]).try_into().expect("LANES"),
+                    (&mut lane_sums[lanes.clone()]).try_into().expect("LANES"),
+                    (&mut lane_maxes[lanes]).try_into().expect("LANES"),
                 );
             }
         }
@@ -404,19 +645,8 @@ unsafe fn run_task(
         o,
         vbuf,
     );
-    for i in 0..t.n {
-        let row = s.off + t.r0 + i;
-        for g in 0..group {
-            let r = i * group + g;
-            let h = t.kvh * group + g;
-            // SAFETY: per the contract, this task alone writes the (row, h) cell.
-            let dst = unsafe { out.slice(row * width + h * hd, hd) };
-            let inv = 1.0 / sums[r];
-            for (d, x) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
-                *d = x * inv;
-            }
-        }
-    }
+    maxes.copy_from_slice(&lane_maxes[..m]);
+    sums.copy_from_slice(&lane_sums[..m]);
 }
 
 /// The keys one task attends: positions `lo..lo + keys` of the tiled key buffer of one head,
@@ -796,6 +1026,9 @@ fn raw(x: KvRows<'_>) -> (*const u8, bool) {
     }
 }
 
+/// How many values ahead the value pass prefetches an f16 cache it reads in place.
+const PREFETCH_VALUES: usize = 16;
+
 /// Most query vectors per task that take the keys-in-lanes path.
 const DECODE_QUERIES: usize = 4;
 
@@ -885,19 +1118,42 @@ unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
 }
 
 /// [`decode_scores_avx2`] with two tiles (16 keys) per 512-bit register, `2 × clamp(8 / M, 2,
-/// 8)` tiles per step; the same FMA chain per score, so the same bits.
+/// 8)` tiles per step (fewer for a span shorter than that: a short context would rescore
+/// padding); the same FMA chain per score, so the same bits.
 ///
 /// # Safety
 /// As [`decode_scores_avx2`], with AVX-512 F present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn decode_scores_avx512<const M: usize, const HALF: bool>(a: DecodeArgs) {
+    let (base, end) = (a.5, a.6);
+    let pairs = (8 / M)
+        .clamp(2, 8)
+        .min((end - base).div_ceil(2 * KEY_TILE).max(1));
+    // The pair count is a constant of each kernel: a run-time count left the accumulators in
+    // memory (one codegen change made this kernel 2× slower).
+    // SAFETY: forwarded.
+    unsafe {
+        match pairs {
+            8.. => decode_scores_avx512_pairs::<M, HALF, 8>(a),
+            4..8 => decode_scores_avx512_pairs::<M, HALF, 4>(a),
+            2..4 => decode_scores_avx512_pairs::<M, HALF, 2>(a),
+            _ => decode_scores_avx512_pairs::<M, HALF, 1>(a),
+        }
+    }
+}
+
+/// [`decode_scores_avx512`] with `PAIRS` pairs of tiles per step.
+///
+/// # Safety
+/// As [`decode_scores_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn decode_scores_avx512_pairs<const M: usize, const HALF: bool, const PAIRS: usize>(
+    a: DecodeArgs,
+) {
     use std::arch::x86_64::*;
     let (qt, w, hd, k, head, base, end, scale, p, stride) = a;
-    const MAX_PAIRS: usize = 8;
-    // No more pairs per step than the span holds: a short context would rescore padding.
-    let span_pairs = (end - base).div_ceil(2 * KEY_TILE);
-    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS).min(span_pairs.max(1));
     let sc = _mm512_set1_ps(scale);
     // SAFETY: per the contract; d < hd keeps every load inside its tile and the query group; a
     // tile past the span's end is read at the step's first tile and not stored.
@@ -917,29 +1173,39 @@ unsafe fn decode_scores_avx512<const M: usize, const HALF: bool>(a: DecodeArgs) 
                 ))
             }
         };
-        for t0 in (base..end).step_by(2 * pairs * KEY_TILE) {
-            let at: [usize; 2 * MAX_PAIRS] = std::array::from_fn(|i| {
-                let t = t0 + i * KEY_TILE;
-                head + if t < end { t } else { t0 } * hd
+        let step_keys = 2 * PAIRS * KEY_TILE;
+        let esize = if HALF { 2 } else { 4 };
+        let lines_per_d = (step_keys * esize).div_ceil(64);
+        for t0 in (base..end).step_by(step_keys) {
+            let at: [[usize; 2]; PAIRS] = std::array::from_fn(|i| {
+                std::array::from_fn(|h| {
+                    let t = t0 + (2 * i + h) * KEY_TILE;
+                    head + if t < end { t } else { t0 } * hd
+                })
             });
-            let mut acc = [[_mm512_setzero_ps(); MAX_PAIRS]; M];
+            let mut acc = [[_mm512_setzero_ps(); PAIRS]; M];
+            // A step's tiles are one contiguous run of `step_bytes`; fetch the run
+            // `PREFETCH_STEPS` ahead a few lines per `d` (a decoded token streams its whole
+            // cache from memory, and the loads alone kept too few lines in flight).
+            let ahead = k.wrapping_add((head + (t0 + PREFETCH_STEPS * step_keys) * hd) * esize);
             for d in 0..hd {
-                let kd: [__m512; MAX_PAIRS] = std::array::from_fn(|i| {
-                    if i < pairs {
-                        load16(at[2 * i] + d * KEY_TILE, at[2 * i + 1] + d * KEY_TILE)
-                    } else {
-                        _mm512_setzero_ps()
-                    }
+                for l in 0..lines_per_d {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        ahead.wrapping_add((d * lines_per_d + l) * 64).cast(),
+                    );
+                }
+                let kd: [__m512; PAIRS] = std::array::from_fn(|i| {
+                    load16(at[i][0] + d * KEY_TILE, at[i][1] + d * KEY_TILE)
                 });
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let qd = _mm512_set1_ps(*qt.add(d * w + r));
-                    for i in 0..pairs {
-                        acc[i] = _mm512_fmadd_ps(qd, kd[i], acc[i]);
+                    for (a, kd) in acc.iter_mut().zip(&kd) {
+                        *a = _mm512_fmadd_ps(qd, *kd, *a);
                     }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                for (i, a) in acc.iter().enumerate().take(pairs) {
+                for (i, a) in acc.iter().enumerate() {
                     let t = t0 + 2 * i * KEY_TILE;
                     let dst = p.add(r * stride + t - base);
                     let x = _mm512_mul_ps(*a, sc);
@@ -981,18 +1247,22 @@ fn row_sums(p: &[f32], m: usize, stride: usize, sums: &mut [f32]) {
 
 /// One query's softmax numerators in place over its row of scores: columns `a..b` become
 /// `exp(score − max)` (the same `exp` as the lane-wise softmax, so the same bits), the others 0.
-fn softmax_row(isa: Isa, row: &mut [f32], a: usize, b: usize) {
-    assert!(row.len().is_multiple_of(LANES) && a < b && b <= row.len());
+/// Returns the max (−∞ for an empty `a..b`, whose row becomes all 0).
+fn softmax_row(isa: Isa, row: &mut [f32], a: usize, b: usize) -> f32 {
+    assert!(row.len().is_multiple_of(LANES) && b <= row.len());
+    if a >= b {
+        row.fill(0.0);
+        return f32::NEG_INFINITY;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         assert!(avx2_fma(), "keys in lanes needs AVX2 and FMA");
         if isa == Isa::Avx512 {
             // SAFETY: `Isa::Avx512` only where the CPU has AVX-512 F; a < b <= row.len().
-            unsafe { softmax_row_avx512(row, a, b) };
-            return;
+            return unsafe { softmax_row_avx512(row, a, b) };
         }
         // SAFETY: AVX2 and FMA present; the row is whole vectors (checked above).
-        unsafe { softmax_row_avx2(row, a, b) };
+        unsafe { softmax_row_avx2(row, a, b) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -1009,7 +1279,7 @@ fn softmax_row(isa: Isa, row: &mut [f32], a: usize, b: usize) {
 /// AVX-512 F present; `a < b <= row.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) {
+unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) -> f32 {
     use std::arch::x86_64::*;
     let n = row.len();
     // SAFETY: every load and store is masked to columns < n.
@@ -1034,7 +1304,8 @@ unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) {
             let x = _mm512_maskz_loadu_ps(m, base.add(c));
             max = _mm512_mask_max_ps(max, m, max, x);
         }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let top = _mm512_reduce_max_ps(max);
+        let max = _mm512_set1_ps(top);
         for c in (0..n).step_by(16) {
             let (m, keep) = (valid(c), inside(c));
             let y = if c + 16 <= c0 || c >= c1 {
@@ -1045,6 +1316,7 @@ unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) {
             };
             _mm512_mask_storeu_ps(base.add(c), keep, y);
         }
+        top
     }
 }
 
@@ -1054,7 +1326,7 @@ unsafe fn softmax_row_avx512(row: &mut [f32], a: usize, b: usize) {
 /// AVX2 and FMA present; `row.len()` a multiple of 8; `a < b <= row.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) {
+unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) -> f32 {
     use std::arch::x86_64::*;
     // SAFETY: per the contract, every load and store below is in bounds.
     unsafe {
@@ -1070,7 +1342,8 @@ unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) {
         }
         let mut lanes = [0f32; LANES];
         _mm256_storeu_ps(lanes.as_mut_ptr(), max);
-        let max = _mm256_set1_ps(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let top = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = _mm256_set1_ps(top);
         for c in (0..row.len()).step_by(LANES) {
             let x = base.add(c);
             if c + LANES <= c0 || c >= c1 {
@@ -1080,12 +1353,14 @@ unsafe fn softmax_row_avx2(row: &mut [f32], a: usize, b: usize) {
             let y = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x), max)), valid(c));
             _mm256_storeu_ps(x, y);
         }
+        top
     }
 }
 
 /// Lane-wise softmax numerators over the keys for the 8 queries at `p[.. + at..at + LANES]`:
 /// keys outside a lane's `first..end` become 0, the others `exp(score − max)`; returns each
-/// lane's sum (over keys in order) in `sums`.
+/// lane's sum (over keys in order) in `sums` and its max (−∞ where it sees no key) in `maxes`.
+#[allow(clippy::too_many_arguments)]
 fn softmax_lanes(
     p: &mut [f32],
     mp: usize,
@@ -1094,13 +1369,14 @@ fn softmax_lanes(
     first: [u32; LANES],
     end: [u32; LANES],
     sums: &mut [f32; LANES],
+    maxes: &mut [f32; LANES],
 ) {
     assert!(keys == 0 || (keys - 1) * mp + at + LANES <= p.len());
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         // SAFETY: AVX2 and FMA present; every row `j < keys` holds 8 floats from `at` (checked
         // above).
-        unsafe { softmax_avx2(p, mp, at, keys, first, end, sums) };
+        unsafe { softmax_avx2(p, mp, at, keys, first, end, sums, maxes) };
         return;
     }
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -1127,6 +1403,7 @@ fn softmax_lanes(
         }
     }
     *sums = sum;
+    *maxes = max;
 }
 
 /// [`softmax_lanes`] on AVX2: masks from integer compares, [`exp_one`](super::vmath::exp_one)'s arithmetic lane-wise.
@@ -1135,6 +1412,7 @@ fn softmax_lanes(
 /// AVX2 and FMA present; `(keys - 1) * mp + at + 8 <= p.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn softmax_avx2(
     p: &mut [f32],
     mp: usize,
@@ -1143,6 +1421,7 @@ unsafe fn softmax_avx2(
     first: [u32; LANES],
     end: [u32; LANES],
     sums: &mut [f32; LANES],
+    maxes: &mut [f32; LANES],
 ) {
     use std::arch::x86_64::*;
     // SAFETY: per the contract, every load and store below is in bounds.
@@ -1164,6 +1443,7 @@ unsafe fn softmax_avx2(
             sum = _mm256_add_ps(sum, y);
         }
         _mm256_storeu_ps(sums.as_mut_ptr(), sum);
+        _mm256_storeu_ps(maxes.as_mut_ptr(), max);
     }
 }
 
@@ -1174,6 +1454,7 @@ unsafe fn softmax_avx2(
 /// AVX-512 F present; `(keys - 1) * mp + at + 16 <= p.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn softmax_avx512(
     p: &mut [f32],
     mp: usize,
@@ -1182,6 +1463,7 @@ unsafe fn softmax_avx512(
     first: [u32; 2 * LANES],
     end: [u32; 2 * LANES],
     sums: &mut [f32; 2 * LANES],
+    maxes: &mut [f32; 2 * LANES],
 ) {
     use std::arch::x86_64::*;
     // SAFETY: per the contract, every load and store below is in bounds.
@@ -1207,6 +1489,7 @@ unsafe fn softmax_avx512(
             sum = _mm512_add_ps(sum, y);
         }
         _mm512_storeu_ps(sums.as_mut_ptr(), sum);
+        _mm512_storeu_ps(maxes.as_mut_ptr(), max);
     }
 }
 
@@ -1442,6 +1725,12 @@ unsafe fn values_avx512<const Q: usize, const HALF: bool>(args: ValuesArgs<'_, '
                 let w: [__m512; Q] =
                     std::array::from_fn(|q| _mm512_set1_ps(*p.p.as_ptr().add(p.at(j, r + q))));
                 let vj = at + (j - t0) * hd + d0;
+                if HALF {
+                    // Values read in place (decode) stream from memory: fetch ahead.
+                    let ahead = v.wrapping_add(2 * (vj + PREFETCH_VALUES * hd));
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                }
                 // One load per `i` feeds every query's chain `i`: an index loop over both.
                 #[allow(clippy::needless_range_loop)]
                 for i in 0..4 {
@@ -1854,6 +2143,42 @@ mod tests {
                 );
             }
         });
+    }
+
+    /// Past one chunk of keys ([`CHUNK`]), the chunks' merge gives the same bits whether a
+    /// query's chunks ran in one task (one thread, or a prefill) or in pieces on several threads
+    /// (a decoded row is cut when the call has few tasks), on every key cache type; and the
+    /// merged softmax stays within the reference's tolerance (`long_context_blocks_match`).
+    #[test]
+    fn chunks_merge_to_the_same_bits_however_the_work_is_split() {
+        let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+            .iter()
+            .map(|&n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let total = 4 * CHUNK + 77;
+        for shape in [shape(9, 3, 64, None), shape(4, 1, 256, Some(2 * CHUNK + 5))] {
+            for cache in [Cache::F16, Cache::F32, Cache::Q8] {
+                let whole = pools[0].install(|| chunked(shape, total, &[total], false, cache));
+                let decoded = |pool: &rayon::ThreadPool, other: bool| {
+                    let mut cuts = vec![3 * CHUNK + 1, 1, 1, CHUNK - 30, 1];
+                    cuts.push(total - cuts.iter().sum::<usize>());
+                    pool.install(|| chunked(shape, total, &cuts, other, cache))
+                };
+                for (n, other) in [(0, false), (1, false), (2, true)] {
+                    assert!(
+                        bits_equal(&whole, &decoded(&pools[n], other)),
+                        "{shape:?} {cache:?}: {} threads (with another sequence: {other}) \
+                         changed bits",
+                        n + 1
+                    );
+                }
+            }
+        }
     }
 
     /// The 512-bit kernels give the AVX2 kernels' bits (a machine's choice must not change an

@@ -602,6 +602,12 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forget the positions from `len` on, keeping those before (rewind to an earlier point of
+    /// the same sequence; a no-op when `len` is past the end).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Whether the buffers live in host memory (the CPU attention path).
     pub(crate) fn is_host(&self) -> bool {
         matches!(self.store, Store::Host(_))

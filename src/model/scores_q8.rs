@@ -14,6 +14,11 @@
 use super::kernels::{quantize_row, Path, Q8_0_BLOCK};
 use super::kv_cache::{q8_blocks, KEY_TILE, Q8_GROUP};
 
+/// How many steps ahead the keys-in-lanes kernels (these and the f16 ones in `attention`)
+/// prefetch the key tiles: a decoded token streams its whole cache from memory, and the loads
+/// alone kept too few lines in flight.
+pub(crate) const PREFETCH_STEPS: usize = 2;
+
 /// A task's queries in 8 bits, packed `w` to a group as `[group][hd / 4][w][4]` (four values of
 /// one query per 32-bit lane), with each query vector's per-block scales (times the attention
 /// scale) and `−128 × Σ q` per block (removes what the +128 offset of the keys adds to a
@@ -307,14 +312,44 @@ unsafe fn decode_avx512<const M: usize>(
     p: &mut [f32],
     stride: usize,
 ) {
+    let base = k.lo / KEY_TILE * KEY_TILE;
+    let span_pairs = (k.lo + k.keys - base).div_ceil(2 * KEY_TILE);
+    let pairs = (8 / M).clamp(2, 8).min(span_pairs.max(1));
+    // The pair count is a constant of each kernel: a run-time count can leave the accumulators
+    // in memory.
+    // SAFETY: forwarded.
+    unsafe {
+        match pairs {
+            8.. => decode_avx512_pairs::<M, 8>(qq, k, p, stride),
+            4..8 => decode_avx512_pairs::<M, 4>(qq, k, p, stride),
+            2..4 => decode_avx512_pairs::<M, 2>(qq, k, p, stride),
+            _ => decode_avx512_pairs::<M, 1>(qq, k, p, stride),
+        }
+    }
+}
+
+/// [`decode_avx512`] with `PAIRS` pairs of tiles per step.
+///
+/// # Safety
+/// As [`decode_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni,avx2,fma")]
+unsafe fn decode_avx512_pairs<const M: usize, const PAIRS: usize>(
+    qq: &Q8Queries,
+    k: Q8Keys<'_>,
+    p: &mut [f32],
+    stride: usize,
+) {
     use std::arch::x86_64::*;
-    const MAX_PAIRS: usize = 8;
     let (hd, w, nb) = (qq.hd, qq.w, qq.nb);
     let base = k.lo / KEY_TILE * KEY_TILE;
     let end = k.lo + k.keys;
-    let span_pairs = (end - base).div_ceil(2 * KEY_TILE);
-    let pairs = (MAX_PAIRS / M).clamp(2, MAX_PAIRS).min(span_pairs.max(1));
     let groups = Q8_0_BLOCK / Q8_GROUP;
+    let step_keys = 2 * PAIRS * KEY_TILE;
+    // A step's tiles are one contiguous run of `step_keys × hd` bytes; the run
+    // `PREFETCH_STEPS` ahead is fetched `lines` lines per 4 values (a decoded token streams its
+    // whole cache from memory).
+    let lines = (step_keys * Q8_GROUP).div_ceil(64);
     // SAFETY: per the contract; a tile past the span's end is read at the step's first tile
     // and not stored; every load stays inside its tile, scales and the query group.
     unsafe {
@@ -325,29 +360,34 @@ unsafe fn decode_avx512<const M: usize>(
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             _mm256_set1_epi32(nb as i32),
         );
-        for t0 in (base..end).step_by(2 * pairs * KEY_TILE) {
-            let at: [usize; 2 * MAX_PAIRS] = std::array::from_fn(|i| {
-                let t = t0 + i * KEY_TILE;
-                if t < end {
-                    t
-                } else {
-                    t0
-                }
+        for t0 in (base..end).step_by(step_keys) {
+            let at: [[usize; 2]; PAIRS] = std::array::from_fn(|i| {
+                std::array::from_fn(|h| {
+                    let t = t0 + (2 * i + h) * KEY_TILE;
+                    if t < end {
+                        t
+                    } else {
+                        t0
+                    }
+                })
             });
-            let mut s = [[_mm512_setzero_ps(); MAX_PAIRS]; M];
+            let ahead =
+                k.q.as_ptr()
+                    .wrapping_add(k.head + (t0 + PREFETCH_STEPS * step_keys) * hd);
+            let mut s = [[_mm512_setzero_ps(); PAIRS]; M];
             for blk in 0..nb {
-                let mut acc = [[_mm512_setzero_si512(); MAX_PAIRS]; M];
+                let mut acc = [[_mm512_setzero_si512(); PAIRS]; M];
                 for d4 in blk * groups..(blk + 1) * groups {
-                    let kd: [__m512i; MAX_PAIRS] = std::array::from_fn(|i| {
-                        if i < pairs {
-                            let off = |t: usize| k.head + t * hd + d4 * KEY_TILE * Q8_GROUP;
-                            let lo = _mm256_loadu_si256(k.q.as_ptr().add(off(at[2 * i])).cast());
-                            let hi =
-                                _mm256_loadu_si256(k.q.as_ptr().add(off(at[2 * i + 1])).cast());
-                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-                        } else {
-                            _mm512_setzero_si512()
-                        }
+                    for l in 0..lines {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            ahead.wrapping_add((d4 * lines + l) * 64).cast(),
+                        );
+                    }
+                    let kd: [__m512i; PAIRS] = std::array::from_fn(|i| {
+                        let off = |t: usize| k.head + t * hd + d4 * KEY_TILE * Q8_GROUP;
+                        let lo = _mm256_loadu_si256(k.q.as_ptr().add(off(at[i][0])).cast());
+                        let hi = _mm256_loadu_si256(k.q.as_ptr().add(off(at[i][1])).cast());
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
                     });
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let q4 = qb
@@ -355,37 +395,32 @@ unsafe fn decode_avx512<const M: usize>(
                             .cast::<i32>()
                             .read_unaligned();
                         let qd = _mm512_set1_epi32(q4);
-                        for i in 0..pairs {
-                            acc[i] = _mm512_dpbusd_epi32(acc[i], kd[i], qd);
+                        for (a, kd) in acc.iter_mut().zip(&kd) {
+                            *a = _mm512_dpbusd_epi32(*a, *kd, qd);
                         }
                     }
                 }
                 // A tile past the span's end gathers the step's first tile's scales (not stored).
-                let ks: [__m512; MAX_PAIRS] = std::array::from_fn(|i| {
-                    if i < pairs {
-                        let lo = _mm256_i32gather_ps::<4>(scales.add(at[2 * i] * nb + blk), lanes);
-                        let hi =
-                            _mm256_i32gather_ps::<4>(scales.add(at[2 * i + 1] * nb + blk), lanes);
-                        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                            _mm512_castps_pd(_mm512_castps256_ps512(lo)),
-                            _mm256_castps_pd(hi),
-                        ))
-                    } else {
-                        _mm512_setzero_ps()
-                    }
+                let ks: [__m512; PAIRS] = std::array::from_fn(|i| {
+                    let lo = _mm256_i32gather_ps::<4>(scales.add(at[i][0] * nb + blk), lanes);
+                    let hi = _mm256_i32gather_ps::<4>(scales.add(at[i][1] * nb + blk), lanes);
+                    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                        _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                        _mm256_castps_pd(hi),
+                    ))
                 });
                 for (r, (acc, s)) in acc.iter().zip(s.iter_mut()).enumerate() {
                     let at = qq.sb(r, blk);
                     let qs = _mm512_set1_ps(qq.scale[at]);
                     let corr = _mm512_set1_epi32(qq.corr[at]);
-                    for i in 0..pairs {
-                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[i], corr));
-                        s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qs, ks[i]), s[i]);
+                    for ((s, acc), ks) in s.iter_mut().zip(acc).zip(&ks) {
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(*acc, corr));
+                        *s = _mm512_fmadd_ps(dot, _mm512_mul_ps(qs, *ks), *s);
                     }
                 }
             }
             for (r, s) in s.iter().enumerate() {
-                for (i, s) in s.iter().enumerate().take(pairs) {
+                for (i, s) in s.iter().enumerate() {
                     let t = t0 + 2 * i * KEY_TILE;
                     let dst = p.as_mut_ptr().add(r * stride + t - base);
                     if t + KEY_TILE < end {
