@@ -18,8 +18,8 @@
 //!
 //! Arguments (after `--`): `depth` adds prefill of 512 tokens and decode after 2048 / 4096 tokens
 //! of context (slow before the tiled attention: minutes); `threads=N` sets the pool (default 2);
-//! `kv=q8_keys` (or `f32`) sets the KV cache type (default f16), and llama.cpp then runs with the
-//! matching `-ctk q8_0`; `profile=SECS` only loops a prefill of 512 tokens (after `at=DEPTH`
+//! `kv=q8_keys`, `kv=q8` (or `f32`) sets the KV cache type (default f16), and llama.cpp then runs
+//! with the matching `-ctk q8_0` (and `-ctv q8_0`); `profile=SECS` only loops a prefill of 512 tokens (after `at=DEPTH`
 //! tokens of context, default 0) for `perf record`, printing the best and median rates; with
 //! `decode` beside it, it loops decode of one stream after `at=DEPTH` tokens instead.
 //! With `LLAMA_BENCH=/path/to/llama-bench` and `LLAMA_MODEL=/path/to/SmolLM2...Q8_0.gguf` the
@@ -474,8 +474,9 @@ struct Llama {
     bin: String,
     model: String,
     threads: usize,
-    /// `-ctk` matching our KV cache type.
+    /// `-ctk` and `-ctv` matching our KV cache type.
     cache_k: &'static str,
+    cache_v: &'static str,
 }
 
 impl Llama {
@@ -488,16 +489,18 @@ impl Llama {
                 std::process::exit(2);
             }
         }
-        let cache_k = match kv {
-            KvDtype::F16 => "f16",
-            KvDtype::F32 => "f32",
-            KvDtype::Q8Keys => "q8_0",
+        let (cache_k, cache_v) = match kv {
+            KvDtype::F16 => ("f16", "f16"),
+            KvDtype::F32 => ("f32", "f32"),
+            KvDtype::Q8Keys => ("q8_0", "f16"),
+            KvDtype::Q8 => ("q8_0", "q8_0"),
         };
         Some(Self {
             bin,
             model,
             threads,
             cache_k,
+            cache_v,
         })
     }
 
@@ -509,7 +512,7 @@ impl Llama {
             .args(["-t", &self.threads.to_string()])
             .args(["-p", &prompt.to_string(), "-n", &gen.to_string()])
             .args(["-d", &depth.to_string()])
-            .args(["-ctk", self.cache_k])
+            .args(["-ctk", self.cache_k, "-ctv", self.cache_v])
             .output()
             .ok()?;
         if !out.status.success() {

@@ -26,6 +26,7 @@ use futures::executor::block_on;
 use qnode::engine::{Backend, GenerationEvent, GenerationRequest, PromptInput};
 use qnode::model::gguf::GgufFile;
 use qnode::model::hparams::HParams;
+use qnode::model::kv_cache::KvDtype;
 use qnode::model::quantize::Quant;
 use qnode::model::tokenizer::GgufTokenizer;
 use qnode::model::transformer::{SeqStep, Transformer};
@@ -271,11 +272,16 @@ fn gemma3_q8_0_matches_llama_cpp_q8_0() {
     );
 }
 
-/// [`load`] with 8-bit keys in the KV cache (`kv_dtype = "q8_keys"`).
-fn load_q8_keys(id: &str) -> Transformer {
+/// [`load`] with an 8-bit KV cache: `Q8Keys` (`kv_dtype = "q8_keys"`) or `Q8` (keys and values).
+fn load_q8(id: &str, dtype: KvDtype) -> Transformer {
     let mut model = load(id, Quant::Q8_0);
-    model.set_kv_dtype(qnode::model::kv_cache::KvDtype::Q8Keys);
+    model.set_kv_dtype(dtype);
     model
+}
+
+/// [`load_q8`] with 8-bit keys.
+fn load_q8_keys(id: &str) -> Transformer {
+    load_q8(id, KvDtype::Q8Keys)
 }
 
 /// 8-bit keys hold the same bar against llama.cpp (f16 cache) as f16 keys: every forced token
@@ -300,9 +306,32 @@ fn gemma3_q8_0_with_8bit_keys_matches_llama_cpp() {
     );
 }
 
+/// 8-bit keys and values (`kv_dtype = "q8"`) hold the same bar (llama.cpp's references come
+/// from its f16 cache).
+#[test]
+fn smollm2_q8_0_with_8bit_kv_matches_llama_cpp() {
+    check(
+        "smollm2 (8-bit keys and values)",
+        Quant::Q8_0,
+        &load_q8("smollm2", KvDtype::Q8),
+        "smollm2-q8_0",
+    );
+}
+
+#[test]
+fn gemma3_q8_0_with_8bit_kv_matches_llama_cpp() {
+    check(
+        "gemma3-270m (8-bit keys and values)",
+        Quant::Q8_0,
+        &load_q8("gemma3-270m", KvDtype::Q8),
+        "gemma3-270m-q8_0",
+    );
+}
+
 /// At a long context (the reference's texts repeated to ~1,600 tokens, then 48 forced tokens of
-/// the f16 cache's greedy continuation) 8-bit keys pick the f16 cache's token or a near-tie at
-/// every step, on both models: where the scores' error would add up, if it did.
+/// the f16 cache's greedy continuation) 8-bit keys, and 8-bit keys and values, pick the f16
+/// cache's token or a near-tie at every step, on both models: where the scores' and values'
+/// errors would add up, if they did.
 #[test]
 fn eight_bit_keys_follow_f16_at_a_long_context() {
     for (id, reference) in [
@@ -340,30 +369,33 @@ fn eight_bit_keys_follow_f16_at_a_long_context() {
             want.push(tok);
             next = vec![tok];
         }
-        let q8 = load_q8_keys(id);
-        let (mut exact, mut worst) = (0, 0f32);
-        for (i, (logits, &w)) in forced_logits(&q8, &prompt, &want)
-            .iter()
-            .zip(&want)
-            .enumerate()
-        {
-            let best = logits.iter().cloned().fold(f32::MIN, f32::max);
-            let gap = best - logits[w as usize];
-            exact += usize::from(gap == 0.0);
-            worst = worst.max(gap);
-            assert!(
-                gap <= TIE_MARGIN,
-                "{id}: token {i} after {} positions: the f16 cache's token is {gap} logits below \
-                 the 8-bit keys' best",
-                prompt.len()
+        for dtype in [KvDtype::Q8Keys, KvDtype::Q8] {
+            let q8 = load_q8(id, dtype);
+            let (mut exact, mut worst) = (0, 0f32);
+            for (i, (logits, &w)) in forced_logits(&q8, &prompt, &want)
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
+                let best = logits.iter().cloned().fold(f32::MIN, f32::max);
+                let gap = best - logits[w as usize];
+                exact += usize::from(gap == 0.0);
+                worst = worst.max(gap);
+                assert!(
+                    gap <= TIE_MARGIN,
+                    "{id} ({dtype:?}): token {i} after {} positions: the f16 cache's token is \
+                     {gap} logits below the 8-bit cache's best",
+                    prompt.len()
+                );
+            }
+            eprintln!(
+                "[model_reference] {id} at {} positions: {} chose the f16 cache's token in \
+                 {exact}/{} forced steps, largest gap {worst:.3} logits",
+                prompt.len(),
+                dtype.as_str(),
+                want.len()
             );
+            assert!(exact as f64 >= MIN_EXACT * want.len() as f64);
         }
-        eprintln!(
-            "[model_reference] {id} at {} positions: 8-bit keys chose the f16 cache's token in \
-             {exact}/{} forced steps, largest gap {worst:.3} logits",
-            prompt.len(),
-            want.len()
-        );
-        assert!(exact as f64 >= MIN_EXACT * want.len() as f64);
     }
 }

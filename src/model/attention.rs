@@ -717,7 +717,9 @@ fn scores(
                 span.widen_tile(t0, hd, kbuf);
                 kbuf
             }
-            KvRows::Q8 { .. } => unreachable!("8-bit keys are scored in scores_q8"),
+            KvRows::Q8 { .. } | KvRows::Q8Rows { .. } => {
+                unreachable!("8-bit keys are scored in scores_q8")
+            }
         };
         let (j0, kn, lane0) = (a - span.lo, b - a, a - t0);
         #[cfg(target_arch = "x86_64")]
@@ -1023,6 +1025,7 @@ fn raw(x: KvRows<'_>) -> (*const u8, bool) {
         KvRows::F16(x) => (x.as_ptr().cast(), true),
         KvRows::F32(x) => (x.as_ptr().cast(), false),
         KvRows::Q8 { .. } => unreachable!("8-bit keys are scored in scores_q8"),
+        KvRows::Q8Rows { .. } => unreachable!("8-bit values are widened first"),
     }
 }
 
@@ -1549,7 +1552,13 @@ fn weighted_values(
     assert!(vbuf.len() >= V_TILE * hd);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(64) && simd() {
-        let in_place = m <= DECODE_QUERIES || matches!(v, KvRows::F32(_));
+        // 8-bit values are always widened (each block times its scale: the same f32 products
+        // on every path).
+        let in_place = match v {
+            KvRows::F32(_) => true,
+            KvRows::F16(_) => m <= DECODE_QUERIES,
+            _ => false,
+        };
         for t0 in (0..keys).step_by(V_TILE) {
             let t1 = (t0 + V_TILE).min(keys);
             // The tile as (buffer, half precision, element of key t0's value).
@@ -1770,6 +1779,7 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::Q8_0_BLOCK;
     use crate::model::kv_cache::{key_elem, key_index, q8_blocks, quantize_key_q8};
     use candle_core::{Device, Tensor};
     use half::f16;
@@ -2010,26 +2020,29 @@ mod tests {
         let oq = g(20 * width);
         let (k32, v32, ok32, ov32) = (widened(&k), widened(&v), widened(&ok), widened(&ov));
         let (k8, ok8) = (q8_keys(&k32, nkv, cap, hd), q8_keys(&ok32, nkv, 304, hd));
+        let (v8, ov8) = (q8_values(&v32, hd), q8_values(&ov32, hd));
         fn pick<'a>(
             cache: Cache,
             h: &'a [f16],
             w: &'a [f32],
             k8: Option<&'a (Vec<u8>, Vec<f32>)>,
+            v8: Option<&'a (Vec<u8>, Vec<f32>)>,
             hd: usize,
         ) -> KvRows<'a> {
-            match (cache, k8) {
-                (Cache::F32, _) => KvRows::F32(w),
-                (Cache::Q8, Some((q, scale))) => KvRows::Q8 { q, scale, hd },
+            match (cache, k8, v8) {
+                (Cache::F32, _, _) => KvRows::F32(w),
+                (Cache::Q8 | Cache::Q8Kv, Some((q, scale)), _) => KvRows::Q8 { q, scale, hd },
+                (Cache::Q8Kv, _, Some((q, scale))) => KvRows::Q8Rows { q, scale },
                 _ => KvRows::F16(h),
             }
         }
         let (kr, vr) = (
-            pick(cache, &k, &k32, Some(&k8), hd),
-            pick(cache, &v, &v32, None, hd),
+            pick(cache, &k, &k32, Some(&k8), None, hd),
+            pick(cache, &v, &v32, None, Some(&v8), hd),
         );
         let (okr, ovr) = (
-            pick(cache, &ok, &ok32, Some(&ok8), hd),
-            pick(cache, &ov, &ov32, None, hd),
+            pick(cache, &ok, &ok32, Some(&ok8), None, hd),
+            pick(cache, &ov, &ov32, None, Some(&ov8), hd),
         );
         let mut out = vec![f32::NAN; total * width];
         let mut start = 0;
@@ -2072,7 +2085,26 @@ mod tests {
     enum Cache {
         F16,
         F32,
+        /// 8-bit keys, f16 values.
         Q8,
+        /// 8-bit keys and values.
+        Q8Kv,
+    }
+
+    /// 8-bit keys or values and their scales.
+    type Q8Buf = (Vec<u8>, Vec<f32>);
+
+    /// Row-major values in the 8-bit layout (blocks of 32 per row), with scales.
+    fn q8_values(v: &[f32], hd: usize) -> Q8Buf {
+        let (mut q, mut scale) = (vec![0u8; v.len()], vec![0f32; v.len() / Q8_0_BLOCK]);
+        for ((x, q), s) in v
+            .chunks(hd)
+            .zip(q.chunks_mut(hd))
+            .zip(scale.chunks_mut(hd / Q8_0_BLOCK))
+        {
+            quantize_key_q8(x, q, s);
+        }
+        (q, scale)
     }
 
     /// Tiled keys (`[nkv][cap / KEY_TILE][hd][KEY_TILE]`, f32) in the 8-bit layout, with scales.
@@ -2111,6 +2143,7 @@ mod tests {
             ] {
                 let whole = chunked(shape, 90, &[90], false, Cache::F16);
                 let whole8 = chunked(shape, 90, &[90], false, Cache::Q8);
+                let whole8kv = chunked(shape, 90, &[90], false, Cache::Q8Kv);
                 for (cuts, other, cache) in [
                     (&[37, 1, 1, 16, 35][..], false, Cache::F16),
                     (&[5, 80, 1, 1, 1, 1, 1][..], true, Cache::F16),
@@ -2120,9 +2153,15 @@ mod tests {
                     (&[37, 1, 1, 16, 35][..], false, Cache::Q8),
                     (&[5, 80, 1, 1, 1, 1, 1][..], true, Cache::Q8),
                     (&[1; 90][..], true, Cache::Q8),
+                    (&[37, 1, 1, 16, 35][..], false, Cache::Q8Kv),
+                    (&[1; 90][..], true, Cache::Q8Kv),
                 ] {
                     let got = chunked(shape, 90, cuts, other, cache);
-                    let want = if cache == Cache::Q8 { &whole8 } else { &whole };
+                    let want = match cache {
+                        Cache::Q8 => &whole8,
+                        Cache::Q8Kv => &whole8kv,
+                        _ => &whole,
+                    };
                     assert!(
                         bits_equal(want, &got),
                         "cuts {cuts:?} (with another sequence: {other}, {cache:?} cache) \
@@ -2140,6 +2179,19 @@ mod tests {
                 assert!(
                     worst > 0.0 && worst < 0.05,
                     "{shape:?}: 8-bit keys off by {worst}"
+                );
+                // 8-bit values add about half a step of ±2-valued values (2 / 127 / 2), plus the
+                // f16 rounding of the block scale (up to 127 · 2^-11 of a step at the block's
+                // largest value).
+                let worst_kv = whole8
+                    .iter()
+                    .zip(&whole8kv)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                eprintln!("{shape:?}: worst |q8kv - q8| = {worst_kv}");
+                assert!(
+                    worst_kv > 0.0 && worst_kv <= 1.2 / 127.0,
+                    "{shape:?}: 8-bit values off by {worst_kv}"
                 );
             }
         });
@@ -2162,7 +2214,7 @@ mod tests {
             .collect();
         let total = 4 * CHUNK + 77;
         for shape in [shape(9, 3, 64, None), shape(4, 1, 256, Some(2 * CHUNK + 5))] {
-            for cache in [Cache::F16, Cache::F32, Cache::Q8] {
+            for cache in [Cache::F16, Cache::F32, Cache::Q8, Cache::Q8Kv] {
                 let whole = pools[0].install(|| chunked(shape, total, &[total], false, cache));
                 let decoded = |pool: &rayon::ThreadPool, other: bool| {
                     let mut cuts = vec![3 * CHUNK + 1, 1, 1, CHUNK - 30, 1];
@@ -2223,22 +2275,29 @@ mod tests {
                 .iter()
                 .map(|(_, k, v)| (widened(k), widened(v)))
                 .collect();
-            let q8: Vec<(Vec<u8>, Vec<f32>)> = caches
+            let q8: Vec<(Q8Buf, Q8Buf)> = caches
                 .iter()
                 .zip(&wide)
-                .map(|((cap, _, _), (k32, _))| q8_keys(k32, nkv, *cap, hd))
+                .map(|((cap, _, _), (k32, v32))| (q8_keys(k32, nkv, *cap, hd), q8_values(v32, hd)))
                 .collect();
-            for cache in [Cache::F16, Cache::F32, Cache::Q8] {
+            for cache in [Cache::F16, Cache::F32, Cache::Q8, Cache::Q8Kv] {
                 let mut off = 0;
                 let seqs: Vec<SeqAttn> = batch
                     .iter()
                     .zip(caches.iter().zip(wide.iter().zip(&q8)))
                     .map(
-                        |(&(start, len), ((capacity, k, v), ((k32, v32), (q, scale))))| {
+                        |(
+                            &(start, len),
+                            ((capacity, k, v), ((k32, v32), ((q, scale), (qv, sv)))),
+                        )| {
                             let kv = match cache {
                                 Cache::F32 => (KvRows::F32(k32), KvRows::F32(v32)),
                                 Cache::F16 => (KvRows::F16(k), KvRows::F16(v)),
                                 Cache::Q8 => (KvRows::Q8 { q, scale, hd }, KvRows::F16(v)),
+                                Cache::Q8Kv => (
+                                    KvRows::Q8 { q, scale, hd },
+                                    KvRows::Q8Rows { q: qv, scale: sv },
+                                ),
                             };
                             let s = SeqAttn {
                                 off,

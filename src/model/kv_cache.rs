@@ -32,16 +32,31 @@ pub enum KvDtype {
     /// `-ctk q8_0` blocks), values in f16: 0.78× the bytes of f16, and the scores run on
     /// integer dot products (`vpdpbusd`), ~4× fewer instructions than f32 FMAs.
     Q8Keys,
+    /// Keys as [`Self::Q8Keys`] and values in the same 8-bit blocks (llama.cpp's `-ctk q8_0
+    /// -ctv q8_0`): 0.56× the bytes of f16, which a decoded token streams from memory; values are
+    /// widened to f32 for the weighted sums.
+    Q8,
 }
 
 impl KvDtype {
-    /// Lower-case name (`f16`, `f32`, `q8_keys`).
+    /// Lower-case name (`f16`, `f32`, `q8_keys`, `q8`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::F16 => "f16",
             Self::F32 => "f32",
             Self::Q8Keys => "q8_keys",
+            Self::Q8 => "q8",
         }
+    }
+
+    /// Whether keys are stored in 8 bits (so `head_dim` must be a multiple of 32).
+    pub fn q8_keys(self) -> bool {
+        matches!(self, Self::Q8Keys | Self::Q8)
+    }
+
+    /// Whether values are stored in 8 bits.
+    fn q8_values(self) -> bool {
+        self == Self::Q8
     }
 
     /// Bytes of one stored key value (its scale not counted).
@@ -49,22 +64,28 @@ impl KvDtype {
         match self {
             Self::F16 => 2,
             Self::F32 => 4,
-            Self::Q8Keys => 1,
+            Self::Q8Keys | Self::Q8 => 1,
         }
     }
 
-    /// Bytes of one stored value.
+    /// Bytes of one stored value (its scale not counted).
     fn value_size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::Q8Keys => 2,
+            Self::Q8 => 1,
         }
     }
 
     /// Bytes one head's key takes per position, with its scales.
     fn key_row_bytes(self, hd: usize) -> usize {
-        hd * self.key_size()
-            + if self == Self::Q8Keys {
+        hd * self.key_size() + if self.q8_keys() { 4 * q8_blocks(hd) } else { 0 }
+    }
+
+    /// Bytes one head's value takes per position, with its scales.
+    fn value_row_bytes(self, hd: usize) -> usize {
+        hd * self.value_size()
+            + if self.q8_values() {
                 4 * q8_blocks(hd)
             } else {
                 0
@@ -73,7 +94,7 @@ impl KvDtype {
 
     /// Bytes one head's keys and values take per position.
     pub fn bytes_per_head_position(self, hd: usize) -> usize {
-        self.key_row_bytes(hd) + hd * self.value_size()
+        self.key_row_bytes(hd) + self.value_row_bytes(hd)
     }
 }
 
@@ -84,8 +105,9 @@ impl FromStr for KvDtype {
             "f16" => Ok(Self::F16),
             "f32" => Ok(Self::F32),
             "q8_keys" => Ok(Self::Q8Keys),
+            "q8" => Ok(Self::Q8),
             other => Err(format!(
-                "unknown KV cache type `{}` (expected f16, f32 or q8_keys)",
+                "unknown KV cache type `{}` (expected f16, f32, q8_keys or q8)",
                 crate::types::echo(other)
             )),
         }
@@ -162,6 +184,14 @@ pub enum KvRows<'a> {
         /// Values per head.
         hd: usize,
     },
+    /// 8-bit values (offset by +128, row-major like f16 values) and one scale per 32 of them
+    /// (`[kv_head][capacity][head_dim / 32]`, so value `i`'s scale is `scale[i / 32]`).
+    Q8Rows {
+        /// The values.
+        q: &'a [u8],
+        /// Their scales.
+        scale: &'a [f32],
+    },
 }
 
 impl KvRows<'_> {
@@ -170,7 +200,7 @@ impl KvRows<'_> {
         match self {
             Self::F16(x) => x.len(),
             Self::F32(x) => x.len(),
-            Self::Q8 { q, .. } => q.len(),
+            Self::Q8 { q, .. } | Self::Q8Rows { q, .. } => q.len(),
         }
     }
 
@@ -192,6 +222,7 @@ impl KvRows<'_> {
                 let d = i % (KEY_TILE * hd) / (KEY_TILE * Q8_GROUP) * Q8_GROUP + i % Q8_GROUP;
                 ((q[i] ^ 0x80) as i8 as f32) * scale[pos * q8_blocks(*hd) + d / Q8_0_BLOCK]
             }
+            Self::Q8Rows { q, scale } => ((q[i] ^ 0x80) as i8 as f32) * scale[i / Q8_0_BLOCK],
         }
     }
 
@@ -201,6 +232,24 @@ impl KvRows<'_> {
             Self::F16(x) => x[at..at + dst.len()].convert_to_f32_slice(dst),
             Self::F32(x) => dst.copy_from_slice(&x[at..at + dst.len()]),
             Self::Q8 { .. } => {
+                for (j, x) in dst.iter_mut().enumerate() {
+                    *x = self.get(at + j);
+                }
+            }
+            Self::Q8Rows { q, scale } if at.is_multiple_of(Q8_0_BLOCK) => {
+                // Block by block, one scale each: the loop the compiler vectorises.
+                let q = &q[at..at + dst.len()];
+                for ((d, q), s) in dst
+                    .chunks_mut(Q8_0_BLOCK)
+                    .zip(q.chunks(Q8_0_BLOCK))
+                    .zip(&scale[at / Q8_0_BLOCK..])
+                {
+                    for (d, &q) in d.iter_mut().zip(q) {
+                        *d = ((q ^ 0x80) as i8 as f32) * s;
+                    }
+                }
+            }
+            Self::Q8Rows { .. } => {
                 for (j, x) in dst.iter_mut().enumerate() {
                     *x = self.get(at + j);
                 }
@@ -261,7 +310,7 @@ impl RowSpan {
 enum HostBuf {
     F16(Vec<f16>),
     F32(Vec<f32>),
-    /// 8-bit keys and their scales (see [`KvRows::Q8`]).
+    /// 8-bit keys or values and their scales (see [`KvRows::Q8`], [`KvRows::Q8Rows`]).
     Q8 {
         q: Vec<u8>,
         scale: Vec<f32>,
@@ -274,6 +323,10 @@ impl HostBuf {
         match dtype {
             KvDtype::F16 => Self::F16(Vec::new()),
             KvDtype::F32 => Self::F32(Vec::new()),
+            KvDtype::Q8 => Self::Q8 {
+                q: Vec::new(),
+                scale: Vec::new(),
+            },
             KvDtype::Q8Keys if keys => Self::Q8 {
                 q: Vec::new(),
                 scale: Vec::new(),
@@ -282,20 +335,30 @@ impl HostBuf {
         }
     }
 
-    fn rows(&self, hd: usize) -> KvRows<'_> {
+    /// The buffer as keys (`keys`, tiled) or values (row-major).
+    fn rows(&self, hd: usize, keys: bool) -> KvRows<'_> {
         match self {
             Self::F16(x) => KvRows::F16(x),
             Self::F32(x) => KvRows::F32(x),
-            Self::Q8 { q, scale } => KvRows::Q8 { q, scale, hd },
+            Self::Q8 { q, scale } if keys => KvRows::Q8 { q, scale, hd },
+            Self::Q8 { q, scale } => KvRows::Q8Rows { q, scale },
         }
     }
 
-    /// Stores `src` from value `at`, rounded to the element type (value buffers).
+    /// Stores `src` (one head's value: whole 32-value blocks when 8-bit) from value `at`,
+    /// rounded to the element type (value buffers).
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             Self::F16(x) => x[at..at + src.len()].convert_from_f32_slice(src),
             Self::F32(x) => x[at..at + src.len()].copy_from_slice(src),
-            Self::Q8 { .. } => unreachable!("values are never stored in 8 bits"),
+            Self::Q8 { q, scale } => {
+                let b = at / Q8_0_BLOCK;
+                quantize_key_q8(
+                    src,
+                    &mut q[at..at + src.len()],
+                    &mut scale[b..b + src.len() / Q8_0_BLOCK],
+                );
+            }
         }
     }
 
@@ -371,8 +434,8 @@ impl HostBuf {
         }
     }
 
-    /// Stores the scales that follow the `t * hd` key bytes of `src` (8-bit keys), and returns
-    /// the values' part of `src`.
+    /// Stores the scales that follow the `t * hd` bytes of `src` (8-bit keys or values), and
+    /// returns the values' part of `src`.
     fn write_scales<'s>(&mut self, at: RowSpan, src: &'s [u8]) -> &'s [u8] {
         let Self::Q8 { scale, .. } = self else {
             return src;
@@ -442,7 +505,7 @@ impl HostBuf {
 /// `stored` positions starting on a tile, in row-major order (`[position][head_dim]`, then the
 /// scales of 8-bit keys): a run of whole tiles is in tile order, any other is row-major already.
 fn key_rows_prefix(src: &[u8], stored: usize, t: usize, hd: usize, dtype: KvDtype) -> Vec<u8> {
-    let (size, q8) = (dtype.key_size(), dtype == KvDtype::Q8Keys);
+    let (size, q8) = (dtype.key_size(), dtype.q8_keys());
     let mut out = Vec::with_capacity(t * dtype.key_row_bytes(hd));
     if !stored.is_multiple_of(KEY_TILE) {
         out.extend_from_slice(&src[..t * hd * size]);
@@ -520,7 +583,7 @@ impl KvCache {
     /// [`Self::new`] storing `dtype` in host memory (device caches are always f32).
     ///
     /// # Panics
-    /// With [`KvDtype::Q8Keys`] and `head_dim` not a multiple of 32 (the pool refuses such a
+    /// With 8-bit keys ([`KvDtype::q8_keys`]) and `head_dim` not a multiple of 32 (the pool refuses such a
     /// model first).
     pub fn with_dtype(
         n_layer: usize,
@@ -531,7 +594,7 @@ impl KvCache {
         device: &Device,
     ) -> Self {
         assert!(
-            dtype != KvDtype::Q8Keys || head_dim.is_multiple_of(Q8_0_BLOCK),
+            !dtype.q8_keys() || head_dim.is_multiple_of(Q8_0_BLOCK),
             "8-bit keys need head_dim a multiple of 32"
         );
         let store = if device.is_cpu() {
@@ -698,8 +761,8 @@ impl KvCache {
             candle_core::bail!("KV cache has no layer {layer}");
         };
         Ok(HostLayerView {
-            k: kv.k.rows(self.head_dim),
-            v: kv.v.rows(self.head_dim),
+            k: kv.k.rows(self.head_dim, true),
+            v: kv.v.rows(self.head_dim, false),
             capacity: self.capacity,
         })
     }
@@ -789,7 +852,7 @@ impl KvCache {
             h,
             start,
             t,
-            q8: keys && self.dtype == KvDtype::Q8Keys,
+            q8: keys && self.dtype.q8_keys(),
         }
     }
 
@@ -872,7 +935,7 @@ impl KvCache {
                 let row = if keys {
                     dtype.key_row_bytes(hd)
                 } else {
-                    hd * dtype.value_size()
+                    dtype.value_row_bytes(hd)
                 };
                 for span in &spans {
                     let at = span[usize::from(!keys)];
@@ -883,6 +946,11 @@ impl KvCache {
                         // `t` positions row by row and scatter them.
                         let rows = key_rows_prefix(chunk, stored, t, hd, dtype);
                         buf.scatter_key_rows(at, &rows);
+                    } else if !keys && dtype.q8_values() && t < stored {
+                        // Row-major 8-bit values, then the scales of all `stored` positions.
+                        let mut rows = chunk[..t * hd].to_vec();
+                        rows.extend_from_slice(&chunk[stored * hd..][..t * 4 * q8_blocks(hd)]);
+                        buf.write_rows(keys, at, &rows);
                     } else {
                         // Values are row-major: the first `t` rows are a prefix.
                         buf.write_rows(keys, at, &chunk[..t * row]);
@@ -924,7 +992,7 @@ mod tests {
 
     /// Head width of a test cache: [`HD`], or one Q8_0 block (32) for 8-bit keys.
     fn width(dtype: KvDtype) -> usize {
-        if dtype == KvDtype::Q8Keys {
+        if dtype.q8_keys() {
             Q8_0_BLOCK
         } else {
             HD
@@ -977,14 +1045,14 @@ mod tests {
 
     #[test]
     fn keys_are_tiled_and_blocks_round_trip_aligned_or_not() {
-        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8Keys] {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8Keys, KvDtype::Q8] {
             let src = filled(dtype, 27);
             let view = src.host_layer(1).unwrap();
             // Key of layer 1, head 1, position 13, value 5 (8-bit keys: within half a step).
             let hd = width(dtype);
             let want = ((2 * 512 + 13 * 16 + hd + 5) as f32) / 4.0;
             let got = view.k.key(view.capacity, hd, 1, 13, 5);
-            let step = if dtype == KvDtype::Q8Keys {
+            let step = if dtype.q8_keys() {
                 (2 * 512 + 13 * 16 + 2 * hd) as f32 / 4.0 / 127.0
             } else {
                 0.0
@@ -992,6 +1060,18 @@ mod tests {
             assert!(
                 (got - want).abs() <= step / 2.0,
                 "{dtype:?}: {got} vs {want}"
+            );
+            // Its value likewise (8-bit values only: the others are exact).
+            let want = ((3 * 512 + 13 * 16 + hd + 5) as f32) / 4.0;
+            let got = view.v.get((view.capacity + 13) * hd + 5);
+            let step = if dtype == KvDtype::Q8 {
+                (3 * 512 + 13 * 16 + 2 * hd) as f32 / 4.0 / 127.0
+            } else {
+                0.0
+            };
+            assert!(
+                (got - want).abs() <= step / 2.0,
+                "{dtype:?} value: {got} vs {want}"
             );
             // Blocks of 8 (whole tiles, copied as stored) and of 3 (gathered).
             for block in [8, 3] {
@@ -1015,7 +1095,7 @@ mod tests {
     /// on at an unaligned position.
     #[test]
     fn the_first_positions_of_a_stored_run_round_trip() {
-        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8Keys] {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8Keys, KvDtype::Q8] {
             let src = filled(dtype, 27);
             for (stored, t) in [
                 (16, 7),
@@ -1047,7 +1127,7 @@ mod tests {
 
     #[test]
     fn growing_keeps_a_partial_key_tile() {
-        for dtype in [KvDtype::F16, KvDtype::Q8Keys] {
+        for dtype in [KvDtype::F16, KvDtype::Q8Keys, KvDtype::Q8] {
             let mut c = filled(dtype, 5);
             let hd = width(dtype);
             let before = c.host_layer(0).unwrap().k.key(c.capacity, hd, 1, 4, 7);
@@ -1078,5 +1158,27 @@ mod tests {
         let mut data = Vec::new();
         c.read_positions(3, 5, &mut data).unwrap();
         assert_eq!(data.len(), 5 * c.bytes_per_position());
+    }
+
+    /// 8-bit values widen (block by block, as the attention reads them) to what `get` gives
+    /// value by value, and the bytes per position count both scales.
+    #[test]
+    fn eight_bit_values_widen_as_get() {
+        let c = filled(KvDtype::Q8, 20);
+        let hd = width(KvDtype::Q8);
+        let view = c.host_layer(1).unwrap();
+        for at in [0, hd, 7 * hd, (view.capacity + 3) * hd] {
+            let mut wide = vec![0f32; 5 * hd];
+            view.v.widen(at, &mut wide);
+            for (j, x) in wide.iter().enumerate() {
+                assert_eq!(
+                    x.to_bits(),
+                    view.v.get(at + j).to_bits(),
+                    "value {}",
+                    at + j
+                );
+            }
+        }
+        assert_eq!(c.bytes_per_position(), LAYERS * NKV * 2 * (hd + 4));
     }
 }

@@ -35,7 +35,6 @@ use crate::engine::prefix::{PrefixStore, DEFAULT_BLOCK_TOKENS};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Admitted;
 use crate::engine::{Backend, EngineError, EventStream, GenerationRequest, ModelInfo, ModelState};
-use crate::model::kv_cache::KvDtype;
 use crate::model::loaded::LoadedModel;
 use crate::model::registry::{self, ResolvedModel};
 use crate::model::ModelError;
@@ -430,12 +429,13 @@ impl ModelPool {
         )?;
         let kv_dtype = cfg.kv_dtype.unwrap_or_default();
         let head_dim = model.hparams().head_dim;
-        if kv_dtype == KvDtype::Q8Keys && !head_dim.is_multiple_of(32) {
+        if kv_dtype.q8_keys() && !head_dim.is_multiple_of(32) {
             return Err(ModelError::BadMetadata {
                 key: "attention.key_length".into(),
                 reason: format!(
                     "head_dim {head_dim} is not a multiple of 32 (one Q8_0 block), which \
-                     kv_dtype = \"q8_keys\" needs; serve this model with kv_dtype = \"f16\""
+                     kv_dtype = \"{}\" needs; serve this model with kv_dtype = \"f16\"",
+                    kv_dtype.as_str()
                 ),
             });
         }
