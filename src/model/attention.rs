@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use super::kernels::Q8_0_BLOCK;
 use super::kv_cache::{HostLayerView, KvRows, KEY_TILE};
 use super::scores_q8::{self, Q8Keys, Q8Queries, PREFETCH_STEPS};
 use super::vmath::exp_one;
@@ -1552,23 +1553,31 @@ fn weighted_values(
     assert!(vbuf.len() >= V_TILE * hd);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(64) && simd() {
-        // 8-bit values are always widened (each block times its scale: the same f32 products
-        // on every path).
+        // 8-bit values are read in place by the 512-bit decode kernel only, widened elsewhere:
+        // each value is its byte times its block's scale, the same f32 product either way.
         let in_place = match v {
             KvRows::F32(_) => true,
             KvRows::F16(_) => m <= DECODE_QUERIES,
-            _ => false,
+            KvRows::Q8Rows { .. } => m <= DECODE_QUERIES && isa == Isa::Avx512,
+            KvRows::Q8 { .. } => false,
         };
         for t0 in (0..keys).step_by(V_TILE) {
             let t1 = (t0 + V_TILE).min(keys);
-            // The tile as (buffer, half precision, element of key t0's value).
-            let (src, half, at) = if in_place {
-                let (src, half) = raw(v);
-                (src, half, base + t0 * hd)
+            // The tile as (buffer, element type, element of key t0's value).
+            let (src, elem, at) = if in_place {
+                let (src, elem) = match v {
+                    KvRows::Q8Rows { q, scale } => (q.as_ptr(), Elem::Q8(scale.as_ptr())),
+                    _ => {
+                        let (src, half) = raw(v);
+                        (src, if half { Elem::F16 } else { Elem::F32 })
+                    }
+                };
+                (src, elem, base + t0 * hd)
             } else {
                 v.widen(base + t0 * hd, &mut vbuf[..(t1 - t0) * hd]);
-                (vbuf.as_ptr().cast(), false, 0)
+                (vbuf.as_ptr().cast(), Elem::F32, 0)
             };
+            let half = matches!(elem, Elem::F16);
             let span = |r: usize| ((first[r] as usize).max(t0), (end[r] as usize).min(t1));
             if isa == Isa::Avx512 {
                 // Up to 4 queries at once over the keys all of them see (16 independent FMA
@@ -1580,7 +1589,7 @@ fn weighted_values(
                         // SAFETY: AVX-512 F present (`Isa::Avx512`); t0 <= a < b <= t1 <= keys
                         // and r < m keep every access in bounds (checked above: values `at..at +
                         // (t1 - t0) * hd` lie in `v`, or in `vbuf` when widened); hd % 64 == 0.
-                        unsafe { values_avx512_dispatch::<1>(half, args) }
+                        unsafe { values_avx512_dispatch::<1>(elem, args) }
                     }
                 };
                 let mut r = 0;
@@ -1598,9 +1607,9 @@ fn weighted_values(
                     // SAFETY: as in `one`, for queries r..r + q < m whose outputs `o` covers.
                     unsafe {
                         match q {
-                            2 => values_avx512_dispatch::<2>(half, args),
-                            3 => values_avx512_dispatch::<3>(half, args),
-                            _ => values_avx512_dispatch::<4>(half, args),
+                            2 => values_avx512_dispatch::<2>(elem, args),
+                            3 => values_avx512_dispatch::<3>(elem, args),
+                            _ => values_avx512_dispatch::<4>(elem, args),
                         }
                     }
                     (r..r + q).for_each(|r| one(o, r, b, span(r).1));
@@ -1693,18 +1702,27 @@ unsafe fn values_avx2<const HALF: bool>(args: ValuesArgs<'_, '_>) {
     }
 }
 
-/// [`values_avx512`] for f16 (`half`) or f32 values.
+/// How the value pass reads a value buffer.
+#[derive(Clone, Copy)]
+enum Elem {
+    F32,
+    F16,
+    /// 8-bit values (+128), with the buffer's scales (one per 32 values).
+    Q8(*const f32),
+}
+
+/// [`values_avx512`] for the element type `elem`.
 ///
 /// # Safety
-/// As [`values_avx512`].
+/// As [`values_avx512`]; for [`Elem::Q8`], the scales cover the values read.
 #[cfg(target_arch = "x86_64")]
-unsafe fn values_avx512_dispatch<const Q: usize>(half: bool, args: ValuesArgs<'_, '_>) {
+unsafe fn values_avx512_dispatch<const Q: usize>(elem: Elem, args: ValuesArgs<'_, '_>) {
     // SAFETY: forwarded.
     unsafe {
-        if half {
-            values_avx512::<Q, true>(args)
-        } else {
-            values_avx512::<Q, false>(args)
+        match elem {
+            Elem::F32 => values_avx512::<Q, 0>(args, std::ptr::null()),
+            Elem::F16 => values_avx512::<Q, 1>(args, std::ptr::null()),
+            Elem::Q8(scale) => values_avx512::<Q, 2>(args, scale),
         }
     }
 }
@@ -1719,7 +1737,7 @@ unsafe fn values_avx512_dispatch<const Q: usize>(half: bool, args: ValuesArgs<'_
 /// `o.len() == Q * hd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_avx512<const Q: usize, const HALF: bool>(args: ValuesArgs<'_, '_>) {
+unsafe fn values_avx512<const Q: usize, const E: u8>(args: ValuesArgs<'_, '_>, scale: *const f32) {
     use std::arch::x86_64::*;
     let (p, r, v, at, t0, hd, a, b, o) = args;
     assert!(o.len() == Q * hd);
@@ -1734,19 +1752,35 @@ unsafe fn values_avx512<const Q: usize, const HALF: bool>(args: ValuesArgs<'_, '
                 let w: [__m512; Q] =
                     std::array::from_fn(|q| _mm512_set1_ps(*p.p.as_ptr().add(p.at(j, r + q))));
                 let vj = at + (j - t0) * hd + d0;
-                if HALF {
+                if E == 1 {
                     // Values read in place (decode) stream from memory: fetch ahead.
                     let ahead = v.wrapping_add(2 * (vj + PREFETCH_VALUES * hd));
                     _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
                 }
+                if E == 2 {
+                    let ahead = vj + PREFETCH_VALUES * hd;
+                    _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(ahead).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(scale.wrapping_add(ahead / Q8_0_BLOCK).cast());
+                }
                 // One load per `i` feeds every query's chain `i`: an index loop over both.
                 #[allow(clippy::needless_range_loop)]
                 for i in 0..4 {
-                    let x = if HALF {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(v.cast::<u16>().add(vj + 16 * i).cast()))
-                    } else {
-                        _mm512_loadu_ps(v.cast::<f32>().add(vj + 16 * i))
+                    let x = match E {
+                        1 => _mm512_cvtph_ps(_mm256_loadu_si256(
+                            v.cast::<u16>().add(vj + 16 * i).cast(),
+                        )),
+                        2 => {
+                            // Bytes +128 → i8 → f32, times the block's scale: `KvRows::get`'s
+                            // product.
+                            let b = _mm_xor_si128(
+                                _mm_loadu_si128(v.add(vj + 16 * i).cast()),
+                                _mm_set1_epi8(-128),
+                            );
+                            let s = _mm512_set1_ps(*scale.add((vj + 16 * i) / Q8_0_BLOCK));
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s)
+                        }
+                        _ => _mm512_loadu_ps(v.cast::<f32>().add(vj + 16 * i)),
                     };
                     for q in 0..Q {
                         acc[q][i] = _mm512_fmadd_ps(w[q], x, acc[q][i]);
@@ -1779,7 +1813,6 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernels::Q8_0_BLOCK;
     use crate::model::kv_cache::{key_elem, key_index, q8_blocks, quantize_key_q8};
     use candle_core::{Device, Tensor};
     use half::f16;
