@@ -1074,6 +1074,13 @@ mod tests {
         assert!(err.contains("kv_dtype") && err.contains("q8_keys"), "{err}");
         let config = Config::from_args_with_cores(&parse(&["--kv-dtype", "q8_keys"]), 4).unwrap();
         assert_eq!(config.models[0].kv_dtype, Some(KvDtype::Q8Keys));
+        let config = Config::from_args_with_cores(&parse(&["--kv-dtype", "q8"]), 4).unwrap();
+        assert_eq!(config.models[0].kv_dtype, Some(KvDtype::Q8));
+        let err =
+            Config::from_args_with_cores(&parse(&["--device", "cuda", "--kv-dtype", "q8"]), 4)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("kv_dtype") && err.ends_with("Given: q8"), "{err}");
     }
 
     #[test]
