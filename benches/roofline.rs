@@ -175,6 +175,20 @@ fn main() {
 /// `profile=SECS`: prefill 512 tokens over and over for SECS seconds and nothing else, for
 /// `perf record` to attribute a prefill step's time.
 fn profile_prefill(threads: usize, secs: u64, kv: KvDtype, at: usize) {
+    let (model, pool) = model_and_pool(threads, kv);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut rates = Vec::new();
+    while Instant::now() < until {
+        rates.push(pool.install(|| prefill(&model.transformer, 512, at)));
+    }
+    report_rounds(
+        &format!("prefill 512 (each the best of {PREFILL_RUNS})"),
+        rates,
+    );
+}
+
+/// The model on a pool of `threads`, for the profile modes.
+fn model_and_pool(threads: usize, kv: KvDtype) -> (LoadedModel, rayon::ThreadPool) {
     let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu)
         .expect("load")
         .with_kv_dtype(kv);
@@ -182,14 +196,14 @@ fn profile_prefill(threads: usize, secs: u64, kv: KvDtype, at: usize) {
         .num_threads(threads)
         .build()
         .expect("pool");
-    let until = Instant::now() + Duration::from_secs(secs);
-    let mut rates = Vec::new();
-    while Instant::now() < until {
-        rates.push(pool.install(|| prefill(&model.transformer, 512, at)));
-    }
+    (model, pool)
+}
+
+/// Prints the best and median of the rounds' tok/s.
+fn report_rounds(what: &str, mut rates: Vec<f64>) {
     rates.sort_by(f64::total_cmp);
     println!(
-        "{} rounds of prefill 512 (each the best of {PREFILL_RUNS}): best {:.1} tok/s, median {:.1}",
+        "{} rounds of {what}: best {:.1} tok/s, median {:.1}",
         rates.len(),
         rates[rates.len() - 1],
         rates[rates.len() / 2]
@@ -199,13 +213,7 @@ fn profile_prefill(threads: usize, secs: u64, kv: KvDtype, at: usize) {
 /// `profile=SECS decode`: decode one stream after `at=DEPTH` tokens of context, 64 steps at a
 /// time over and over for SECS seconds, for `perf record` to attribute a decode step's time.
 fn profile_decode(threads: usize, secs: u64, kv: KvDtype, at: usize) {
-    let model = LoadedModel::load("smollm2", Path::new(MODEL), Quant::Q8_0, &Device::Cpu)
-        .expect("load")
-        .with_kv_dtype(kv);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("pool");
+    let (model, pool) = model_and_pool(threads, kv);
     let t = &model.transformer;
     const STEPS: usize = 64;
     let mut cache = t.new_cache(at + STEPS + 8);
@@ -225,13 +233,7 @@ fn profile_decode(threads: usize, secs: u64, kv: KvDtype, at: usize) {
         }
         rates.push(STEPS as f64 / started.elapsed().as_secs_f64());
     }
-    rates.sort_by(f64::total_cmp);
-    println!(
-        "{} rounds of decode @ {at} (64 steps each): best {:.1} tok/s, median {:.1}",
-        rates.len(),
-        rates[rates.len() - 1],
-        rates[rates.len() / 2]
-    );
+    report_rounds(&format!("decode @ {at} ({STEPS} steps each)"), rates);
 }
 
 /// Parameters of the matrices: (all layers, output head).

@@ -1080,7 +1080,10 @@ mod tests {
             Config::from_args_with_cores(&parse(&["--device", "cuda", "--kv-dtype", "q8"]), 4)
                 .unwrap_err()
                 .to_string();
-        assert!(err.contains("kv_dtype") && err.ends_with("Given: q8"), "{err}");
+        assert!(
+            err.contains("kv_dtype") && err.ends_with("Given: q8"),
+            "{err}"
+        );
     }
 
     #[test]

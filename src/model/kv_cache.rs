@@ -1048,31 +1048,29 @@ mod tests {
         for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8Keys, KvDtype::Q8] {
             let src = filled(dtype, 27);
             let view = src.host_layer(1).unwrap();
-            // Key of layer 1, head 1, position 13, value 5 (8-bit keys: within half a step).
+            // Key (kv 0) and value (kv 1) of layer 1, head 1, position 13, value 5: exact, or
+            // within half a step where stored in 8 bits (the step of the row's largest value).
             let hd = width(dtype);
-            let want = ((2 * 512 + 13 * 16 + hd + 5) as f32) / 4.0;
-            let got = view.k.key(view.capacity, hd, 1, 13, 5);
-            let step = if dtype.q8_keys() {
-                (2 * 512 + 13 * 16 + 2 * hd) as f32 / 4.0 / 127.0
-            } else {
-                0.0
-            };
-            assert!(
-                (got - want).abs() <= step / 2.0,
-                "{dtype:?}: {got} vs {want}"
-            );
-            // Its value likewise (8-bit values only: the others are exact).
-            let want = ((3 * 512 + 13 * 16 + hd + 5) as f32) / 4.0;
-            let got = view.v.get((view.capacity + 13) * hd + 5);
-            let step = if dtype == KvDtype::Q8 {
-                (3 * 512 + 13 * 16 + 2 * hd) as f32 / 4.0 / 127.0
-            } else {
-                0.0
-            };
-            assert!(
-                (got - want).abs() <= step / 2.0,
-                "{dtype:?} value: {got} vs {want}"
-            );
+            for (kv, got, q8) in [
+                (0, view.k.key(view.capacity, hd, 1, 13, 5), dtype.q8_keys()),
+                (
+                    1,
+                    view.v.get((view.capacity + 13) * hd + 5),
+                    dtype == KvDtype::Q8,
+                ),
+            ] {
+                let base = (2 + kv) * 512 + 13 * 16;
+                let want = ((base + hd + 5) as f32) / 4.0;
+                let step = if q8 {
+                    (base + 2 * hd) as f32 / 4.0 / 127.0
+                } else {
+                    0.0
+                };
+                assert!(
+                    (got - want).abs() <= step / 2.0,
+                    "{dtype:?} kv {kv}: {got} vs {want}"
+                );
+            }
             // Blocks of 8 (whole tiles, copied as stored) and of 3 (gathered).
             for block in [8, 3] {
                 let mut dst =
