@@ -6,7 +6,8 @@
 //!
 //! Each case runs on half-precision caches (the default `kv_dtype`) and on f32 ones, with the
 //! AVX2 kernels and, where the CPU has them, the 512-bit ones (ids `f16/avx2`, `f16/avx512`), and
-//! on 8-bit keys (`kv_dtype = "q8_keys"`, f16 values) with the widest kernels (`q8k/...`).
+//! on 8-bit keys (`kv_dtype = "q8_keys"`, f16 values) with the widest kernels (`q8k/...`), and on
+//! 8-bit keys and values (`kv_dtype = "q8"`, `q8kv/...`).
 //!
 //! Throughput is in elements/s with 2 × heads × head_dim × visible keys per row (the multiply-adds
 //! of `Q·Kᵀ` and `P·V`), i.e. flops/2.
@@ -127,6 +128,21 @@ fn bench(c: &mut Criterion) {
                 (q, scale)
             })
             .collect();
+        // 8-bit values: row-major, each (head, position) row quantized.
+        let q8v: Vec<(Vec<u8>, Vec<f32>)> = kvs
+            .iter()
+            .map(|(_, v)| {
+                let (mut q, mut scale) = (vec![0u8; v.len()], vec![0f32; v.len() / 32]);
+                for ((x, q), s) in v
+                    .chunks(hd)
+                    .zip(q.chunks_mut(hd))
+                    .zip(scale.chunks_mut(q8_blocks(hd)))
+                {
+                    quantize_key_q8(x, q, s);
+                }
+                (q, scale)
+            })
+            .collect();
         let q = noise(n_seqs * len * q_stride, 99);
         let seq = |i: usize, k, v| SeqAttn {
             off: i * len,
@@ -150,12 +166,26 @@ fn bench(c: &mut Criterion) {
             .enumerate()
             .map(|(i, ((q, scale), (_, v)))| seq(i, KvRows::Q8 { q, scale, hd }, KvRows::F16(v)))
             .collect();
+        let q8kv_seqs: Vec<SeqAttn> = q8
+            .iter()
+            .zip(&q8v)
+            .enumerate()
+            .map(|(i, ((q, scale), (qv, sv)))| {
+                let v = KvRows::Q8Rows { q: qv, scale: sv };
+                seq(i, KvRows::Q8 { q, scale, hd }, v)
+            })
+            .collect();
         let mut out = vec![0f32; n_seqs * len * width];
         let macs: usize = (0..len).map(|i| 2 * nh * hd * (history + i + 1)).sum();
         group.throughput(Throughput::Elements((macs * n_seqs) as u64));
-        for (dtype, seqs) in [("f16", &f16_seqs), ("f32", &f32_seqs), ("q8k", &q8_seqs)] {
+        for (dtype, seqs) in [
+            ("f16", &f16_seqs),
+            ("f32", &f32_seqs),
+            ("q8k", &q8_seqs),
+            ("q8kv", &q8kv_seqs),
+        ] {
             for isa in isas.iter().copied() {
-                if dtype == "q8k" && isa != Isa::detect() {
+                if dtype.starts_with("q8") && isa != Isa::detect() {
                     continue;
                 }
                 let id = format!("{dtype}/{}", isa_name(isa));
