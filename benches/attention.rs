@@ -18,7 +18,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use qnode::model::attention::{attend_on, AttnShape, Isa, SeqAttn};
 use qnode::model::kv_cache::{
-    key_elem, key_index, q8_blocks, quantize_key_q8, HostLayerView, KvRows, KEY_TILE,
+    key_elem, key_index, q8_blocks, quantize_q8_row, HostLayerView, KvRows, KEY_TILE,
 };
 
 const SHAPE: AttnShape = AttnShape {
@@ -119,7 +119,7 @@ fn bench(c: &mut Criterion) {
                             .map(|d| k[key_index(capacity, hd, h, pos, d)])
                             .collect();
                         let at = (h * capacity + pos) * nb;
-                        quantize_key_q8(&x, &mut row, &mut scale[at..at + nb]);
+                        quantize_q8_row(&x, &mut row, &mut scale[at..at + nb]);
                         for (d, &b) in row.iter().enumerate() {
                             q[h * capacity * hd + key_elem(true, hd, pos, d)] = b;
                         }
@@ -138,7 +138,7 @@ fn bench(c: &mut Criterion) {
                     .zip(q.chunks_mut(hd))
                     .zip(scale.chunks_mut(q8_blocks(hd)))
                 {
-                    quantize_key_q8(x, q, s);
+                    quantize_q8_row(x, q, s);
                 }
                 (q, scale)
             })

@@ -987,7 +987,8 @@ fn decode_scores(
     #[cfg(target_arch = "x86_64")]
     {
         assert!(simd(), "keys in lanes needs AVX2, FMA and F16C");
-        let (k, half) = raw(span.k);
+        let (k, elem) = raw(span.k);
+        let half = matches!(elem, Elem::F16);
         let args = (
             qt.as_ptr(),
             w,
@@ -1019,14 +1020,14 @@ fn decode_scores(
     }
 }
 
-/// A key or value buffer as raw bytes, and whether its values are half precision.
+/// A key or value buffer as raw bytes, and how its elements read.
 #[cfg(target_arch = "x86_64")]
-fn raw(x: KvRows<'_>) -> (*const u8, bool) {
+fn raw(x: KvRows<'_>) -> (*const u8, Elem) {
     match x {
-        KvRows::F16(x) => (x.as_ptr().cast(), true),
-        KvRows::F32(x) => (x.as_ptr().cast(), false),
+        KvRows::F16(x) => (x.as_ptr().cast(), Elem::F16),
+        KvRows::F32(x) => (x.as_ptr().cast(), Elem::F32),
+        KvRows::Q8Rows { q, scale } => (q.as_ptr(), Elem::Q8(scale.as_ptr())),
         KvRows::Q8 { .. } => unreachable!("8-bit keys are scored in scores_q8"),
-        KvRows::Q8Rows { .. } => unreachable!("8-bit values are widened first"),
     }
 }
 
@@ -1130,15 +1131,9 @@ unsafe fn decode_scores_avx2<const M: usize, const HALF: bool>(a: DecodeArgs) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn decode_scores_avx512<const M: usize, const HALF: bool>(a: DecodeArgs) {
-    let (base, end) = (a.5, a.6);
-    let pairs = (8 / M)
-        .clamp(2, 8)
-        .min((end - base).div_ceil(2 * KEY_TILE).max(1));
-    // The pair count is a constant of each kernel: a run-time count left the accumulators in
-    // memory (one codegen change made this kernel 2× slower).
     // SAFETY: forwarded.
     unsafe {
-        match pairs {
+        match scores_q8::decode_pairs(M, a.5, a.6) {
             8.. => decode_scores_avx512_pairs::<M, HALF, 8>(a),
             4..8 => decode_scores_avx512_pairs::<M, HALF, 4>(a),
             2..4 => decode_scores_avx512_pairs::<M, HALF, 2>(a),
@@ -1565,13 +1560,7 @@ fn weighted_values(
             let t1 = (t0 + V_TILE).min(keys);
             // The tile as (buffer, element type, element of key t0's value).
             let (src, elem, at) = if in_place {
-                let (src, elem) = match v {
-                    KvRows::Q8Rows { q, scale } => (q.as_ptr(), Elem::Q8(scale.as_ptr())),
-                    _ => {
-                        let (src, half) = raw(v);
-                        (src, if half { Elem::F16 } else { Elem::F32 })
-                    }
-                };
+                let (src, elem) = raw(v);
                 (src, elem, base + t0 * hd)
             } else {
                 v.widen(base + t0 * hd, &mut vbuf[..(t1 - t0) * hd]);
@@ -1711,6 +1700,11 @@ enum Elem {
     Q8(*const f32),
 }
 
+/// [`Elem`] as a const parameter of [`values_avx512`].
+const E_F32: u8 = 0;
+const E_F16: u8 = 1;
+const E_Q8: u8 = 2;
+
 /// [`values_avx512`] for the element type `elem`.
 ///
 /// # Safety
@@ -1720,9 +1714,9 @@ unsafe fn values_avx512_dispatch<const Q: usize>(elem: Elem, args: ValuesArgs<'_
     // SAFETY: forwarded.
     unsafe {
         match elem {
-            Elem::F32 => values_avx512::<Q, 0>(args, std::ptr::null()),
-            Elem::F16 => values_avx512::<Q, 1>(args, std::ptr::null()),
-            Elem::Q8(scale) => values_avx512::<Q, 2>(args, scale),
+            Elem::F32 => values_avx512::<Q, E_F32>(args, std::ptr::null()),
+            Elem::F16 => values_avx512::<Q, E_F16>(args, std::ptr::null()),
+            Elem::Q8(scale) => values_avx512::<Q, E_Q8>(args, scale),
         }
     }
 }
@@ -1752,13 +1746,13 @@ unsafe fn values_avx512<const Q: usize, const E: u8>(args: ValuesArgs<'_, '_>, s
                 let w: [__m512; Q] =
                     std::array::from_fn(|q| _mm512_set1_ps(*p.p.as_ptr().add(p.at(j, r + q))));
                 let vj = at + (j - t0) * hd + d0;
-                if E == 1 {
+                if E == E_F16 {
                     // Values read in place (decode) stream from memory: fetch ahead.
                     let ahead = v.wrapping_add(2 * (vj + PREFETCH_VALUES * hd));
                     _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
                 }
-                if E == 2 {
+                if E == E_Q8 {
                     let ahead = vj + PREFETCH_VALUES * hd;
                     _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(ahead).cast());
                     _mm_prefetch::<_MM_HINT_T0>(scale.wrapping_add(ahead / Q8_0_BLOCK).cast());
@@ -1767,10 +1761,10 @@ unsafe fn values_avx512<const Q: usize, const E: u8>(args: ValuesArgs<'_, '_>, s
                 #[allow(clippy::needless_range_loop)]
                 for i in 0..4 {
                     let x = match E {
-                        1 => _mm512_cvtph_ps(_mm256_loadu_si256(
+                        E_F16 => _mm512_cvtph_ps(_mm256_loadu_si256(
                             v.cast::<u16>().add(vj + 16 * i).cast(),
                         )),
-                        2 => {
+                        E_Q8 => {
                             // Bytes +128 → i8 → f32, times the block's scale: `KvRows::get`'s
                             // product.
                             let b = _mm_xor_si128(
@@ -1813,7 +1807,7 @@ fn first_visible(shape: &AttnShape, pos: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::{key_elem, key_index, q8_blocks, quantize_key_q8};
+    use crate::model::kv_cache::{key_elem, key_index, q8_blocks, quantize_q8_row};
     use candle_core::{Device, Tensor};
     use half::f16;
     use rand::{Rng, SeedableRng};
@@ -2135,7 +2129,7 @@ mod tests {
             .zip(q.chunks_mut(hd))
             .zip(scale.chunks_mut(hd / Q8_0_BLOCK))
         {
-            quantize_key_q8(x, q, s);
+            quantize_q8_row(x, q, s);
         }
         (q, scale)
     }
@@ -2149,7 +2143,7 @@ mod tests {
             for pos in 0..cap {
                 let x: Vec<f32> = (0..hd).map(|d| k[key_index(cap, hd, h, pos, d)]).collect();
                 let at = (h * cap + pos) * nb;
-                quantize_key_q8(&x, &mut row, &mut scale[at..at + nb]);
+                quantize_q8_row(&x, &mut row, &mut scale[at..at + nb]);
                 for (d, &b) in row.iter().enumerate() {
                     q[h * cap * hd + key_elem(true, hd, pos, d)] = b;
                 }

@@ -148,11 +148,11 @@ pub fn key_index(cap: usize, hd: usize, h: usize, pos: usize, d: usize) -> usize
     h * cap * hd + key_elem(false, hd, pos, d)
 }
 
-/// One head's key `x` (a multiple of 32 values) in 8 bits with the matmuls' activation
+/// One head's key or value `x` (a multiple of 32 values) in 8 bits with the matmuls' activation
 /// quantizer (Q8_0 blocks: f16-rounded scale `max |x| / 127`, values rounded to it): the values
 /// into `out` offset by +128 (`vpdpbusd`'s unsigned operand), the block scales into `scales`.
 /// Queries go through the same quantizer, so every path's integer dot products agree.
-pub fn quantize_key_q8(x: &[f32], out: &mut [u8], scales: &mut [f32]) {
+pub fn quantize_q8_row(x: &[f32], out: &mut [u8], scales: &mut [f32]) {
     thread_local! {
         static ROW: std::cell::RefCell<(Vec<i8>, Vec<i32>)> = Default::default();
     }
@@ -231,11 +231,6 @@ impl KvRows<'_> {
         match self {
             Self::F16(x) => x[at..at + dst.len()].convert_to_f32_slice(dst),
             Self::F32(x) => dst.copy_from_slice(&x[at..at + dst.len()]),
-            Self::Q8 { .. } => {
-                for (j, x) in dst.iter_mut().enumerate() {
-                    *x = self.get(at + j);
-                }
-            }
             Self::Q8Rows { q, scale } if at.is_multiple_of(Q8_0_BLOCK) => {
                 // Block by block, one scale each: the loop the compiler vectorises.
                 let q = &q[at..at + dst.len()];
@@ -249,7 +244,7 @@ impl KvRows<'_> {
                     }
                 }
             }
-            Self::Q8Rows { .. } => {
+            Self::Q8 { .. } | Self::Q8Rows { .. } => {
                 for (j, x) in dst.iter_mut().enumerate() {
                     *x = self.get(at + j);
                 }
@@ -320,18 +315,18 @@ enum HostBuf {
 impl HostBuf {
     /// An empty key (`keys`) or value buffer of a cache of `dtype`.
     fn empty(dtype: KvDtype, keys: bool) -> Self {
+        let eight_bit = if keys {
+            dtype.q8_keys()
+        } else {
+            dtype.q8_values()
+        };
         match dtype {
-            KvDtype::F16 => Self::F16(Vec::new()),
             KvDtype::F32 => Self::F32(Vec::new()),
-            KvDtype::Q8 => Self::Q8 {
+            _ if eight_bit => Self::Q8 {
                 q: Vec::new(),
                 scale: Vec::new(),
             },
-            KvDtype::Q8Keys if keys => Self::Q8 {
-                q: Vec::new(),
-                scale: Vec::new(),
-            },
-            KvDtype::Q8Keys => Self::F16(Vec::new()),
+            _ => Self::F16(Vec::new()),
         }
     }
 
@@ -353,7 +348,7 @@ impl HostBuf {
             Self::F32(x) => x[at..at + src.len()].copy_from_slice(src),
             Self::Q8 { q, scale } => {
                 let b = at / Q8_0_BLOCK;
-                quantize_key_q8(
+                quantize_q8_row(
                     src,
                     &mut q[at..at + src.len()],
                     &mut scale[b..b + src.len() / Q8_0_BLOCK],
@@ -392,7 +387,7 @@ impl HostBuf {
                 };
                 let nb = q8_blocks(hd);
                 let at_scale = (h * cap + pos) * nb;
-                quantize_key_q8(src, row, &mut scale[at_scale..at_scale + nb]);
+                quantize_q8_row(src, row, &mut scale[at_scale..at_scale + nb]);
                 // Four values of the key per 32-bit lane of its tile.
                 for (g, y) in row.chunks_exact(Q8_GROUP).enumerate() {
                     let at = at(true, g * Q8_GROUP);

@@ -1,7 +1,7 @@
 //! Attention scores on 8-bit keys: one exact integer dot product per (query, key), then the same
 //! two float products in every path.
 //!
-//! A cache of [`KvDtype::Q8Keys`](super::kv_cache::KvDtype) holds each head's key as 8-bit
+//! A cache of [`KvDtype::Q8Keys`](super::kv_cache::KvDtype) (or `Q8`) holds each head's key as 8-bit
 //! values (offset by +128) with a scale per 32 (llama.cpp's `-ctk q8_0` blocks); queries are
 //! quantized by the same quantizer (the matmuls' activation one), per query vector, when a task
 //! packs them. A score is, block by block in order, `score = (Σ q·k) as f32 × (q_scale ×
@@ -18,6 +18,18 @@ use super::kv_cache::{q8_blocks, KEY_TILE, Q8_GROUP};
 /// prefetch the key tiles: a decoded token streams its whole cache from memory, and the loads
 /// alone kept too few lines in flight.
 pub(crate) const PREFETCH_STEPS: usize = 2;
+
+/// Pairs of key tiles per step of a keys-in-lanes decode kernel (these and the f16 ones in
+/// `attention`) for `m` queries over the tiles from `base` to `end`: `clamp(8 / m, 2, 8)` (enough
+/// independent chains to hide the FMA latency), no more than the span holds (a short context
+/// would rescore padding). Each kernel takes it as a constant (1, 2, 4 or 8, rounded down): a
+/// run-time count left the accumulators in memory, and one codegen change made a kernel 2×
+/// slower.
+pub(super) fn decode_pairs(m: usize, base: usize, end: usize) -> usize {
+    (8 / m)
+        .clamp(2, 8)
+        .min((end - base).div_ceil(2 * KEY_TILE).max(1))
+}
 
 /// A task's queries in 8 bits, packed `w` to a group as `[group][hd / 4][w][4]` (four values of
 /// one query per 32-bit lane), with each query vector's per-block scales (times the attention
@@ -313,13 +325,9 @@ unsafe fn decode_avx512<const M: usize>(
     stride: usize,
 ) {
     let base = k.lo / KEY_TILE * KEY_TILE;
-    let span_pairs = (k.lo + k.keys - base).div_ceil(2 * KEY_TILE);
-    let pairs = (8 / M).clamp(2, 8).min(span_pairs.max(1));
-    // The pair count is a constant of each kernel: a run-time count can leave the accumulators
-    // in memory.
     // SAFETY: forwarded.
     unsafe {
-        match pairs {
+        match decode_pairs(M, base, k.lo + k.keys) {
             8.. => decode_avx512_pairs::<M, 8>(qq, k, p, stride),
             4..8 => decode_avx512_pairs::<M, 4>(qq, k, p, stride),
             2..4 => decode_avx512_pairs::<M, 2>(qq, k, p, stride),
@@ -437,7 +445,7 @@ unsafe fn decode_avx512_pairs<const M: usize, const PAIRS: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::{key_elem, quantize_key_q8};
+    use crate::model::kv_cache::{key_elem, quantize_q8_row};
     use rand::{Rng, SeedableRng};
 
     /// A head of `n` random keys in the cache's 8-bit layout, with scales.
@@ -448,7 +456,7 @@ mod tests {
         let mut row = vec![0u8; hd];
         for pos in 0..n {
             let x: Vec<f32> = (0..hd).map(|_| rng.random_range(-3.0..3.0)).collect();
-            quantize_key_q8(&x, &mut row, &mut scale[pos * nb..(pos + 1) * nb]);
+            quantize_q8_row(&x, &mut row, &mut scale[pos * nb..(pos + 1) * nb]);
             for (d, &b) in row.iter().enumerate() {
                 q[key_elem(true, hd, pos, d)] = b;
             }
